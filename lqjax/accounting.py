@@ -1,0 +1,186 @@
+"""Bit accounting (METHOD.md section 6).
+
+For each quantized parameter and each scale group G:
+
+* codes q = quantize_codes(P, s); integer range [min q_G, max q_G];
+* bits_G = ceil(log2(max q_G - min q_G + 1)), 0 for a single bin (the codes are
+  stored relative to the group's offset min q_G, so a range that does not start
+  at 0 costs no extra bits);
+* storage: bits_G x |G| code bits, plus per group a float32 scale, an int32
+  offset and a uint8 bit width (:data:`GROUP_OVERHEAD_BYTES`).
+
+Parameters that are not quantized (batch norm, float layers) count at 32 bits.
+The exported file (:mod:`lqjax.compress`) lays the data out exactly so: its
+payload size equals :func:`model_report`'s ``packed_bytes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from lqjax import layers, quant
+
+# Per scale group: float32 scale + int32 offset + uint8 bit width.
+GROUP_OVERHEAD_BYTES = 4 + 4 + 1
+
+
+def _shared_axes(shape, sshape):
+  return tuple(i for i, (a, b) in enumerate(zip(shape, sshape)) if b == 1 and a != 1)
+
+
+def group_bits(codes: jax.Array, sshape) -> jax.Array:
+  """ceil(log2(max q_G - min q_G + 1)) per group, of the scale's shape (jittable)."""
+  axes = _shared_axes(codes.shape, sshape)
+  hi = jnp.max(codes, axis=axes, keepdims=True) if axes else codes
+  lo = jnp.min(codes, axis=axes, keepdims=True) if axes else codes
+  span = (hi - lo).astype(jnp.float32) + 1.0
+  return jnp.ceil(jnp.log2(span) - 1e-6).clip(min=0.0)
+
+
+def average_bits(params: Mapping[str, Any], *, rounding: str = "floor",
+                 bits: Optional[int] = None):
+  """Element-weighted average code bits over all quantized parameters (jittable).
+
+  Returns:
+    (average over the model, {layer path: average of that parameter}).
+  """
+  total_bits, total_n, per = 0.0, 0, {}
+  for path, p, ls in layers.iter_quantized(params):
+    s = quant.scale_from_log(ls)
+    b = group_bits(quant.quantize_codes(p, s, rounding=rounding, bits=bits), ls.shape)
+    n_group = p.size // ls.size
+    layer_bits = jnp.sum(b) * n_group
+    per["/".join(path)] = layer_bits / p.size
+    total_bits, total_n = total_bits + layer_bits, total_n + p.size
+  avg = total_bits / max(total_n, 1) if total_n else jnp.zeros(())
+  return avg, per
+
+
+@dataclasses.dataclass
+class TensorReport:
+  path: str
+  shape: tuple
+  granularity: str  # described by the scale shape
+  groups: int
+  elements: int
+  bits_min: int
+  bits_mean: float
+  bits_max: int
+  code_bytes: int
+  overhead_bytes: int
+  fp32_bytes: int
+  quantized: bool
+
+  @property
+  def bytes(self) -> int:
+    return self.code_bytes + self.overhead_bytes
+
+  @property
+  def ratio(self) -> float:
+    return self.fp32_bytes / max(self.bytes, 1)
+
+
+def describe_granularity(shape, sshape) -> str:
+  keep = tuple(i for i, (a, b) in enumerate(zip(shape, sshape)) if b != 1 or a == 1)
+  if all(b == 1 for b in sshape):
+    return "tensor"
+  if len(keep) == len(shape):
+    return "element"
+  return "axes" + ",".join(str(i) for i in keep if sshape[i] != 1)
+
+
+def tensor_codes(p, log_scale, rounding="floor", bits=None):
+  """(codes int32 numpy, scale float32 numpy) of one quantized parameter."""
+  s = quant.scale_from_log(jnp.asarray(log_scale))
+  codes = quant.quantize_codes(jnp.asarray(p), s, rounding=rounding, bits=bits)
+  return np.asarray(codes), np.asarray(s, np.float32)
+
+
+def group_view(codes: np.ndarray, sshape) -> np.ndarray:
+  """Codes as (groups, elements per group), groups in the scale's C order."""
+  shape = codes.shape
+  keep = [i for i in range(len(shape)) if not (sshape[i] == 1 and shape[i] != 1)]
+  red = [i for i in range(len(shape)) if i not in keep]
+  g = int(np.prod([shape[i] for i in keep])) if keep else 1
+  return np.transpose(codes, keep + red).reshape(g, -1)
+
+
+def model_report(params: Mapping[str, Any], *, rounding: str = "floor",
+                 bits: Optional[int] = None, extra_float: Optional[Mapping[str, Any]] = None):
+  """Per-tensor accounting of a model.
+
+  Args:
+    params: the ``params`` collection.
+    rounding, bits: the model's quantizer settings.
+    extra_float: other float collections stored with the model (batch_stats).
+
+  Returns:
+    A list of :class:`TensorReport`, quantized tensors first in path order.
+  """
+  rows, quantized = [], set()
+  for path, p, ls in layers.iter_quantized(params):
+    codes, _ = tensor_codes(p, ls, rounding, bits)
+    gv = group_view(codes, ls.shape)
+    span = gv.max(1).astype(np.int64) - gv.min(1).astype(np.int64) + 1
+    gb = np.ceil(np.log2(span) - 1e-9).clip(min=0).astype(np.int64)
+    n_group = gv.shape[1]
+    rows.append(TensorReport(
+        path="/".join(path), shape=tuple(p.shape),
+        granularity=describe_granularity(p.shape, ls.shape), groups=gv.shape[0],
+        elements=int(p.size), bits_min=int(gb.min()), bits_mean=float(gb.mean()),
+        bits_max=int(gb.max()), code_bytes=int(math.ceil(int((gb * n_group).sum()) / 8)),
+        overhead_bytes=gv.shape[0] * GROUP_OVERHEAD_BYTES, fp32_bytes=4 * int(p.size),
+        quantized=True))
+    quantized.add(path)
+    quantized.add(path[:-1] + (path[-1] + layers.QUANT_SUFFIX, "log_scale"))
+  flat = traverse_util.flatten_dict(dict(params))
+  for extra in ([extra_float] if extra_float else []):
+    flat.update({("batch_stats",) + k: v for k, v in traverse_util.flatten_dict(dict(extra)).items()})
+  for path, v in flat.items():
+    if path in quantized:
+      continue
+    n = int(np.size(v))
+    rows.append(TensorReport(
+        path="/".join(path), shape=tuple(np.shape(v)), granularity="float", groups=0,
+        elements=n, bits_min=32, bits_mean=32.0, bits_max=32, code_bytes=4 * n,
+        overhead_bytes=0, fp32_bytes=4 * n, quantized=False))
+  return rows
+
+
+def summarize(rows) -> dict:
+  """Totals: fp32 bytes (float model), packed bytes, average bits of quantized weights."""
+  q = [r for r in rows if r.quantized]
+  fp32 = sum(r.fp32_bytes for r in rows if not r.path.endswith("log_scale"))
+  packed = sum(r.bytes for r in rows)
+  n_q = sum(r.elements for r in q)
+  return {
+      "fp32_bytes": int(fp32),
+      "packed_bytes_accounted": int(packed),
+      "avg_bits": float(sum(r.bits_mean * r.elements for r in q) / n_q) if n_q else 32.0,
+      "quantized_bits_per_layer": {r.path: r.bits_mean for r in q},
+      "quantized_elements": int(n_q),
+      "ratio_accounted": fp32 / max(packed, 1),
+  }
+
+
+def format_table(rows) -> str:
+  head = f"{'layer':40s} {'shape':>18s} {'granularity':>12s} {'bits min/mean/max':>18s} " \
+         f"{'bytes':>10s} {'ratio':>7s}"
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    bits = f"{r.bits_min}/{r.bits_mean:.2f}/{r.bits_max}"
+    lines.append(f"{r.path:40s} {str(r.shape):>18s} {r.granularity:>12s} {bits:>18s} "
+                 f"{r.bytes:>10d} {r.ratio:>6.1f}x")
+  s = summarize(rows)
+  lines.append("-" * len(head))
+  lines.append(f"{'total':40s} {'':>18s} {'':>12s} {s['avg_bits']:>18.2f} "
+               f"{s['packed_bytes_accounted']:>10d} {s['ratio_accounted']:>6.1f}x"
+               f"   (fp32 {s['fp32_bytes']} bytes)")
+  return "\n".join(lines)

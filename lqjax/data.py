@@ -1,0 +1,221 @@
+"""Datasets as device arrays, with on-device shuffling and augmentation.
+
+Where a dataset is looked for, in order:
+
+1. ``<data_dir>/<name>/{train,test}.npz`` where data_dir is the ``data_dir``
+   argument (the ``--data_dir`` flag), else ``$LQJAX_DATA_DIR``. Each npz holds
+   ``image`` (uint8, NHWC) and ``label`` (integers).
+2. The same layout under the per-user cache (``$LQJAX_CACHE_DIR``, else
+   ``~/.cache/lqjax``), where imported and tfds-fetched datasets are written.
+3. An importable source in data_dir that :mod:`lqjax.importers` understands:
+   an image-folder tree ``<name>/{train,test}/<class>/*`` or, for imagenette,
+   ``imagenette_64/``; MNIST-format IDX files in ``<name>/``. It is converted
+   once into the cache.
+4. ``tensorflow_datasets.data_source`` (no TensorFlow needed), cached as npz.
+
+If none works, :class:`DatasetNotFoundError` says where it looked and how to
+provide the data.
+
+The validation split is carved from the training data with a fixed seed
+(:data:`VAL_SEED`), independent of the training seed, so every run tunes on the
+same held-out examples; the test split is only for final reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagenette")
+_TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10",
+               "imagenette": "imagenette/160px"}
+# Other folder names under data_dir that hold an importable copy.
+_ALIASES = {"imagenette": ("imagenette_64",)}
+# Datasets augmented with random crop + horizontal flip during training.
+AUGMENTED = ("cifar10", "imagenette")
+VAL_SEED = 20261127
+VAL_FRACTION = 0.1
+IMAGENETTE_SIZE = 64
+
+
+class DatasetNotFoundError(RuntimeError):
+  """Raised when a dataset is neither found locally nor fetchable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split on the device: uint8 images (N, H, W, C) and int32 labels (N,)."""
+
+  image: jax.Array
+  label: jax.Array
+
+  def __len__(self):
+    return int(self.label.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  name: str
+  train: Split
+  val: Split
+  test: Split
+  num_classes: int
+  mean: tuple  # per-channel mean of the training images, in [0, 1]
+  std: tuple
+
+
+def cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("LQJAX_CACHE_DIR", "~/.cache/lqjax")).expanduser()
+
+
+def resolve_data_dir(data_dir: Optional[str]) -> Optional[pathlib.Path]:
+  d = data_dir or os.environ.get("LQJAX_DATA_DIR")
+  return pathlib.Path(d).expanduser() if d else None
+
+
+def save_npz_atomic(path: pathlib.Path, **arrays) -> None:
+  """np.savez_compressed through a temporary file and an atomic rename."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _read_npz_dir(d: pathlib.Path):
+  out = {}
+  for split in ("train", "test"):
+    with np.load(d / f"{split}.npz", allow_pickle=False) as z:
+      image, label = z["image"], z["label"]
+    if image.dtype != np.uint8 or image.ndim != 4 or label.shape != image.shape[:1]:
+      raise DatasetNotFoundError(
+          f"{d / (split + '.npz')}: expected uint8 'image' [N,H,W,C] and 'label' [N], got "
+          f"{image.dtype} {image.shape} and {label.shape}")
+    out[split] = (image, label.astype(np.int32))
+  return out
+
+
+def _has_npz(d: pathlib.Path) -> bool:
+  return (d / "train.npz").is_file() and (d / "test.npz").is_file()
+
+
+def _from_tfds(name: str, dest: pathlib.Path):
+  import tensorflow_datasets as tfds  # heavy import, only on this path
+  out = {}
+  for split, tfds_split in (("train", "train"), ("test", "test" if name != "imagenette" else "validation")):
+    src = tfds.data_source(_TFDS_NAMES[name], split=tfds_split)
+    images, labels = [], []
+    for ex in src:
+      img = np.asarray(ex["image"])
+      if name == "imagenette":
+        from lqjax import importers
+        img = importers.resize_center_crop(img, IMAGENETTE_SIZE)
+      images.append(img if img.ndim == 3 else img[..., None])
+      labels.append(int(ex["label"]))
+    out[split] = (np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
+  for split, (image, label) in out.items():
+    save_npz_atomic(dest / f"{split}.npz", image=image, label=label)
+  return out
+
+
+def load_arrays(name: str, data_dir: Optional[str] = None):
+  """Host arrays {"train": (image, label), "test": (image, label)} for `name`."""
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+  ddir = resolve_data_dir(data_dir)
+  looked = []
+  if ddir is not None:
+    looked.append(str(ddir / name))
+    if _has_npz(ddir / name):
+      return _read_npz_dir(ddir / name)
+  cached = cache_dir() / name
+  looked.append(str(cached))
+  if _has_npz(cached):
+    return _read_npz_dir(cached)
+  if ddir is not None:
+    from lqjax import importers
+    for cand in (name,) + _ALIASES.get(name, ()):
+      src = ddir / cand
+      if src.is_dir() and importers.detect(src) is not None:
+        size = IMAGENETTE_SIZE if name == "imagenette" else None
+        importers.import_dataset(src, cached, image_size=size)
+        return _read_npz_dir(cached)
+  try:
+    return _from_tfds(name, cached)
+  except Exception as e:  # tfds raises many kinds: not installed, no network, not prepared
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+  raise DatasetNotFoundError(
+      f"dataset {name!r} not found: looked for train.npz/test.npz in {', '.join(looked)}"
+      f"{' and importable files in ' + str(ddir) if ddir else ''}; tfds failed ({reason}). "
+      f"Set --data_dir or LQJAX_DATA_DIR to a folder with {name}/train.npz and test.npz, "
+      f"or convert files you have with scripts/import_dataset.py")
+
+
+def split_train_val(image: np.ndarray, label: np.ndarray, fraction: float = VAL_FRACTION):
+  """Fixed-seed split of the training data into (train, val)."""
+  perm = np.random.default_rng(VAL_SEED).permutation(len(label))
+  n_val = int(round(fraction * len(label)))
+  val, tr = perm[:n_val], perm[n_val:]
+  return (image[tr], label[tr]), (image[val], label[val])
+
+
+def load(name: str, data_dir: Optional[str] = None, *, limit: Optional[int] = None,
+         sharding=None) -> Dataset:
+  """Loads `name` onto the device (replicated over `sharding`'s devices).
+
+  Args:
+    name: one of :data:`DATASETS`.
+    data_dir: overrides ``$LQJAX_DATA_DIR``.
+    limit: keep only the first `limit` examples of each split (smoke tests).
+    sharding: where the arrays live; default: the default device.
+  """
+  arrays = load_arrays(name, data_dir)
+  (tr_x, tr_y), (va_x, va_y) = split_train_val(*arrays["train"])
+  te_x, te_y = arrays["test"]
+  if limit is not None:
+    tr_x, tr_y, va_x, va_y, te_x, te_y = (a[:limit] for a in (tr_x, tr_y, va_x, va_y, te_x, te_y))
+  flat = tr_x.reshape(-1, tr_x.shape[-1]).astype(np.float64) / 255.0
+  mean, std = tuple(flat.mean(0).tolist()), tuple(flat.std(0).tolist())
+  num_classes = int(max(tr_y.max(), te_y.max())) + 1
+
+  def put(x):
+    return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+
+  return Dataset(name, Split(put(tr_x), put(tr_y)), Split(put(va_x), put(va_y)),
+                 Split(put(te_x), put(te_y)), num_classes, mean, std)
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+  """uint8 -> float32, per-channel standardised."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def random_crop_flip(rng: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
+  """Random crop after zero padding by `pad`, and random horizontal flip (in jit)."""
+  n, h, w, _ = images.shape
+  k1, k2, k3 = jax.random.split(rng, 3)
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dy = jax.random.randint(k1, (n,), 0, 2 * pad + 1)
+  dx = jax.random.randint(k2, (n,), 0, 2 * pad + 1)
+  crop = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (h, w, im.shape[-1])))
+  out = crop(padded, dy, dx)
+  flip = jax.random.bernoulli(k3, 0.5, (n,))
+  return jnp.where(flip[:, None, None, None], out[:, :, ::-1, :], out)
+
+
+def epoch_permutation(rng: jax.Array, epoch, n: int) -> jax.Array:
+  """The shuffle order of one epoch: a function of (rng, epoch) only."""
+  return jax.random.permutation(jax.random.fold_in(rng, epoch), n)

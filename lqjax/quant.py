@@ -1,0 +1,253 @@
+"""The quantizer: pure functions and one `jax.custom_vjp` with scale-gradient rules.
+
+Stages, each usable alone:
+``scale_from_log`` -> ``init_scale`` -> ``quantize_codes`` -> ``dequantize``
+-> ``fake_quant`` (forward ``scale * codes``, custom backward).
+
+Forward (METHOD.md section 1)::
+
+    q = floor(P / s)   (or round)      integer codes, clipped to the signed
+    Q(P) = s * q                        b-bit range when ``bits`` is set
+
+With ``floor``, a value within a few float32 ulps of a grid point snaps to it,
+so that ``Q(Q(P)) == Q(P)`` holds in floating point (``s*q/s`` can land one ulp
+below ``q``, and a plain floor would then drop a whole bin).
+
+Backward (METHOD.md section 2):
+
+* parameter: straight-through estimator, dL/dP := dL/dQ; with ``bits`` set
+  the gradient is zeroed where the unclipped code falls outside the range
+  (clipped STE).
+* scale, by ``rule``:
+
+  - ``fixed``: zero.
+  - ``lsq`` (Esser et al., ICLR 2020, "Learned Step Size Quantization"):
+    dQ/ds = q - P/s inside the clip range, the clip bound (qn or qp) outside,
+    summed over the group against dL/dQ and times 1/sqrt(N * Qp), N the
+    group's element count. The clip test uses the unclipped code, as PyTorch's
+    ``_fake_quantize_learnable_per_tensor_affine`` does, so with
+    ``rounding="round"`` the two agree. With free bits Qp is the group's
+    largest |code| (at least 1).
+  - ``ratio`` (the thesis's rule): per group G,
+    ``r_G = ||dL/dP||_G / (||P||_G + eps)``; ``g_G = tanh(lambda - r_G)`` where
+    ``r_G < lambda`` and 0 elsewhere. **Magnitude m (open point): the step on
+    log s equals g_G**, i.e. the scale cotangent is ``-g_G / s`` so that an
+    SGD step ``log_s -= lr * dL/dlog_s`` is ``log_s += lr * g_G``:
+    multiplicative growth, independent of the scale's absolute size.
+  - ``ratio_lsq``: the ratio term plus ``lsq_weight`` times the LSQ gradient,
+    which lets the task loss push back when a coarser grid starts to hurt.
+
+Every scale cotangent is reduced to the scale's exact shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from lqjax import types
+
+# log s is clipped to [-LOG_SCALE_MAX, LOG_SCALE_MAX]: exp stays positive and
+# finite in float32 (exp(40) ~ 2.4e17, exp(-40) ~ 4.2e-18).
+LOG_SCALE_MAX = 40.0
+# Relative tolerance (in units of |code|) within which floor snaps to a grid point.
+_SNAP = 4 * float(jnp.finfo(jnp.float32).eps)
+_RATIO_EPS = 1e-12
+
+
+def scale_from_log(log_scale: jax.Array) -> jax.Array:
+  """s = exp(log s), guarded: always > 0 and finite (NaN maps to s = 1)."""
+  log_scale = jnp.nan_to_num(log_scale, nan=0.0)
+  return jnp.exp(jnp.clip(log_scale, -LOG_SCALE_MAX, LOG_SCALE_MAX))
+
+
+def code_range(bits: Optional[int]) -> tuple[float, float]:
+  """Signed integer range [-2^(b-1), 2^(b-1)-1]; (-inf, inf) for free bits."""
+  if bits is None:
+    return -jnp.inf, jnp.inf
+  return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+
+
+def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums `x` over the axes along which `shape` (same ndim) broadcasts."""
+  axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+  out = jnp.sum(x, axis=axes, keepdims=True) if axes else x
+  assert out.shape == tuple(shape), (out.shape, shape)
+  return out
+
+
+def _expand_scale(scale: jax.Array, ndim: int) -> jax.Array:
+  if scale.ndim > ndim:
+    raise ValueError(f"scale of shape {scale.shape} has more axes than the parameter ({ndim})")
+  return scale.reshape((1,) * (ndim - scale.ndim) + scale.shape)
+
+
+def _unclipped_codes(x, scale, rounding):
+  v = x / scale
+  if rounding == "round":
+    return jnp.round(v)
+  if rounding == "floor":
+    r = jnp.round(v)
+    near = jnp.abs(v - r) <= _SNAP * jnp.maximum(1.0, jnp.abs(r))
+    return jnp.where(near, r, jnp.floor(v))
+  raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(types.ROUNDINGS)}")
+
+
+def _codes(x, scale, rounding, bits):
+  q = _unclipped_codes(x, scale, rounding)
+  if bits is not None:
+    qn, qp = code_range(bits)
+    q = jnp.clip(q, qn, qp)
+  return q
+
+
+def quantize_codes(x: jax.Array, scale: jax.Array, *, rounding: str = "floor",
+                   bits: Optional[int] = None) -> jax.Array:
+  """Integer codes q = floor(x / s) (or round), clipped when `bits` is set.
+
+  Returns int32 codes (saturated to the int32 range).
+  """
+  scale = _expand_scale(jnp.asarray(scale, x.dtype), x.ndim)
+  q = _codes(x, scale, rounding, bits)
+  i32 = jnp.iinfo(jnp.int32)
+  return jnp.clip(q, i32.min, i32.max).astype(jnp.int32)
+
+
+def dequantize(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Q = s * q."""
+  return jnp.asarray(scale, dtype) * codes.astype(dtype)
+
+
+def init_scale(x: jax.Array, granularity: types.Granularity, *,
+               bits: Optional[int] = None, init_bits: int = 8) -> jax.Array:
+  """Initial scale for parameter `x`, one per group.
+
+  * ``bits`` set (fixed-bit and LSQ baselines): LSQ's ``2 * mean|P_G| / sqrt(Qp)``.
+  * free bits: ``(max P_G - min P_G) / (2^init_bits - 1)``, i.e. the group's
+    range spread over an initial budget of `init_bits` bits. A group with zero
+    range (a zero-initialised bias) assumes a unit range.
+
+  Always strictly positive.
+  """
+  axes = types.reduced_axes(x.shape, granularity)
+  x = jax.lax.stop_gradient(x)
+  if bits is not None:
+    qp = max(2.0 ** (bits - 1) - 1, 1.0)
+    s = 2.0 * jnp.mean(jnp.abs(x), axis=axes, keepdims=True) / jnp.sqrt(qp)
+    s = jnp.where(s > 0, s, 1.0 / qp)
+  else:
+    rng = jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes, keepdims=True)
+    rng = jnp.where(rng > 0, rng, 1.0)
+    s = rng / (2.0 ** init_bits - 1)
+  s = jnp.broadcast_to(s, types.scale_shape(x.shape, granularity))
+  return jnp.maximum(s, jnp.exp(-LOG_SCALE_MAX)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits):
+  return scale * _codes(x, scale, rounding, bits)
+
+
+def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits):
+  q_raw = _unclipped_codes(x, scale, rounding)
+  q = q_raw if bits is None else jnp.clip(q_raw, *code_range(bits))
+  return scale * q, (x, scale, q_raw, threshold, lsq_weight)
+
+
+def _lsq_grad(g, x, scale, q_raw, bits):
+  """LSQ scale gradient, reduced to the scale's shape."""
+  qn, qp = code_range(bits)
+  v = x / scale
+  dq_ds = jnp.where(q_raw < qn, qn, jnp.where(q_raw > qp, qp, q_raw - v))
+  n = x.size // scale.size
+  if bits is None:
+    qmax = jnp.maximum(_reduce_max_abs(q_raw, scale.shape), 1.0)
+  else:
+    qmax = max(qp, 1.0)
+  return _reduce_to(g * dq_ds, scale.shape) / jnp.sqrt(n * qmax)
+
+
+def _reduce_max_abs(q, shape):
+  axes = tuple(i for i, (a, b) in enumerate(zip(q.shape, shape)) if b == 1 and a != 1)
+  return jnp.max(jnp.abs(q), axis=axes, keepdims=True) if axes else jnp.abs(q)
+
+
+def ratio_growth(g, x, scale_shape, threshold):
+  """The thesis's g_G = tanh(lambda - r_G) where r_G < lambda, else 0.
+
+  Args:
+    g: dL/dP (= dL/dQ under the STE), shape of the parameter.
+    x: the parameter P.
+    scale_shape: the scale's shape (same ndim as `x`).
+    threshold: lambda.
+
+  Returns:
+    (g_G, r_G), both of `scale_shape`.
+  """
+  gn = jnp.sqrt(_reduce_to(jnp.square(g), scale_shape))
+  pn = jnp.sqrt(_reduce_to(jnp.square(x), scale_shape))
+  r = gn / (pn + _RATIO_EPS)
+  return jnp.where(r < threshold, jnp.tanh(threshold - r), 0.0), r
+
+
+def _fake_quant_bwd(rule, rounding, bits, res, g):
+  x, scale, q_raw, threshold, lsq_weight = res
+  if bits is None:
+    gx = g
+  else:
+    qn, qp = code_range(bits)
+    gx = jnp.where((q_raw >= qn) & (q_raw <= qp), g, 0.0)
+  if rule == "fixed":
+    gs = jnp.zeros_like(scale)
+  elif rule == "lsq":
+    gs = _lsq_grad(g, x, scale, q_raw, bits)
+  elif rule in ("ratio", "ratio_lsq"):
+    growth, _ = ratio_growth(g, x, scale.shape, threshold)
+    gs = -growth / scale
+    if rule == "ratio_lsq":
+      gs = gs + lsq_weight * _lsq_grad(g, x, scale, q_raw, bits)
+  else:
+    raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(types.RULES)}")
+  assert gs.shape == scale.shape, (gs.shape, scale.shape)
+  return gx, gs.astype(scale.dtype), jnp.zeros_like(threshold), jnp.zeros_like(lsq_weight)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
+               threshold=0.0, rounding: str = "floor", bits: Optional[int] = None,
+               lsq_weight=1.0) -> jax.Array:
+  """Fake-quantizes `x`: returns ``scale * codes`` with the chosen gradients.
+
+  Args:
+    x: the parameter P.
+    scale: positive scale broadcastable to `x` (e.g. from
+      :func:`lqjax.types.scale_shape`). Its cotangent has its exact shape.
+    rule: scale-gradient rule, one of ``fixed``, ``lsq``, ``ratio``,
+      ``ratio_lsq`` (module docstring).
+    threshold: lambda of the ratio rules (may be traced; no gradient).
+    rounding: ``floor`` (thesis) or ``round``.
+    bits: clip codes to the signed b-bit range (clipped STE); None: free.
+    lsq_weight: weight of the LSQ term in ``ratio_lsq`` (may be traced).
+
+  Returns:
+    Q(P), same shape and dtype as `x`.
+  """
+  if rule not in types.RULES:
+    raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(types.RULES)}")
+  if rounding not in types.ROUNDINGS:
+    raise ValueError(
+        f"unknown rounding {rounding!r}; expected one of {', '.join(types.ROUNDINGS)}")
+  if bits is not None and not 1 <= bits <= 16:
+    raise ValueError(f"bits must be in 1..16 or None, got {bits}")
+  if isinstance(threshold, (int, float)) and threshold < 0:
+    raise ValueError(f"threshold must be >= 0, got {threshold}")
+  scale_in = jnp.asarray(scale, x.dtype)
+  scale_full = _expand_scale(scale_in, x.ndim)
+  out = _fake_quant(x, scale_full, jnp.asarray(threshold, x.dtype),
+                    jnp.asarray(lsq_weight, x.dtype), rule, rounding, bits)
+  return out

@@ -1,0 +1,464 @@
+"""Training: config, state, one pure jitted train step, evaluation, the loop.
+
+* :class:`TrainConfig`: one frozen config for a run (validated on creation).
+* ``train_step(state, batch, rng) -> (state, metrics)``: pure; built by
+  :func:`make_train_step` for a model and config.
+* :func:`train_and_evaluate`: data on the device, chunks of steps under one
+  ``lax.scan`` (the shuffled batch is gathered inside jit, so there is no
+  per-step host transfer), data-parallel over every device (batch sharded along
+  a ``data`` mesh axis, parameters replicated), orbax checkpoints every epoch
+  and on SIGTERM/SIGINT, resume from the workdir, NaN guard, metrics.jsonl and
+  results.json written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import signal
+import tempfile
+import time
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lqjax import accounting, data, losses, models, types
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (non-finite loss, incompatible workdir)."""
+
+
+class Interrupted(RuntimeError):
+  """SIGINT/SIGTERM arrived; a checkpoint was saved."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Everything that defines a run. Variants via ``dataclasses.replace``."""
+
+  dataset: str = "mnist"
+  model: str = "lenet300"
+  # FP32 baseline: no quantizers at all.
+  float_model: bool = False
+  # Quantization (see lqjax.types.QuantConfig).
+  rule: str = "ratio"
+  threshold: float = 0.2
+  granularity: types.Granularity = "row"
+  bias_granularity: types.Granularity = "tensor"
+  quantize_bias: bool = True
+  rounding: str = "floor"
+  bits: Optional[int] = None
+  init_bits: int = 8
+  lsq_weight: float = 1.0
+  # Weights' optimizer: adam | sgd (momentum 0.9), cosine-decayed lr.
+  optimizer: str = "adam"
+  lr: float = 1e-3
+  weight_decay: float = 0.0
+  # Scales' optimizer (on log s): sgd | adam, constant lr.
+  scale_optimizer: str = "sgd"
+  scale_lr: float = 0.01
+  # Penalty coefficients of the second scheme (lqjax.losses).
+  inverse_scale: float = 0.0
+  bin_count: float = 0.0
+  deviation: float = 0.0
+  target_bits: float = 0.0
+  epochs: int = 5
+  batch_size: int = 128
+  seed: int = 0
+  # Random crop + flip (default: on for cifar10 and imagenette).
+  augment: Optional[bool] = None
+  # Keep only the first `limit` examples per split (smoke tests).
+  limit: Optional[int] = None
+  # Steps per jitted chunk (progress-bar and signal granularity).
+  chunk_steps: int = 100
+
+  def __post_init__(self):
+    if self.dataset not in data.DATASETS:
+      raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(data.DATASETS)}")
+    if self.model not in models.MODELS:
+      raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(models.MODELS)}")
+    if self.optimizer not in OPTIMIZERS or self.scale_optimizer not in OPTIMIZERS:
+      raise ValueError(f"unknown optimizer; expected one of {', '.join(OPTIMIZERS)}")
+    for name in ("lr", "scale_lr", "weight_decay", "inverse_scale", "bin_count", "deviation",
+                 "target_bits"):
+      v = getattr(self, name)
+      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if self.lr == 0:
+      raise ValueError("lr must be > 0")
+    for name in ("epochs", "batch_size", "chunk_steps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.limit is not None and self.limit < 1:
+      raise ValueError(f"limit must be >= 1, got {self.limit}")
+    self.kernel_quant()  # validates rule, threshold, rounding, bits, granularities
+    self.bias_quant()
+
+  def kernel_quant(self) -> Optional[types.QuantConfig]:
+    if self.float_model:
+      return None
+    return types.QuantConfig(rule=self.rule, threshold=self.threshold, rounding=self.rounding,
+                             bits=self.bits, granularity=self.granularity,
+                             init_bits=self.init_bits, lsq_weight=self.lsq_weight)
+
+  def bias_quant(self) -> Optional[types.QuantConfig]:
+    if self.float_model or not self.quantize_bias:
+      return None
+    return dataclasses.replace(self.kernel_quant(), granularity=self.bias_granularity)
+
+  @property
+  def use_augment(self) -> bool:
+    return self.dataset in data.AUGMENTED if self.augment is None else self.augment
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    for k in ("granularity", "bias_granularity"):
+      if isinstance(d[k], tuple):
+        d[k] = list(d[k])
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "TrainConfig":
+    d = dict(d)
+    for k in ("granularity", "bias_granularity"):
+      if isinstance(d.get(k), list):
+        d[k] = tuple(d[k])
+    return cls(**d)
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def build_model(cfg: TrainConfig, num_classes: int):
+  return models.make_model(cfg.model, num_classes,
+                           models.LayerFactory(cfg.kernel_quant(), cfg.bias_quant()))
+
+
+def param_labels(params):
+  """'scale' for every log_scale leaf, 'weight' for the rest."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "scale" if getattr(path[-1], "key", None) == "log_scale" else "weight",
+      params)
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  total = cfg.epochs * steps_per_epoch
+  sched = optax.cosine_decay_schedule(cfg.lr, max(total, 1))
+  if cfg.optimizer == "adam":
+    weight_tx = optax.adamw(sched, weight_decay=cfg.weight_decay) if cfg.weight_decay \
+        else optax.adam(sched)
+  else:
+    weight_tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                            optax.sgd(sched, momentum=0.9, nesterov=True))
+  scale_tx = optax.sgd(cfg.scale_lr) if cfg.scale_optimizer == "sgd" else optax.adam(cfg.scale_lr)
+  return optax.multi_transform({"weight": weight_tx, "scale": scale_tx}, param_labels)
+
+
+def _preprocess(cfg, ds_stats, images, rng, train):
+  if train and cfg.use_augment:
+    images = data.random_crop_flip(rng, images)
+  return data.normalize(images, *ds_stats)
+
+
+def make_train_step(cfg: TrainConfig, model, tx, ds_stats):
+  """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``."""
+
+  def loss_fn(params, batch_stats, images, labels):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+      logits, new = model.apply(variables, images, train=True, mutable=["batch_stats"])
+      batch_stats = new["batch_stats"]
+    else:
+      logits = model.apply(variables, images, train=True)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    pen, _ = losses.quant_penalties(
+        params, inverse_scale=cfg.inverse_scale, bin_count=cfg.bin_count,
+        deviation=cfg.deviation, target_bits=cfg.target_bits, rounding=cfg.rounding)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return ce + pen, (batch_stats, ce, acc)
+
+  def train_step(state: TrainState, batch, rng):
+    images, labels = batch
+    images = _preprocess(cfg, ds_stats, images, rng, train=True)
+    grads, (bs, ce, acc) = jax.grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, images, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": ce, "accuracy": acc}
+    return TrainState(state.step + 1, params, bs, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_fn(cfg: TrainConfig, model, ds_stats, sharding, batch_size: int = 500):
+  """Returns jitted ``evaluate(params, batch_stats, images, labels) -> (acc, loss)``."""
+
+  @jax.jit
+  def logits_fn(params, batch_stats, images):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    images = jax.lax.with_sharding_constraint(images, sharding)
+    return model.apply(variables, _preprocess(cfg, ds_stats, images, None, False), train=False)
+
+  def evaluate(params, batch_stats, split: data.Split):
+    n = len(split)
+    correct, loss = 0.0, 0.0
+    for i in range(0, n, batch_size):
+      x, y = split.image[i:i + batch_size], split.label[i:i + batch_size]
+      if x.shape[0] % sharding.mesh.size:  # last partial batch: pad to the mesh
+        pad = sharding.mesh.size - x.shape[0] % sharding.mesh.size
+        logits = logits_fn(params, batch_stats, jnp.pad(x, ((0, pad),) + ((0, 0),) * 3))[:-pad]
+      else:
+        logits = logits_fn(params, batch_stats, x)
+      correct += float(jnp.sum(jnp.argmax(logits, -1) == y))
+      loss += float(jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, y)))
+    return correct / n, loss / n
+
+  return evaluate
+
+
+def predict_logits(cfg, model, ds_stats, params, batch_stats, images, batch_size=500):
+  """Host-side logits for `images` (used to compare exported models)."""
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  fn = jax.jit(lambda v, x: model.apply(v, _preprocess(cfg, ds_stats, x, None, False), train=False))
+  return np.concatenate([np.asarray(fn(variables, images[i:i + batch_size]))
+                         for i in range(0, images.shape[0], batch_size)])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _write_jsonl_atomic(path: pathlib.Path, rows) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def _read_jsonl(path: pathlib.Path):
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class _SignalFlag:
+  """Turns SIGINT/SIGTERM into a flag checked between chunks."""
+
+  def __init__(self):
+    self.hit = None
+
+  def __enter__(self):
+    self._old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, _frame):
+    self.hit = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def init_state(cfg, model, tx, sample, sharding):
+  rng = jax.random.key(cfg.seed)
+  variables = model.init(rng, sample, train=False)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+  return jax.device_put(state, sharding)
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None,
+                       progress: bool = True, after_train=None) -> dict:
+  """Trains (or resumes) a run in `workdir` and returns its results.
+
+  Args:
+    cfg: the run's configuration.
+    workdir: holds config.json, checkpoints/, metrics.jsonl, results.json.
+    data_dir: overrides ``$LQJAX_DATA_DIR``.
+    progress: show a tqdm progress bar.
+    after_train: optional ``fn(cfg, model, state, dataset, results) -> dict`` whose
+      entries are merged into results (used for export).
+  """
+  import orbax.checkpoint as ocp
+  from tqdm import tqdm
+
+  workdir = pathlib.Path(workdir)
+  if not workdir.parent.exists():
+    raise FileNotFoundError(f"workdir parent {workdir.parent} does not exist")
+  workdir.mkdir(exist_ok=True)
+  cfg_path = workdir / "config.json"
+  if cfg_path.exists():
+    old = json.loads(cfg_path.read_text())
+    mine = cfg.to_json()
+    diff = sorted(k for k in set(old) | set(mine) if k != "epochs" and old.get(k) != mine.get(k))
+    if diff:
+      raise TrainingError(f"workdir {workdir} holds a run with another config (differs in "
+                          f"{', '.join(diff)}); use a new --workdir")
+  write_json_atomic(cfg_path, cfg.to_json())
+
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  if cfg.batch_size % len(devices):
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {len(devices)} devices")
+
+  ds = data.load(cfg.dataset, data_dir, limit=cfg.limit, sharding=replicated)
+  n_train = len(ds.train)
+  steps_per_epoch = n_train // cfg.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
+  stats = (ds.mean, ds.std)
+  model = build_model(cfg, ds.num_classes)
+  tx = make_optimizer(cfg, steps_per_epoch)
+  state = init_state(cfg, model, tx, ds.train.image[:1].astype(jnp.float32), replicated)
+  train_step = make_train_step(cfg, model, tx, stats)
+  evaluate = make_eval_fn(cfg, model, stats, batch_sharding)
+  bits_fn = jax.jit(functools.partial(accounting.average_bits, rounding=cfg.rounding,
+                                      bits=cfg.bits))
+  data_rng = jax.random.key(cfg.seed + 1)
+  step_rng = jax.random.key(cfg.seed + 2)
+
+  @functools.partial(jax.jit, static_argnums=(4,), donate_argnums=(0,))
+  def run_chunk(state, perm, images, labels, n_steps):
+    def body(state, _):
+      i = state.step % steps_per_epoch
+      idx = jax.lax.dynamic_slice(perm, (i * cfg.batch_size,), (cfg.batch_size,))
+      batch = (jax.lax.with_sharding_constraint(images[idx], batch_sharding),
+               jax.lax.with_sharding_constraint(labels[idx], batch_sharding))
+      return train_step(state, batch, jax.random.fold_in(step_rng, state.step))
+    return jax.lax.scan(body, state, None, length=n_steps)
+
+  perm_fn = jax.jit(lambda e: data.epoch_permutation(data_rng, e, n_train))
+
+  mngr = ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+  meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0, "train_seconds": 0.0}
+  if mngr.latest_step() is not None:
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+    state, meta = restored["state"], dict(restored["meta"])
+  start_step = int(state.step)
+  start_epoch = start_step // steps_per_epoch
+  rows = [r for r in _read_jsonl(workdir / "metrics.jsonl") if r["epoch"] <= start_epoch]
+  total_steps = cfg.epochs * steps_per_epoch
+
+  def save(state, meta):
+    mngr.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+
+  t_start = time.time() - meta["train_seconds"]
+  with _SignalFlag() as sig:
+    for epoch in range(start_epoch, cfg.epochs):
+      perm = perm_fn(epoch)
+      bar = tqdm(total=steps_per_epoch, initial=int(state.step) % steps_per_epoch,
+                 desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+      while int(state.step) < (epoch + 1) * steps_per_epoch:
+        n = min(cfg.chunk_steps, (epoch + 1) * steps_per_epoch - int(state.step))
+        step0 = int(state.step)
+        new_state, m = run_chunk(state, perm, ds.train.image, ds.train.label, n)
+        loss = np.asarray(m["loss"])
+        if not np.all(np.isfinite(loss)):
+          bad = step0 + int(np.argmin(np.isfinite(loss)))
+          mngr.close()
+          raise TrainingError(
+              f"loss became {loss[bad - step0]} at step {bad} (epoch {epoch + 1}); stopped. "
+              f"The last good checkpoint in {workdir / 'checkpoints'} is kept: lower --lr or "
+              f"--scale_lr")
+        state = new_state
+        meta["loss_sum"] += float(loss.sum())
+        meta["acc_sum"] += float(np.asarray(m["accuracy"]).sum())
+        meta["steps_in_epoch"] += n
+        bits = float(bits_fn(state.params)[0]) if not cfg.float_model else 32.0
+        bar.update(n)
+        bar.set_postfix(loss=f"{loss.mean():.3f}", acc=f"{np.asarray(m['accuracy']).mean():.3f}",
+                        bits=f"{bits:.2f}")
+        if sig.hit:
+          meta["train_seconds"] = time.time() - t_start
+          save(state, meta)
+          mngr.close()
+          bar.close()
+          raise Interrupted(f"{sig.hit} at step {int(state.step)}: checkpoint saved in "
+                            f"{workdir / 'checkpoints'}; re-run the same command to resume")
+      bar.close()
+      val_acc, val_loss = evaluate(state.params, state.batch_stats, ds.val)
+      avg, per_layer = bits_fn(state.params) if not cfg.float_model else (32.0, {})
+      row = {"epoch": epoch + 1, "step": int(state.step),
+             "train_loss": meta["loss_sum"] / max(meta["steps_in_epoch"], 1),
+             "train_accuracy": meta["acc_sum"] / max(meta["steps_in_epoch"], 1),
+             "val_accuracy": val_acc, "val_loss": val_loss, "avg_bits": float(avg),
+             "bits_per_layer": {k: float(v) for k, v in per_layer.items()},
+             "seconds": time.time() - t_start}
+      rows.append(row)
+      _write_jsonl_atomic(workdir / "metrics.jsonl", rows)
+      meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0,
+              "train_seconds": time.time() - t_start}
+      save(state, meta)
+      if progress:
+        print(f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f} val_acc {val_acc:.4f} "
+              f"avg_bits {row['avg_bits']:.2f} ({row['seconds']:.0f}s)", flush=True)
+  mngr.close()
+  train_seconds = meta["train_seconds"] if start_step >= total_steps else time.time() - t_start
+
+  val_acc, _ = evaluate(state.params, state.batch_stats, ds.val)
+  test_acc, test_loss = evaluate(state.params, state.batch_stats, ds.test)
+  report = accounting.model_report(jax.device_get(state.params), rounding=cfg.rounding,
+                                   bits=cfg.bits, extra_float=jax.device_get(state.batch_stats))
+  summ = accounting.summarize(report)
+  results = {
+      "dataset": cfg.dataset, "model": cfg.model,
+      "scheme": "float" if cfg.float_model else ("penalty" if (cfg.inverse_scale or cfg.bin_count
+                                                               or cfg.deviation) else "scale-rule"),
+      "rule": None if cfg.float_model else cfg.rule, "threshold": cfg.threshold,
+      "granularity": list(cfg.granularity) if isinstance(cfg.granularity, tuple) else cfg.granularity,
+      "seed": cfg.seed, "epochs": cfg.epochs, "val_accuracy": val_acc, "test_accuracy": test_acc,
+      "test_loss": test_loss, "fp32_bytes": summ["fp32_bytes"],
+      "quantized_bits_per_layer": summ["quantized_bits_per_layer"] if not cfg.float_model else {},
+      "avg_bits": summ["avg_bits"] if not cfg.float_model else 32.0,
+      "packed_bytes_accounted": summ["packed_bytes_accounted"],
+      "train_seconds": train_seconds, "devices": len(devices),
+      "platform": devices[0].platform, "config": cfg.to_json(),
+  }
+  if after_train is not None:
+    results.update(after_train(cfg, model, state, ds, results))
+  write_json_atomic(workdir / "results.json", results)
+  return results
