@@ -22,7 +22,8 @@ flags.DEFINE_string("granularity", "row",
                     "kernel granularity: tensor|row|column|channel|spatial|element or axes '0,1'")
 flags.DEFINE_string("bias_granularity", "tensor", "bias granularity (same names)")
 flags.DEFINE_bool("quantize_bias", True, "quantize biases too")
-flags.DEFINE_string("rounding", "floor", "floor | round")
+flags.DEFINE_string("rounding", "round",
+                    "round | floor (the thesis's floor loses ~1.3 points val accuracy on MNIST)")
 flags.DEFINE_integer("bits", None, "clip codes to b bits (fixed-bit and LSQ baselines)")
 flags.DEFINE_integer("init_bits", 8, "initial bit budget of free-bit scales")
 flags.DEFINE_float("lsq_weight", 1.0, "weight of the LSQ term in rule ratio_lsq")

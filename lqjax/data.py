@@ -87,6 +87,7 @@ def save_npz_atomic(path: pathlib.Path, **arrays) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez_compressed(f, **arrays)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -255,6 +255,7 @@ def write_json_atomic(path: pathlib.Path, obj) -> None:
   with os.fdopen(fd, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
+  os.chmod(tmp, 0o644)
   os.replace(tmp, path)
 
 
@@ -263,6 +264,7 @@ def _write_jsonl_atomic(path: pathlib.Path, rows) -> None:
   with os.fdopen(fd, "w") as f:
     for r in rows:
       f.write(json.dumps(r, sort_keys=True) + "\n")
+  os.chmod(tmp, 0o644)
   os.replace(tmp, path)
 
 
@@ -301,7 +303,7 @@ def init_state(cfg, model, tx, sample, sharding):
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
-  return jax.device_put(state, sharding)
+  return jax.device_put(state, sharding) if sharding is not None else state
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None,
@@ -346,6 +348,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
   stats = (ds.mean, ds.std)
+  write_json_atomic(workdir / "data_stats.json",
+                    {"mean": ds.mean, "std": ds.std, "num_classes": ds.num_classes})
   model = build_model(cfg, ds.num_classes)
   tx = make_optimizer(cfg, steps_per_epoch)
   state = init_state(cfg, model, tx, ds.train.image[:1].astype(jnp.float32), replicated)
@@ -456,9 +460,36 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
       "avg_bits": summ["avg_bits"] if not cfg.float_model else 32.0,
       "packed_bytes_accounted": summ["packed_bytes_accounted"],
       "train_seconds": train_seconds, "devices": len(devices),
-      "platform": devices[0].platform, "config": cfg.to_json(),
+      "platform": devices[0].platform, "workdir": str(workdir), "config": cfg.to_json(),
   }
   if after_train is not None:
     results.update(after_train(cfg, model, state, ds, results))
   write_json_atomic(workdir / "results.json", results)
   return results
+
+
+def restore(workdir):
+  """Loads a run's final checkpoint without its dataset.
+
+  Returns:
+    (cfg, model, state, (mean, std), num_classes).
+  """
+  import orbax.checkpoint as ocp
+  workdir = pathlib.Path(workdir)
+  for f in ("config.json", "data_stats.json"):
+    if not (workdir / f).is_file():
+      raise FileNotFoundError(f"{workdir} is not a run directory: {f} is missing")
+  cfg = TrainConfig.from_json(json.loads((workdir / "config.json").read_text()))
+  ds = json.loads((workdir / "data_stats.json").read_text())
+  model = build_model(cfg, ds["num_classes"])
+  shape = {"mnist": (1, 28, 28, 1), "fashion_mnist": (1, 28, 28, 1), "cifar10": (1, 32, 32, 3),
+           "imagenette": (1, data.IMAGENETTE_SIZE, data.IMAGENETTE_SIZE, 3)}[cfg.dataset]
+  tx = make_optimizer(cfg, 1)
+  abstract = jax.eval_shape(lambda: init_state(cfg, model, tx, jnp.zeros(shape), None))
+  mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute())
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"{workdir} holds no checkpoint")
+  state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))["state"]
+  mngr.close()
+  return cfg, model, state, (tuple(ds["mean"]), tuple(ds["std"])), ds["num_classes"]

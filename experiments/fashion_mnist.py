@@ -1,0 +1,21 @@
+"""Fashion-MNIST: LeNet-5 (default) or LeNet-300-100, learned quantization.
+
+Default command::
+
+  python -m experiments.fashion_mnist
+
+The data comes from a folder with fashion_mnist/{train,test}.npz; convert the
+Debian package's IDX files once with
+``python scripts/import_dataset.py /usr/share/datasets/fashion-mnist $LQJAX_DATA_DIR/fashion_mnist``
+(or point --data_dir at a folder whose fashion_mnist/ holds the IDX files: they
+are imported into the cache on first use). Measured accuracy and CPU time: see
+the README's table.
+"""
+
+from experiments import common
+
+DEFAULTS = common.Defaults(model="lenet5", epochs=5, batch_size=128, optimizer="adam",
+                           lr=1e-3, weight_decay=0.0)
+
+if __name__ == "__main__":
+  common.main("fashion_mnist", DEFAULTS)
