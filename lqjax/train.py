@@ -297,6 +297,11 @@ class _SignalFlag:
       signal.signal(sig, old)
 
 
+def _interrupted(signame, state, workdir) -> Interrupted:
+  return Interrupted(f"{signame} at step {int(state.step)}: checkpoint saved in "
+                     f"{workdir / 'checkpoints'}; re-run the same command to resume")
+
+
 def init_state(cfg, model, tx, sample, sharding):
   rng = jax.random.key(cfg.seed)
   variables = model.init(rng, sample, train=False)
@@ -416,13 +421,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
         bar.update(n)
         bar.set_postfix(loss=f"{loss.mean():.3f}", acc=f"{np.asarray(m['accuracy']).mean():.3f}",
                         bits=f"{bits:.2f}")
-        if sig.hit:
+        if sig.hit and int(state.step) < (epoch + 1) * steps_per_epoch:
           meta["train_seconds"] = time.time() - t_start
           save(state, meta)
           mngr.close()
           bar.close()
-          raise Interrupted(f"{sig.hit} at step {int(state.step)}: checkpoint saved in "
-                            f"{workdir / 'checkpoints'}; re-run the same command to resume")
+          raise _interrupted(sig.hit, state, workdir)
       bar.close()
       val_acc, val_loss = evaluate(state.params, state.batch_stats, ds.val)
       avg, per_layer = bits_fn(state.params) if not cfg.float_model else (32.0, {})
@@ -440,6 +444,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
       if progress:
         print(f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f} val_acc {val_acc:.4f} "
               f"avg_bits {row['avg_bits']:.2f} ({row['seconds']:.0f}s)", flush=True)
+      if sig.hit and epoch + 1 < cfg.epochs:  # the epoch's checkpoint is saved
+        mngr.close()
+        raise _interrupted(sig.hit, state, workdir)
   mngr.close()
   train_seconds = meta["train_seconds"] if start_step >= total_steps else time.time() - t_start
 

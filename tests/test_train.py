@@ -1,0 +1,198 @@
+"""The training loop: smoke runs, bad input, resume, data parallelism, NaN guard,
+and the end-to-end run on real MNIST."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lqjax import compress, train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+REQUIRED = {"dataset", "model", "scheme", "rule", "threshold", "granularity", "seed", "epochs",
+            "val_accuracy", "test_accuracy", "fp32_bytes", "quantized_bits_per_layer", "avg_bits",
+            "train_seconds", "config"}
+
+
+def _run(module, *flags, env=None, timeout=600):
+  e = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, env=e,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("module,extra", [
+    ("experiments.mnist", ["--rule=lsq", "--bits=4"]),
+    ("experiments.fashion_mnist", ["--granularity=spatial", "--rule=ratio_lsq"]),
+    ("experiments.cifar10", ["--float"]),
+    ("experiments.imagenette", ["--inverse_scale=0.01", "--deviation=0.1", "--bin_count=0.01"]),
+])
+def test_entry_point_smoke(tiny_data, tmp_path, module, extra):
+  wd = tmp_path / "wd"
+  r = _run(module, f"--workdir={wd}", "--epochs=1", "--batch_size=32", "--progress=false",
+           *extra)
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads((wd / "results.json").read_text())
+  assert REQUIRED <= set(res)
+  rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert len(rows) == 1
+  assert {"epoch", "train_loss", "val_accuracy", "avg_bits", "seconds"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--threshold=-1", "threshold"), ("--granularity=diagonal", "granularity"),
+    ("--rule=magic", "rule"), ("--lr=-0.1", "lr"), ("--rounding=ceil", "rounding"),
+    ("--workdir=/nonexistent/parent/wd", "parent"), ("--model=vgg", "model"),
+])
+def test_bad_flags_fail_fast(tiny_data, flag, needle):
+  t0 = time.time()
+  r = _run("experiments.mnist", flag, "--progress=false")
+  assert r.returncode != 0
+  err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+  assert len(err) == 1 and needle in err[0], r.stderr[-1000:]
+  assert time.time() - t0 < 60
+
+
+def test_missing_dataset_fails_with_one_line(tmp_path):
+  r = _run("experiments.cifar10", f"--workdir={tmp_path / 'wd'}", "--progress=false",
+           env={"LQJAX_DATA_DIR": str(tmp_path / "none"), "LQJAX_CACHE_DIR": str(tmp_path / "c"),
+                "TFDS_DATA_DIR": str(tmp_path / "tfds")})
+  assert r.returncode != 0
+  assert "error: dataset 'cifar10' not found" in r.stderr
+
+
+def _cfg(**kw):
+  base = dict(dataset="mnist", model="lenet300", epochs=2, batch_size=30, chunk_steps=2,
+              rule="ratio", rounding="round", threshold=0.5)
+  base.update(kw)
+  return train.TrainConfig(**base)
+
+
+def _params(workdir):
+  _, _, state, _, _ = train.restore(workdir)
+  return jax.device_get(state.params)
+
+
+def test_interrupt_and_resume_matches_uninterrupted(tiny_data, tmp_path, monkeypatch):
+  cfg = _cfg()
+  ref = train.train_and_evaluate(cfg, tmp_path / "a", progress=False)
+
+  class FlagAfterTwoChunks(train._SignalFlag):
+    calls = 0
+
+    @property
+    def hit(self):
+      FlagAfterTwoChunks.calls += 1
+      return "SIGTERM" if FlagAfterTwoChunks.calls >= 2 else None
+
+    @hit.setter
+    def hit(self, v):
+      pass
+
+  monkeypatch.setattr(train, "_SignalFlag", FlagAfterTwoChunks)
+  with pytest.raises(train.Interrupted, match="resume"):
+    train.train_and_evaluate(cfg, tmp_path / "b", progress=False)
+  monkeypatch.undo()
+  monkeypatch.setenv("LQJAX_DATA_DIR", str(tiny_data))
+  got = train.train_and_evaluate(cfg, tmp_path / "b", progress=False)
+  assert got["test_accuracy"] == ref["test_accuracy"]
+  assert got["val_accuracy"] == ref["val_accuracy"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "a"),
+                         _params(tmp_path / "b"))
+  assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigterm_kill_then_resume(tiny_data, tmp_path):
+  wd = tmp_path / "wd"
+  args = [f"--workdir={wd}", "--epochs=30", "--batch_size=10", "--progress=false",
+          "--rounding=round"]
+  p = subprocess.Popen([sys.executable, "-m", "experiments.mnist", *args], cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (wd / "metrics.jsonl").exists() and time.time() < deadline and p.poll() is None:
+    time.sleep(0.2)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=300)
+  assert p.returncode == 130, err[-2000:]
+  assert "re-run the same command to resume" in err
+  done = len((wd / "metrics.jsonl").read_text().splitlines())
+  assert 1 <= done < 30
+  r = _run("experiments.mnist", *args)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [x["epoch"] for x in rows] == list(range(1, 31))
+
+
+def test_config_mismatch_in_workdir(tiny_data, tmp_path):
+  train.train_and_evaluate(_cfg(epochs=1), tmp_path / "a", progress=False)
+  with pytest.raises(train.TrainingError, match="another config"):
+    train.train_and_evaluate(_cfg(epochs=1, threshold=0.9), tmp_path / "a", progress=False)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path):
+  cfg = _cfg(epochs=3, optimizer="sgd", lr=1e12)
+  with pytest.raises(train.TrainingError, match=r"at step \d+"):
+    train.train_and_evaluate(cfg, tmp_path / "a", progress=False)
+  assert not (tmp_path / "a" / "results.json").exists()
+
+
+def test_deterministic(tiny_data, tmp_path):
+  a = train.train_and_evaluate(_cfg(epochs=1), tmp_path / "a", progress=False)
+  b = train.train_and_evaluate(_cfg(epochs=1), tmp_path / "b", progress=False)
+  assert a["val_accuracy"] == b["val_accuracy"] and a["avg_bits"] == b["avg_bits"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _params(tmp_path / "a"),
+                         _params(tmp_path / "b"))
+
+
+def test_data_parallel_matches_single_device(tiny_data, tmp_path):
+  code = ("import sys, json, jax, numpy as np; from lqjax import train;"
+          "cfg = train.TrainConfig(dataset='mnist', model='lenet5', epochs=1, batch_size=40,"
+          " rule='lsq', bits=4, granularity='channel', rounding='round', chunk_steps=4);"
+          "r = train.train_and_evaluate(cfg, sys.argv[1], progress=False);"
+          "_, _, s, _, _ = train.restore(sys.argv[1]);"
+          "np.save(sys.argv[1] + '/k.npy', np.asarray(s.params['fc2']['kernel']));"
+          "print(json.dumps({'devices': r['devices'], 'loss': r['test_loss']}))")
+  outs = {}
+  for n in (1, 8):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    wd = str(tmp_path / f"d{n}")
+    r = subprocess.run([sys.executable, "-c", code, wd], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    outs[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    outs[n]["k"] = np.load(wd + "/k.npy")
+  assert outs[1]["devices"] == 1 and outs[8]["devices"] == 8
+  np.testing.assert_allclose(outs[8]["loss"], outs[1]["loss"], rtol=1e-3)
+  np.testing.assert_allclose(outs[8]["k"], outs[1]["k"], atol=1e-4)
+
+
+def test_mnist_end_to_end_real_data(real_data_dir, tmp_path):
+  """LeNet-300-100, ratio rule, 2 epochs on real MNIST: >= 96% test accuracy, complete
+  results, and an exported file that reloads to identical predictions."""
+  wd = tmp_path / "wd"
+  r = _run("experiments.mnist", f"--workdir={wd}", "--epochs=2", "--rule=ratio",
+           "--progress=false", "--export", env={"LQJAX_DATA_DIR": real_data_dir})
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((wd / "results.json").read_text())
+  assert REQUIRED <= set(res)
+  assert res["test_accuracy"] >= 0.96, res["test_accuracy"]
+  assert res["avg_bits"] < 8
+  assert set(res["quantized_bits_per_layer"]) == {f"fc{i}/{k}" for i in (1, 2, 3)
+                                                  for k in ("kernel", "bias")}
+  # The exported file: real bytes, identical predictions.
+  assert res["packed_bytes"] == (wd / "model.lqz").stat().st_size
+  assert res["reload_identical_argmax"] and res["reload_test_accuracy"] == res["test_accuracy"]
+  assert res["reload_max_abs_logit_diff"] < 1e-4
+  assert res["compression_ratio"] > 3.5
+  assert res["entropy_coded_bytes"] < res["packed_bytes"]
+  blob = (wd / "model.lqz").read_bytes()
+  header_bytes = len(blob) - res["packed_bytes_accounted"]
+  hlen = compress._PREFIX.unpack_from(blob)[3]
+  assert header_bytes == compress._PREFIX.size + hlen + 32
