@@ -290,7 +290,18 @@ def export_after_training(cfg, model, state, ds, results) -> dict:
   m2, v2, h2 = load(out / "model.lqz")
   got = predict(m2, v2, h2, test_x)
   fp32 = results["fp32_bytes"]
-  return {
+  extra = {}
+  try:
+    from lqjax import onnx_export
+    onnx_bytes = onnx_export.export_onnx(out / "model.onnx", cfg, ds.num_classes, stats, params, bs)
+    onnx_logits = onnx_export.run_onnx(out / "model.onnx", test_x)
+    extra = {"onnx_bytes": onnx_bytes,
+             "onnx_test_accuracy": float(np.mean(onnx_logits.argmax(-1) == test_y)),
+             "onnx_identical_argmax": bool(np.array_equal(onnx_logits.argmax(-1), ref.argmax(-1))),
+             "onnx_max_abs_logit_diff": float(np.max(np.abs(onnx_logits - ref)))}
+  except ImportError:  # onnx/onnxruntime are the optional extra lqjax[export]
+    pass
+  return {**extra,
       "packed_bytes": packed, "entropy_coded_bytes": coded,
       "compression_ratio": fp32 / packed, "entropy_coded_ratio": fp32 / coded,
       "reload_test_accuracy": float(np.mean(got.argmax(-1) == test_y)),

@@ -1,0 +1,148 @@
+"""Accounting, bit packing, the packed file, and the ONNX export."""
+
+import pathlib
+import subprocess
+import sys
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lqjax import accounting, compress, data, train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_pack_unpack_roundtrip(d):
+  n_groups = d.draw(st.integers(1, 7))
+  sizes = d.draw(st.lists(st.integers(1, 13), min_size=n_groups, max_size=n_groups))
+  widths_g = d.draw(st.lists(st.integers(0, 16), min_size=n_groups, max_size=n_groups))
+  widths = np.repeat(widths_g, sizes)
+  vals = np.array([d.draw(st.integers(0, (1 << int(w)) - 1)) for w in widths], np.uint64)
+  buf = compress.pack_bits(vals, widths)
+  assert len(buf) == (int(widths.sum()) + 7) // 8
+  np.testing.assert_array_equal(compress.unpack_bits(buf, widths), vals)
+
+
+def test_pack_rejects_overflow():
+  with pytest.raises(ValueError, match="fit"):
+    compress.pack_bits(np.array([4]), np.array([2]))
+
+
+def test_group_bits_hand_example():
+  codes = jnp.array([[0, 5], [1, -3], [3, 4]])  # per column: spans 4 and 9 -> 2 and 4 bits
+  np.testing.assert_array_equal(accounting.group_bits(codes, (1, 2)), [[2.0, 4.0]])
+  np.testing.assert_array_equal(accounting.group_bits(jnp.zeros((3,)), (1,)), [0.0])
+
+
+def _random_model_params(granularity, model="lenet300", dataset="mnist", bits=None, rule="ratio"):
+  cfg = train.TrainConfig(dataset=dataset, model=model, granularity=granularity, bits=bits,
+                          rule=rule, rounding="round", bias_granularity="row")
+  m = train.build_model(cfg, 10)
+  shape = {"mnist": (2, 28, 28, 1), "cifar10": (2, 32, 32, 3)}[dataset]
+  v = m.init(jax.random.key(0), jnp.zeros(shape))
+  # Spread the scales so groups get different bit widths (and some >8 bits).
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + jax.random.uniform(jax.random.key(len(str(p))), x.shape, minval=-3, maxval=2)
+      if p[-1].key == "log_scale" else x, v["params"])
+  return cfg, m, params, v.get("batch_stats", {})
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "column", "element", (0,)])
+@pytest.mark.parametrize("codec", [compress.CODEC_FIXED, compress.CODEC_ZSTD])
+def test_file_roundtrip_and_size(tmp_path, granularity, codec):
+  cfg, m, params, bs = _random_model_params(granularity)
+  path = tmp_path / "m.lqz"
+  size = compress.export(path, cfg, 10, ((0.1,), (0.3,)), params, bs, codec=codec)
+  assert size == path.stat().st_size
+  blob = path.read_bytes()
+  before = {k: v for k, v in compress.read_codes(blob).items()}
+  for p, w, ls in __import__("lqjax").iter_quantized(params):
+    np.testing.assert_array_equal(before[p], accounting.tensor_codes(w, ls, "round")[0])
+  if codec == compress.CODEC_FIXED:
+    rows = accounting.model_report(params, rounding="round")
+    hlen = compress._PREFIX.unpack_from(blob)[3]
+    assert size == accounting.summarize(rows)["packed_bytes_accounted"] + compress._PREFIX.size \
+        + hlen + 32
+  # Reload: same logits.
+  model, variables, header = compress.load(path)
+  x = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+  got = compress.predict(model, variables, header, x)
+  ref = np.asarray(m.apply({"params": params}, data.normalize(jnp.asarray(x), (0.1,), (0.3,))))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_bits_model_is_small(tmp_path):
+  cfg, _, params, bs = _random_model_params("row", bits=2, rule="lsq")
+  rows = accounting.model_report(params, rounding="round", bits=2)
+  assert all(r.bits_max <= 2 for r in rows if r.quantized)
+  s = accounting.summarize(rows)
+  assert s["ratio_accounted"] > 14  # 32 / 2 bits, less the per-group overhead
+
+
+@pytest.fixture
+def packed(tmp_path):
+  cfg, _, params, bs = _random_model_params("row")
+  path = tmp_path / "m.lqz"
+  compress.export(path, cfg, 10, ((0.1,), (0.3,)), params, bs)
+  return path
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda b: b[: len(b) // 2], "checksum"),
+    (lambda b: b[:10], "truncated"),
+    (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:], "checksum"),
+    (lambda b: b"XXXX" + b[4:], "magic"),
+    (lambda b: b[:4] + (9).to_bytes(2, "little") + b[6:], "version"),
+])
+def test_corrupt_files(packed, damage, needle, tmp_path):
+  bad = tmp_path / "bad.lqz"
+  bad.write_bytes(damage(packed.read_bytes()))
+  with pytest.raises(compress.CorruptFileError, match=needle):
+    compress.parse(bad.read_bytes())
+  r = subprocess.run([sys.executable, "-m", "lqjax.export", "--check", str(bad)], cwd=ROOT,
+                     capture_output=True, text=True)
+  assert r.returncode != 0
+  assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  ok = subprocess.run([sys.executable, "-m", "lqjax.export", "--check", str(packed)], cwd=ROOT,
+                      capture_output=True, text=True)
+  assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+
+
+onnx_ok = pytest.importorskip("onnxruntime", reason="install lqjax[export]")
+
+
+@pytest.mark.parametrize("model,dataset,granularity", [
+    ("lenet300", "mnist", "row"), ("lenet300", "mnist", "element"),
+    ("lenet5", "mnist", "channel"), ("lenet5", "mnist", "spatial"),
+    ("resnet20", "cifar10", "channel"), ("resnet20", "cifar10", "tensor"),
+])
+def test_onnx_matches_jax(tmp_path, model, dataset, granularity):
+  from lqjax import onnx_export
+  cfg, m, params, bs = _random_model_params(granularity, model, dataset)
+  if bs:  # non-trivial running statistics
+    bs = jax.tree_util.tree_map(lambda v: v + 0.1 * jnp.abs(jax.random.normal(
+        jax.random.key(v.size), v.shape)), bs)
+  mean, std = (0.4, 0.5, 0.45), (0.2, 0.25, 0.3)
+  if dataset == "mnist":
+    mean, std = (0.13,), (0.3,)
+  path = tmp_path / "m.onnx"
+  onnx_export.export_onnx(path, cfg, 10, (mean, std), params, bs)
+  shape = onnx_export.IMAGE_SHAPES[dataset]
+  x = np.random.default_rng(1).integers(0, 256, (8,) + shape, dtype=np.uint8)
+  got = onnx_export.run_onnx(path, x)
+  variables = {"params": params, **({"batch_stats": bs} if bs else {})}
+  ref = np.asarray(m.apply(variables, data.normalize(jnp.asarray(x), mean, std), train=False))
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+  # Integer initializers are really there.
+  import onnx
+  proto = onnx.load(str(path))
+  kinds = {i.data_type for i in proto.graph.initializer}
+  assert kinds & {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32}
