@@ -27,6 +27,12 @@ flags.DEFINE_string("rounding", "round",
 flags.DEFINE_integer("bits", None, "clip codes to b bits (fixed-bit and LSQ baselines)")
 flags.DEFINE_integer("init_bits", 8, "initial bit budget of free-bit scales")
 flags.DEFINE_float("lsq_weight", 1.0, "weight of the LSQ term in rule ratio_lsq")
+flags.DEFINE_float("relax_threshold", None,
+                   "lambda_hi of the ratio rules: groups with r above it get finer grids")
+flags.DEFINE_string("scale_schedule", "constant", "scales' lr schedule: constant | cosine")
+flags.DEFINE_string("scale_stop", "none",
+                    "none | val: freeze (and roll back) scales when val accuracy drops")
+flags.DEFINE_float("scale_stop_tolerance", 0.002, "val accuracy drop that triggers the stop")
 flags.DEFINE_string("optimizer", None, "weights' optimizer: adam | sgd (default: per dataset)")
 flags.DEFINE_float("lr", None, "weights' learning rate (default: per dataset)")
 flags.DEFINE_float("weight_decay", None, "weight decay (default: per dataset)")
@@ -65,6 +71,9 @@ def config_from_flags(dataset: str, d: Defaults):
       bias_granularity=types.parse_granularity(FLAGS.bias_granularity),
       quantize_bias=FLAGS.quantize_bias, rounding=FLAGS.rounding, bits=FLAGS.bits,
       init_bits=FLAGS.init_bits, lsq_weight=FLAGS.lsq_weight,
+      relax_threshold=FLAGS.relax_threshold, scale_schedule=FLAGS.scale_schedule,
+      scale_stop=None if FLAGS.scale_stop == "none" else FLAGS.scale_stop,
+      scale_stop_tolerance=FLAGS.scale_stop_tolerance,
       optimizer=FLAGS.optimizer or d.optimizer,
       lr=d.lr if FLAGS.lr is None else FLAGS.lr,
       weight_decay=d.weight_decay if FLAGS.weight_decay is None else FLAGS.weight_decay,

@@ -58,7 +58,7 @@ class Quantizer(nn.Module):
     scale = quant.scale_from_log(log_scale)
     return quant.fake_quant(p, scale, rule=cfg.rule, threshold=cfg.threshold,
                             rounding=cfg.rounding, bits=cfg.bits,
-                            lsq_weight=cfg.lsq_weight)
+                            lsq_weight=cfg.lsq_weight, relax_threshold=cfg.relax_threshold)
 
 
 def quantized(layer_cls: Type[nn.Module]) -> Type[nn.Module]:

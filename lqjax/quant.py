@@ -34,6 +34,8 @@ Backward (METHOD.md section 2):
     log s equals g_G**, i.e. the scale cotangent is ``-g_G / s`` so that an
     SGD step ``log_s -= lr * dL/dlog_s`` is ``log_s += lr * g_G``:
     multiplicative growth, independent of the scale's absolute size.
+  - ``relax_threshold`` (lambda_hi, ratio rules): groups with r_G > lambda_hi
+    get g_G = -tanh(r_G - lambda_hi), a finer grid (two-threshold variant).
   - ``ratio_lsq``: the ratio term plus ``lsq_weight`` times the LSQ gradient,
     which lets the task loss push back when a coarser grid starts to hurt.
 
@@ -175,14 +177,19 @@ def _reduce_max_abs(q, shape):
   return jnp.max(jnp.abs(q), axis=axes, keepdims=True) if axes else jnp.abs(q)
 
 
-def ratio_growth(g, x, scale_shape, threshold):
+def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf):
   """The thesis's g_G = tanh(lambda - r_G) where r_G < lambda, else 0.
+
+  With a finite `relax_threshold` (lambda_hi >= lambda), groups with
+  r_G > lambda_hi get g_G = -tanh(r_G - lambda_hi): their grid is made finer
+  again (the two-threshold variant).
 
   Args:
     g: dL/dP (= dL/dQ under the STE), shape of the parameter.
     x: the parameter P.
     scale_shape: the scale's shape (same ndim as `x`).
     threshold: lambda.
+    relax_threshold: lambda_hi (inf: never relax, the thesis's rule).
 
   Returns:
     (g_G, r_G), both of `scale_shape`.
@@ -190,7 +197,9 @@ def ratio_growth(g, x, scale_shape, threshold):
   gn = jnp.sqrt(_reduce_to(jnp.square(g), scale_shape))
   pn = jnp.sqrt(_reduce_to(jnp.square(x), scale_shape))
   r = gn / (pn + _RATIO_EPS)
-  return jnp.where(r < threshold, jnp.tanh(threshold - r), 0.0), r
+  grow = jnp.where(r < threshold, jnp.tanh(threshold - r), 0.0)
+  relax = jnp.where(r > relax_threshold, -jnp.tanh(r - relax_threshold), 0.0)
+  return grow + relax, r
 
 
 def _fake_quant_bwd(rule, rounding, bits, res, g):
@@ -205,7 +214,7 @@ def _fake_quant_bwd(rule, rounding, bits, res, g):
   elif rule == "lsq":
     gs = _lsq_grad(g, x, scale, q_raw, bits)
   elif rule in ("ratio", "ratio_lsq"):
-    growth, _ = ratio_growth(g, x, scale.shape, threshold)
+    growth, _ = ratio_growth(g, x, scale.shape, threshold[0], threshold[1])
     gs = -growth / scale
     if rule == "ratio_lsq":
       gs = gs + lsq_weight * _lsq_grad(g, x, scale, q_raw, bits)
@@ -220,7 +229,7 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
                threshold=0.0, rounding: str = "floor", bits: Optional[int] = None,
-               lsq_weight=1.0) -> jax.Array:
+               lsq_weight=1.0, relax_threshold=None) -> jax.Array:
   """Fake-quantizes `x`: returns ``scale * codes`` with the chosen gradients.
 
   Args:
@@ -233,6 +242,8 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
     rounding: ``floor`` (thesis) or ``round``.
     bits: clip codes to the signed b-bit range (clipped STE); None: free.
     lsq_weight: weight of the LSQ term in ``ratio_lsq`` (may be traced).
+    relax_threshold: lambda_hi of the ratio rules: groups with r above it get a
+      finer grid (see :func:`ratio_growth`); None: never (the thesis's rule).
 
   Returns:
     Q(P), same shape and dtype as `x`.
@@ -248,6 +259,11 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
     raise ValueError(f"threshold must be >= 0, got {threshold}")
   scale_in = jnp.asarray(scale, x.dtype)
   scale_full = _expand_scale(scale_in, x.ndim)
-  out = _fake_quant(x, scale_full, jnp.asarray(threshold, x.dtype),
+  if relax_threshold is not None and isinstance(threshold, (int, float)) \
+      and relax_threshold < threshold:
+    raise ValueError(f"relax_threshold ({relax_threshold}) must be >= threshold ({threshold})")
+  lam_hi = jnp.inf if relax_threshold is None else relax_threshold
+  thresholds = jnp.stack([jnp.asarray(threshold, x.dtype), jnp.asarray(lam_hi, x.dtype)])
+  out = _fake_quant(x, scale_full, thresholds,
                     jnp.asarray(lsq_weight, x.dtype), rule, rounding, bits)
   return out

@@ -64,6 +64,7 @@ class TrainConfig:
   bits: Optional[int] = None
   init_bits: int = 8
   lsq_weight: float = 1.0
+  relax_threshold: Optional[float] = None
   # Weights' optimizer: adam | sgd (momentum 0.9), cosine-decayed lr.
   optimizer: str = "adam"
   lr: float = 1e-3
@@ -71,6 +72,13 @@ class TrainConfig:
   # Scales' optimizer (on log s): sgd | adam, constant lr.
   scale_optimizer: str = "sgd"
   scale_lr: float = 0.01
+  # constant | cosine (anneals the scales' lr to 0 over the run).
+  scale_schedule: str = "constant"
+  # Validation stop of the stable ratio variant: at the first epoch whose val
+  # accuracy is more than `scale_stop_tolerance` below the best so far, the
+  # scales roll back to the best epoch's and stay frozen. None: off.
+  scale_stop: Optional[str] = None
+  scale_stop_tolerance: float = 0.002
   # Penalty coefficients of the second scheme (lqjax.losses).
   inverse_scale: float = 0.0
   bin_count: float = 0.0
@@ -98,6 +106,10 @@ class TrainConfig:
       v = getattr(self, name)
       if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if self.scale_stop not in (None, "val"):
+      raise ValueError(f"unknown scale_stop {self.scale_stop!r}; expected val or none")
+    if self.scale_schedule not in ("constant", "cosine"):
+      raise ValueError(f"unknown scale_schedule {self.scale_schedule!r}; expected constant or cosine")
     if self.lr == 0:
       raise ValueError("lr must be > 0")
     for name in ("epochs", "batch_size", "chunk_steps"):
@@ -113,7 +125,8 @@ class TrainConfig:
       return None
     return types.QuantConfig(rule=self.rule, threshold=self.threshold, rounding=self.rounding,
                              bits=self.bits, granularity=self.granularity,
-                             init_bits=self.init_bits, lsq_weight=self.lsq_weight)
+                             init_bits=self.init_bits, lsq_weight=self.lsq_weight,
+                             relax_threshold=self.relax_threshold)
 
   def bias_quant(self) -> Optional[types.QuantConfig]:
     if self.float_model or not self.quantize_bias:
@@ -145,6 +158,10 @@ class TrainState(struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
+  # 1.0 once the validation stop has frozen the scales (scale updates are zeroed).
+  scales_frozen: jax.Array
+  # The params at the best validation epoch so far (the stop rolls scales back to them).
+  best_params: Any
 
 
 def build_model(cfg: TrainConfig, num_classes: int):
@@ -168,7 +185,9 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   else:
     weight_tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                             optax.sgd(sched, momentum=0.9, nesterov=True))
-  scale_tx = optax.sgd(cfg.scale_lr) if cfg.scale_optimizer == "sgd" else optax.adam(cfg.scale_lr)
+  scale_sched = cfg.scale_lr if cfg.scale_schedule == "constant" else \
+      optax.cosine_decay_schedule(cfg.scale_lr, max(total, 1))
+  scale_tx = optax.sgd(scale_sched) if cfg.scale_optimizer == "sgd" else optax.adam(scale_sched)
   return optax.multi_transform({"weight": weight_tx, "scale": scale_tx}, param_labels)
 
 
@@ -202,11 +221,45 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats):
     grads, (bs, ce, acc) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, images, labels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    keep = 1.0 - state.scales_frozen
+    updates = jax.tree_util.tree_map(lambda u, lab: u * keep if lab == "scale" else u,
+                                     updates, param_labels(updates))
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": ce, "accuracy": acc}
-    return TrainState(state.step + 1, params, bs, opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, batch_stats=bs,
+                         opt_state=opt_state), metrics
 
   return train_step
+
+
+def make_ratio_stats_fn(cfg: TrainConfig, model, ds_stats):
+  """Jitted ``fn(params, batch_stats, images, labels) -> {layer: r quantiles}``.
+
+  r_G = ||dL/dP||_G / ||P||_G per scale group on one batch (the quantity the
+  ratio rules compare with lambda); reports its 10/50/90th percentiles and the
+  fraction of groups below lambda (the groups whose grid is coarsening).
+  """
+  from lqjax import layers, quant
+
+  def ce(params, batch_stats, images, labels):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits = model.apply(variables, _preprocess(cfg, ds_stats, images, None, False), train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @jax.jit
+  def fn(params, batch_stats, images, labels):
+    grads = jax.grad(ce)(params, batch_stats, images, labels)
+    gflat = flax.traverse_util.flatten_dict(grads)
+    out = {}
+    for path, p, ls in layers.iter_quantized(params):
+      _, r = quant.ratio_growth(gflat[path], p, ls.shape, cfg.threshold)
+      r = r.reshape(-1)
+      out["/".join(path)] = {"p10": jnp.percentile(r, 10), "p50": jnp.percentile(r, 50),
+                             "p90": jnp.percentile(r, 90),
+                             "frac_below": jnp.mean(r < cfg.threshold)}
+    return out
+
+  return fn
 
 
 def make_eval_fn(cfg: TrainConfig, model, ds_stats, sharding, batch_size: int = 500):
@@ -297,6 +350,24 @@ class _SignalFlag:
       signal.signal(sig, old)
 
 
+def _scale_stop(cfg, state, meta, val_acc, epoch):
+  """The validation stop: track the best epoch; freeze and roll back scales on a drop."""
+  if cfg.scale_stop is None or cfg.float_model or meta["frozen_at"] is not None:
+    return state, meta, None
+  meta = dict(meta)
+  if val_acc > meta["best_val"]:
+    meta["best_val"], meta["best_epoch"] = val_acc, epoch
+    return state.replace(best_params=jax.tree_util.tree_map(jnp.copy, state.params)), meta, None
+  if val_acc < meta["best_val"] - cfg.scale_stop_tolerance:
+    params = jax.tree_util.tree_map(lambda cur, best, lab: best if lab == "scale" else cur,
+                                    state.params, state.best_params, param_labels(state.params))
+    meta["frozen_at"] = epoch
+    event = f"val accuracy {val_acc:.4f} < best {meta['best_val']:.4f} (epoch " \
+            f"{meta['best_epoch']}): scales rolled back to epoch {meta['best_epoch']} and frozen"
+    return state.replace(params=params, scales_frozen=jnp.ones(())), meta, event
+  return state, meta, None
+
+
 def _interrupted(signame, state, workdir) -> Interrupted:
   return Interrupted(f"{signame} at step {int(state.step)}: checkpoint saved in "
                      f"{workdir / 'checkpoints'}; re-run the same command to resume")
@@ -307,7 +378,8 @@ def init_state(cfg, model, tx, sample, sharding):
   variables = model.init(rng, sample, train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
-  state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+  state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
+                     jnp.zeros(()), jax.tree_util.tree_map(jnp.copy, params))
   return jax.device_put(state, sharding) if sharding is not None else state
 
 
@@ -360,6 +432,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   state = init_state(cfg, model, tx, ds.train.image[:1].astype(jnp.float32), replicated)
   train_step = make_train_step(cfg, model, tx, stats)
   evaluate = make_eval_fn(cfg, model, stats, batch_sharding)
+  ratio_fn = make_ratio_stats_fn(cfg, model, stats)
   bits_fn = jax.jit(functools.partial(accounting.average_bits, rounding=cfg.rounding,
                                       bits=cfg.bits))
   data_rng = jax.random.key(cfg.seed + 1)
@@ -380,7 +453,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   mngr = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
-  meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0, "train_seconds": 0.0}
+  meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0, "train_seconds": 0.0,
+          "best_val": -1.0, "best_epoch": 0, "frozen_at": None}
   if mngr.latest_step() is not None:
     restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
@@ -430,15 +504,20 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
       bar.close()
       val_acc, val_loss = evaluate(state.params, state.batch_stats, ds.val)
       avg, per_layer = bits_fn(state.params) if not cfg.float_model else (32.0, {})
+      r_stats = {} if cfg.float_model else jax.tree_util.tree_map(float, ratio_fn(
+          state.params, state.batch_stats, ds.val.image[:500], ds.val.label[:500]))
+      state, meta, event = _scale_stop(cfg, state, meta, val_acc, epoch + 1)
       row = {"epoch": epoch + 1, "step": int(state.step),
              "train_loss": meta["loss_sum"] / max(meta["steps_in_epoch"], 1),
              "train_accuracy": meta["acc_sum"] / max(meta["steps_in_epoch"], 1),
              "val_accuracy": val_acc, "val_loss": val_loss, "avg_bits": float(avg),
              "bits_per_layer": {k: float(v) for k, v in per_layer.items()},
-             "seconds": time.time() - t_start}
+             "ratio_r": r_stats,
+             "seconds": time.time() - t_start, "scales_frozen": meta["frozen_at"] is not None,
+             **({"scale_stop": event} if event else {})}
       rows.append(row)
       _write_jsonl_atomic(workdir / "metrics.jsonl", rows)
-      meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0,
+      meta = {**meta, "loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0,
               "train_seconds": time.time() - t_start}
       save(state, meta)
       if progress:
@@ -467,6 +546,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
       "avg_bits": summ["avg_bits"] if not cfg.float_model else 32.0,
       "packed_bytes_accounted": summ["packed_bytes_accounted"],
       "train_seconds": train_seconds, "devices": len(devices),
+      "scales_frozen_at_epoch": meta.get("frozen_at"),
       "platform": devices[0].platform, "workdir": str(workdir), "config": cfg.to_json(),
   }
   if after_train is not None:

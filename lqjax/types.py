@@ -143,6 +143,8 @@ class QuantConfig:
   init_bits: int = 8
   # Weight of the LSQ term in the ratio_lsq hybrid rule.
   lsq_weight: float = 1.0
+  # lambda_hi of the ratio rules: r above it makes the grid finer; None: never.
+  relax_threshold: Optional[float] = None
 
   def __post_init__(self):
     if self.rule not in RULES:
@@ -158,6 +160,9 @@ class QuantConfig:
       raise ValueError(f"init_bits must be in 1..16, got {self.init_bits}")
     if not math.isfinite(self.lsq_weight) or self.lsq_weight < 0:
       raise ValueError(f"lsq_weight must be >= 0, got {self.lsq_weight}")
+    if self.relax_threshold is not None and not self.relax_threshold >= self.threshold:
+      raise ValueError(f"relax_threshold ({self.relax_threshold}) must be >= threshold "
+                       f"({self.threshold})")
     if isinstance(self.granularity, list):
       object.__setattr__(self, "granularity", tuple(self.granularity))
     if isinstance(self.granularity, str) and self.granularity not in GRANULARITIES:

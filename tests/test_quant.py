@@ -253,6 +253,17 @@ class GradientTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(r, [[0.2, 0.05]], rtol=1e-6)
     np.testing.assert_allclose(growth, [[0.0, math.tanh(0.05)]], rtol=1e-6)
 
+  def test_relax_threshold_makes_grid_finer(self):
+    x = jnp.array([[3.0, 1.0], [4.0, 0.0]])
+    w = jnp.array([[6.0, 0.05], [8.0, 0.0]])  # r = 2.0 and 0.05
+    g_log = jax.grad(lambda ls: jnp.sum(w * quant.fake_quant(
+        x, quant.scale_from_log(ls), rule="ratio", threshold=0.1, relax_threshold=1.5)))(
+            jnp.zeros((1, 2)))
+    # Group 0: r = 2 > 1.5, g = -tanh(0.5): the log-scale gradient is +tanh(0.5) (s shrinks).
+    np.testing.assert_allclose(g_log, [[math.tanh(0.5), -math.tanh(0.05)]], rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, "relax_threshold"):
+      quant.fake_quant(x, 1.0, rule="ratio", threshold=0.5, relax_threshold=0.1)
+
   def test_ratio_element_granularity_is_thesis_ratio(self):
     x = jnp.array([2.0, -4.0, 1.0])
     w = jnp.array([0.1, 0.2, 3.0])

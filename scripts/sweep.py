@@ -1,0 +1,120 @@
+"""Resumable sweep driver: runs a grid of experiment flags and collects results.
+
+  python scripts/sweep.py --config sweeps/lenet300_stability.json [--dry_run]
+
+A config (JSON) names the entry point, the flags every run shares, named
+variants (each a set of flags), and seeds::
+
+  {"name": "lenet300_stability", "module": "experiments.mnist",
+   "base": {"epochs": 10, "progress": false},
+   "variants": {"ratio": {"rule": "ratio"}, "hybrid": {"rule": "ratio_lsq"}},
+   "grid": {"threshold": [0.1, 0.2]},          # optional: crossed with variants
+   "seeds": [0, 1, 2]}
+
+Every run gets its own workdir ``runs/<name>/<variant>[_<grid point>]_s<seed>``.
+A run whose results.json exists is skipped, and an interrupted run resumes from
+its checkpoint, so re-running the same command finishes the sweep. At the end
+(and after each run) every results.json is collected into
+``runs/<name>/results.jsonl`` (one line per run, with its workdir and command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def expand(cfg: dict):
+  """Yields (run_name, flags) for every variant x grid point x seed."""
+  grid = cfg.get("grid", {})
+  keys = sorted(grid)
+  points = list(itertools.product(*(grid[k] for k in keys))) or [()]
+  for vname, vflags in cfg["variants"].items():
+    for point in points:
+      gflags = dict(zip(keys, point))
+      tag = "_".join(f"{k}{v}" for k, v in gflags.items())
+      for seed in cfg.get("seeds", [0]):
+        flags = {**cfg.get("base", {}), **vflags, **gflags, "seed": seed}
+        yield f"{vname}{'_' + tag if tag else ''}_s{seed}", flags
+
+
+def to_argv(flags: dict):
+  out = []
+  for k, v in flags.items():
+    if isinstance(v, bool):
+      out.append(f"--{k}" if v else f"--no{k}")
+    else:
+      out.append(f"--{k}={v}")
+  return out
+
+
+def collect(out_dir: pathlib.Path):
+  rows = []
+  for res in sorted(out_dir.glob("*/results.json")):
+    r = json.loads(res.read_text())
+    cmd = res.parent / "command.txt"
+    r["run"] = res.parent.name
+    r["command"] = cmd.read_text().strip() if cmd.exists() else None
+    rows.append(r)
+  tmp = out_dir / "results.jsonl.tmp"
+  tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+  os.replace(tmp, out_dir / "results.jsonl")
+  return rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", required=True)
+  ap.add_argument("--runs_dir", default=str(ROOT / "runs"))
+  ap.add_argument("--dry_run", action="store_true")
+  ap.add_argument("--only", default=None, help="run only runs whose name contains this")
+  args = ap.parse_args(argv)
+  try:
+    cfg = json.loads(pathlib.Path(args.config).read_text())
+  except (OSError, ValueError) as e:
+    print(f"error: cannot read sweep config {args.config}: {e}", file=sys.stderr)
+    return 2
+  out_dir = pathlib.Path(args.runs_dir) / cfg["name"]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  runs = list(expand(cfg))
+  failed = 0
+  for i, (name, flags) in enumerate(runs):
+    if args.only and args.only not in name:
+      continue
+    wd = out_dir / name
+    if (wd / "results.json").exists():
+      continue
+    argv_ = [sys.executable, "-m", cfg["module"], *to_argv(flags), f"--workdir={wd}"]
+    cmd = "python -m " + " ".join(shlex.quote(a) for a in argv_[2:])
+    print(f"[{i + 1}/{len(runs)}] {cmd}", flush=True)
+    if args.dry_run:
+      continue
+    wd.mkdir(exist_ok=True)
+    (wd / "command.txt").write_text(cmd + "\n")
+    t0 = time.time()
+    r = subprocess.run(argv_, cwd=ROOT, capture_output=True, text=True)
+    (wd / "log.txt").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+      failed += 1
+      last = (r.stderr.strip().splitlines() or ["?"])[-1]
+      print(f"  failed ({r.returncode}): {last}", flush=True)
+    else:
+      print(f"  {r.stdout.strip().splitlines()[-2] if r.stdout.strip() else ''} "
+            f"[{time.time() - t0:.0f}s]", flush=True)
+    collect(out_dir)
+  rows = collect(out_dir)
+  print(f"{len(rows)} results in {out_dir / 'results.jsonl'}; {failed} failed")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
