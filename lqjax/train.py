@@ -359,7 +359,7 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
     meta["best_val"], meta["best_epoch"] = val_acc, epoch
     return state.replace(best_params=jax.tree_util.tree_map(jnp.copy, state.params)), meta, None
   if val_acc < meta["best_val"] - cfg.scale_stop_tolerance:
-    params = jax.tree_util.tree_map(lambda cur, best, lab: best if lab == "scale" else cur,
+    params = jax.tree_util.tree_map(lambda cur, best, lab: jnp.copy(best) if lab == "scale" else cur,
                                     state.params, state.best_params, param_labels(state.params))
     meta["frozen_at"] = epoch
     event = f"val accuracy {val_acc:.4f} < best {meta['best_val']:.4f} (epoch " \
