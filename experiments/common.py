@@ -31,8 +31,9 @@ flags.DEFINE_float("relax_threshold", None,
                    "lambda_hi of the ratio rules: groups with r above it get finer grids")
 flags.DEFINE_string("scale_schedule", "constant", "scales' lr schedule: constant | cosine")
 flags.DEFINE_string("scale_stop", "none",
-                    "none | val: freeze (and roll back) scales when val accuracy drops")
-flags.DEFINE_float("scale_stop_tolerance", 0.002, "val accuracy drop that triggers the stop")
+                    "none | val: when val accuracy drops more than --scale_stop_tolerance below the "
+                    "best epoch's, roll the scales back to that epoch and halve their step")
+flags.DEFINE_float("scale_stop_tolerance", 0.002, "val accuracy drop that triggers a brake")
 flags.DEFINE_string("optimizer", None, "weights' optimizer: adam | sgd (default: per dataset)")
 flags.DEFINE_float("lr", None, "weights' learning rate (default: per dataset)")
 flags.DEFINE_float("weight_decay", None, "weight decay (default: per dataset)")

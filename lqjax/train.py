@@ -74,9 +74,9 @@ class TrainConfig:
   scale_lr: float = 0.01
   # constant | cosine (anneals the scales' lr to 0 over the run).
   scale_schedule: str = "constant"
-  # Validation stop of the stable ratio variant: at the first epoch whose val
-  # accuracy is more than `scale_stop_tolerance` below the best so far, the
-  # scales roll back to the best epoch's and stay frozen. None: off.
+  # Validation brake of the stable ratio variant (see _scale_stop): when val
+  # accuracy falls more than `scale_stop_tolerance` below the best epoch's, the
+  # scales roll back to that epoch's and their step halves. None: off.
   scale_stop: Optional[str] = None
   scale_stop_tolerance: float = 0.002
   # Penalty coefficients of the second scheme (lqjax.losses).
@@ -153,13 +153,16 @@ class TrainConfig:
     return cls(**d)
 
 
+MAX_BRAKES = 4
+
+
 class TrainState(struct.PyTreeNode):
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
-  # 1.0 once the validation stop has frozen the scales (scale updates are zeroed).
-  scales_frozen: jax.Array
+  # Multiplier of the scales' updates (1; halved by each validation brake; 0: frozen).
+  scale_mult: jax.Array
   # The params at the best validation epoch so far (the stop rolls scales back to them).
   best_params: Any
 
@@ -221,7 +224,7 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats):
     grads, (bs, ce, acc) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, images, labels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    keep = 1.0 - state.scales_frozen
+    keep = state.scale_mult
     updates = jax.tree_util.tree_map(lambda u, lab: u * keep if lab == "scale" else u,
                                      updates, param_labels(updates))
     params = optax.apply_updates(state.params, updates)
@@ -351,21 +354,33 @@ class _SignalFlag:
 
 
 def _scale_stop(cfg, state, meta, val_acc, epoch):
-  """The validation stop: track the best epoch; freeze and roll back scales on a drop."""
-  if cfg.scale_stop is None or cfg.float_model or meta["frozen_at"] is not None:
+  """The validation brake of the stable ratio variant (``scale_stop="val"``).
+
+  Tracks the epoch with the best validation accuracy and its scales. When an
+  epoch's val accuracy falls more than ``scale_stop_tolerance`` below the best,
+  the scales roll back to the best epoch's and the scales' step is halved
+  (``scale_mult``); after ``MAX_BRAKES`` such brakes the scales freeze. The
+  scale updates therefore shrink geometrically once coarsening starts to cost
+  accuracy, whatever the schedule length, and the grid converges.
+  """
+  if cfg.scale_stop is None or cfg.float_model or float(state.scale_mult) == 0.0:
     return state, meta, None
   meta = dict(meta)
   if val_acc > meta["best_val"]:
     meta["best_val"], meta["best_epoch"] = val_acc, epoch
     return state.replace(best_params=jax.tree_util.tree_map(jnp.copy, state.params)), meta, None
-  if val_acc < meta["best_val"] - cfg.scale_stop_tolerance:
-    params = jax.tree_util.tree_map(lambda cur, best, lab: jnp.copy(best) if lab == "scale" else cur,
-                                    state.params, state.best_params, param_labels(state.params))
+  if val_acc >= meta["best_val"] - cfg.scale_stop_tolerance:
+    return state, meta, None
+  params = jax.tree_util.tree_map(lambda cur, best, lab: jnp.copy(best) if lab == "scale" else cur,
+                                  state.params, state.best_params, param_labels(state.params))
+  meta["brakes"] = meta.get("brakes", 0) + 1
+  mult = 0.0 if meta["brakes"] >= MAX_BRAKES else 0.5 ** meta["brakes"]
+  if mult == 0.0:
     meta["frozen_at"] = epoch
-    event = f"val accuracy {val_acc:.4f} < best {meta['best_val']:.4f} (epoch " \
-            f"{meta['best_epoch']}): scales rolled back to epoch {meta['best_epoch']} and frozen"
-    return state.replace(params=params, scales_frozen=jnp.ones(())), meta, event
-  return state, meta, None
+  event = (f"val accuracy {val_acc:.4f} < best {meta['best_val']:.4f} (epoch {meta['best_epoch']}) "
+           f"- {cfg.scale_stop_tolerance}: scales rolled back to epoch {meta['best_epoch']}, "
+           f"scale step x{mult}")
+  return state.replace(params=params, scale_mult=jnp.asarray(mult, jnp.float32)), meta, event
 
 
 def _interrupted(signame, state, workdir) -> Interrupted:
@@ -379,7 +394,7 @@ def init_state(cfg, model, tx, sample, sharding):
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
-                     jnp.zeros(()), jax.tree_util.tree_map(jnp.copy, params))
+                     jnp.ones(()), jax.tree_util.tree_map(jnp.copy, params))
   return jax.device_put(state, sharding) if sharding is not None else state
 
 
@@ -454,7 +469,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
       (workdir / "checkpoints").absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
   meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0, "train_seconds": 0.0,
-          "best_val": -1.0, "best_epoch": 0, "frozen_at": None}
+          "best_val": -1.0, "best_epoch": 0, "brakes": 0, "frozen_at": None}
   if mngr.latest_step() is not None:
     restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
@@ -512,8 +527,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
              "train_accuracy": meta["acc_sum"] / max(meta["steps_in_epoch"], 1),
              "val_accuracy": val_acc, "val_loss": val_loss, "avg_bits": float(avg),
              "bits_per_layer": {k: float(v) for k, v in per_layer.items()},
-             "ratio_r": r_stats,
-             "seconds": time.time() - t_start, "scales_frozen": meta["frozen_at"] is not None,
+             "ratio_r": r_stats, "scale_mult": float(state.scale_mult),
+             "seconds": time.time() - t_start,
              **({"scale_stop": event} if event else {})}
       rows.append(row)
       _write_jsonl_atomic(workdir / "metrics.jsonl", rows)
