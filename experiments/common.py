@@ -29,16 +29,17 @@ flags.DEFINE_integer("init_bits", 8, "initial bit budget of free-bit scales")
 flags.DEFINE_float("lsq_weight", 1.0, "weight of the LSQ term in rule ratio_lsq")
 flags.DEFINE_float("relax_threshold", None,
                    "lambda_hi of the ratio rules: groups with r above it get finer grids")
-flags.DEFINE_string("scale_schedule", "constant", "scales' lr schedule: constant | cosine")
-flags.DEFINE_string("scale_stop", "none",
-                    "none | val: when val accuracy drops more than --scale_stop_tolerance below the "
-                    "best epoch's, roll the scales back to that epoch and halve their step")
+flags.DEFINE_string("scale_schedule", "cosine", "scales' lr schedule: cosine | constant")
+flags.DEFINE_string("scale_stop", "auto",
+                    "auto | none | val. val: when val accuracy drops more than --scale_stop_tolerance "
+                    "below the best epoch's, roll the scales back to that epoch and halve their "
+                    "step. auto: val for the ratio rules, none for fixed and lsq")
 flags.DEFINE_float("scale_stop_tolerance", 0.002, "val accuracy drop that triggers a brake")
 flags.DEFINE_string("optimizer", None, "weights' optimizer: adam | sgd (default: per dataset)")
 flags.DEFINE_float("lr", None, "weights' learning rate (default: per dataset)")
 flags.DEFINE_float("weight_decay", None, "weight decay (default: per dataset)")
 flags.DEFINE_string("scale_optimizer", "sgd", "scales' optimizer on log s: sgd | adam")
-flags.DEFINE_float("scale_lr", 0.01, "scales' learning rate")
+flags.DEFINE_float("scale_lr", 0.02, "scales' learning rate (peak of the cosine schedule)")
 flags.DEFINE_float("inverse_scale", 0.0, "coefficient of the inverse-scale penalty")
 flags.DEFINE_float("bin_count", 0.0, "coefficient of the bin-count penalty")
 flags.DEFINE_float("deviation", 0.0, "coefficient of the deviation penalty")
@@ -73,7 +74,7 @@ def config_from_flags(dataset: str, d: Defaults):
       quantize_bias=FLAGS.quantize_bias, rounding=FLAGS.rounding, bits=FLAGS.bits,
       init_bits=FLAGS.init_bits, lsq_weight=FLAGS.lsq_weight,
       relax_threshold=FLAGS.relax_threshold, scale_schedule=FLAGS.scale_schedule,
-      scale_stop=None if FLAGS.scale_stop == "none" else FLAGS.scale_stop,
+      scale_stop=_scale_stop(FLAGS.scale_stop, FLAGS.rule),
       scale_stop_tolerance=FLAGS.scale_stop_tolerance,
       optimizer=FLAGS.optimizer or d.optimizer,
       lr=d.lr if FLAGS.lr is None else FLAGS.lr,
@@ -82,6 +83,12 @@ def config_from_flags(dataset: str, d: Defaults):
       inverse_scale=FLAGS.inverse_scale, bin_count=FLAGS.bin_count, deviation=FLAGS.deviation,
       target_bits=FLAGS.target_bits, epochs=FLAGS.epochs or d.epochs,
       batch_size=FLAGS.batch_size or d.batch_size, seed=FLAGS.seed, limit=FLAGS.limit)
+
+
+def _scale_stop(flag: str, rule: str):
+  if flag == "auto":
+    return "val" if rule.startswith("ratio") else None
+  return None if flag == "none" else flag
 
 
 def _fail(msg: str, code: int = 2):
