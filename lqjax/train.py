@@ -265,6 +265,37 @@ def make_ratio_stats_fn(cfg: TrainConfig, model, ds_stats):
   return fn
 
 
+def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_rng,
+                      batch_sharding=None):
+  """Returns ``run_chunk(state, perm, images, labels, n) -> (state, stacked metrics)``.
+
+  Each step is one jitted call (state donated) that gathers its batch from the
+  device-resident dataset with the epoch's permutation: no host transfer per
+  step. (A ``lax.scan`` over steps was measured 5x slower for convolutions on
+  XLA:CPU, so steps are dispatched one by one; metrics stay on the device until
+  the chunk ends.)
+  """
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step_at(state, perm, images, labels):
+    i = state.step % steps_per_epoch
+    idx = jax.lax.dynamic_slice(perm, (i * cfg.batch_size,), (cfg.batch_size,))
+    x, y = images[idx], labels[idx]
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    return train_step(state, (x, y), jax.random.fold_in(step_rng, state.step))
+
+  def run_chunk(state, perm, images, labels, n_steps):
+    ms = []
+    for _ in range(n_steps):
+      state, m = step_at(state, perm, images, labels)
+      ms.append(m)
+    return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ms)
+
+  return run_chunk
+
+
 def make_eval_fn(cfg: TrainConfig, model, ds_stats, sharding, batch_size: int = 500):
   """Returns jitted ``evaluate(params, batch_stats, images, labels) -> (acc, loss)``."""
 
@@ -453,15 +484,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   data_rng = jax.random.key(cfg.seed + 1)
   step_rng = jax.random.key(cfg.seed + 2)
 
-  @functools.partial(jax.jit, static_argnums=(4,), donate_argnums=(0,))
-  def run_chunk(state, perm, images, labels, n_steps):
-    def body(state, _):
-      i = state.step % steps_per_epoch
-      idx = jax.lax.dynamic_slice(perm, (i * cfg.batch_size,), (cfg.batch_size,))
-      batch = (jax.lax.with_sharding_constraint(images[idx], batch_sharding),
-               jax.lax.with_sharding_constraint(labels[idx], batch_sharding))
-      return train_step(state, batch, jax.random.fold_in(step_rng, state.step))
-    return jax.lax.scan(body, state, None, length=n_steps)
+  run_chunk = make_chunk_runner(cfg, train_step, steps_per_epoch, step_rng, batch_sharding)
 
   perm_fn = jax.jit(lambda e: data.epoch_permutation(data_rng, e, n_train))
 

@@ -6,8 +6,8 @@
 For each model at its default batch size it measures, after compilation, the
 median over timed windows (``block_until_ready`` at each window's end) of the
 train-step time for: float, and every rule (fixed, lsq, ratio) at two
-granularities (tensor and channel/row). Steps run as in training: K steps per
-jitted ``lax.scan`` with the batch gathered on the device from the resident
+granularities (tensor and channel/row). Steps run as in training (lqjax.train.make_chunk_runner):
+one jitted call per step, the batch gathered on the device from the resident
 dataset. It also times the same step on a constant batch (the data pipeline's
 cost) and the evaluation of a reloaded packed model against the float model.
 
@@ -59,20 +59,21 @@ def bench_config(cfg: train.TrainConfig, images, labels, steps: int, windows: in
   n, bs = images.shape[0], cfg.batch_size
   rng = jax.random.key(0)
 
-  @jax.jit
-  def real(state, perm):
-    def body(s, i):
-      idx = jax.lax.dynamic_slice(perm, ((i % (n // bs)) * bs,), (bs,))
-      return step_fn(s, (images[idx], labels[idx]), jax.random.fold_in(rng, i))
-    return jax.lax.scan(body, state, jnp.arange(steps))[0]
-
+  run_chunk = train.make_chunk_runner(cfg, step_fn, n // bs, rng)
+  const_step = jax.jit(step_fn, donate_argnums=(0,))
   const_batch = (images[:bs], labels[:bs])
+  holder = {}
 
-  @jax.jit
+  def real(state, perm):
+    holder["s"], _ = run_chunk(holder.get("s", state), perm, images, labels, steps)
+    return holder["s"]
+
   def const(state):
-    def body(s, i):
-      return step_fn(s, const_batch, jax.random.fold_in(rng, i))
-    return jax.lax.scan(body, state, jnp.arange(steps))[0]
+    s = holder.get("s", state)
+    for i in range(steps):
+      s, _ = const_step(s, const_batch, jax.random.fold_in(rng, i))
+    holder["s"] = s
+    return s
 
   perm = jax.random.permutation(rng, n)
   sync = lambda s: jax.block_until_ready(s.params)
@@ -83,7 +84,7 @@ def bench_config(cfg: train.TrainConfig, images, labels, steps: int, windows: in
   t_real = _timeit(lambda: real(state, perm), windows, sync) / steps
   t_const = _timeit(lambda: const(state), windows, sync) / steps
   return {"step_s": t_real, "const_batch_step_s": t_const, "compile_s": compile_s,
-          "images_per_s": bs / t_real, "model": model, "state": state}
+          "images_per_s": bs / t_real, "model": model, "state": holder["s"]}
 
 
 def bench_eval(cfg, model, state, images, windows):
