@@ -152,6 +152,29 @@ def run(models, steps, windows):
   return rows
 
 
+def cifar_epoch_seconds() -> float:
+  """Wall time of one CIFAR-10 ResNet-20 epoch (50000 images, batch 128, quantized, ratio
+  rule, channel scales) on random data of CIFAR's shape, after compilation."""
+  n, bs = 50000, 128
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
+  cfg = train.TrainConfig(dataset="cifar10", model="resnet20", batch_size=bs, optimizer="sgd",
+                          rule="ratio", granularity="channel", rounding="round")
+  model = train.build_model(cfg, 10)
+  tx = train.make_optimizer(cfg, n // bs)
+  step_fn = train.make_train_step(cfg, model, tx, ((0.5,) * 3, (0.25,) * 3))
+  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  run_chunk = train.make_chunk_runner(cfg, step_fn, n // bs, jax.random.key(0))
+  perm = jax.random.permutation(jax.random.key(1), n)
+  state, _ = run_chunk(state, perm, images, labels, 2)
+  jax.block_until_ready(state.params)
+  t0 = time.perf_counter()
+  state, _ = run_chunk(state, perm, images, labels, n // bs - 2)
+  jax.block_until_ready(state.params)
+  return (time.perf_counter() - t0) * (n // bs) / (n // bs - 2)
+
+
 def readme_section(doc) -> str:
   lines = [f"Measured by `python scripts/bench.py --readme README.md` on {doc['machine']} "
            f"({doc['date']}, jax {doc['jax']}, {doc['backend']}). Step time of quantized "
@@ -164,6 +187,9 @@ def readme_section(doc) -> str:
   lines += ["", f"Worst quantized/float ratio: {worst:.3f}. Real-data step / constant-batch step: "
             f"{min(r['data_pipeline_ratio'] for r in doc['rows']):.3f} to "
             f"{max(r['data_pipeline_ratio'] for r in doc['rows']):.3f}."]
+  if "cifar10_resnet20_epoch_s" in doc:
+    lines.append(f"One CIFAR-10 ResNet-20 epoch (quantized, ratio rule): "
+                 f"{doc['cifar10_resnet20_epoch_s']:.1f} s.")
   ev = [r for r in doc["rows"] if "eval_ratio" in r]
   if ev:
     lines.append("Evaluation of the reloaded packed model / float model: " + ", ".join(
@@ -177,6 +203,8 @@ def main(argv=None):
   ap.add_argument("--windows", type=int, default=5)
   ap.add_argument("--out", default="docs/bench.json")
   ap.add_argument("--readme", default=None)
+  ap.add_argument("--cifar_epoch", action="store_true",
+                  help="also time one CIFAR-10 ResNet-20 epoch (slow on a CPU)")
   args = ap.parse_args(argv)
   models = args.models.split(",")
   bad = [m for m in models if m not in BATCH]
@@ -189,6 +217,9 @@ def main(argv=None):
          "backend": jax.default_backend(), "devices": len(jax.devices()),
          "date": datetime.date.today().isoformat(), "jax": jax.__version__,
          "peak_rss_mb": peak_memory_mb(), "rows": rows}
+  if args.cifar_epoch:
+    doc["cifar10_resnet20_epoch_s"] = cifar_epoch_seconds()
+    print(f"CIFAR-10 ResNet-20 epoch: {doc['cifar10_resnet20_epoch_s']:.1f} s")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   train.write_json_atomic(out, doc)
