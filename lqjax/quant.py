@@ -26,8 +26,9 @@ Backward (METHOD.md section 2):
     summed over the group against dL/dQ and times 1/sqrt(N * Qp), N the
     group's element count. The clip test uses the unclipped code, as PyTorch's
     ``_fake_quantize_learnable_per_tensor_affine`` does, so with
-    ``rounding="round"`` the two agree. With free bits Qp is the group's
-    largest |code| (at least 1).
+    ``rounding="round"`` the two agree. With free bits Qp is
+    :data:`FREE_BITS_QP` = 127, the 8-bit range every free-bit scale starts
+    from (a per-group max |code| was measured to cost a second reduction pass).
   - ``ratio`` (the thesis's rule): per group G,
     ``r_G = ||dL/dP||_G / (||P||_G + eps)``; ``g_G = tanh(lambda - r_G)`` where
     ``r_G < lambda`` and 0 elsewhere. **Magnitude m (open point): the step on
@@ -58,6 +59,8 @@ LOG_SCALE_MAX = 40.0
 # Relative tolerance (in units of |code|) within which floor snaps to a grid point.
 _SNAP = 4 * float(jnp.finfo(jnp.float32).eps)
 _RATIO_EPS = 1e-12
+# Qp of the LSQ gradient scale when the bit width is free (8-bit reference range).
+FREE_BITS_QP = 127.0
 
 
 def scale_from_log(log_scale: jax.Array) -> jax.Array:
@@ -154,9 +157,11 @@ def _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits):
 
 
 def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits):
-  q_raw = _unclipped_codes(x, scale, rounding)
-  q = q_raw if bits is None else jnp.clip(q_raw, *code_range(bits))
-  return scale * q, (x, scale, q_raw, threshold, lsq_weight)
+  # Residuals hold no new array of the parameter's size: the codes are
+  # recomputed in the backward pass where a rule needs them (fused there by XLA),
+  # which measured faster than storing and re-reading them.
+  return _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits), \
+      (x, scale, threshold, lsq_weight)
 
 
 def _lsq_grad(g, x, scale, q_raw, bits):
@@ -165,16 +170,8 @@ def _lsq_grad(g, x, scale, q_raw, bits):
   v = x / scale
   dq_ds = jnp.where(q_raw < qn, qn, jnp.where(q_raw > qp, qp, q_raw - v))
   n = x.size // scale.size
-  if bits is None:
-    qmax = jnp.maximum(_reduce_max_abs(q_raw, scale.shape), 1.0)
-  else:
-    qmax = max(qp, 1.0)
+  qmax = FREE_BITS_QP if bits is None else max(qp, 1.0)
   return _reduce_to(g * dq_ds, scale.shape) / jnp.sqrt(n * qmax)
-
-
-def _reduce_max_abs(q, shape):
-  axes = tuple(i for i, (a, b) in enumerate(zip(q.shape, shape)) if b == 1 and a != 1)
-  return jnp.max(jnp.abs(q), axis=axes, keepdims=True) if axes else jnp.abs(q)
 
 
 def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf):
@@ -203,7 +200,9 @@ def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf):
 
 
 def _fake_quant_bwd(rule, rounding, bits, res, g):
-  x, scale, q_raw, threshold, lsq_weight = res
+  x, scale, threshold, lsq_weight = res
+  needs_codes = bits is not None or rule in ("lsq", "ratio_lsq")
+  q_raw = _unclipped_codes(x, scale, rounding) if needs_codes else None
   if bits is None:
     gx = g
   else:
