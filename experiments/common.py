@@ -30,6 +30,8 @@ flags.DEFINE_float("lsq_weight", 1.0, "weight of the LSQ term in rule ratio_lsq"
 flags.DEFINE_float("relax_threshold", None,
                    "lambda_hi of the ratio rules: groups with r above it get finer grids")
 flags.DEFINE_string("scale_schedule", "cosine", "scales' lr schedule: cosine | constant")
+flags.DEFINE_float("scale_decay_fraction", 0.8,
+                   "cosine scale schedule: fraction of the run after which the scales stop")
 flags.DEFINE_string("scale_stop", "auto",
                     "auto | none | val. val: when val accuracy drops more than --scale_stop_tolerance "
                     "below the best epoch's, roll the scales back to that epoch and halve their "
@@ -74,6 +76,7 @@ def config_from_flags(dataset: str, d: Defaults):
       quantize_bias=FLAGS.quantize_bias, rounding=FLAGS.rounding, bits=FLAGS.bits,
       init_bits=FLAGS.init_bits, lsq_weight=FLAGS.lsq_weight,
       relax_threshold=FLAGS.relax_threshold, scale_schedule=FLAGS.scale_schedule,
+      scale_decay_fraction=FLAGS.scale_decay_fraction,
       scale_stop=_scale_stop(FLAGS.scale_stop, FLAGS.rule),
       scale_stop_tolerance=FLAGS.scale_stop_tolerance,
       optimizer=FLAGS.optimizer or d.optimizer,

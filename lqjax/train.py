@@ -74,6 +74,8 @@ class TrainConfig:
   scale_lr: float = 0.01
   # constant | cosine (anneals the scales' lr to 0 over the run).
   scale_schedule: str = "constant"
+  # With the cosine schedule: the fraction of the run after which scales stop moving.
+  scale_decay_fraction: float = 0.8
   # Validation brake of the stable ratio variant (see _scale_stop): when val
   # accuracy falls more than `scale_stop_tolerance` below the best epoch's, the
   # scales roll back to that epoch's and their step halves. None: off.
@@ -106,6 +108,8 @@ class TrainConfig:
       v = getattr(self, name)
       if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if not 0 < self.scale_decay_fraction <= 1:
+      raise ValueError(f"scale_decay_fraction must be in (0, 1], got {self.scale_decay_fraction}")
     if self.scale_stop not in (None, "val"):
       raise ValueError(f"unknown scale_stop {self.scale_stop!r}; expected val or none")
     if self.scale_schedule not in ("constant", "cosine"):
@@ -188,8 +192,10 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   else:
     weight_tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                             optax.sgd(sched, momentum=0.9, nesterov=True))
+  # cosine: decays to 0 at `scale_decay_fraction` of the run and stays there, so
+  # the weights fine-tune on a settled grid for the rest.
   scale_sched = cfg.scale_lr if cfg.scale_schedule == "constant" else \
-      optax.cosine_decay_schedule(cfg.scale_lr, max(total, 1))
+      optax.cosine_decay_schedule(cfg.scale_lr, max(int(cfg.scale_decay_fraction * total), 1))
   scale_tx = optax.sgd(scale_sched) if cfg.scale_optimizer == "sgd" else optax.adam(scale_sched)
   return optax.multi_transform({"weight": weight_tx, "scale": scale_tx}, param_labels)
 
