@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -58,6 +59,38 @@ def test_bad_flags_fail_fast(tiny_data, flag, needle):
   err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
   assert len(err) == 1 and needle in err[0], r.stderr[-1000:]
   assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(scale_decay_fraction=0.0), "scale_decay_fraction"), (dict(scale_stop="loss"), "scale_stop"),
+    (dict(scale_schedule="step"), "scale_schedule"), (dict(relax_threshold=0.01), "relax_threshold"),
+    (dict(epochs=0), "epochs"), (dict(deviation=-1.0), "deviation")])
+def test_config_validation(kw, needle):
+  with pytest.raises(ValueError, match=needle):
+    train.TrainConfig(**kw)
+
+
+def test_validation_brake_rolls_back_and_halves():
+  cfg = train.TrainConfig(scale_stop="val")
+  params = {"fc": {"kernel": jnp.ones((2, 2)), "kernel_quant": {"log_scale": jnp.zeros((1, 2))}}}
+  best = {"fc": {"kernel": jnp.ones((2, 2)), "kernel_quant": {"log_scale": jnp.full((1, 2), -1.0)}}}
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, {}, None, jnp.ones(()), best)
+  meta = {"best_val": 0.98, "best_epoch": 3, "brakes": 0, "frozen_at": None}
+  # Within tolerance: nothing happens.
+  s2, m2, ev = train._scale_stop(cfg, state, meta, 0.979, 4)
+  assert ev is None and float(s2.scale_mult) == 1.0
+  # A drop: scales roll back to the best epoch's, weights stay, the step halves.
+  s3, m3, ev = train._scale_stop(cfg, state, meta, 0.97, 4)
+  assert "rolled back to epoch 3" in ev and float(s3.scale_mult) == 0.5
+  np.testing.assert_array_equal(s3.params["fc"]["kernel_quant"]["log_scale"], -1.0)
+  np.testing.assert_array_equal(s3.params["fc"]["kernel"], 1.0)
+  # An improvement becomes the new best.
+  s4, m4, ev = train._scale_stop(cfg, state, meta, 0.99, 4)
+  assert ev is None and m4["best_epoch"] == 4 and m4["best_val"] == 0.99
+  # After MAX_BRAKES the scales freeze.
+  m5 = dict(meta, brakes=train.MAX_BRAKES - 1)
+  s5, m5, _ = train._scale_stop(cfg, state, m5, 0.9, 5)
+  assert float(s5.scale_mult) == 0.0 and m5["frozen_at"] == 5
 
 
 def test_missing_dataset_fails_with_one_line(tmp_path):
