@@ -265,11 +265,13 @@ def predict(model, variables, header, images: np.ndarray, batch_size: int = 500)
   """Logits of a reloaded model on uint8 NHWC images."""
   from lqjax import data
 
+  # The variables are an argument, not a closed-over constant: XLA would
+  # otherwise constant-fold the weights into a differently-rounded program.
   @jax.jit
-  def fn(x):
-    return model.apply(variables, data.normalize(x, header["mean"], header["std"]), train=False)
+  def fn(v, x):
+    return model.apply(v, data.normalize(x, header["mean"], header["std"]), train=False)
 
-  return np.concatenate([np.asarray(fn(images[i:i + batch_size]))
+  return np.concatenate([np.asarray(fn(variables, images[i:i + batch_size]))
                          for i in range(0, images.shape[0], batch_size)])
 
 
