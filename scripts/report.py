@@ -82,7 +82,7 @@ def sweep_section(name, rows, runs_dir, plots_dir):
       out.append(f"- {var}: `{rs[0]['command']}`")
   png = pareto_plot(name, by_var, plots_dir)
   if png:
-    out += ["", f"![{name}]({png.relative_to(ROOT / 'docs').as_posix()})"]
+    out += ["", f"![{name}]({png.relative_to(plots_dir.parent).as_posix()})"]
   return out + [""]
 
 
@@ -158,7 +158,7 @@ def main(argv=None):
   for f in files:
     rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     if rows:
-      lines += sweep_section(f.parent.name, rows, runs_dir, ROOT / "docs" / "plots")
+      lines += sweep_section(f.parent.name, rows, runs_dir, pathlib.Path(args.out).parent / "plots")
   pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
   print(f"wrote {args.out}")
   if args.readme:
