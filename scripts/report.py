@@ -95,12 +95,17 @@ def pareto_plot(name, by_var, plots_dir):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  for var in by_var:
+  for var, rs in by_var.items():
     xs = [p[1] for p in pts if p[0] == var]
     ys = [p[2] for p in pts if p[0] == var]
     if xs:
-      ax.scatter(xs, ys, label=var, s=18)
-  ax.set(xscale="log", xlabel="compression ratio (fp32 bytes / packed file bytes)",
+      dots = ax.scatter(xs, ys, label=f"{var} (packed)", s=18)
+      ez = [(r["entropy_coded_ratio"], r["test_accuracy"]) for r in rs
+            if r.get("entropy_coded_ratio")]
+      if ez:
+        ax.scatter([e[0] for e in ez], [e[1] for e in ez], marker="x", s=18,
+                   color=dots.get_facecolor()[0], label=f"{var} (entropy-coded)")
+  ax.set(xscale="log", xlabel="compression ratio (fp32 bytes / file bytes)",
          ylabel="test accuracy", title=name)
   ax.legend(fontsize=6)
   fig.tight_layout()
