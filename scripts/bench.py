@@ -211,7 +211,7 @@ def main(argv=None):
   if bad:
     print(f"error: unknown model(s) {', '.join(bad)}; expected {', '.join(BATCH)}", file=sys.stderr)
     return 2
-  steps = {"lenet300": 50, "lenet5": 10, "resnet20": 5}
+  steps = {"lenet300": 50, "lenet5": 10, "resnet20": 3}
   rows = run(models, steps, args.windows)
   doc = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
          "backend": jax.default_backend(), "devices": len(jax.devices()),
