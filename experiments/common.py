@@ -7,7 +7,6 @@ Library code never reads FLAGS: this module builds one frozen
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import sys
 

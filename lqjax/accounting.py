@@ -26,19 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lqjax import layers, quant
+from lqjax import layers, quant, types
 
 # Per scale group: float32 scale + int32 offset + uint8 bit width.
 GROUP_OVERHEAD_BYTES = 4 + 4 + 1
 
 
-def _shared_axes(shape, sshape):
-  return tuple(i for i, (a, b) in enumerate(zip(shape, sshape)) if b == 1 and a != 1)
-
-
 def group_bits(codes: jax.Array, sshape) -> jax.Array:
   """ceil(log2(max q_G - min q_G + 1)) per group, of the scale's shape (jittable)."""
-  axes = _shared_axes(codes.shape, sshape)
+  axes = types.shared_axes(codes.shape, sshape)
   hi = jnp.max(codes, axis=axes, keepdims=True) if axes else codes
   lo = jnp.min(codes, axis=axes, keepdims=True) if axes else codes
   span = (hi - lo).astype(jnp.float32) + 1.0
@@ -116,11 +112,8 @@ def tensor_codes(p, log_scale, rounding="floor", bits=None):
 
 def group_view(codes: np.ndarray, sshape) -> np.ndarray:
   """Codes as (groups, elements per group), groups in the scale's C order."""
-  shape = codes.shape
-  keep = [i for i in range(len(shape)) if not (sshape[i] == 1 and shape[i] != 1)]
-  red = [i for i in range(len(shape)) if i not in keep]
-  g = int(np.prod([shape[i] for i in keep])) if keep else 1
-  return np.transpose(codes, keep + red).reshape(g, -1)
+  g = int(np.prod(sshape)) if len(sshape) else 1
+  return np.transpose(codes, types.group_permutation(codes.shape, sshape)).reshape(g, -1)
 
 
 def model_report(params: Mapping[str, Any], *, rounding: str = "floor",

@@ -33,12 +33,9 @@ is identical to the trained one.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import pathlib
 import struct
-import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -46,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lqjax import accounting, layers
+from lqjax import accounting, fileio, layers, types
 
 MAGIC = b"LQZ\0"
 VERSION = 1
@@ -102,9 +99,7 @@ def _group_fields(codes, sshape):
 
 
 def _ungroup(gv, shape, sshape):
-  keep = [i for i in range(len(shape)) if not (sshape[i] == 1 and shape[i] != 1)]
-  red = [i for i in range(len(shape)) if i not in keep]
-  perm = keep + red
+  perm = types.group_permutation(shape, sshape)
   arr = gv.reshape([shape[i] for i in perm])
   return np.transpose(arr, np.argsort(perm))
 
@@ -161,14 +156,7 @@ def to_bytes(meta: Mapping[str, Any], params, batch_stats=None, *, rounding="flo
   return body + hashlib.sha256(body).digest()
 
 
-def write_atomic(path, blob: bytes) -> int:
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".tmp")
-  with os.fdopen(fd, "wb") as f:
-    f.write(blob)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
-  return len(blob)
+write_atomic = fileio.write_bytes_atomic
 
 
 # ------------------------------------------------------------ reading

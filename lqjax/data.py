@@ -24,9 +24,9 @@ same held-out examples; the test split is only for final reports.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pathlib
-import tempfile
 from typing import Optional
 
 import jax
@@ -82,17 +82,10 @@ def resolve_data_dir(data_dir: Optional[str]) -> Optional[pathlib.Path]:
 
 def save_npz_atomic(path: pathlib.Path, **arrays) -> None:
   """np.savez_compressed through a temporary file and an atomic rename."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez_compressed(f, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  from lqjax import fileio
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def _read_npz_dir(d: pathlib.Path):

@@ -78,7 +78,7 @@ def code_range(bits: Optional[int]) -> tuple[float, float]:
 
 def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Sums `x` over the axes along which `shape` (same ndim) broadcasts."""
-  axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+  axes = types.shared_axes(x.shape, shape)
   out = jnp.sum(x, axis=axes, keepdims=True) if axes else x
   assert out.shape == tuple(shape), (out.shape, shape)
   return out

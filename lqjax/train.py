@@ -17,10 +17,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import signal
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -33,7 +31,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lqjax import accounting, data, losses, models, types
+from lqjax import accounting, data, fileio, losses, models, types
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -343,22 +341,7 @@ def predict_logits(cfg, model, ds_stats, params, batch_stats, images, batch_size
 # ---------------------------------------------------------------- the loop
 
 
-def write_json_atomic(path: pathlib.Path, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
-
-
-def _write_jsonl_atomic(path: pathlib.Path, rows) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r, sort_keys=True) + "\n")
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
+write_json_atomic = fileio.write_json_atomic
 
 
 def _read_jsonl(path: pathlib.Path):
@@ -535,10 +518,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
         meta["loss_sum"] += float(loss.sum())
         meta["acc_sum"] += float(np.asarray(m["accuracy"]).sum())
         meta["steps_in_epoch"] += n
-        bits = float(bits_fn(state.params)[0]) if not cfg.float_model else 32.0
         bar.update(n)
-        bar.set_postfix(loss=f"{loss.mean():.3f}", acc=f"{np.asarray(m['accuracy']).mean():.3f}",
-                        bits=f"{bits:.2f}")
+        if progress:  # the bits cost a pass over every weight and a host sync
+          bits = float(bits_fn(state.params)[0]) if not cfg.float_model else 32.0
+          bar.set_postfix(loss=f"{loss.mean():.3f}",
+                          acc=f"{np.asarray(m['accuracy']).mean():.3f}", bits=f"{bits:.2f}")
         if sig.hit and int(state.step) < (epoch + 1) * steps_per_epoch:
           meta["train_seconds"] = time.time() - t_start
           save(state, meta)
@@ -560,7 +544,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
              "seconds": time.time() - t_start,
              **({"scale_stop": event} if event else {})}
       rows.append(row)
-      _write_jsonl_atomic(workdir / "metrics.jsonl", rows)
+      fileio.write_jsonl_atomic(workdir / "metrics.jsonl", rows)
       meta = {**meta, "loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0,
               "train_seconds": time.time() - t_start}
       save(state, meta)

@@ -103,6 +103,22 @@ def reduced_axes(shape: Sequence[int], granularity: Granularity) -> Tuple[int, .
   return tuple(i for i in range(len(shape)) if i not in keep)
 
 
+def shared_axes(shape: Sequence[int], sshape: Sequence[int]) -> Tuple[int, ...]:
+  """Axes along which a scale of shape `sshape` broadcasts against `shape` (same ndim).
+
+  The inverse view of :func:`reduced_axes`, read off an existing scale's shape
+  (a size-1 parameter axis counts as kept: sharing it changes nothing).
+  """
+  return tuple(i for i, (a, b) in enumerate(zip(shape, sshape)) if b == 1 and a != 1)
+
+
+def group_permutation(shape: Sequence[int], sshape: Sequence[int]) -> Tuple[int, ...]:
+  """Axis order that puts the kept axes first and the shared ones last, so that
+  ``transpose(x, perm).reshape(groups, -1)`` lists one scale group per row."""
+  shared = shared_axes(shape, sshape)
+  return tuple(i for i in range(len(shape)) if i not in shared) + shared
+
+
 def group_size(shape: Sequence[int], granularity: Granularity) -> int:
   """Number of elements that share one scale."""
   return math.prod(shape[i] for i in reduced_axes(shape, granularity))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import pathlib
 import shlex
 import subprocess
@@ -65,9 +64,8 @@ def collect(out_dir: pathlib.Path):
     r["run"] = res.parent.name
     r["command"] = cmd.read_text().strip() if cmd.exists() else None
     rows.append(r)
-  tmp = out_dir / "results.jsonl.tmp"
-  tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-  os.replace(tmp, out_dir / "results.jsonl")
+  from lqjax import fileio
+  fileio.write_jsonl_atomic(out_dir / "results.jsonl", rows)
   return rows
 
 

@@ -28,8 +28,14 @@ def main(argv=None):
 
   from lqjax import accounting, compress, data, train
   run = pathlib.Path(args.run_dir)
-  cfg, model, state, stats, _ = train.restore(run)
-  x, y = data.load_arrays(cfg.dataset, args.data_dir)["test"]
+  try:
+    cfg, model, state, stats, _ = train.restore(run)
+    x, y = data.load_arrays(cfg.dataset, args.data_dir)["test"]
+    if not (run / "model.lqz").is_file():
+      raise FileNotFoundError(f"{run / 'model.lqz'} not found: export the run first (--export)")
+  except (FileNotFoundError, ValueError, data.DatasetNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   params, bs = jax.device_get(state.params), jax.device_get(state.batch_stats)
   ref = train.predict_logits(cfg, model, stats, params, bs, x)
   out = {"trained_test_accuracy": float(np.mean(ref.argmax(-1) == y))}

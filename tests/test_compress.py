@@ -4,7 +4,6 @@ import pathlib
 import subprocess
 import sys
 
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np

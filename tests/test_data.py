@@ -1,7 +1,6 @@
 """Dataset loading, importers, on-device augmentation."""
 
 import gzip
-import os
 import pathlib
 import struct
 

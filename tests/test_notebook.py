@@ -1,6 +1,5 @@
 """The Colab notebook executes on CPU with tiny settings, so it cannot rot."""
 
-import os
 import pathlib
 
 import pytest

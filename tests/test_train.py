@@ -1,7 +1,6 @@
 """The training loop: smoke runs, bad input, resume, data parallelism, NaN guard,
 and the end-to-end run on real MNIST."""
 
-import dataclasses
 import json
 import os
 import pathlib

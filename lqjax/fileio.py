@@ -1,0 +1,36 @@
+"""Atomic file writes: a temporary file in the same folder, then a rename.
+
+A reader (or a killed run) sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+
+
+def write_bytes_atomic(path, blob: bytes) -> int:
+  """Writes `blob` to `path` atomically (mode 0644); returns its length."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(blob)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return len(blob)
+
+
+def write_json_atomic(path, obj) -> None:
+  write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_jsonl_atomic(path, rows) -> None:
+  write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
