@@ -34,3 +34,8 @@ def write_json_atomic(path, obj) -> None:
 
 def write_jsonl_atomic(path, rows) -> None:
   write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+def read_json(path):
+  """The JSON object in `path`."""
+  return json.loads(pathlib.Path(path).read_text())

@@ -157,6 +157,10 @@ class TrainConfig:
 
 MAX_BRAKES = 4
 
+# One example's (H, W, C) per dataset: the shapes models are initialised with.
+INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+                "imagenette": (data.IMAGENETTE_SIZE, data.IMAGENETTE_SIZE, 3)}
+
 
 class TrainState(struct.PyTreeNode):
   step: jax.Array
@@ -557,15 +561,27 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   mngr.close()
   train_seconds = meta["train_seconds"] if start_step >= total_steps else time.time() - t_start
 
-  val_acc, _ = evaluate(state.params, state.batch_stats, ds.val)
-  test_acc, test_loss = evaluate(state.params, state.batch_stats, ds.test)
-  report = accounting.model_report(jax.device_get(state.params), rounding=cfg.rounding,
-                                   bits=cfg.bits, extra_float=jax.device_get(state.batch_stats))
+  results = final_results(cfg, state.params, state.batch_stats, evaluate, ds, workdir,
+                          train_seconds=train_seconds, devices=devices,
+                          scales_frozen_at_epoch=meta.get("frozen_at"))
+  if after_train is not None:
+    results.update(after_train(cfg, model, state, ds, results))
+  write_json_atomic(workdir / "results.json", results)
+  return results
+
+
+def final_results(cfg: TrainConfig, params, batch_stats, evaluate, ds, workdir, *,
+                  train_seconds: float, devices, **extra) -> dict:
+  """The results.json entries of a trained model: accuracies, bits and sizes, config."""
+  val_acc, _ = evaluate(params, batch_stats, ds.val)
+  test_acc, test_loss = evaluate(params, batch_stats, ds.test)
+  report = accounting.model_report(jax.device_get(params), rounding=cfg.rounding,
+                                   bits=cfg.bits, extra_float=jax.device_get(batch_stats))
   summ = accounting.summarize(report)
-  results = {
+  penalty = cfg.inverse_scale or cfg.bin_count or cfg.deviation
+  return {
       "dataset": cfg.dataset, "model": cfg.model,
-      "scheme": "float" if cfg.float_model else ("penalty" if (cfg.inverse_scale or cfg.bin_count
-                                                               or cfg.deviation) else "scale-rule"),
+      "scheme": "float" if cfg.float_model else ("penalty" if penalty else "scale-rule"),
       "rule": None if cfg.float_model else cfg.rule, "threshold": cfg.threshold,
       "granularity": list(cfg.granularity) if isinstance(cfg.granularity, tuple) else cfg.granularity,
       "seed": cfg.seed, "epochs": cfg.epochs, "val_accuracy": val_acc, "test_accuracy": test_acc,
@@ -573,14 +589,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
       "quantized_bits_per_layer": summ["quantized_bits_per_layer"] if not cfg.float_model else {},
       "avg_bits": summ["avg_bits"] if not cfg.float_model else 32.0,
       "packed_bytes_accounted": summ["packed_bytes_accounted"],
-      "train_seconds": train_seconds, "devices": len(devices),
-      "scales_frozen_at_epoch": meta.get("frozen_at"),
+      "train_seconds": train_seconds, "devices": len(devices), **extra,
       "platform": devices[0].platform, "workdir": str(workdir), "config": cfg.to_json(),
   }
-  if after_train is not None:
-    results.update(after_train(cfg, model, state, ds, results))
-  write_json_atomic(workdir / "results.json", results)
-  return results
 
 
 def restore(workdir):
@@ -597,10 +608,9 @@ def restore(workdir):
   cfg = TrainConfig.from_json(json.loads((workdir / "config.json").read_text()))
   ds = json.loads((workdir / "data_stats.json").read_text())
   model = build_model(cfg, ds["num_classes"])
-  shape = {"mnist": (1, 28, 28, 1), "fashion_mnist": (1, 28, 28, 1), "cifar10": (1, 32, 32, 3),
-           "imagenette": (1, data.IMAGENETTE_SIZE, data.IMAGENETTE_SIZE, 3)}[cfg.dataset]
   tx = make_optimizer(cfg, 1)
-  abstract = jax.eval_shape(lambda: init_state(cfg, model, tx, jnp.zeros(shape), None))
+  sample = jnp.zeros((1,) + INPUT_SHAPES[cfg.dataset])
+  abstract = jax.eval_shape(lambda: init_state(cfg, model, tx, sample, None))
   mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute())
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"{workdir} holds no checkpoint")

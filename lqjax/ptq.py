@@ -1,0 +1,148 @@
+"""Post-training min-max quantization of a trained float run (a baseline).
+
+  python -m lqjax.ptq --from_run=runs/baselines_mnist_lenet300/fp32_s0 --bits=4 \\
+      --workdir=runs/ptq/minmax_4bit_s0 [--granularity=row] [--export]
+
+Each kernel group (per output channel by default) gets the symmetric min-max
+scale ``s = max|P| / (2^(b-1) - 1)``, so its largest weight lands on the last
+code of a b-bit grid; weights are rounded to the nearest code. Biases and batch
+norm statistics stay float32 (counted at 32 bits). Nothing is trained: the
+result is the float model seen through a b-bit grid, written to the same packed
+file format (and checked on reload) as the trained schemes, with a results.json
+of the same fields (``scheme`` is ``"ptq"``).
+
+``--from_run`` may contain ``{seed}``, filled from ``--seed``, so a sweep config
+can pair each PTQ run with the float run of the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import types as pytypes
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import traverse_util
+
+from lqjax import layers, types
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("from_run", None, "workdir of a finished float (--float) run; may hold {seed}")
+flags.DEFINE_integer("bits", 8, "bits per kernel weight (>= 2)")
+flags.DEFINE_string("granularity", "row", "kernel scale granularity (row = per output channel)")
+flags.DEFINE_integer("seed", 0, "fills {seed} in --from_run")
+flags.DEFINE_string("workdir", None, "output run directory (its parent must exist)")
+flags.DEFINE_string("data_dir", None, "dataset folder (default: $LQJAX_DATA_DIR)")
+flags.DEFINE_bool("export", True, "write model.lqz / model.lqz.zst / model.onnx and check the reload")
+
+
+def minmax_log_scale(p: jax.Array, granularity: types.Granularity, bits: int) -> jax.Array:
+  """log of the symmetric min-max scale max|P_G| / (2^(b-1) - 1) for every group G.
+
+  An all-zero group gets scale 1 (its codes are all 0 whatever the scale).
+  """
+  qp = 2.0 ** (bits - 1) - 1
+  axes = types.reduced_axes(p.shape, granularity)
+  amax = jnp.max(jnp.abs(p), axis=axes, keepdims=True) if axes else jnp.abs(p)
+  amax = amax.reshape(types.scale_shape(p.shape, granularity))
+  return jnp.log(jnp.where(amax > 0, amax / qp, 1.0))
+
+
+def minmax_params(float_params, template, granularity: types.Granularity, bits: int):
+  """The params of a quantized model (tree `template`) from a float model's params.
+
+  Every weight is copied from `float_params`; every ``<name>_quant/log_scale``
+  is set from the sibling weight ``<name>`` by :func:`minmax_log_scale`.
+  """
+  src = traverse_util.flatten_dict(float_params)
+  out = {}
+  for key, leaf in traverse_util.flatten_dict(template).items():
+    if key[-1] == "log_scale":
+      owner = key[-2][:-len(layers.QUANT_SUFFIX)]
+      p = src[key[:-2] + (owner,)]
+      out[key] = minmax_log_scale(p, granularity, bits)
+    elif key in src:
+      if src[key].shape != leaf.shape:
+        raise ValueError(f"parameter {'/'.join(key)}: float shape {src[key].shape} does not "
+                         f"match the quantized model's {leaf.shape}")
+      out[key] = src[key]
+    else:
+      raise ValueError(f"the float run has no parameter {'/'.join(key)}")
+  return traverse_util.unflatten_dict(out)
+
+
+def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity = "row",
+                 data_dir=None, export: bool = True) -> dict:
+  """Min-max quantizes a finished float run; writes `workdir`/results.json (and the files)."""
+  from lqjax import compress, data, fileio, train
+  from_run, workdir = pathlib.Path(from_run), pathlib.Path(workdir)
+  if bits < 2:
+    raise ValueError(f"bits must be >= 2 for symmetric min-max quantization, got {bits}")
+  if not (from_run / "results.json").is_file():
+    raise FileNotFoundError(f"{from_run} holds no finished run (results.json is missing)")
+  source = fileio.read_json(from_run / "results.json")
+  if source.get("scheme") != "float":
+    raise ValueError(f"{from_run} is not a float run (its scheme is {source.get('scheme')!r})")
+  fcfg, _, fstate, stats, num_classes = train.restore(from_run)
+  cfg = dataclasses.replace(fcfg, float_model=False, rule="fixed", bits=bits,
+                            granularity=granularity, rounding="round", quantize_bias=False)
+  model = train.build_model(cfg, num_classes)
+  sample = jnp.zeros((1,) + train.INPUT_SHAPES[cfg.dataset], jnp.float32)
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))["params"]
+  params = minmax_params(jax.device_get(fstate.params), template, granularity, bits)
+  batch_stats = jax.device_get(fstate.batch_stats)
+
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  ds = data.load(cfg.dataset, data_dir, limit=cfg.limit,
+                 sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  evaluate = train.make_eval_fn(cfg, model, stats, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  workdir.mkdir(exist_ok=True)
+  fileio.write_json_atomic(workdir / "config.json", cfg.to_json())
+  results = train.final_results(cfg, params, batch_stats, evaluate, ds, workdir,
+                                train_seconds=source["train_seconds"], devices=devices,
+                                ptq_from=str(from_run),
+                                float_test_accuracy=source["test_accuracy"])
+  results["scheme"] = "ptq"
+  if export:
+    state = pytypes.SimpleNamespace(params=params, batch_stats=batch_stats)
+    results.update(compress.export_after_training(cfg, model, state, ds, results))
+  fileio.write_json_atomic(workdir / "results.json", results)
+  return results
+
+
+def main(argv):
+  from lqjax import data
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  if not FLAGS.from_run or not FLAGS.workdir:
+    _fail("--from_run and --workdir are required")
+  workdir = pathlib.Path(FLAGS.workdir)
+  if not workdir.parent.is_dir():
+    _fail(f"the parent of --workdir ({workdir.parent}) does not exist")
+  try:
+    gran = types.parse_granularity(FLAGS.granularity)
+    res = quantize_run(FLAGS.from_run.format(seed=FLAGS.seed), workdir, bits=FLAGS.bits,
+                       granularity=gran, data_dir=FLAGS.data_dir, export=FLAGS.export)
+  except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as e:
+    _fail(str(e))
+  line = (f"ptq {FLAGS.bits}-bit {res['model']}: test_accuracy {res['test_accuracy']:.4f} "
+          f"(float {res['float_test_accuracy']:.4f}) avg_bits {res['avg_bits']:.2f}")
+  if "packed_bytes" in res:
+    line += f" packed_bytes {res['packed_bytes']} (x{res['compression_ratio']:.1f})"
+  print(line)
+
+
+def _fail(msg: str):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
