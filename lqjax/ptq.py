@@ -137,6 +137,7 @@ def main(argv):
   if "packed_bytes" in res:
     line += f" packed_bytes {res['packed_bytes']} (x{res['compression_ratio']:.1f})"
   print(line)
+  print(f"results: {workdir / 'results.json'}")
 
 
 def _fail(msg: str):

@@ -423,7 +423,7 @@ def init_state(cfg, model, tx, sample, sharding):
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None,
-                       progress: bool = True, after_train=None) -> dict:
+                       progress: bool = True, after_train=None, model=None) -> dict:
   """Trains (or resumes) a run in `workdir` and returns its results.
 
   Args:
@@ -433,6 +433,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
     progress: show a tqdm progress bar.
     after_train: optional ``fn(cfg, model, state, dataset, results) -> dict`` whose
       entries are merged into results (used for export).
+    model: a flax module to train instead of the one `cfg` names, with the same
+      parameters (e.g. a peer library's wrapper of the float model).
   """
   import orbax.checkpoint as ocp
   from tqdm import tqdm
@@ -466,7 +468,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   stats = (ds.mean, ds.std)
   write_json_atomic(workdir / "data_stats.json",
                     {"mean": ds.mean, "std": ds.std, "num_classes": ds.num_classes})
-  model = build_model(cfg, ds.num_classes)
+  model = build_model(cfg, ds.num_classes) if model is None else model
   tx = make_optimizer(cfg, steps_per_epoch)
   state = init_state(cfg, model, tx, ds.train.image[:1].astype(jnp.float32), replicated)
   train_step = make_train_step(cfg, model, tx, stats)

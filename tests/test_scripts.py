@@ -50,3 +50,29 @@ def test_report_tables(tmp_path):
   # Convergence: last 20% of 4 epochs is one epoch: no change; final == best.
   assert "| v_s0 | 4 | 0.0% | 0.9000 | 0.9000 | +0.00 |" in text
   assert "`python -m x --seed=0`" in text
+
+
+def test_qwix_nominal_bytes_hand_value():
+  import numpy as np
+  qwix_ref = _load("qwix_reference")
+  params = {"fc": {"kernel": np.zeros((6, 4)), "bias": np.zeros(4)},
+            "conv": {"kernel": np.zeros((3, 3, 2, 5))}}
+  # fc: 24 weights * 4 bits = 12 B + 4 scales * 4 B; bias 16 B; conv: 90 * 4 bits = 45 B + 20 B.
+  assert qwix_ref.nominal_bytes(params, 4) == 12 + 16 + 16 + 45 + 20
+
+
+def test_qwix_reference_runs_on_tiny_data(tmp_path, tiny_data, cache):
+  import subprocess
+  import sys
+  env = {"LQJAX_DATA_DIR": str(tiny_data), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+  wd = tmp_path / "int8_s0"
+  r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=8", "--epochs=1",
+                      "--noprogress", f"--workdir={wd}"], capture_output=True, text=True,
+                     env=env, cwd=ROOT)
+  assert r.returncode == 0, r.stderr
+  res = json.loads((wd / "results.json").read_text())
+  assert res["scheme"] == "qwix" and res["rule"] == "qwix_int8" and res["avg_bits"] == 8
+  assert res["fp32_bytes"] / 4.2 < res["nominal_bytes"] < res["fp32_bytes"] / 3.5
+  r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=3",
+                      f"--workdir={tmp_path}/x"], capture_output=True, text=True, env=env, cwd=ROOT)
+  assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bits must be one of" in r.stderr

@@ -1,0 +1,103 @@
+"""google/qwix as an external reference point: weight-only QAT of the same model.
+
+  pip install qwix
+  python -m scripts.qwix_reference --dataset=mnist --bits=4 --epochs=10 --seed=0 \\
+      --workdir=runs/qwix/int4_s0
+
+The float model lqjax builds for the dataset (same architecture, data,
+validation split, optimizer, schedule, seed and training loop as
+``python -m experiments.<dataset> --float``) is wrapped by
+``qwix.quantize_model(model, qwix.QtProvider([QtRule(weight_qtype=int<b>)]))``:
+every Dense/Conv weight is fake-quantized in the forward pass to a symmetric
+b-bit grid with an absmax scale per output channel (qwix's default calibration),
+straight-through in the backward pass; activations stay float. Nothing about
+the scales is learned: that is the difference to lqjax.
+
+qwix writes no packed file, so the size reported is *accounted*, not measured:
+``nominal_bytes`` = b bits per kernel weight + one float32 scale per output
+channel + every other parameter at 32 bits. It is comparable to lqjax's
+``packed_bytes_accounted``; lqjax's headline figure is the written file.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "mnist", "mnist | fashion_mnist | cifar10 | imagenette")
+
+QTYPES = {8: "int8", 4: "int4", 2: "int2"}
+
+
+def nominal_bytes(params, bits: int) -> int:
+  """Bytes of a weight-only b-bit model: b-bit kernels, a float32 scale per output channel."""
+  import jax
+  total = 0.0
+  for leaf in jax.tree_util.tree_leaves(params):
+    if leaf.ndim >= 2:  # a Dense or Conv kernel: quantized, scale per last axis
+      total += leaf.size * bits / 8 + leaf.shape[-1] * 4
+    else:
+      total += leaf.size * 4
+  return int(np.ceil(total))
+
+
+def run(argv):
+  if len(argv) > 1:
+    common._fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  import importlib
+  import pathlib
+
+  import jax
+  import jax.numpy as jnp
+  from lqjax import data, fileio, train
+  try:
+    import qwix
+  except ImportError:
+    common._fail("qwix is not installed: pip install qwix")
+  if FLAGS.bits not in QTYPES:
+    common._fail(f"--bits must be one of {sorted(QTYPES)} for qwix, got {FLAGS.bits}")
+  if FLAGS.dataset not in train.INPUT_SHAPES:
+    common._fail(f"unknown --dataset {FLAGS.dataset!r}; expected one of {sorted(train.INPUT_SHAPES)}")
+  if not FLAGS.workdir:
+    common._fail("--workdir is required")
+  FLAGS.float = True
+  defaults = importlib.import_module(f"experiments.{FLAGS.dataset}").DEFAULTS
+  try:
+    cfg = common.config_from_flags(FLAGS.dataset, defaults)
+  except ValueError as e:
+    common._fail(str(e))
+  workdir = pathlib.Path(FLAGS.workdir)
+  if not workdir.parent.is_dir():
+    common._fail(f"the parent of --workdir ({workdir.parent}) does not exist")
+  qtype = getattr(jnp, QTYPES[FLAGS.bits])
+  model = qwix.quantize_model(train.build_model(cfg, 10),
+                              qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype=qtype)]))
+  try:
+    res = train.train_and_evaluate(cfg, workdir, FLAGS.data_dir, progress=FLAGS.progress,
+                                   model=model)
+  except data.DatasetNotFoundError as e:
+    common._fail(str(e))
+  except (train.TrainingError, ValueError, FileNotFoundError) as e:
+    common._fail(str(e), 1)
+  _, _, state, _, _ = train.restore(workdir)
+  nominal = nominal_bytes(jax.device_get(state.params), FLAGS.bits)
+  res.update({"scheme": "qwix", "rule": f"qwix_{QTYPES[FLAGS.bits]}", "avg_bits": FLAGS.bits,
+              "qwix_version": qwix.__version__, "nominal_bytes": nominal,
+              "compression_ratio_nominal": res["fp32_bytes"] / nominal})
+  fileio.write_json_atomic(workdir / "results.json", res)
+  print(f"{FLAGS.dataset} {cfg.model} qwix {QTYPES[FLAGS.bits]}: test_accuracy "
+        f"{res['test_accuracy']:.4f} val_accuracy {res['val_accuracy']:.4f} nominal_bytes "
+        f"{nominal} (x{res['compression_ratio_nominal']:.1f}) train_seconds "
+        f"{res['train_seconds']:.0f}")
+  print(f"results: {workdir / 'results.json'}")
+
+
+if __name__ == "__main__":
+  app.run(run)
+  sys.exit(0)
