@@ -36,6 +36,25 @@ def variant_of(run_name: str) -> str:
   return re.sub(r"_s\d+$", "", run_name)
 
 
+def size_ratio(r):
+  """fp32 bytes / packed file bytes; for a peer library that writes no file, its accounted ratio."""
+  return r.get("compression_ratio") or r.get("compression_ratio_nominal")
+
+
+def size_bytes(r):
+  return r.get("packed_bytes") or r.get("nominal_bytes")
+
+
+def load_rows(files):
+  """Every run of every sweep, each tagged with its sweep name."""
+  rows = []
+  for f in files:
+    for x in f.read_text().splitlines():
+      if x.strip():
+        rows.append({**json.loads(x), "sweep": f.parent.name})
+  return rows
+
+
 def convergence(run_dir: pathlib.Path):
   """(bits change over the last 20% of epochs in %, final val acc, best val acc, epochs)."""
   path = run_dir / "metrics.jsonl"
@@ -62,10 +81,13 @@ def sweep_section(name, rows, runs_dir, plots_dir):
     out.append(
         f"| {var} | {len(rs)} | {rs[0]['epochs']} | {_ms([r['test_accuracy'] for r in rs])} | "
         f"{_ms([r['avg_bits'] for r in rs], '{:.2f}')} | "
-        f"{_ms([r.get('packed_bytes') for r in rs], '{:.0f}')} | "
-        f"{_ms([r.get('compression_ratio') for r in rs], '{:.1f}')} | "
+        f"{_ms([size_bytes(r) for r in rs], '{:.0f}')}{_accounted(rs)} | "
+        f"{_ms([size_ratio(r) for r in rs], '{:.1f}')} | "
         f"{_ms([r.get('entropy_coded_ratio') for r in rs], '{:.1f}')} | "
         f"{_ms([r['train_seconds'] for r in rs], '{:.0f}')} |")
+  if any(r.get("nominal_bytes") for r in rows):
+    out += ["", "\\* accounted size (bits x weights + scales), not a written file: the peer "
+            "library writes none."]
   out += ["", "Convergence (per run; validation accuracy, since the test split is only "
           "evaluated at the end):", "",
           "| run | epochs | bits change, last 20% of epochs | final val acc | best val acc | "
@@ -85,9 +107,13 @@ def sweep_section(name, rows, runs_dir, plots_dir):
   return out + [""]
 
 
+def _accounted(rs):
+  return " \\*" if any(r.get("nominal_bytes") for r in rs) else ""
+
+
 def pareto_plot(name, by_var, plots_dir):
-  pts = [(var, r["compression_ratio"], r["test_accuracy"]) for var, rs in by_var.items()
-         for r in rs if r.get("compression_ratio")]
+  pts = [(var, size_ratio(r), r["test_accuracy"]) for var, rs in by_var.items()
+         for r in rs if size_ratio(r)]
   if not pts:
     return None
   import matplotlib
@@ -113,6 +139,173 @@ def pareto_plot(name, by_var, plots_dir):
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+# ------------------------------------------------------- across sweeps
+
+# Sweeps left out of the per-dataset summary: tuning runs (judged on validation only) and
+# the single-seed exploration of stabilising mechanisms (their own section below).
+SUMMARY_SKIP = ("tune_", "stability_candidates")
+
+# Issue 6's targets: (dataset, model, size field, target ratio, max points below FP32, what).
+TARGETS = [
+    ("mnist", "lenet300", "compression_ratio", 16.0, 0.3, "packed file"),
+    ("mnist", "lenet300", "entropy_coded_ratio", 40.0, 0.3, "entropy-coded file"),
+    ("mnist", "lenet5", "entropy_coded_ratio", 39.0, 0.3, "entropy-coded file"),
+    ("cifar10", "resnet20", "compression_ratio", 10.0, 1.0, "packed file"),
+]
+
+
+def family(r) -> str:
+  """The scheme a run belongs to, for tables and plot colours."""
+  scheme = r.get("scheme")
+  if scheme in ("float", "ptq", "qwix", "penalty"):
+    return {"float": "fp32", "ptq": "ptq min-max", "qwix": "qwix QAT",
+            "penalty": "penalty (scheme B)"}[scheme]
+  cfg = r.get("config", {})
+  rule = r.get("rule") or cfg.get("rule")
+  if rule == "ratio":
+    return "stable ratio" if cfg.get("scale_stop") == "val" else "ratio (thesis)"
+  return {"fixed": "fixed-bit STE", "lsq": "LSQ"}.get(rule, rule or "?")
+
+
+def _group(rows, key):
+  out = collections.OrderedDict()
+  for r in sorted(rows, key=lambda r: (r["sweep"], r["run"])):
+    out.setdefault(key(r), []).append(r)
+  return out
+
+
+def _mean(vals):
+  vals = [v for v in vals if v is not None]
+  return statistics.mean(vals) if vals else None
+
+
+def dataset_summary(rows, plots_dir):
+  """One table and one Pareto plot per (dataset, model, epochs), over every sweep."""
+  rows = [r for r in rows if not r["sweep"].startswith(SUMMARY_SKIP) and r.get("dataset")]
+  out = ["## Summary per dataset and model", "",
+         "Every scheme run on the same model, data and schedule, gathered from all sweeps "
+         "(tuning sweeps excepted); mean ± std over seeds. Ratio = FP32 bytes / bytes of the "
+         "packed file written (\\*: accounted size, for a peer library that writes no file).", ""]
+  for (ds, model, epochs), rs in _group(rows, lambda r: (r["dataset"], r["model"],
+                                                         r["epochs"])).items():
+    out += [f"### {ds} / {model}, {epochs} epochs", "",
+            "| scheme | sweep / variant | seeds | test accuracy | avg bits | bytes | ratio | "
+            "entropy-coded ratio | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    variants = _group(rs, lambda r: (r["sweep"], variant_of(r["run"])))
+    for (sweep, var), vs in sorted(variants.items(), key=lambda kv: (
+        family(kv[1][0]), -(_mean([size_ratio(r) for r in kv[1]]) or 0))):
+      out.append(
+          f"| {family(vs[0])} | {sweep} / {var} | {len(vs)} | "
+          f"{_ms([r['test_accuracy'] for r in vs])} | {_ms([r['avg_bits'] for r in vs], '{:.2f}')} | "
+          f"{_ms([size_bytes(r) for r in vs], '{:.0f}')}{_accounted(vs)} | "
+          f"{_ms([size_ratio(r) for r in vs], '{:.1f}')} | "
+          f"{_ms([r.get('entropy_coded_ratio') for r in vs], '{:.1f}')} | "
+          f"{_ms([r['train_seconds'] for r in vs], '{:.0f}')} |")
+    png = summary_plot(f"{ds}_{model}_e{epochs}", variants, plots_dir)
+    if png:
+      out += ["", f"![{ds} {model} {epochs} epochs]({png.relative_to(plots_dir.parent).as_posix()})"]
+    out.append("")
+  return out
+
+
+def summary_plot(name, variants, plots_dir):
+  """Test accuracy vs packed-file ratio, one point (mean, std bars) per variant."""
+  pts = [(family(vs[0]), _mean([size_ratio(r) for r in vs]), _mean([r["test_accuracy"] for r in vs]),
+          statistics.stdev([r["test_accuracy"] for r in vs]) if len(vs) > 1 else 0.0)
+         for vs in variants.values()]
+  pts = [p for p in pts if p[1]]
+  if len(pts) < 2:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for fam in sorted({p[0] for p in pts}):
+    ps = [p for p in pts if p[0] == fam]
+    ax.errorbar([p[1] for p in ps], [p[2] for p in ps], yerr=[p[3] for p in ps], fmt="o",
+                ms=4, capsize=2, label=fam)
+  ax.set(xscale="log", xlabel="compression ratio (fp32 bytes / packed file bytes)",
+         ylabel="test accuracy (mean over seeds)", title=f"Pareto: {name}")
+  lo = min(p[2] for p in pts)
+  hi = max(p[2] for p in pts)
+  ax.set_ylim(max(lo - 0.01, hi - 0.05), hi + 0.005)  # collapsed runs fall off the bottom
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  plots_dir.mkdir(parents=True, exist_ok=True)
+  path = plots_dir / f"pareto_{name}.png"
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def targets_section(rows):
+  """Distance of the best variant to each of issue 6's targets."""
+  rows = [r for r in rows if not r["sweep"].startswith(SUMMARY_SKIP) and r.get("dataset")]
+  out = ["## Distance to the targets", "",
+         "For each target: among variants (mean over seeds) whose test accuracy is at most the "
+         "tolerance below the FP32 variant of the same model and schedule, the largest mean "
+         "ratio.", "",
+         "| dataset / model | size | target | tolerance | best variant | epochs | accuracy "
+         "(FP32) | ratio | distance |", "|---|---|---|---|---|---|---|---|---|"]
+  for ds, model, field, target, tol, what in TARGETS:
+    best, fp32_any = None, False
+    for (_, _, epochs), rs in _group(rows, lambda r: (r["dataset"], r["model"],
+                                                      r["epochs"])).items():
+      if (rs[0]["dataset"], rs[0]["model"]) != (ds, model):
+        continue
+      variants = _group(rs, lambda r: (r["sweep"], variant_of(r["run"])))
+      fp32 = [_mean([r["test_accuracy"] for r in vs]) for vs in variants.values()
+              if family(vs[0]) == "fp32"]
+      if not fp32:
+        continue
+      fp32_any = True
+      ref = max(fp32)
+      for (sweep, var), vs in variants.items():
+        acc, ratio = _mean([r["test_accuracy"] for r in vs]), _mean([r.get(field) for r in vs])
+        if ratio and family(vs[0]) != "fp32" and acc >= ref - tol / 100 and (
+            best is None or ratio > best[0]):
+          best = (ratio, f"{sweep} / {var}", epochs, acc, ref)
+    if best:
+      dist = "reached" if best[0] >= target else f"{best[0] / target:.1%} of the target"
+      out.append(f"| {ds} / {model} | {what} | {target:g}x | {tol:g} points | {best[1]} | "
+                 f"{best[2]} | {best[3]:.4f} ({best[4]:.4f}) | {best[0]:.2f}x | {dist} |")
+    else:
+      why = "no variant within the tolerance" if fp32_any else "no FP32 run on any schedule yet"
+      out.append(f"| {ds} / {model} | {what} | {target:g}x | {tol:g} points | - | - | - | - | "
+                 f"{why} |")
+  return out + [""]
+
+
+def _layer_bits(r, kind):
+  vals = [b for k, b in r.get("quantized_bits_per_layer", {}).items()
+          if k.endswith("kernel") and (("conv" in k) == (kind == "conv"))]
+  return _mean(vals)
+
+
+def threshold_section(rows):
+  """The lambda ranges: per threshold, accuracy and bits of dense and conv kernels."""
+  rows = [r for r in rows if r["sweep"].startswith("threshold_")]
+  if not rows:
+    return []
+  out = ["## Threshold lambda: useful ranges for dense and convolutional layers", "",
+         "Per sweep and lambda (mean over seeds): test accuracy, average bits of the whole model, "
+         "and the mean over layers of the kernel bits of dense and of convolutional layers. "
+         "Larger lambda must give fewer bits.", ""]
+  for sweep, rs in _group(rows, lambda r: r["sweep"]).items():
+    out += [f"### {sweep} ({rs[0]['dataset']} / {rs[0]['model']}, {rs[0]['epochs']} epochs)", "",
+            "| lambda | seeds | test accuracy | val accuracy | avg bits | dense kernel bits | "
+            "conv kernel bits |", "|---|---|---|---|---|---|---|"]
+    for lam, vs in sorted(_group(rs, lambda r: r["threshold"]).items()):
+      dense, conv = _mean([_layer_bits(r, "dense") for r in vs]), _mean(
+          [_layer_bits(r, "conv") for r in vs])
+      out.append(f"| {lam:g} | {len(vs)} | {_ms([r['test_accuracy'] for r in vs])} | "
+                 f"{_ms([r['val_accuracy'] for r in vs])} | {_ms([r['avg_bits'] for r in vs], '{:.2f}')} | "
+                 f"{'-' if dense is None else f'{dense:.2f}'} | "
+                 f"{'-' if conv is None else f'{conv:.2f}'} |")
+    out.append("")
+  return out
 
 
 def readme_headline(runs_dir: pathlib.Path, sweep: str):
@@ -159,10 +352,15 @@ def main(argv=None):
            "`metrics.jsonl` the numbers). Hardware: the 2-core CPU machine described in the "
            "README unless a table says otherwise. Test accuracy is measured once, at the end of "
            "each run; all choices were made on the validation split.", ""]
+  plots_dir = pathlib.Path(args.out).parent / "plots"
+  all_rows = load_rows(files)
+  lines += dataset_summary(all_rows, plots_dir) + targets_section(all_rows)
+  lines += threshold_section(all_rows)
+  lines += ["# Per sweep", ""]
   for f in files:
-    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    rows = [r for r in all_rows if r["sweep"] == f.parent.name]
     if rows:
-      lines += sweep_section(f.parent.name, rows, runs_dir, pathlib.Path(args.out).parent / "plots")
+      lines += sweep_section(f.parent.name, rows, runs_dir, plots_dir)
   pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
   print(f"wrote {args.out}")
   if args.readme:
