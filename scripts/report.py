@@ -264,7 +264,7 @@ def targets_section(rows):
       ref = max(fp32)
       for (sweep, var), vs in variants.items():
         acc, ratio = _mean([r["test_accuracy"] for r in vs]), _mean([r.get(field) for r in vs])
-        if ratio and family(vs[0]) != "fp32" and acc >= ref - tol / 100 and (
+        if ratio and family(vs[0]) != "fp32" and acc >= ref - tol / 100 - 1e-9 and (
             best is None or ratio > best[0]):
           best = (ratio, f"{sweep} / {var}", epochs, acc, ref)
     if best:

@@ -52,6 +52,40 @@ def test_report_tables(tmp_path):
   assert "`python -m x --seed=0`" in text
 
 
+def _row(run, sweep, acc, ratio, scheme="scale-rule", rule="lsq", ecr=None, threshold=0.2,
+         bits=None):
+  return {"run": run, "sweep": sweep, "dataset": "mnist", "model": "lenet300", "epochs": 10,
+          "test_accuracy": acc, "val_accuracy": acc, "avg_bits": bits or 32 / ratio,
+          "compression_ratio": ratio, "entropy_coded_ratio": ecr or ratio, "packed_bytes": 1,
+          "train_seconds": 1.0, "scheme": scheme, "rule": rule, "threshold": threshold,
+          "config": {"rule": rule, "scale_stop": "val" if rule == "ratio" else None},
+          "quantized_bits_per_layer": {"fc1/kernel": 2.0, "fc1/bias": 9.0, "conv1/kernel": 4.0}}
+
+
+def test_report_summary_targets_and_threshold_ranges(tmp_path):
+  report = _load("report")
+  rows = [_row("fp32_s0", "base", 0.980, 1.0, scheme="float", rule=None),
+          _row("fp32_s1", "base", 0.982, 1.0, scheme="float", rule=None),
+          _row("lsq_s0", "base", 0.979, 15.0),        # 0.2 points below FP32's 0.981: counts
+          _row("big_s0", "base", 0.970, 30.0, ecr=45.0),  # 1.1 points below: does not
+          _row("ratio_s0", "threshold_x", 0.9785, 12.0, rule="ratio", ecr=41.0, threshold=0.3),
+          _row("qwix_s0", "peers", 0.981, None, scheme="qwix", rule="qwix_int4", bits=4)]
+  rows[-1].update(compression_ratio=None, packed_bytes=None, nominal_bytes=7,
+                  compression_ratio_nominal=8.0)
+  text = "\n".join(report.dataset_summary(rows, tmp_path / "plots"))
+  assert "| qwix QAT | peers / qwix | 1 | 0.9810 | 4.00 | 7 \\* | 8.0 |" in text
+  assert "| stable ratio | threshold_x / ratio |" in text
+  assert (tmp_path / "plots" / "pareto_mnist_lenet300_e10.png").stat().st_size > 1000
+  targets = "\n".join(report.targets_section(rows))
+  # Packed 16x within 0.3 points: lsq at 15x is the best -> 93.8%; entropy-coded 40x:
+  # ratio at 41x is 0.25 points below 0.981 -> reached; the 45x run is too inaccurate.
+  assert "| base / lsq | 10 | 0.9790 (0.9810) | 15.00x | 93.8% of the target |" in targets
+  assert "| threshold_x / ratio | 10 | 0.9785 (0.9810) | 41.00x | reached |" in targets
+  assert "no FP32 run on any schedule yet" in targets  # lenet5, resnet20
+  lam = "\n".join(report.threshold_section(rows))
+  assert "| 0.3 | 1 | 0.9785 | 0.9785 | 2.67 | 2.00 | 4.00 |" in lam
+
+
 def test_qwix_nominal_bytes_hand_value():
   import numpy as np
   qwix_ref = _load("qwix_reference")
