@@ -308,6 +308,31 @@ def threshold_section(rows):
   return out
 
 
+# Tuning sweeps and their selection rule: the most compressed variant (fewest mean
+# average bits) whose mean validation accuracy reaches the bar. Test accuracy plays no part.
+TUNING_BARS = {"tune_default_lenet300": 0.98, "tune_penalty_lenet300": 0.98}
+
+
+def tuning_section(rows):
+  out = []
+  for sweep, rs in _group([r for r in rows if r["sweep"] in TUNING_BARS],
+                          lambda r: r["sweep"]).items():
+    bar = TUNING_BARS[sweep]
+    variants = _group(rs, lambda r: variant_of(r["run"]))
+    ok = [(v, _mean([r["avg_bits"] for r in vs])) for v, vs in variants.items()
+          if _mean([r["val_accuracy"] for r in vs]) >= bar]
+    chosen = min(ok, key=lambda t: t[1])[0] if ok else None
+    out += [f"## Tuning: {sweep}", "",
+            f"Selection (on validation only): the variant with the fewest mean average bits whose "
+            f"mean validation accuracy is at least {bar}. Chosen: **{chosen or 'none'}**.", "",
+            "| variant | seeds | val accuracy | avg bits | chosen |", "|---|---|---|---|---|"]
+    for v, vs in sorted(variants.items(), key=lambda kv: _mean([r["avg_bits"] for r in kv[1]])):
+      out.append(f"| {v} | {len(vs)} | {_ms([r['val_accuracy'] for r in vs])} | "
+                 f"{_ms([r['avg_bits'] for r in vs], '{:.2f}')} | {'yes' if v == chosen else ''} |")
+    out.append("")
+  return out
+
+
 def readme_headline(runs_dir: pathlib.Path, sweep: str):
   """A short table of one sweep's variants for the README's results section."""
   f = runs_dir / sweep / "results.jsonl"
@@ -355,7 +380,7 @@ def main(argv=None):
   plots_dir = pathlib.Path(args.out).parent / "plots"
   all_rows = load_rows(files)
   lines += dataset_summary(all_rows, plots_dir) + targets_section(all_rows)
-  lines += threshold_section(all_rows)
+  lines += threshold_section(all_rows) + tuning_section(all_rows)
   lines += ["# Per sweep", ""]
   for f in files:
     rows = [r for r in all_rows if r["sweep"] == f.parent.name]

@@ -110,3 +110,13 @@ def test_qwix_reference_runs_on_tiny_data(tmp_path, tiny_data, cache):
   r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=3",
                       f"--workdir={tmp_path}/x"], capture_output=True, text=True, env=env, cwd=ROOT)
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bits must be one of" in r.stderr
+
+
+def test_report_tuning_picks_fewest_bits_above_the_val_bar():
+  report = _load("report")
+  sweep = "tune_default_lenet300"
+  rows = [_row("a_s0", sweep, 0.985, 8.0), _row("a_s1", sweep, 0.983, 8.0),    # 4 bits, ok
+          _row("b_s0", sweep, 0.981, 16.0), _row("b_s1", sweep, 0.978, 16.0),  # 2 bits, 0.9795
+          _row("c_s0", sweep, 0.990, 4.0)]                                     # 8 bits, ok
+  text = "\n".join(report.tuning_section(rows))
+  assert "Chosen: **a**" in text and "| b | 2 | 0.9795 ± 0.0021 | 2.00 ± 0.00 |  |" in text
