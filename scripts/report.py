@@ -133,9 +133,13 @@ def pareto_plot(name, by_var, plots_dir):
   ax.set(xscale="log", xlabel="compression ratio (fp32 bytes / file bytes)",
          ylabel="test accuracy", title=name)
   ax.legend(fontsize=6)
+  return _save(fig, plots_dir / f"{name}.png")
+
+
+def _save(fig, path):
+  import matplotlib.pyplot as plt
   fig.tight_layout()
-  plots_dir.mkdir(parents=True, exist_ok=True)
-  path = plots_dir / f"{name}.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
@@ -232,12 +236,7 @@ def summary_plot(name, variants, plots_dir):
   hi = max(p[2] for p in pts)
   ax.set_ylim(max(lo - 0.01, hi - 0.05), hi + 0.005)  # collapsed runs fall off the bottom
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  plots_dir.mkdir(parents=True, exist_ok=True)
-  path = plots_dir / f"pareto_{name}.png"
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, plots_dir / f"pareto_{name}.png")
 
 
 def targets_section(rows):
