@@ -28,19 +28,20 @@ def _run(module, *flags, env=None, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("module,extra", [
-    ("experiments.mnist", ["--rule=lsq", "--bits=4"]),
-    ("experiments.fashion_mnist", ["--granularity=spatial", "--rule=ratio_lsq"]),
-    ("experiments.cifar10", ["--float"]),
-    ("experiments.imagenette", ["--inverse_scale=0.01", "--deviation=0.1", "--bin_count=0.01"]),
+@pytest.mark.parametrize("module,extra,threshold", [
+    ("experiments.mnist", ["--rule=lsq", "--bits=4"], 0.15),  # per-dataset default
+    ("experiments.fashion_mnist", ["--granularity=spatial", "--rule=ratio_lsq"], 0.2),
+    ("experiments.cifar10", ["--float", "--threshold=0.3"], 0.3),
+    ("experiments.imagenette", ["--inverse_scale=0.01", "--deviation=0.1", "--bin_count=0.01"], 0.2),
 ])
-def test_entry_point_smoke(tiny_data, tmp_path, module, extra):
+def test_entry_point_smoke(tiny_data, tmp_path, module, extra, threshold):
   wd = tmp_path / "wd"
   r = _run(module, f"--workdir={wd}", "--epochs=1", "--batch_size=32", "--progress=false",
            *extra)
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads((wd / "results.json").read_text())
   assert REQUIRED <= set(res)
+  assert res["threshold"] == threshold
   rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
   assert len(rows) == 1
   assert {"epoch", "train_loss", "val_accuracy", "avg_bits", "seconds"} <= set(rows[0])
