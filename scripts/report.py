@@ -283,9 +283,14 @@ def _layer_bits(r, kind):
   return _mean(vals)
 
 
+# Sweeps whose stable-ratio runs differ only in lambda.
+THRESHOLD_SWEEPS = ("threshold_", "competitive_")
+
+
 def threshold_section(rows):
   """The lambda ranges: per threshold, accuracy and bits of dense and conv kernels."""
-  rows = [r for r in rows if r["sweep"].startswith("threshold_")]
+  rows = [r for r in rows if r["sweep"].startswith(THRESHOLD_SWEEPS) and
+          family(r) == "stable ratio"]
   if not rows:
     return []
   out = ["## Threshold lambda: useful ranges for dense and convolutional layers", "",
