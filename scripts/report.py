@@ -277,6 +277,37 @@ def targets_section(rows):
   return out + [""]
 
 
+def versus_lsq_section(rows):
+  """The stable ratio variant against LSQ at (about) equal packed size, per model."""
+  rows = [r for r in rows if not r["sweep"].startswith(SUMMARY_SKIP) and r.get("dataset")]
+  out = ["## Stable ratio vs LSQ at equal packed size", "",
+         "For each LSQ variant: the most accurate stable-ratio variant (any lambda) of the same "
+         "model and schedule whose file is at most 5% larger (mean packed ratio >= 0.95 x LSQ's). "
+         "Wins when its mean test accuracy is at least LSQ's.", "",
+         "| dataset / model | epochs | LSQ variant | LSQ accuracy | LSQ ratio | stable ratio variant "
+         "| its accuracy | its ratio | difference (points) | verdict |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+  for (ds, model, epochs), rs in _group(rows, lambda r: (r["dataset"], r["model"],
+                                                         r["epochs"])).items():
+    variants = _group(rs, lambda r: (r["sweep"], variant_of(r["run"])))
+    stats = {k: (_mean([r["test_accuracy"] for r in vs]), _mean([size_ratio(r) for r in vs]),
+                 family(vs[0])) for k, vs in variants.items()}
+    for k, (acc, ratio, fam) in stats.items():
+      if fam != "LSQ" or not ratio:
+        continue
+      cands = [(a, q, kk) for kk, (a, q, f) in stats.items()
+               if f == "stable ratio" and q and q >= 0.95 * ratio]
+      if not cands:
+        out.append(f"| {ds} / {model} | {epochs} | {k[1]} | {acc:.4f} | {ratio:.1f}x | - | - | - | "
+                   f"- | no stable-ratio run this small |")
+        continue
+      a, q, kk = max(cands)
+      verdict = "ratio wins" if a >= acc else "LSQ wins"
+      out.append(f"| {ds} / {model} | {epochs} | {k[1]} | {acc:.4f} | {ratio:.1f}x | "
+                 f"{kk[0]} / {kk[1]} | {a:.4f} | {q:.1f}x | {100 * (a - acc):+.2f} | {verdict} |")
+  return out + [""]
+
+
 def _layer_bits(r, kind):
   vals = [b for k, b in r.get("quantized_bits_per_layer", {}).items()
           if k.endswith("kernel") and (("conv" in k) == (kind == "conv"))]
@@ -384,6 +415,7 @@ def main(argv=None):
   plots_dir = pathlib.Path(args.out).parent / "plots"
   all_rows = load_rows(files)
   lines += dataset_summary(all_rows, plots_dir) + targets_section(all_rows)
+  lines += versus_lsq_section(all_rows)
   lines += threshold_section(all_rows) + tuning_section(all_rows)
   lines += ["# Per sweep", ""]
   for f in files:

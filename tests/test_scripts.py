@@ -82,6 +82,13 @@ def test_report_summary_targets_and_threshold_ranges(tmp_path):
   assert "| base / lsq | 10 | 0.9790 (0.9810) | 15.00x | 93.8% of the target |" in targets
   assert "| threshold_x / ratio | 10 | 0.9785 (0.9810) | 41.00x | reached |" in targets
   assert "no FP32 run on any schedule yet" in targets  # lenet5, resnet20
+  vs = "\n".join(report.versus_lsq_section(rows))
+  # lsq at 15x: ratio_s0 (12x) is more than 5% larger, so no candidate.
+  assert "| mnist / lenet300 | 10 | lsq | 0.9790 | 15.0x | - |" in vs
+  rows.append(_row("ratio2_s0", "threshold_x", 0.9795, 14.5, rule="ratio", threshold=0.4))
+  vs = "\n".join(report.versus_lsq_section(rows))
+  assert "| threshold_x / ratio2 | 0.9795 | 14.5x | +0.05 | ratio wins |" in vs
+  rows.pop()
   lam = "\n".join(report.threshold_section(rows))
   assert "| 0.3 | 1 | 0.9785 | 0.9785 | 2.67 | 2.00 | 4.00 |" in lam
 
