@@ -31,13 +31,18 @@ from flax import traverse_util
 from lqjax import layers, types
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("from_run", None, "workdir of a finished float (--float) run; may hold {seed}")
-flags.DEFINE_integer("bits", 8, "bits per kernel weight (>= 2)")
-flags.DEFINE_string("granularity", "row", "kernel scale granularity (row = per output channel)")
-flags.DEFINE_integer("seed", 0, "fills {seed} in --from_run")
-flags.DEFINE_string("workdir", None, "output run directory (its parent must exist)")
-flags.DEFINE_string("data_dir", None, "dataset folder (default: $LQJAX_DATA_DIR)")
-flags.DEFINE_bool("export", True, "write model.lqz / model.lqz.zst / model.onnx and check the reload")
+
+
+def define_flags():
+  """The command line's flags (defined only when run as a program: the library import
+  must not claim flag names that experiments/ also uses)."""
+  flags.DEFINE_string("from_run", None, "workdir of a finished float (--float) run; may hold {seed}")
+  flags.DEFINE_integer("bits", 8, "bits per kernel weight (>= 2)")
+  flags.DEFINE_string("granularity", "row", "kernel scale granularity (row = per output channel)")
+  flags.DEFINE_integer("seed", 0, "fills {seed} in --from_run")
+  flags.DEFINE_string("workdir", None, "output run directory (its parent must exist)")
+  flags.DEFINE_string("data_dir", None, "dataset folder (default: $LQJAX_DATA_DIR)")
+  flags.DEFINE_bool("export", True, "write model.lqz / model.lqz.zst / model.onnx and check the reload")
 
 
 def minmax_log_scale(p: jax.Array, granularity: types.Granularity, bits: int) -> jax.Array:
@@ -146,4 +151,5 @@ def _fail(msg: str):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -12,6 +12,13 @@ import pytest
 from lqjax import ptq, quant, train
 
 
+def test_importing_ptq_defines_no_flags():
+  from absl import flags
+  from experiments import common  # defines --granularity, --bits, ...
+  assert "granularity" in flags.FLAGS and common.FLAGS is flags.FLAGS
+  assert "from_run" not in flags.FLAGS  # ptq's flags exist only when it runs as a program
+
+
 def test_minmax_scale_hand_values():
   # Dense kernel (in=2, out=3), per output row: max|P| of each column / (2^(4-1) - 1) = / 7.
   p = jnp.array([[0.7, -1.4, 0.0], [-0.35, 0.2, 0.0]])
