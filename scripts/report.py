@@ -185,19 +185,23 @@ def _mean(vals):
   return statistics.mean(vals) if vals else None
 
 
+def _by_schedule(rows):
+  """((dataset, model, epochs), {(sweep, variant): runs}) over the non-tuning runs."""
+  rows = [r for r in rows if not r["sweep"].startswith(SUMMARY_SKIP) and r.get("dataset")]
+  for key, rs in _group(rows, lambda r: (r["dataset"], r["model"], r["epochs"])).items():
+    yield key, _group(rs, lambda r: (r["sweep"], variant_of(r["run"])))
+
+
 def dataset_summary(rows, plots_dir):
   """One table and one Pareto plot per (dataset, model, epochs), over every sweep."""
-  rows = [r for r in rows if not r["sweep"].startswith(SUMMARY_SKIP) and r.get("dataset")]
   out = ["## Summary per dataset and model", "",
          "Every scheme run on the same model, data and schedule, gathered from all sweeps "
          "(tuning sweeps excepted); mean ± std over seeds. Ratio = FP32 bytes / bytes of the "
          "packed file written (\\*: accounted size, for a peer library that writes no file).", ""]
-  for (ds, model, epochs), rs in _group(rows, lambda r: (r["dataset"], r["model"],
-                                                         r["epochs"])).items():
+  for (ds, model, epochs), variants in _by_schedule(rows):
     out += [f"### {ds} / {model}, {epochs} epochs", "",
             "| scheme | sweep / variant | seeds | test accuracy | avg bits | bytes | ratio | "
             "entropy-coded ratio | train s |", "|---|---|---|---|---|---|---|---|---|"]
-    variants = _group(rs, lambda r: (r["sweep"], variant_of(r["run"])))
     for (sweep, var), vs in sorted(variants.items(), key=lambda kv: (
         family(kv[1][0]), -(_mean([size_ratio(r) for r in kv[1]]) or 0))):
       out.append(
@@ -241,7 +245,6 @@ def summary_plot(name, variants, plots_dir):
 
 def targets_section(rows):
   """Distance of the best variant to each of issue 6's targets."""
-  rows = [r for r in rows if not r["sweep"].startswith(SUMMARY_SKIP) and r.get("dataset")]
   out = ["## Distance to the targets", "",
          "For each target: among variants (mean over seeds) whose test accuracy is at most the "
          "tolerance below the FP32 variant of the same model and schedule, the largest mean "
@@ -250,11 +253,9 @@ def targets_section(rows):
          "(FP32) | ratio | distance |", "|---|---|---|---|---|---|---|---|---|"]
   for ds, model, field, target, tol, what in TARGETS:
     best, fp32_any = None, False
-    for (_, _, epochs), rs in _group(rows, lambda r: (r["dataset"], r["model"],
-                                                      r["epochs"])).items():
-      if (rs[0]["dataset"], rs[0]["model"]) != (ds, model):
+    for (ds_, model_, epochs), variants in _by_schedule(rows):
+      if (ds_, model_) != (ds, model):
         continue
-      variants = _group(rs, lambda r: (r["sweep"], variant_of(r["run"])))
       fp32 = [_mean([r["test_accuracy"] for r in vs]) for vs in variants.values()
               if family(vs[0]) == "fp32"]
       if not fp32:
@@ -279,7 +280,6 @@ def targets_section(rows):
 
 def versus_lsq_section(rows):
   """The stable ratio variant against LSQ at (about) equal packed size, per model."""
-  rows = [r for r in rows if not r["sweep"].startswith(SUMMARY_SKIP) and r.get("dataset")]
   out = ["## Stable ratio vs LSQ at equal packed size", "",
          "For each LSQ variant: the most accurate stable-ratio variant (any lambda) of the same "
          "model and schedule whose file is at most 5% larger (mean packed ratio >= 0.95 x LSQ's). "
@@ -287,9 +287,7 @@ def versus_lsq_section(rows):
          "| dataset / model | epochs | LSQ variant | LSQ accuracy | LSQ ratio | stable ratio variant "
          "| its accuracy | its ratio | difference (points) | verdict |",
          "|---|---|---|---|---|---|---|---|---|---|"]
-  for (ds, model, epochs), rs in _group(rows, lambda r: (r["dataset"], r["model"],
-                                                         r["epochs"])).items():
-    variants = _group(rs, lambda r: (r["sweep"], variant_of(r["run"])))
+  for (ds, model, epochs), variants in _by_schedule(rows):
     stats = {k: (_mean([r["test_accuracy"] for r in vs]), _mean([size_ratio(r) for r in vs]),
                  family(vs[0])) for k, vs in variants.items()}
     for k, (acc, ratio, fam) in stats.items():
