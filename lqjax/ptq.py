@@ -24,7 +24,6 @@ import types as pytypes
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
@@ -101,12 +100,9 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity
   params = minmax_params(jax.device_get(fstate.params), template, granularity, bits)
   batch_stats = jax.device_get(fstate.batch_stats)
 
-  devices = jax.devices()
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-  ds = data.load(cfg.dataset, data_dir, limit=cfg.limit,
-                 sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  evaluate = train.make_eval_fn(cfg, model, stats, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("data")))
+  devices, replicated, batch_sharding = train.data_shardings()
+  ds = data.load(cfg.dataset, data_dir, limit=cfg.limit, sharding=replicated)
+  evaluate = train.make_eval_fn(cfg, model, stats, batch_sharding)
   workdir.mkdir(exist_ok=True)
   fileio.write_json_atomic(workdir / "config.json", cfg.to_json())
   results = train.final_results(cfg, params, batch_stats, evaluate, ds, workdir,

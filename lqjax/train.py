@@ -422,6 +422,13 @@ def init_state(cfg, model, tx, sample, sharding):
   return jax.device_put(state, sharding) if sharding is not None else state
 
 
+def data_shardings():
+  """(devices, replicated, batch-sharded): the data-parallel layout over every device."""
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  return devices, NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
 def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None,
                        progress: bool = True, after_train=None, model=None) -> dict:
   """Trains (or resumes) a run in `workdir` and returns its results.
@@ -453,10 +460,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
                           f"{', '.join(diff)}); use a new --workdir")
   write_json_atomic(cfg_path, cfg.to_json())
 
-  devices = jax.devices()
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
+  devices, replicated, batch_sharding = data_shardings()
   if cfg.batch_size % len(devices):
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {len(devices)} devices")
 

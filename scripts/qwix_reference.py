@@ -55,7 +55,7 @@ def run(argv):
 
   import jax
   import jax.numpy as jnp
-  from lqjax import data, fileio, train
+  from lqjax import data, train
   try:
     import qwix
   except ImportError:
@@ -75,23 +75,26 @@ def run(argv):
   workdir = pathlib.Path(FLAGS.workdir)
   if not workdir.parent.is_dir():
     common._fail(f"the parent of --workdir ({workdir.parent}) does not exist")
-  qtype = getattr(jnp, QTYPES[FLAGS.bits])
-  model = qwix.quantize_model(train.build_model(cfg, 10),
-                              qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype=qtype)]))
+  name = QTYPES[FLAGS.bits]
+  model = qwix.quantize_model(train.build_model(cfg, 10), qwix.QtProvider(
+      [qwix.QtRule(module_path=".*", weight_qtype=getattr(jnp, name))]))
+
+  def qwix_results(_cfg, _model, state, _ds, results):
+    """Merged into results.json by the training loop: qwix's scheme and accounted size."""
+    nominal = nominal_bytes(jax.device_get(state.params), FLAGS.bits)
+    return {"scheme": "qwix", "rule": f"qwix_{name}", "avg_bits": FLAGS.bits,
+            "qwix_version": qwix.__version__, "nominal_bytes": nominal,
+            "compression_ratio_nominal": results["fp32_bytes"] / nominal}
+
   try:
     res = train.train_and_evaluate(cfg, workdir, FLAGS.data_dir, progress=FLAGS.progress,
-                                   model=model)
+                                   after_train=qwix_results, model=model)
   except data.DatasetNotFoundError as e:
     common._fail(str(e))
   except (train.TrainingError, ValueError, FileNotFoundError) as e:
     common._fail(str(e), 1)
-  _, _, state, _, _ = train.restore(workdir)
-  nominal = nominal_bytes(jax.device_get(state.params), FLAGS.bits)
-  res.update({"scheme": "qwix", "rule": f"qwix_{QTYPES[FLAGS.bits]}", "avg_bits": FLAGS.bits,
-              "qwix_version": qwix.__version__, "nominal_bytes": nominal,
-              "compression_ratio_nominal": res["fp32_bytes"] / nominal})
-  fileio.write_json_atomic(workdir / "results.json", res)
-  print(f"{FLAGS.dataset} {cfg.model} qwix {QTYPES[FLAGS.bits]}: test_accuracy "
+  nominal = res["nominal_bytes"]
+  print(f"{FLAGS.dataset} {cfg.model} qwix {name}: test_accuracy "
         f"{res['test_accuracy']:.4f} val_accuracy {res['val_accuracy']:.4f} nominal_bytes "
         f"{nominal} (x{res['compression_ratio_nominal']:.1f}) train_seconds "
         f"{res['train_seconds']:.0f}")
