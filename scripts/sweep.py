@@ -74,7 +74,8 @@ def main(argv=None):
   ap.add_argument("--config", required=True)
   ap.add_argument("--runs_dir", default=str(ROOT / "runs"))
   ap.add_argument("--dry_run", action="store_true")
-  ap.add_argument("--only", default=None, help="run only runs whose name contains this")
+  ap.add_argument("--only", default=None,
+                  help="run only runs whose name contains one of these comma-separated strings")
   args = ap.parse_args(argv)
   try:
     cfg = json.loads(pathlib.Path(args.config).read_text())
@@ -84,9 +85,10 @@ def main(argv=None):
   out_dir = pathlib.Path(args.runs_dir) / cfg["name"]
   out_dir.mkdir(parents=True, exist_ok=True)
   runs = list(expand(cfg))
+  only = [o for o in (args.only or "").split(",") if o]
   failed = 0
   for i, (name, flags) in enumerate(runs):
-    if args.only and args.only not in name:
+    if only and not any(o in name for o in only):
       continue
     wd = out_dir / name
     if (wd / "results.json").exists():
