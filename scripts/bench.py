@@ -4,11 +4,13 @@
                           [--readme README.md]
 
 For each model at its default batch size it measures, after compilation, the
-median over timed windows (``block_until_ready`` at each window's end) of the
 train-step time for: float, and every rule (fixed, lsq, ratio) at two
-granularities (tensor and channel/row). Steps run as in training (lqjax.train.make_chunk_runner):
-one jitted call per step, the batch gathered on the device from the resident
-dataset. It also times the same step on a constant batch (the data pipeline's
+granularities (tensor and channel/row), over timed windows (``block_until_ready``
+at each window's end) taken round-robin: each round times every configuration
+once, and a ratio quantized/float is the median of the per-round ratios, so a
+change in machine load during the run moves numerator and denominator alike.
+Steps run as in training (lqjax.train.make_chunk_runner): one jitted call per
+step, the batch gathered on the device from the resident dataset. It also times the same step on a constant batch (the data pipeline's
 cost) and the evaluation of a reloaded packed model against the float model.
 
 Prints a table with the ratio quantized/float per model and rule, writes it as
@@ -23,6 +25,7 @@ import datetime
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -39,17 +42,29 @@ DATASET = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10"}
 SHAPE = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
-def _timeit(fn, windows, sync):
-  times = []
+def round_robin(fns, windows: int, sync):
+  """Times each of `fns` once per round for `windows` rounds: a list of times per fn."""
+  times = [[] for _ in fns]
   for _ in range(windows):
-    t0 = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for t, fn in zip(times, fns):
+      t0 = time.perf_counter()
+      sync(fn())
+      t.append(time.perf_counter() - t0)
+  return times
 
 
-def bench_config(cfg: train.TrainConfig, images, labels, steps: int, windows: int):
-  """Seconds per step (real-data gather and constant batch) and compile time."""
+def median_ratio(a, b) -> float:
+  """Median over rounds of a[i] / b[i]."""
+  return statistics.median(x / y for x, y in zip(a, b))
+
+
+def prepare_config(cfg: train.TrainConfig, images, labels, steps: int):
+  """Compiles one configuration's step; returns ``(real, const, compile_s, holder)``.
+
+  ``real()`` runs `steps` training steps as training does (batch gathered on the
+  device from the resident dataset), ``const()`` the same steps on one constant
+  batch; both carry the state in ``holder["s"]``.
+  """
   model = train.build_model(cfg, 10)
   tx = train.make_optimizer(cfg, 100)
   stats = ((0.5,) * images.shape[-1], (0.25,) * images.shape[-1])
@@ -57,33 +72,72 @@ def bench_config(cfg: train.TrainConfig, images, labels, steps: int, windows: in
   state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   n, bs = images.shape[0], cfg.batch_size
   rng = jax.random.key(0)
-
   run_chunk = train.make_chunk_runner(cfg, step_fn, n // bs, rng)
   const_step = jax.jit(step_fn, donate_argnums=(0,))
   const_batch = (images[:bs], labels[:bs])
-  holder = {}
+  perm = jax.random.permutation(rng, n)
+  holder = {"s": state, "model": model}
 
-  def real(state, perm):
-    holder["s"], _ = run_chunk(holder.get("s", state), perm, images, labels, steps)
+  def real():
+    holder["s"], _ = run_chunk(holder["s"], perm, images, labels, steps)
     return holder["s"]
 
-  def const(state):
-    s = holder.get("s", state)
+  def const():
+    s = holder["s"]
     for i in range(steps):
       s, _ = const_step(s, const_batch, jax.random.fold_in(rng, i))
     holder["s"] = s
     return s
 
-  perm = jax.random.permutation(rng, n)
-  sync = lambda s: jax.block_until_ready(s.params)
   t0 = time.perf_counter()
-  sync(real(state, perm))
+  _sync(real())
   compile_s = time.perf_counter() - t0
-  sync(const(state))
-  t_real = _timeit(lambda: real(state, perm), windows, sync) / steps
-  t_const = _timeit(lambda: const(state), windows, sync) / steps
-  return {"step_s": t_real, "const_batch_step_s": t_const, "compile_s": compile_s,
-          "images_per_s": bs / t_real, "model": model, "state": holder["s"]}
+  _sync(const())
+  holder["kernels"] = count_kernels(
+      const_step.lower(holder["s"], const_batch, rng).compile().as_text())
+  return real, const, compile_s, holder
+
+
+_NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast")
+
+
+def count_kernels(hlo_text: str) -> int:
+  """Instructions of the compiled step's entry computation that run as kernels
+  (fusions, dots, copies, ...; not parameters, constants or tuple plumbing).
+
+  On XLA:CPU each one is dispatched separately, which is what a small model pays for.
+  """
+  entry = hlo_text[hlo_text.index("ENTRY"):]
+  ops = re.findall(r"= \S+ ([\w-]+)\(", entry)
+  return sum(op not in _NOT_KERNELS for op in ops)
+
+
+def _sync(state):
+  return jax.block_until_ready(state.params)
+
+
+def bench_interleaved(cfgs, images, labels, steps: int, windows: int):
+  """Step times of several configurations measured round-robin.
+
+  Every round times one window of each configuration (real data, then a
+  constant batch) back to back, so a change in machine load hits all of them
+  alike; the ratio of configuration i to configuration 0 is the median over
+  rounds of the per-round ratio. Returns one dict per configuration.
+  """
+  prepared = [prepare_config(c, images, labels, steps) for c in cfgs]
+  times = round_robin([f for p in prepared for f in p[:2]], windows, _sync)
+  real_t = [[t / steps for t in ts] for ts in times[0::2]]
+  const_t = [[t / steps for t in ts] for ts in times[1::2]]
+  out = []
+  for i, (cfg, (_, _, compile_s, holder)) in enumerate(zip(cfgs, prepared)):
+    step = statistics.median(real_t[i])
+    out.append({
+        "step_s": step, "const_batch_step_s": statistics.median(const_t[i]),
+        "compile_s": compile_s, "images_per_s": cfg.batch_size / step,
+        "step_time_ratio": median_ratio(real_t[i], real_t[0]),
+        "data_pipeline_ratio": median_ratio(real_t[i], const_t[i]),
+        "kernels": holder["kernels"], "model": holder["model"], "state": holder["s"]})
+  return out
 
 
 def bench_eval(cfg, model, state, images, windows):
@@ -102,9 +156,9 @@ def bench_eval(cfg, model, state, images, windows):
   x = images[:1000]
   jax.block_until_ready(fq(x))
   jax.block_until_ready(ff(x))
-  tq = _timeit(lambda: fq(x), windows, jax.block_until_ready)
-  tf = _timeit(lambda: ff(x), windows, jax.block_until_ready)
-  return {"eval_packed_s": tq, "eval_float_s": tf, "eval_ratio": tq / tf}
+  tq, tf = round_robin([lambda: fq(x), lambda: ff(x)], windows, jax.block_until_ready)
+  return {"eval_packed_s": statistics.median(tq), "eval_float_s": statistics.median(tf),
+          "eval_ratio": median_ratio(tq, tf)}
 
 
 def peak_memory_mb():
@@ -131,23 +185,19 @@ def run(models, steps, windows):
         if rule in ("fixed", "lsq"):
           kw["bits"] = 4
         variants.append((rule, g, kw))
-    base = None
-    for rule, g, kw in variants:
-      cfg = train.TrainConfig(dataset=ds_name, model=name, batch_size=BATCH[name],
+    cfgs = [train.TrainConfig(dataset=ds_name, model=name, batch_size=BATCH[name],
                               optimizer="sgd" if name == "resnet20" else "adam", **kw)
-      r = bench_config(cfg, images, labels, steps[name], windows)
+            for _, _, kw in variants]
+    results = bench_interleaved(cfgs, images, labels, steps[name], windows)
+    for (rule, g, _), cfg, r in zip(variants, cfgs, results):
       row = {"model": name, "rule": rule, "granularity": g, "batch_size": BATCH[name],
              **{k: v for k, v in r.items() if k not in ("model", "state")}}
-      if base is None:
-        base = row
-      row["step_time_ratio"] = row["step_s"] / base["step_s"]
-      row["data_pipeline_ratio"] = row["step_s"] / row["const_batch_step_s"]
       if rule == "ratio" and g != "tensor":
         row.update(bench_eval(cfg, r["model"], r["state"], images, windows))
       rows.append(row)
       print(f"{name:9s} {rule:6s} {g:8s} step {1e3 * row['step_s']:8.2f} ms  "
             f"ratio {row['step_time_ratio']:.3f}  const-batch {1e3 * row['const_batch_step_s']:8.2f} ms"
-            f"  compile {row['compile_s']:.1f}s", flush=True)
+            f"  compile {row['compile_s']:.1f}s  kernels {row['kernels']}", flush=True)
   return rows
 
 
@@ -174,18 +224,38 @@ def cifar_epoch_seconds() -> float:
   return (time.perf_counter() - t0) * (n // bs) / (n // bs - 2)
 
 
+def cost_lines(rows) -> list:
+  """Per model: the slowest rule's extra time against its extra kernels."""
+  out = []
+  for model in dict.fromkeys(r["model"] for r in rows):
+    rs = [r for r in rows if r["model"] == model]
+    base, worst = rs[0], max(rs[1:], key=lambda r: r["step_time_ratio"], default=None)
+    if worst is None or "kernels" not in base or worst["kernels"] <= base["kernels"]:
+      continue
+    extra = worst["step_s"] - base["step_s"]
+    n = worst["kernels"] - base["kernels"]
+    out.append(f"{model}: the slowest rule ({worst['rule']}/{worst['granularity']}) runs "
+               f"{worst['kernels']} kernels per step against float's {base['kernels']}; its "
+               f"extra {1e3 * extra:.2f} ms is {1e6 * extra / n:.0f} us per extra kernel.")
+  return out
+
+
 def readme_section(doc) -> str:
   lines = [f"Measured by `python scripts/bench.py --readme README.md` on {doc['machine']} "
            f"({doc['date']}, jax {doc['jax']}, {doc['backend']}). Step time of quantized "
-           f"training relative to float training (median of timed windows, same process):", "",
-           "| model | rule | granularity | step (ms) | quantized/float |", "|---|---|---|---|---|"]
+           f"training relative to float training (timed windows taken round-robin in one "
+           f"process; the ratio is the median of the per-round ratios). Kernels: instructions "
+           f"of the compiled step that XLA dispatches one by one.", "",
+           "| model | rule | granularity | step (ms) | quantized/float | kernels |",
+           "|---|---|---|---|---|---|"]
   for r in doc["rows"]:
     lines.append(f"| {r['model']} | {r['rule']} | {r['granularity']} | {1e3 * r['step_s']:.2f} "
-                 f"| {r['step_time_ratio']:.3f} |")
+                 f"| {r['step_time_ratio']:.3f} | {r.get('kernels', '-')} |")
   worst = max(r["step_time_ratio"] for r in doc["rows"])
   lines += ["", f"Worst quantized/float ratio: {worst:.3f}. Real-data step / constant-batch step: "
             f"{min(r['data_pipeline_ratio'] for r in doc['rows']):.3f} to "
             f"{max(r['data_pipeline_ratio'] for r in doc['rows']):.3f}."]
+  lines += cost_lines(doc["rows"])
   if "cifar10_resnet20_epoch_s" in doc:
     lines.append(f"One CIFAR-10 ResNet-20 epoch (quantized, ratio rule): "
                  f"{doc['cifar10_resnet20_epoch_s']:.1f} s.")
@@ -199,7 +269,7 @@ def readme_section(doc) -> str:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--models", default="lenet300,lenet5,resnet20")
-  ap.add_argument("--windows", type=int, default=5)
+  ap.add_argument("--windows", type=int, default=9)
   ap.add_argument("--out", default="docs/bench.json")
   ap.add_argument("--readme", default=None)
   ap.add_argument("--cifar_epoch", action="store_true",

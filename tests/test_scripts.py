@@ -127,3 +127,38 @@ def test_report_tuning_picks_fewest_bits_above_the_val_bar():
           _row("c_s0", sweep, 0.990, 4.0)]                                     # 8 bits, ok
   text = "\n".join(report.tuning_section(rows))
   assert "Chosen: **a**" in text and "| b | 2 | 0.9795 ± 0.0021 | 2.00 ± 0.00 |  |" in text
+
+
+def test_bench_round_robin_interleaves_and_ratios_pair_rounds():
+  bench = _load("bench")
+  calls = []
+  times = bench.round_robin([lambda: calls.append("a"), lambda: calls.append("b")], 3,
+                            lambda _: None)
+  assert calls == ["a", "b"] * 3
+  assert [len(t) for t in times] == [3, 3]
+  # per-round ratios 2, 4, 1 -> median 2 (not 7/3, the ratio of the medians)
+  assert bench.median_ratio([2.0, 8.0, 1.0], [1.0, 2.0, 1.0]) == 2.0
+
+
+def test_bench_counts_the_kernels_of_a_compiled_step():
+  import jax
+  import jax.numpy as jnp
+  bench = _load("bench")
+  x = jnp.ones((64, 64))
+  one = jax.jit(lambda x: x * 2).lower(x).compile().as_text()
+  more = jax.jit(lambda x: (jnp.sum(x @ x, 0), jnp.cumsum(x, 1) @ x)).lower(x).compile().as_text()
+  assert bench.count_kernels(one) == 1
+  assert bench.count_kernels(more) > 2
+
+
+def test_sweep_only_takes_comma_separated_names(tmp_path, capsys):
+  sweep = _load("sweep")
+  cfg = tmp_path / "c.json"
+  cfg.write_text(json.dumps({"name": "x", "module": "experiments.mnist", "base": {},
+                             "variants": {"fp32": {"float": True}, "lsq_2bit": {"bits": 2},
+                                          "ratio": {}}, "seeds": [0, 1]}))
+  assert sweep.main(["--config", str(cfg), "--runs_dir", str(tmp_path), "--dry_run",
+                     "--only", "fp32,lsq_"]) == 0
+  listed = [l.split("--workdir=")[1] for l in capsys.readouterr().out.splitlines() if "--workdir" in l]
+  assert sorted(pathlib.Path(p).name for p in listed) == [
+      "fp32_s0", "fp32_s1", "lsq_2bit_s0", "lsq_2bit_s1"]
