@@ -162,3 +162,12 @@ def test_sweep_only_takes_comma_separated_names(tmp_path, capsys):
   listed = [l.split("--workdir=")[1] for l in capsys.readouterr().out.splitlines() if "--workdir" in l]
   assert sorted(pathlib.Path(p).name for p in listed) == [
       "fp32_s0", "fp32_s1", "lsq_2bit_s0", "lsq_2bit_s1"]
+
+
+def test_report_tuning_of_fp32_picks_the_best_val_accuracy():
+  report = _load("report")
+  sweep = "tune_lr_fp32_lenet300"
+  rows = [_row("fp32_lr0.001_s0", sweep, 0.980, 1.0), _row("fp32_lr0.001_s1", sweep, 0.982, 1.0),
+          _row("fp32_lr0.003_s0", sweep, 0.983, 1.0), _row("fp32_lr0.003_s1", sweep, 0.9826, 1.0)]
+  text = "\n".join(report.tuning_section(rows))
+  assert "best mean validation accuracy" in text and "Chosen: **fp32_lr0.003**" in text
