@@ -36,6 +36,8 @@ flags.DEFINE_string("scale_stop", "auto",
                     "below the best epoch's, roll the scales back to that epoch and halve their "
                     "step. auto: val for the ratio rules, none for fixed and lsq")
 flags.DEFINE_float("scale_stop_tolerance", 0.002, "val accuracy drop that triggers a brake")
+flags.DEFINE_enum("scale_stop_restore", "scales", ["scales", "all"],
+                  "what a brake rolls back to the best epoch: the scales, or all parameters")
 flags.DEFINE_string("optimizer", None, "weights' optimizer: adam | sgd (default: per dataset)")
 flags.DEFINE_float("lr", None, "weights' learning rate (default: per dataset)")
 flags.DEFINE_float("weight_decay", None, "weight decay (default: per dataset)")
@@ -82,6 +84,7 @@ def config_from_flags(dataset: str, d: Defaults):
       scale_decay_fraction=FLAGS.scale_decay_fraction,
       scale_stop=_scale_stop(FLAGS.scale_stop, FLAGS.rule),
       scale_stop_tolerance=FLAGS.scale_stop_tolerance,
+      scale_stop_restore=FLAGS.scale_stop_restore,
       optimizer=FLAGS.optimizer or d.optimizer,
       lr=d.lr if FLAGS.lr is None else FLAGS.lr,
       weight_decay=d.weight_decay if FLAGS.weight_decay is None else FLAGS.weight_decay,

@@ -79,6 +79,9 @@ class TrainConfig:
   # scales roll back to that epoch's and their step halves. None: off.
   scale_stop: Optional[str] = None
   scale_stop_tolerance: float = 0.002
+  # What a brake restores from the best epoch: "scales" (the default) or "all"
+  # parameters, the weights too (batch statistics are left to re-adapt).
+  scale_stop_restore: str = "scales"
   # Penalty coefficients of the second scheme (lqjax.losses).
   inverse_scale: float = 0.0
   bin_count: float = 0.0
@@ -110,6 +113,9 @@ class TrainConfig:
       raise ValueError(f"scale_decay_fraction must be in (0, 1], got {self.scale_decay_fraction}")
     if self.scale_stop not in (None, "val"):
       raise ValueError(f"unknown scale_stop {self.scale_stop!r}; expected val or none")
+    if self.scale_stop_restore not in ("scales", "all"):
+      raise ValueError(f"unknown scale_stop_restore {self.scale_stop_restore!r}; "
+                       f"expected scales or all")
     if self.scale_schedule not in ("constant", "cosine"):
       raise ValueError(f"unknown scale_schedule {self.scale_schedule!r}; expected constant or cosine")
     if self.lr == 0:
@@ -383,7 +389,9 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
   Tracks the epoch with the best validation accuracy and its scales. When an
   epoch's val accuracy falls more than ``scale_stop_tolerance`` below the best,
   the scales roll back to the best epoch's and the scales' step is halved
-  (``scale_mult``); after ``MAX_BRAKES`` such brakes the scales freeze. The
+  (``scale_mult``); after ``MAX_BRAKES`` such brakes the scales freeze. With
+  ``scale_stop_restore="all"`` the weights roll back too, so that the restored
+  scales meet the weights they were best with. The
   scale updates therefore shrink geometrically once coarsening starts to cost
   accuracy, whatever the schedule length, and the grid converges.
   """
@@ -395,14 +403,17 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
     return state.replace(best_params=jax.tree_util.tree_map(jnp.copy, state.params)), meta, None
   if val_acc >= meta["best_val"] - cfg.scale_stop_tolerance:
     return state, meta, None
-  params = jax.tree_util.tree_map(lambda cur, best, lab: jnp.copy(best) if lab == "scale" else cur,
-                                  state.params, state.best_params, param_labels(state.params))
+  restore_all = cfg.scale_stop_restore == "all"
+  params = jax.tree_util.tree_map(
+      lambda cur, best, lab: jnp.copy(best) if restore_all or lab == "scale" else cur,
+      state.params, state.best_params, param_labels(state.params))
   meta["brakes"] = meta.get("brakes", 0) + 1
   mult = 0.0 if meta["brakes"] >= MAX_BRAKES else 0.5 ** meta["brakes"]
   if mult == 0.0:
     meta["frozen_at"] = epoch
   event = (f"val accuracy {val_acc:.4f} < best {meta['best_val']:.4f} (epoch {meta['best_epoch']}) "
-           f"- {cfg.scale_stop_tolerance}: scales rolled back to epoch {meta['best_epoch']}, "
+           f"- {cfg.scale_stop_tolerance}: {'parameters' if restore_all else 'scales'} rolled "
+           f"back to epoch {meta['best_epoch']}, "
            f"scale step x{mult}")
   return state.replace(params=params, scale_mult=jnp.asarray(mult, jnp.float32)), meta, event
 
@@ -452,7 +463,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   workdir.mkdir(exist_ok=True)
   cfg_path = workdir / "config.json"
   if cfg_path.exists():
-    old = json.loads(cfg_path.read_text())
+    # A field added after the run was made reads as its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    old = {**defaults, **json.loads(cfg_path.read_text())}
     mine = cfg.to_json()
     diff = sorted(k for k in set(old) | set(mine) if k != "epochs" and old.get(k) != mine.get(k))
     if diff:

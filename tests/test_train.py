@@ -64,7 +64,8 @@ def test_bad_flags_fail_fast(tiny_data, flag, needle):
 @pytest.mark.parametrize("kw,needle", [
     (dict(scale_decay_fraction=0.0), "scale_decay_fraction"), (dict(scale_stop="loss"), "scale_stop"),
     (dict(scale_schedule="step"), "scale_schedule"), (dict(relax_threshold=0.01), "relax_threshold"),
-    (dict(epochs=0), "epochs"), (dict(deviation=-1.0), "deviation")])
+    (dict(epochs=0), "epochs"), (dict(deviation=-1.0), "deviation"),
+    (dict(scale_stop_restore="weights"), "scale_stop_restore")])
 def test_config_validation(kw, needle):
   with pytest.raises(ValueError, match=needle):
     train.TrainConfig(**kw)
@@ -91,6 +92,21 @@ def test_validation_brake_rolls_back_and_halves():
   m5 = dict(meta, brakes=train.MAX_BRAKES - 1)
   s5, m5, _ = train._scale_stop(cfg, state, m5, 0.9, 5)
   assert float(s5.scale_mult) == 0.0 and m5["frozen_at"] == 5
+
+
+def test_validation_brake_can_restore_the_weights_too():
+  cfg = train.TrainConfig(scale_stop="val", scale_stop_restore="all")
+  params = {"fc": {"kernel": jnp.ones((2, 2)), "kernel_quant": {"log_scale": jnp.zeros((1, 2))}}}
+  best = {"fc": {"kernel": jnp.full((2, 2), 2.0),
+                 "kernel_quant": {"log_scale": jnp.full((1, 2), -1.0)}}}
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, {}, None, jnp.ones(()), best)
+  meta = {"best_val": 0.98, "best_epoch": 3, "brakes": 0, "frozen_at": None}
+  s, _, ev = train._scale_stop(cfg, state, meta, 0.97, 4)
+  assert "parameters rolled back to epoch 3" in ev and float(s.scale_mult) == 0.5
+  np.testing.assert_array_equal(s.params["fc"]["kernel"], 2.0)
+  np.testing.assert_array_equal(s.params["fc"]["kernel_quant"]["log_scale"], -1.0)
+  # the restored arrays are copies: the next best epoch's snapshot cannot alias them
+  assert s.params["fc"]["kernel"] is not best["fc"]["kernel"]
 
 
 def test_missing_dataset_fails_with_one_line(tmp_path):
@@ -167,6 +183,12 @@ def test_config_mismatch_in_workdir(tiny_data, tmp_path):
   train.train_and_evaluate(_cfg(epochs=1), tmp_path / "a", progress=False)
   with pytest.raises(train.TrainingError, match="another config"):
     train.train_and_evaluate(_cfg(epochs=1, threshold=0.9), tmp_path / "a", progress=False)
+  # A config field added after a run was made reads as its default: the run resumes.
+  cfg_file = tmp_path / "a" / "config.json"
+  old = json.loads(cfg_file.read_text())
+  del old["scale_stop_restore"]
+  cfg_file.write_text(json.dumps(old))
+  assert train.train_and_evaluate(_cfg(epochs=1), tmp_path / "a", progress=False)["epochs"] == 1
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_data, tmp_path):
