@@ -313,7 +313,7 @@ def _layer_bits(r, kind):
 
 
 # Sweeps whose stable-ratio runs differ only in lambda.
-THRESHOLD_SWEEPS = ("threshold_", "competitive_")
+THRESHOLD_SWEEPS = ("threshold_", "competitive_", "brake_restore_")
 
 
 def threshold_section(rows):
