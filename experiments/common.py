@@ -36,8 +36,8 @@ flags.DEFINE_string("scale_stop", "auto",
                     "below the best epoch's, roll the scales back to that epoch and halve their "
                     "step. auto: val for the ratio rules, none for fixed and lsq")
 flags.DEFINE_float("scale_stop_tolerance", 0.002, "val accuracy drop that triggers a brake")
-flags.DEFINE_enum("scale_stop_restore", "scales", ["scales", "all"],
-                  "what a brake rolls back to the best epoch: the scales, or all parameters")
+flags.DEFINE_string("scale_stop_restore", "scales",
+                    "what a brake rolls back to the best epoch: scales | all (the weights too)")
 flags.DEFINE_string("optimizer", None, "weights' optimizer: adam | sgd (default: per dataset)")
 flags.DEFINE_float("lr", None, "weights' learning rate (default: per dataset)")
 flags.DEFINE_float("weight_decay", None, "weight decay (default: per dataset)")

@@ -51,6 +51,7 @@ def test_entry_point_smoke(tiny_data, tmp_path, module, extra, threshold):
     ("--threshold=-1", "threshold"), ("--granularity=diagonal", "granularity"),
     ("--rule=magic", "rule"), ("--lr=-0.1", "lr"), ("--rounding=ceil", "rounding"),
     ("--workdir=/nonexistent/parent/wd", "parent"), ("--model=vgg", "model"),
+    ("--scale_stop_restore=weights", "scale_stop_restore"),
 ])
 def test_bad_flags_fail_fast(tiny_data, flag, needle):
   t0 = time.time()
