@@ -53,12 +53,12 @@ def test_report_tables(tmp_path):
 
 
 def _row(run, sweep, acc, ratio, scheme="scale-rule", rule="lsq", ecr=None, threshold=0.2,
-         bits=None):
+         bits=None, lr=1e-3):
   return {"run": run, "sweep": sweep, "dataset": "mnist", "model": "lenet300", "epochs": 10,
           "test_accuracy": acc, "val_accuracy": acc, "avg_bits": bits or 32 / ratio,
           "compression_ratio": ratio, "entropy_coded_ratio": ecr or ratio, "packed_bytes": 1,
           "train_seconds": 1.0, "scheme": scheme, "rule": rule, "threshold": threshold,
-          "config": {"rule": rule, "scale_stop": "val" if rule == "ratio" else None},
+          "config": {"rule": rule, "scale_stop": "val" if rule == "ratio" else None, "lr": lr},
           "quantized_bits_per_layer": {"fc1/kernel": 2.0, "fc1/bias": 9.0, "conv1/kernel": 4.0}}
 
 
@@ -84,11 +84,14 @@ def test_report_summary_targets_and_threshold_ranges(tmp_path):
   assert "no FP32 run on any schedule yet" in targets  # lenet5, resnet20
   vs = "\n".join(report.versus_lsq_section(rows))
   # lsq at 15x: ratio_s0 (12x) is more than 5% larger, so no candidate.
-  assert "| mnist / lenet300 | 10 | lsq | 0.9790 | 15.0x | - |" in vs
+  assert "| mnist / lenet300 | 10 | 0.001 | base / lsq | 0.9790 | 15.0x | - |" in vs
+  # a small, accurate ratio run trained with another weights' lr is no candidate
+  rows.append(_row("ratio3_s0", "threshold_x", 0.9850, 15.0, rule="ratio", threshold=0.4,
+                   lr=3e-3))
   rows.append(_row("ratio2_s0", "threshold_x", 0.9795, 14.5, rule="ratio", threshold=0.4))
   vs = "\n".join(report.versus_lsq_section(rows))
   assert "| threshold_x / ratio2 | 0.9795 | 14.5x | +0.05 | ratio wins |" in vs
-  rows.pop()
+  del rows[-2:]
   lam = "\n".join(report.threshold_section(rows))
   assert "| 0.3 | 1 | 0.9785 | 0.9785 | 2.67 | 2.00 | 4.00 |" in lam
 
