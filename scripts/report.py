@@ -247,7 +247,8 @@ def targets_section(rows):
   """Distance of the best variant to each of issue 6's targets."""
   out = ["## Distance to the targets", "",
          "For each target: among variants (mean over seeds) whose test accuracy is at most the "
-         "tolerance below the FP32 variant of the same model and schedule, the largest mean "
+         "tolerance below the most accurate FP32 variant (any learning rate) of the same model and "
+         "schedule, the largest mean "
          "ratio.", "",
          "| dataset / model | size | target | tolerance | best variant | epochs | accuracy "
          "(FP32) | ratio | distance |", "|---|---|---|---|---|---|---|---|---|"]
