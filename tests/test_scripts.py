@@ -174,3 +174,19 @@ def test_report_tuning_of_fp32_picks_the_best_val_accuracy():
           _row("fp32_lr0.003_s0", sweep, 0.983, 1.0), _row("fp32_lr0.003_s1", sweep, 0.9826, 1.0)]
   text = "\n".join(report.tuning_section(rows))
   assert "best mean validation accuracy" in text and "Chosen: **fp32_lr0.003**" in text
+
+
+def test_bench_cost_line_only_for_models_over_the_limit():
+  bench = _load("bench")
+  rows = [{"model": "a", "rule": "float", "granularity": "-", "step_s": 2e-3,
+           "step_time_ratio": 1.0, "kernels": 60},
+          {"model": "a", "rule": "ratio", "granularity": "row", "step_s": 2.5e-3,
+           "step_time_ratio": 1.2, "kernels": 100},
+          {"model": "b", "rule": "float", "granularity": "-", "step_s": 1.0,
+           "step_time_ratio": 1.0, "kernels": 700},
+          {"model": "b", "rule": "lsq", "granularity": "channel", "step_s": 1.05,
+           "step_time_ratio": 1.05, "kernels": 800}]
+  lines = bench.cost_lines(rows)
+  # (1.2 - 1) x 2 ms = 0.4 ms over 40 extra kernels = 10 us each; b is within 1.10
+  assert lines == ["a: the slowest rule (ratio/row) runs 100 kernels per step against float's 60; "
+                   "its extra 0.40 ms is 10 us per extra kernel."]
