@@ -190,3 +190,14 @@ def test_bench_cost_line_only_for_models_over_the_limit():
   # (1.2 - 1) x 2 ms = 0.4 ms over 40 extra kernels = 10 us each; b is within 1.10
   assert lines == ["a: the slowest rule (ratio/row) runs 100 kernels per step against float's 60; "
                    "its extra 0.40 ms is 10 us per extra kernel."]
+
+
+def test_report_targets_name_the_closest_run_when_none_is_within_tolerance():
+  report = _load("report")
+  rows = [_row("fp32_s0", "b", 0.855, 1.0, scheme="float", rule=None),
+          _row("q_s0", "b", 0.8408, 8.6, rule="ratio"), _row("p_s0", "b", 0.80, 12.0, rule="ratio")]
+  for r in rows:
+    r.update(dataset="cifar10", model="resnet20")
+  text = "\n".join(report.targets_section(rows))
+  assert "| b / q | 10 | 0.8408 (0.8550) | 8.60x | none within the tolerance: the most accurate " \
+         "is 1.42 points below FP32 |" in text
