@@ -389,11 +389,11 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
   Tracks the epoch with the best validation accuracy and its scales. When an
   epoch's val accuracy falls more than ``scale_stop_tolerance`` below the best,
   the scales roll back to the best epoch's and the scales' step is halved
-  (``scale_mult``); after ``MAX_BRAKES`` such brakes the scales freeze. With
-  ``scale_stop_restore="all"`` the weights roll back too, so that the restored
-  scales meet the weights they were best with. The
+  (``scale_mult``); after ``MAX_BRAKES`` such brakes the scales freeze. The
   scale updates therefore shrink geometrically once coarsening starts to cost
-  accuracy, whatever the schedule length, and the grid converges.
+  accuracy, whatever the schedule length, and the grid converges. With
+  ``scale_stop_restore="all"`` the weights roll back too, so that the restored
+  scales meet the weights they were best with.
   """
   if cfg.scale_stop is None or cfg.float_model or float(state.scale_mult) == 0.0:
     return state, meta, None
@@ -413,8 +413,7 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
     meta["frozen_at"] = epoch
   event = (f"val accuracy {val_acc:.4f} < best {meta['best_val']:.4f} (epoch {meta['best_epoch']}) "
            f"- {cfg.scale_stop_tolerance}: {'parameters' if restore_all else 'scales'} rolled "
-           f"back to epoch {meta['best_epoch']}, "
-           f"scale step x{mult}")
+           f"back to epoch {meta['best_epoch']}, scale step x{mult}")
   return state.replace(params=params, scale_mult=jnp.asarray(mult, jnp.float32)), meta, event
 
 

@@ -248,41 +248,38 @@ def targets_section(rows):
   out = ["## Distance to the targets", "",
          "For each target: among variants (mean over seeds) whose test accuracy is at most the "
          "tolerance below the most accurate FP32 variant (any learning rate) of the same model and "
-         "schedule, the largest mean "
-         "ratio.", "",
+         "schedule, the largest mean ratio.", "",
          "| dataset / model | size | target | tolerance | best variant | epochs | accuracy "
          "(FP32) | ratio | distance |", "|---|---|---|---|---|---|---|---|---|"]
   for ds, model, field, target, tol, what in TARGETS:
-    best, fp32_any, closest = None, False, None
+    # (ratio, variant, epochs, accuracy, FP32 accuracy) of every quantized variant
+    # that has an FP32 run on its schedule
+    cands, fp32_any = [], False
     for (ds_, model_, epochs), variants in _by_schedule(rows):
-      if (ds_, model_) != (ds, model):
-        continue
       fp32 = [_mean([r["test_accuracy"] for r in vs]) for vs in variants.values()
               if family(vs[0]) == "fp32"]
-      if not fp32:
+      if (ds_, model_) != (ds, model) or not fp32:
         continue
       fp32_any = True
-      ref = max(fp32)
       for (sweep, var), vs in variants.items():
-        acc, ratio = _mean([r["test_accuracy"] for r in vs]), _mean([r.get(field) for r in vs])
-        if ratio and family(vs[0]) != "fp32" and acc >= ref - tol / 100 - 1e-9 and (
-            best is None or ratio > best[0]):
-          best = (ratio, f"{sweep} / {var}", epochs, acc, ref)
-        if ratio and family(vs[0]) != "fp32" and (closest is None or acc - ref > closest[3] - closest[4]):
-          closest = (ratio, f"{sweep} / {var}", epochs, acc, ref)
-    if best:
-      dist = "reached" if best[0] >= target else f"{best[0] / target:.1%} of the target"
-      out.append(f"| {ds} / {model} | {what} | {target:g}x | {tol:g} points | {best[1]} | "
-                 f"{best[2]} | {best[3]:.4f} ({best[4]:.4f}) | {best[0]:.2f}x | {dist} |")
-    elif closest:
-      out.append(f"| {ds} / {model} | {what} | {target:g}x | {tol:g} points | {closest[1]} | "
-                 f"{closest[2]} | {closest[3]:.4f} ({closest[4]:.4f}) | {closest[0]:.2f}x | "
-                 f"none within the tolerance: the most accurate is "
-                 f"{100 * (closest[4] - closest[3]):.2f} points below FP32 |")
+        ratio = _mean([r.get(field) for r in vs])
+        if ratio and family(vs[0]) != "fp32":
+          cands.append((ratio, f"{sweep} / {var}", epochs,
+                        _mean([r["test_accuracy"] for r in vs]), max(fp32)))
+    within = [c for c in cands if c[3] >= c[4] - tol / 100 - 1e-9]
+    row = f"| {ds} / {model} | {what} | {target:g}x | {tol:g} points |"
+    if within:
+      ratio, name, epochs, acc, ref = max(within, key=lambda c: c[0])
+      dist = "reached" if ratio >= target else f"{ratio / target:.1%} of the target"
+    elif cands:
+      ratio, name, epochs, acc, ref = max(cands, key=lambda c: c[3] - c[4])
+      dist = (f"none within the tolerance: the most accurate is {100 * (ref - acc):.2f} points "
+              f"below FP32")
     else:
       why = "no quantized run on an FP32 schedule" if fp32_any else "no FP32 run on any schedule yet"
-      out.append(f"| {ds} / {model} | {what} | {target:g}x | {tol:g} points | - | - | - | - | "
-                 f"{why} |")
+      out.append(f"{row} - | - | - | - | {why} |")
+      continue
+    out.append(f"{row} {name} | {epochs} | {acc:.4f} ({ref:.4f}) | {ratio:.2f}x | {dist} |")
   return out + [""]
 
 
