@@ -293,7 +293,9 @@ def main(argv=None):
   if out.exists():  # keep the rows of models not measured this time
     try:
       old = json.loads(out.read_text()).get("rows", [])
-    except ValueError:
+    except ValueError as e:
+      print(f"note: {out} is not valid JSON ({e}); only this run's rows are written",
+            file=sys.stderr)
       old = []
     rows = [r for r in old if r["model"] not in models] + rows
     rows.sort(key=lambda r: list(BATCH).index(r["model"]) if r["model"] in BATCH else len(BATCH))
