@@ -89,9 +89,13 @@ def test_report_summary_targets_and_threshold_ranges(tmp_path):
   rows.append(_row("ratio3_s0", "threshold_x", 0.9850, 15.0, rule="ratio", threshold=0.4,
                    lr=3e-3))
   rows.append(_row("ratio2_s0", "threshold_x", 0.9795, 14.5, rule="ratio", threshold=0.4))
+  # the candidate is chosen on validation: a better test accuracy with a worse
+  # validation accuracy is not picked
+  rows.append({**_row("ratio4_s0", "threshold_x", 0.9900, 15.0, rule="ratio", threshold=0.5),
+               "val_accuracy": 0.9700})
   vs = "\n".join(report.versus_lsq_section(rows))
   assert "| threshold_x / ratio2 | 0.9795 | 14.5x | +0.05 | ratio wins |" in vs
-  del rows[-2:]
+  del rows[-3:]
   lam = "\n".join(report.threshold_section(rows))
   assert "| 0.3 | 1 | 0.9785 | 0.9785 | 2.67 | 2.00 | 4.00 |" in lam
 
