@@ -163,11 +163,13 @@ TARGETS = [
 def family(r) -> str:
   """The scheme a run belongs to, for tables and plot colours."""
   scheme = r.get("scheme")
+  cfg = r.get("config", {})
+  rule = r.get("rule") or cfg.get("rule")
+  if scheme == "penalty" and rule == "ratio":
+    return "ratio + penalty (A+B)"
   if scheme in ("float", "ptq", "qwix", "penalty"):
     return {"float": "fp32", "ptq": "ptq min-max", "qwix": "qwix QAT",
             "penalty": "penalty (scheme B)"}[scheme]
-  cfg = r.get("config", {})
-  rule = r.get("rule") or cfg.get("rule")
   if rule == "ratio":
     return "stable ratio" if cfg.get("scale_stop") == "val" else "ratio (thesis)"
   return {"fixed": "fixed-bit STE", "lsq": "LSQ"}.get(rule, rule or "?")

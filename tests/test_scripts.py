@@ -69,12 +69,14 @@ def test_report_summary_targets_and_threshold_ranges(tmp_path):
           _row("lsq_s0", "base", 0.979, 15.0),        # 0.2 points below FP32's 0.981: counts
           _row("big_s0", "base", 0.970, 30.0, ecr=45.0),  # 1.1 points below: does not
           _row("ratio_s0", "threshold_x", 0.9785, 12.0, rule="ratio", ecr=41.0, threshold=0.3),
+          _row("combo_s0", "combo", 0.980, 12.0, scheme="penalty", rule="ratio"),
           _row("qwix_s0", "peers", 0.981, None, scheme="qwix", rule="qwix_int4", bits=4)]
   rows[-1].update(compression_ratio=None, packed_bytes=None, nominal_bytes=7,
                   compression_ratio_nominal=8.0)
   text = "\n".join(report.dataset_summary(rows, tmp_path / "plots"))
   assert "| qwix QAT | peers / qwix | 1 | 0.9810 | 4.00 | 7 \\* | 8.0 |" in text
   assert "| stable ratio | threshold_x / ratio |" in text
+  assert "| ratio + penalty (A+B) | combo / combo | 1 | 0.9800 |" in text
   assert (tmp_path / "plots" / "pareto_mnist_lenet300_e10.png").stat().st_size > 1000
   targets = "\n".join(report.targets_section(rows))
   # Packed 16x within 0.3 points: lsq at 15x is the best -> 93.8%; entropy-coded 40x:
