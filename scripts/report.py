@@ -354,9 +354,11 @@ def threshold_section(rows):
 # Tuning sweeps and their selection rule (validation only; test accuracy plays no
 # part): a float bar means the most compressed variant (fewest mean average bits)
 # whose mean validation accuracy reaches the bar; None means the variant with the
-# best mean validation accuracy (FP32 runs, where there are no bits to trade).
+# best mean validation accuracy (FP32 runs, or LSQ at a fixed bit width, where there
+# are no bits to trade).
 TUNING_BARS = {"tune_default_lenet300": 0.98, "tune_penalty_lenet300": 0.98,
-               "tune_lr_lenet300": 0.98, "tune_lr_fp32_lenet300": None}
+               "tune_lr_lenet300": 0.98, "tune_lr_fp32_lenet300": None,
+               "tune_lsq_lenet300": None}
 
 
 def tuning_section(rows):
