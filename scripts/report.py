@@ -19,6 +19,7 @@ import pathlib
 import re
 import statistics
 import sys
+import types
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -285,6 +286,14 @@ def targets_section(rows):
   return out + [""]
 
 
+def _variant_stats(vs):
+  """Means over one variant's seeds (test and val accuracy, size ratio), its family and lr."""
+  return types.SimpleNamespace(
+      acc=_mean([r["test_accuracy"] for r in vs]), val=_mean([r["val_accuracy"] for r in vs]),
+      ratio=_mean([size_ratio(r) for r in vs]), family=family(vs[0]),
+      lr=vs[0].get("config", {}).get("lr"))
+
+
 def versus_lsq_section(rows):
   """The stable ratio variant against LSQ at (about) equal packed size, per model."""
   out = ["## Stable ratio vs LSQ at equal packed size", "",
@@ -296,22 +305,21 @@ def versus_lsq_section(rows):
          "variant | its accuracy | its ratio | difference (points) | verdict |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
   for (ds, model, epochs), variants in _by_schedule(rows):
-    stats = {k: (_mean([r["test_accuracy"] for r in vs]), _mean([size_ratio(r) for r in vs]),
-                 family(vs[0]), vs[0].get("config", {}).get("lr"),
-                 _mean([r["val_accuracy"] for r in vs])) for k, vs in variants.items()}
-    for k, (acc, ratio, fam, lr, _) in stats.items():
-      if fam != "LSQ" or not ratio:
+    stats = {k: _variant_stats(vs) for k, vs in variants.items()}
+    for k, lsq in stats.items():
+      if lsq.family != "LSQ" or not lsq.ratio:
         continue
+      lr = lsq.lr
       head = (f"| {ds} / {model} | {epochs} | {'-' if lr is None else f'{lr:g}'} | {k[0]} / {k[1]} "
-              f"| {acc:.4f} | {ratio:.1f}x |")
-      cands = [(val, a, q, kk) for kk, (a, q, f, lr_, val) in stats.items()
-               if f == "stable ratio" and lr_ == lr and q and q >= 0.95 * ratio]
+              f"| {lsq.acc:.4f} | {lsq.ratio:.1f}x |")
+      cands = [(s.val, s.acc, s.ratio, kk) for kk, s in stats.items() if s.family == "stable ratio"
+               and s.lr == lr and s.ratio and s.ratio >= 0.95 * lsq.ratio]
       if not cands:
         out.append(f"{head} - | - | - | - | no stable-ratio run this small |")
         continue
-      _, a, q, kk = max(cands)
-      verdict = "ratio wins" if a >= acc else "LSQ wins"
-      out.append(f"{head} {kk[0]} / {kk[1]} | {a:.4f} | {q:.1f}x | {100 * (a - acc):+.2f} | "
+      _, a, q, kk = max(cands)  # best val; ties: more accurate, then smaller file
+      verdict = "ratio wins" if a >= lsq.acc else "LSQ wins"
+      out.append(f"{head} {kk[0]} / {kk[1]} | {a:.4f} | {q:.1f}x | {100 * (a - lsq.acc):+.2f} | "
                  f"{verdict} |")
   return out + [""]
 
