@@ -1,6 +1,6 @@
 """Resumable sweep driver: runs a grid of experiment flags and collects results.
 
-  python scripts/sweep.py --config sweeps/lenet300_stability.json [--dry_run]
+  python scripts/sweep.py --config sweeps/lenet300_stability.json [--dry_run] [--collect]
 
 A config (JSON) names the entry point, the flags every run shares, named
 variants (each a set of flags), and seeds::
@@ -11,11 +11,17 @@ variants (each a set of flags), and seeds::
    "grid": {"threshold": [0.1, 0.2]},          # optional: crossed with variants
    "seeds": [0, 1, 2]}
 
-Every run gets its own workdir ``runs/<name>/<variant>[_<grid point>]_s<seed>``.
-A run whose results.json exists is skipped, and an interrupted run resumes from
-its checkpoint, so re-running the same command finishes the sweep. At the end
-(and after each run) every results.json is collected into
-``runs/<name>/results.jsonl`` (one line per run, with its workdir and command).
+Every run gets its own workdir ``runs/<name>/<variant>[_<grid point>]_s<seed>``
+(checkpoints, exported files, logs: large, not in git). A run whose
+results.json exists is skipped, and an interrupted run resumes from its
+checkpoint, so re-running the same command finishes the sweep.
+
+After each run the sweep's record is updated in ``results/<name>/`` (small, and
+committed, so the evidence outlives the machine that made it):
+``results.jsonl`` (one line per run: its results.json, run name and command)
+and ``<run>/metrics.jsonl`` (its per-epoch log). Runs already in the record
+but no longer under ``runs/`` keep their lines; a run made again replaces its own.
+scripts/report.py reads only this record.
 """
 
 from __future__ import annotations
@@ -56,24 +62,37 @@ def to_argv(flags: dict):
   return out
 
 
-def collect(out_dir: pathlib.Path):
-  rows = []
+def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
+  """Merges the finished runs under out_dir into the sweep's record; returns all its rows."""
+  from lqjax import fileio
+  path = record_dir / "results.jsonl"
+  rows = {}
+  if path.exists():
+    rows = {r["run"]: r for r in map(json.loads, path.read_text().splitlines())}
   for res in sorted(out_dir.glob("*/results.json")):
     r = json.loads(res.read_text())
     cmd = res.parent / "command.txt"
     r["run"] = res.parent.name
     r["command"] = cmd.read_text().strip() if cmd.exists() else None
-    rows.append(r)
-  from lqjax import fileio
-  fileio.write_jsonl_atomic(out_dir / "results.jsonl", rows)
+    rows[r["run"]] = r
+    metrics = res.parent / "metrics.jsonl"
+    if metrics.exists():
+      fileio.write_bytes_atomic(record_dir / r["run"] / "metrics.jsonl", metrics.read_bytes())
+  rows = [rows[k] for k in sorted(rows)]
+  if rows:
+    fileio.write_jsonl_atomic(path, rows)
   return rows
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", required=True)
-  ap.add_argument("--runs_dir", default=str(ROOT / "runs"))
+  ap.add_argument("--runs_dir", default=str(ROOT / "runs"), help="where the runs' workdirs go")
+  ap.add_argument("--results_dir", default=str(ROOT / "results"),
+                  help="where the sweep's record (results.jsonl, metrics) is kept")
   ap.add_argument("--dry_run", action="store_true")
+  ap.add_argument("--collect", action="store_true",
+                  help="run nothing: only merge the finished runs under runs_dir into the record")
   ap.add_argument("--only", default=None,
                   help="run only runs whose name contains one of these comma-separated strings")
   args = ap.parse_args(argv)
@@ -84,7 +103,8 @@ def main(argv=None):
     return 2
   out_dir = pathlib.Path(args.runs_dir) / cfg["name"]
   out_dir.mkdir(parents=True, exist_ok=True)
-  runs = list(expand(cfg))
+  record_dir = pathlib.Path(args.results_dir) / cfg["name"]
+  runs = [] if args.collect else list(expand(cfg))
   only = [o for o in (args.only or "").split(",") if o]
   failed = 0
   for i, (name, flags) in enumerate(runs):
@@ -110,9 +130,11 @@ def main(argv=None):
     else:
       print(f"  {r.stdout.strip().splitlines()[-2] if r.stdout.strip() else ''} "
             f"[{time.time() - t0:.0f}s]", flush=True)
-    collect(out_dir)
-  rows = collect(out_dir)
-  print(f"{len(rows)} results in {out_dir / 'results.jsonl'}; {failed} failed")
+    collect(out_dir, record_dir)
+  if args.dry_run:
+    return 0
+  rows = collect(out_dir, record_dir)
+  print(f"{len(rows)} results in {record_dir / 'results.jsonl'}; {failed} failed")
   return 1 if failed else 0
 
 

@@ -31,7 +31,7 @@ def test_sweep_expand_and_argv():
 
 def test_report_tables(tmp_path):
   report = _load("report")
-  sweep_dir = tmp_path / "runs" / "demo"
+  sweep_dir = tmp_path / "results" / "demo"
   rows = []
   for seed, acc, bits in ((0, 0.9, 2.0), (1, 0.8, 4.0)):
     run = sweep_dir / f"v_s{seed}"
@@ -44,7 +44,7 @@ def test_report_tables(tmp_path):
                  "train_seconds": 5.0, "command": f"python -m x --seed={seed}"})
   (sweep_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "R.md"
-  assert report.main(["--runs_dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+  assert report.main(["--results_dir", str(tmp_path / "results"), "--out", str(out)]) == 0
   text = out.read_text()
   assert "| v | 2 | 4 | 0.8500 ± 0.0707 | 3.00 ± 1.41 |" in text
   # Convergence: last 20% of 4 epochs is one epoch: no change; final == best.
@@ -171,6 +171,28 @@ def test_sweep_only_takes_comma_separated_names(tmp_path, capsys):
   listed = [l.split("--workdir=")[1] for l in capsys.readouterr().out.splitlines() if "--workdir" in l]
   assert sorted(pathlib.Path(p).name for p in listed) == [
       "fp32_s0", "fp32_s1", "lsq_2bit_s0", "lsq_2bit_s1"]
+
+
+def test_sweep_record_keeps_runs_lost_from_runs_dir_and_takes_remade_ones(tmp_path):
+  sweep = _load("sweep")
+  runs, record = tmp_path / "runs" / "x", tmp_path / "results" / "x"
+  record.mkdir(parents=True)
+  old = [{"run": "a_s0", "test_accuracy": 0.5, "command": "old a"},
+         {"run": "b_s0", "test_accuracy": 0.6, "command": "old b"}]
+  (record / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+  for name, acc in (("a_s0", 0.7), ("c_s0", 0.8)):  # a made again, c new; b's workdir is gone
+    (runs / name).mkdir(parents=True)
+    (runs / name / "results.json").write_text(json.dumps({"test_accuracy": acc}))
+    (runs / name / "command.txt").write_text(f"new {name}\n")
+    (runs / name / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+  (runs / "d_s0").mkdir()  # unfinished: no results.json
+  rows = sweep.collect(runs, record)
+  got = {r["run"]: (r["test_accuracy"], r["command"]) for r in rows}
+  assert got == {"a_s0": (0.7, "new a_s0"), "b_s0": (0.6, "old b"), "c_s0": (0.8, "new c_s0")}
+  kept = [json.loads(x) for x in (record / "results.jsonl").read_text().splitlines()]
+  assert [r["run"] for r in kept] == ["a_s0", "b_s0", "c_s0"]
+  assert (record / "c_s0" / "metrics.jsonl").read_text() == json.dumps({"epoch": 1}) + "\n"
+  assert not (record / "d_s0").exists()
 
 
 def test_report_tuning_of_fp32_picks_the_best_val_accuracy():
