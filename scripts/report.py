@@ -416,6 +416,12 @@ def readme_headline(results_dir: pathlib.Path, sweep: str):
   return "\n".join(lines)
 
 
+def unrecorded_sweeps(configs_dir: pathlib.Path, recorded) -> list:
+  """Names of the sweeps configured in `configs_dir` that have no record."""
+  names = {json.loads(f.read_text())["name"] for f in configs_dir.glob("*.json")}
+  return sorted(names - set(recorded))
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--results_dir", default=str(ROOT / "results"),
@@ -442,6 +448,10 @@ def main(argv=None):
            "each run; all choices were made on the validation split.", ""]
   plots_dir = pathlib.Path(args.out).parent / "plots"
   all_rows = load_rows(files)
+  missing = unrecorded_sweeps(ROOT / "sweeps", {f.parent.name for f in files})
+  if missing and not args.sweeps:
+    print(f"note: no record yet of sweep(s) {', '.join(missing)}: the report leaves them out "
+          f"(run scripts/sweep.py --config sweeps/<config>.json)", file=sys.stderr)
   lines += dataset_summary(all_rows, plots_dir) + targets_section(all_rows)
   lines += versus_lsq_section(all_rows)
   lines += threshold_section(all_rows) + tuning_section(all_rows)

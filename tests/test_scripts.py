@@ -195,6 +195,13 @@ def test_sweep_record_keeps_runs_lost_from_runs_dir_and_takes_remade_ones(tmp_pa
   assert not (record / "d_s0").exists()
 
 
+def test_report_names_configured_sweeps_without_a_record(tmp_path):
+  report = _load("report")
+  for name in ("a", "b", "c"):
+    (tmp_path / f"{name}.json").write_text(json.dumps({"name": f"sweep_{name}"}))
+  assert report.unrecorded_sweeps(tmp_path, {"sweep_b", "other"}) == ["sweep_a", "sweep_c"]
+
+
 def test_report_tuning_of_fp32_picks_the_best_val_accuracy():
   report = _load("report")
   sweep = "tune_lr_fp32_lenet300"
