@@ -202,6 +202,23 @@ def test_report_names_configured_sweeps_without_a_record(tmp_path):
   assert report.unrecorded_sweeps(tmp_path, {"sweep_b", "other"}) == ["sweep_a", "sweep_c"]
 
 
+def test_compare_reports_flags_a_changed_accuracy_not_a_changed_file_size():
+  cmp = _load("compare_reports")
+  head = ("# Per sweep\n\n## demo\n\n| variant | seeds | epochs | test accuracy | avg bits | "
+          "packed bytes | ratio | entropy-coded ratio | train s |\n|---|---|---|---|---|---|---|---|---|\n")
+  conv = "\n| v_s0 | 4 | 0.0% | 0.9000 | 0.9000 | +0.00 | - |\n"
+  old = head + "| v | 2 | 4 | 0.8500 ± 0.0707 | 3.00 ± 1.41 | 100 ± 0 | 10.0 ± 0.0 | - | 5 |" + conv
+  same = head + "| v | 2 | 4 | 0.8500 ± 0.0707 | 3.00 ± 1.41 | 160 ± 0 | 10.0 ± 0.0 | - | 9 |" + conv
+  assert cmp.compare(old, same) == (2, [], [], [60.0])
+  changed = old.replace("0.8500", "0.8600")
+  compared, diffs, _, _ = cmp.compare(old, changed)
+  assert compared == 2 and len(diffs) == 1 and "demo/v" in diffs[0]
+  moved = old.replace("| v_s0 | 4 | 0.0% | 0.9000 |", "| v_s0 | 4 | 0.0% | 0.8900 |")
+  assert len(cmp.compare(old, moved)[1]) == 1
+  extra = old + "| v_s1 | 4 | 0.0% | 0.8000 | 0.8000 | +0.00 | - |\n"
+  assert cmp.compare(old, extra)[2] == ["demo/v_s1"]
+
+
 def test_report_tuning_of_fp32_picks_the_best_val_accuracy():
   report = _load("report")
   sweep = "tune_lr_fp32_lenet300"
