@@ -59,7 +59,7 @@ def compare(old_text: str, new_text: str):
         # seeds, epochs, test accuracy, avg bits
         if ov[var][:4] != cells[:4]:
           diffs.append(f"{name}/{var}: {cells[:4]} (was {ov[var][:4]})")
-        else:
+        elif cells[4] != "-" and ov[var][4] != "-":  # runs without an exported file have none
           dbytes.append(float(cells[4].split()[0]) - float(ov[var][4].split()[0]))
   return compared, diffs, fresh, dbytes
 

@@ -217,6 +217,8 @@ def test_compare_reports_flags_a_changed_accuracy_not_a_changed_file_size():
   assert len(cmp.compare(old, moved)[1]) == 1
   extra = old + "| v_s1 | 4 | 0.0% | 0.8000 | 0.8000 | +0.00 | - |\n"
   assert cmp.compare(old, extra)[2] == ["demo/v_s1"]
+  no_file = old.replace("| 100 ± 0 |", "| - |")
+  assert cmp.compare(no_file, no_file) == (2, [], [], [])
 
 
 def test_report_tuning_of_fp32_picks_the_best_val_accuracy():
