@@ -205,10 +205,12 @@ def test_report_names_configured_sweeps_without_a_record(tmp_path):
 def test_compare_reports_flags_a_changed_accuracy_not_a_changed_file_size():
   cmp = _load("compare_reports")
   head = ("# Per sweep\n\n## demo\n\n| variant | seeds | epochs | test accuracy | avg bits | "
-          "packed bytes | ratio | entropy-coded ratio | train s |\n|---|---|---|---|---|---|---|---|---|\n")
+          "packed bytes | ratio | entropy-coded ratio | train s |\n"
+          "|---|---|---|---|---|---|---|---|---|\n")
   conv = "\n| v_s0 | 4 | 0.0% | 0.9000 | 0.9000 | +0.00 | - |\n"
-  old = head + "| v | 2 | 4 | 0.8500 ± 0.0707 | 3.00 ± 1.41 | 100 ± 0 | 10.0 ± 0.0 | - | 5 |" + conv
-  same = head + "| v | 2 | 4 | 0.8500 ± 0.0707 | 3.00 ± 1.41 | 160 ± 0 | 10.0 ± 0.0 | - | 9 |" + conv
+  row = "| v | 2 | 4 | 0.8500 ± 0.0707 | 3.00 ± 1.41 | {} ± 0 | 10.0 ± 0.0 | - | {} |"
+  old = head + row.format(100, 5) + conv
+  same = head + row.format(160, 9) + conv
   assert cmp.compare(old, same) == (2, [], [], [60.0])
   changed = old.replace("0.8500", "0.8600")
   compared, diffs, _, _ = cmp.compare(old, changed)
