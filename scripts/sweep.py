@@ -11,6 +11,9 @@ variants (each a set of flags), and seeds::
    "grid": {"threshold": [0.1, 0.2]},          # optional: crossed with variants
    "seeds": [0, 1, 2]}
 
+A variant may carry its own ``"seeds"`` list, which replaces the sweep's for
+that variant (e.g. more seeds for the pair a comparison hinges on).
+
 Every run gets its own workdir ``runs/<name>/<variant>[_<grid point>]_s<seed>``
 (checkpoints, exported files, logs: large, not in git). A run whose
 results.json exists is skipped, and an interrupted run resumes from its
@@ -44,10 +47,12 @@ def expand(cfg: dict):
   keys = sorted(grid)
   points = list(itertools.product(*(grid[k] for k in keys))) or [()]
   for vname, vflags in cfg["variants"].items():
+    vflags = dict(vflags)
+    seeds = vflags.pop("seeds", cfg.get("seeds", [0]))
     for point in points:
       gflags = dict(zip(keys, point))
       tag = "_".join(f"{k}{v}" for k, v in gflags.items())
-      for seed in cfg.get("seeds", [0]):
+      for seed in seeds:
         flags = {**cfg.get("base", {}), **vflags, **gflags, "seed": seed}
         yield f"{vname}{'_' + tag if tag else ''}_s{seed}", flags
 

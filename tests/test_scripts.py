@@ -25,6 +25,10 @@ def test_sweep_expand_and_argv():
   assert "a_threshold0.1_s0" in names and "b_threshold0.2_s1" in names
   flags = dict(runs[0][1])
   assert flags["epochs"] == 2 and flags["rule"] == "lsq" and flags["seed"] == 0
+  cfg["variants"]["a"] = {"rule": "lsq", "seeds": [0, 1, 2, 3]}  # its own seeds
+  runs = dict(sweep.expand(cfg))
+  assert len(runs) == 2 * 4 + 2 * 2 and "a_threshold0.2_s3" in runs and "b_threshold0.2_s3" not in runs
+  assert "seeds" not in runs["a_threshold0.2_s3"] and runs["a_threshold0.2_s3"]["seed"] == 3
   argv = sweep.to_argv({"float": True, "progress": False, "lr": 0.1})
   assert argv == ["--float", "--noprogress", "--lr=0.1"]
 
