@@ -1,8 +1,12 @@
-"""The sweep driver's expansion and the report generator, on a fabricated runs folder."""
+"""The sweep driver's expansion and the report generator, on a fabricated runs folder,
+and the shipped sweep configs against their entry points' flags."""
 
 import importlib.util
 import json
 import pathlib
+import re
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -261,3 +265,21 @@ def test_report_targets_name_the_closest_run_when_none_is_within_tolerance():
   text = "\n".join(report.targets_section(rows))
   assert "| b / q | 10 | 0.8408 (0.8550) | 8.60x | none within the tolerance: the most accurate " \
          "is 1.42 points below FP32 |" in text
+
+
+def test_shipped_sweep_configs_name_only_real_flags():
+  """Every flag a shipped sweep passes is one its entry point defines (a typo would
+  otherwise surface hours into a sweep, as an absl error in one run's log)."""
+  sweep = _load("sweep")
+  configs = {p.name: json.loads(p.read_text()) for p in sorted((ROOT / "sweeps").glob("*.json"))}
+  assert configs
+  known = {}
+  for module in sorted({c["module"] for c in configs.values()}):
+    out = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300).stdout
+    known[module] = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", out, re.M))
+    assert {"seed", "workdir"} <= known[module], module
+  for name, cfg in configs.items():
+    for run, flags in sweep.expand(cfg):
+      unknown = set(flags) - known[cfg["module"]]
+      assert not unknown, f"{name} / {run}: {cfg['module']} has no flag(s) {sorted(unknown)}"
