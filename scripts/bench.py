@@ -2,6 +2,7 @@
 
   python scripts/bench.py [--models lenet300,lenet5,resnet20] [--out docs/bench.json]
                           [--readme README.md]
+  python scripts/bench.py --from_json docs/bench_gpu.json --readme README.md
 
 For each model at its default batch size it measures, after compilation, the
 train-step time for: float, and every rule (fixed, lsq, ratio) at two
@@ -86,10 +87,14 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int):
     holder["s"], _ = run_chunk(holder["s"], perm, images, labels, steps)
     return holder["s"]
 
+  # the step keys are derived once, outside the timed windows: a host-side fold_in per
+  # step is a dispatch of its own, which a GPU step is short enough to feel
+  keys = [jax.random.fold_in(rng, i) for i in range(steps)]
+
   def const():
     s = holder["s"]
-    for i in range(steps):
-      s, _ = const_step(s, const_batch, jax.random.fold_in(rng, i))
+    for k in keys:
+      s, _ = const_step(s, const_batch, k)
     holder["s"] = s
     return s
 
@@ -246,7 +251,12 @@ def cost_lines(rows, limit: float = 1.10) -> list:
 
 
 def readme_section(doc) -> str:
-  lines = [f"Measured by `python scripts/bench.py --readme README.md` on {doc['machine']} "
+  where = doc["machine"] if doc["backend"] == "cpu" else \
+      f"{doc.get('device_kind', doc['backend'])} (host {doc['machine']})"
+  how = "`python scripts/bench.py --readme README.md`" if doc["backend"] == "cpu" else \
+      "`bash scripts/bench_gpu.sh` (rendered here by `python scripts/bench.py --from_json " \
+      f"docs/bench_{doc['backend']}.json --readme README.md`)"
+  lines = [f"Measured by {how} on {where} "
            f"({', '.join(sorted({r.get('date', doc['date']) for r in doc['rows']}))}, jax "
            f"{doc['jax']}, {doc['backend']}). Step time of quantized "
            f"training relative to float training (timed windows taken round-robin in one "
@@ -278,9 +288,26 @@ def main(argv=None):
   ap.add_argument("--windows", type=int, default=9)
   ap.add_argument("--out", default="docs/bench.json")
   ap.add_argument("--readme", default=None)
+  ap.add_argument("--steps_scale", type=int, default=1,
+                  help="multiply the steps per timed window (e.g. 10 on a GPU, where a "
+                       "CPU-sized window is a few milliseconds)")
+  ap.add_argument("--from_json", default=None,
+                  help="measure nothing: render this benchmark JSON into --readme (e.g. "
+                       "docs/bench_gpu.json, written on a GPU machine by bench_gpu.sh)")
   ap.add_argument("--cifar_epoch", action="store_true",
                   help="also time one CIFAR-10 ResNet-20 epoch (slow on a CPU)")
   args = ap.parse_args(argv)
+  if args.from_json:
+    if not args.readme:
+      print("error: --from_json only renders into --readme; give --readme README.md",
+            file=sys.stderr)
+      return 2
+    try:
+      doc = json.loads(pathlib.Path(args.from_json).read_text())
+      return write_readme(pathlib.Path(args.readme), doc)
+    except (OSError, ValueError, KeyError) as e:
+      print(f"error: cannot render {args.from_json}: {e}", file=sys.stderr)
+      return 2
   models = args.models.split(",")
   bad = [m for m in models if m not in BATCH]
   if bad:
@@ -288,6 +315,10 @@ def main(argv=None):
     return 2
   # steps per timed window: about 0.3 s or more each on this CPU
   steps = {"lenet300": 200, "lenet5": 10, "resnet20": 3}
+  if args.steps_scale < 1:
+    print(f"error: --steps_scale must be >= 1, got {args.steps_scale}", file=sys.stderr)
+    return 2
+  steps = {k: v * args.steps_scale for k, v in steps.items()}
   rows = run(models, steps, args.windows)
   out = pathlib.Path(args.out)
   if out.exists():  # keep the rows of models not measured this time
@@ -301,6 +332,7 @@ def main(argv=None):
     rows.sort(key=lambda r: list(BATCH).index(r["model"]) if r["model"] in BATCH else len(BATCH))
   doc = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
          "backend": jax.default_backend(), "devices": len(jax.devices()),
+         "device_kind": jax.devices()[0].device_kind,
          "date": datetime.date.today().isoformat(), "jax": jax.__version__,
          "peak_rss_mb": peak_memory_mb(), "rows": rows}
   if args.cifar_epoch:
@@ -310,13 +342,22 @@ def main(argv=None):
   train.write_json_atomic(out, doc)
   print(f"wrote {out}")
   if args.readme:
-    p = pathlib.Path(args.readme)
-    text = p.read_text()
-    b, e = "<!-- bench:begin -->", "<!-- bench:end -->"
-    if b in text and e in text:
-      text = text[:text.index(b) + len(b)] + "\n" + readme_section(doc) + "\n" + text[text.index(e):]
-      p.write_text(text)
-      print(f"updated {p}")
+    return write_readme(pathlib.Path(args.readme), doc)
+  return 0
+
+
+def write_readme(path: pathlib.Path, doc) -> int:
+  """Rewrites the README's section between its bench markers (``bench`` for CPU
+  measurements, ``bench-<backend>`` otherwise, e.g. ``bench-gpu``)."""
+  tag = "bench" if doc["backend"] == "cpu" else f"bench-{doc['backend']}"
+  b, e = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+  text = path.read_text()
+  if b not in text or e not in text:
+    print(f"error: {path} has no {b} ... {e} markers", file=sys.stderr)
+    return 2
+  text = text[:text.index(b) + len(b)] + "\n" + readme_section(doc) + "\n" + text[text.index(e):]
+  path.write_text(text)
+  print(f"updated {path}")
   return 0
 
 

@@ -283,3 +283,27 @@ def test_shipped_sweep_configs_name_only_real_flags():
     for run, flags in sweep.expand(cfg):
       unknown = set(flags) - known[cfg["module"]]
       assert not unknown, f"{name} / {run}: {cfg['module']} has no flag(s) {sorted(unknown)}"
+
+
+def test_bench_renders_a_gpu_json_into_its_own_readme_markers(tmp_path):
+  bench = _load("bench")
+  readme = tmp_path / "README.md"
+  readme.write_text("<!-- bench:begin -->\nCPU\n<!-- bench:end -->\n"
+                    "<!-- bench-gpu:begin -->\n<!-- bench-gpu:end -->\n")
+  row = {"model": "lenet5", "rule": "float", "granularity": "-", "step_s": 0.001,
+         "step_time_ratio": 1.0, "data_pipeline_ratio": 1.0, "kernels": 3, "date": "2026-01-01"}
+  doc = {"machine": "x86_64, 16 cores", "backend": "gpu", "device_kind": "NVIDIA H200",
+         "date": "2026-01-01", "jax": "0.0", "rows": [row, {**row, "rule": "ratio",
+                                                            "step_time_ratio": 1.05}]}
+  js = tmp_path / "bench_gpu.json"
+  js.write_text(json.dumps(doc))
+  assert bench.main(["--from_json", str(js), "--readme", str(readme)]) == 0
+  text = readme.read_text()
+  assert "CPU\n<!-- bench:end -->" in text  # the CPU section is left alone
+  gpu = text.split("<!-- bench-gpu:begin -->")[1]
+  assert "NVIDIA H200" in gpu and "| lenet5 | ratio | - | 1.00 | 1.050 | 3 |" in gpu
+  assert "bench_gpu.sh" in gpu
+  assert bench.main(["--from_json", str(js)]) == 2  # nowhere to render
+  assert bench.main(["--from_json", str(tmp_path / "missing.json"), "--readme", str(readme)]) == 2
+  readme.write_text("no markers\n")
+  assert bench.main(["--from_json", str(js), "--readme", str(readme)]) == 2
