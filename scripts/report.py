@@ -86,7 +86,7 @@ def sweep_section(name, rows, results_dir, plots_dir):
         f"{_ms([size_bytes(r) for r in rs], '{:.0f}')}{_accounted(rs)} | "
         f"{_ms([size_ratio(r) for r in rs], '{:.1f}')} | "
         f"{_ms([r.get('entropy_coded_ratio') for r in rs], '{:.1f}')} | "
-        f"{_ms([r['train_seconds'] for r in rs], '{:.0f}')} |")
+        f"{_train_time(rs)} |")
   if any(r.get("nominal_bytes") for r in rows):
     out += ["", "\\* accounted size (bits x weights + scales), not a written file: the peer "
             "library writes none."]
@@ -107,6 +107,30 @@ def sweep_section(name, rows, results_dir, plots_dir):
   if png:
     out += ["", f"![{name}]({png.relative_to(plots_dir.parent).as_posix()})"]
   return out + [""]
+
+
+def _train_time(rs):
+  """Train seconds, mean +- std over the runs; split by platform where a variant's runs
+  were made on more than one kind of device (a GPU run takes seconds, not minutes)."""
+  by = collections.OrderedDict()
+  for r in rs:
+    by.setdefault(r.get("platform", "cpu"), []).append(r["train_seconds"])
+  if list(by) == ["cpu"]:
+    return _ms(by["cpu"], "{:.0f}")
+  return "; ".join(f"{_ms(v, '{:.0f}')} ({p}, {len(v)} run{'s' * (len(v) > 1)})"
+                   for p, v in by.items())
+
+
+def off_cpu_runs(rows) -> list:
+  """The setup's line naming the runs that were not made on the CPU, if any."""
+  runs = [r for r in rows if r.get("platform", "cpu") != "cpu"]
+  if not runs:
+    return []
+  by = collections.OrderedDict()
+  for r in sorted(runs, key=lambda r: (r["sweep"], r["run"])):
+    by.setdefault(r["platform"], []).append(f"{r['sweep']} / {r['run']}")
+  return [f"Made on a {p.upper()} (a lent machine; same commands, their `platform` field "
+          f"says so): {', '.join(names)}." for p, names in by.items()] + [""]
 
 
 def _accounted(rs):
@@ -214,7 +238,7 @@ def dataset_summary(rows, plots_dir):
           f"{_ms([size_bytes(r) for r in vs], '{:.0f}')}{_accounted(vs)} | "
           f"{_ms([size_ratio(r) for r in vs], '{:.1f}')} | "
           f"{_ms([r.get('entropy_coded_ratio') for r in vs], '{:.1f}')} | "
-          f"{_ms([r['train_seconds'] for r in vs], '{:.0f}')} |")
+          f"{_train_time(vs)} |")
     png = summary_plot(f"{ds}_{model}_e{epochs}", variants, plots_dir)
     if png:
       out += ["", f"![{ds} {model} {epochs} epochs]({png.relative_to(plots_dir.parent).as_posix()})"]
@@ -454,6 +478,7 @@ def main(argv=None):
   if missing and not args.sweeps:
     print(f"note: no record yet of sweep(s) {', '.join(missing)}: the report leaves them out "
           f"(run scripts/sweep.py --config sweeps/<config>.json)", file=sys.stderr)
+  lines += off_cpu_runs(all_rows)
   lines += dataset_summary(all_rows, plots_dir) + targets_section(all_rows)
   lines += versus_lsq_section(all_rows)
   lines += threshold_section(all_rows) + tuning_section(all_rows)

@@ -307,3 +307,14 @@ def test_bench_renders_a_gpu_json_into_its_own_readme_markers(tmp_path):
   assert bench.main(["--from_json", str(tmp_path / "missing.json"), "--readme", str(readme)]) == 2
   readme.write_text("no markers\n")
   assert bench.main(["--from_json", str(js), "--readme", str(readme)]) == 2
+
+
+def test_report_splits_train_time_by_platform_and_names_off_cpu_runs():
+  report = _load("report")
+  cpu = [{"sweep": "s", "run": f"v_s{i}", "train_seconds": t} for i, t in ((0, 200), (1, 220))]
+  assert report._train_time(cpu) == "210 ± 14"  # runs without a platform field: the CPU
+  assert report.off_cpu_runs(cpu) == []
+  mixed = cpu + [{"sweep": "s", "run": "v_s2", "train_seconds": 13, "platform": "gpu"}]
+  assert report._train_time(mixed) == "210 ± 14 (cpu, 2 runs); 13 (gpu, 1 run)"
+  line = report.off_cpu_runs(mixed)
+  assert line[0].startswith("Made on a GPU") and "s / v_s2" in line[0] and "v_s0" not in line[0]
