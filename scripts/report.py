@@ -112,9 +112,8 @@ def sweep_section(name, rows, results_dir, plots_dir):
 def _train_time(rs):
   """Train seconds, mean +- std over the runs; split by platform where a variant's runs
   were made on more than one kind of device (a GPU run takes seconds, not minutes)."""
-  by = collections.OrderedDict()
-  for r in rs:
-    by.setdefault(r.get("platform", "cpu"), []).append(r["train_seconds"])
+  by = {p: [r["train_seconds"] for r in g]
+        for p, g in _group(rs, lambda r: r.get("platform", "cpu")).items()}
   if list(by) == ["cpu"]:
     return _ms(by["cpu"], "{:.0f}")
   return "; ".join(f"{_ms(v, '{:.0f}')} ({p}, {len(v)} run{'s' * (len(v) > 1)})"
@@ -126,11 +125,9 @@ def off_cpu_runs(rows) -> list:
   runs = [r for r in rows if r.get("platform", "cpu") != "cpu"]
   if not runs:
     return []
-  by = collections.OrderedDict()
-  for r in sorted(runs, key=lambda r: (r["sweep"], r["run"])):
-    by.setdefault(r["platform"], []).append(f"{r['sweep']} / {r['run']}")
   return [f"Made on a {p.upper()} (a lent machine; same commands, their `platform` field "
-          f"says so): {', '.join(names)}." for p, names in by.items()] + [""]
+          f"says so): {', '.join(r['sweep'] + ' / ' + r['run'] for r in g)}."
+          for p, g in _group(runs, lambda r: r["platform"]).items()] + [""]
 
 
 def _accounted(rs):
