@@ -300,12 +300,16 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
       y = jax.lax.with_sharding_constraint(y, batch_sharding)
     return train_step(state, (x, y), jax.random.fold_in(step_rng, state.step))
 
+  # one dispatch for the chunk's metrics: an eager jnp.stack dispatches once per step and
+  # metric, which a GPU step of a small model (~0.2 ms) feels (~17 us per step on the CPU)
+  stack = jax.jit(lambda ms: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ms))
+
   def run_chunk(state, perm, images, labels, n_steps):
     ms = []
     for _ in range(n_steps):
       state, m = step_at(state, perm, images, labels)
       ms.append(m)
-    return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ms)
+    return state, stack(ms)
 
   return run_chunk
 
