@@ -365,7 +365,10 @@ def threshold_section(rows):
   out = ["## Threshold lambda: useful ranges for dense and convolutional layers", "",
          "Per sweep and lambda (mean over seeds): test accuracy, average bits of the whole model, "
          "and the mean over layers of the kernel bits of dense and of convolutional layers. "
-         "Larger lambda must give fewer bits.", ""]
+         "Larger lambda should give fewer bits; where a larger lambda ends with more, its "
+         "grids got too coarse early, validation accuracy collapsed, and the validation brake "
+         "rolled the scales back to an earlier, finer epoch (the `scale_stop` events in "
+         "results/<sweep>/<run>/metrics.jsonl).", ""]
   for sweep, rs in _group(rows, lambda r: r["sweep"]).items():
     out += [f"### {sweep} ({rs[0]['dataset']} / {rs[0]['model']}, {rs[0]['epochs']} epochs)", "",
             "| lambda | seeds | test accuracy | val accuracy | avg bits | dense kernel bits | "
