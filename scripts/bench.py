@@ -103,6 +103,7 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int):
   compile_s = time.perf_counter() - t0
   _sync(const())
   holder["kernels"] = count_kernels(const_step.as_text())
+  holder["bytes_accessed"] = bytes_accessed(const_step)
   return real, const, compile_s, holder
 
 
@@ -118,6 +119,16 @@ def count_kernels(hlo_text: str) -> int:
   entry = hlo_text[hlo_text.index("ENTRY"):]
   ops = re.findall(r"= \S+ ([\w-]+)\(", entry)
   return sum(op not in _NOT_KERNELS for op in ops)
+
+
+def bytes_accessed(compiled):
+  """XLA's estimate of the bytes a compiled step reads and writes (None if unknown)."""
+  try:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float(ca["bytes accessed"])
+  except Exception:  # cost analysis is optional per backend
+    return None
 
 
 def _sync(state):
@@ -144,7 +155,8 @@ def bench_interleaved(cfgs, images, labels, steps: int, windows: int):
         "compile_s": compile_s, "images_per_s": cfg.batch_size / step,
         "step_time_ratio": median_ratio(real_t[i], real_t[0]),
         "data_pipeline_ratio": median_ratio(real_t[i], const_t[i]),
-        "kernels": holder["kernels"], "model": holder["model"], "state": holder["s"]})
+        "kernels": holder["kernels"], "bytes_accessed": holder["bytes_accessed"],
+        "model": holder["model"], "state": holder["s"]})
   return out
 
 
@@ -244,9 +256,13 @@ def cost_lines(rows, limit: float = 1.10) -> list:
       continue
     extra = (worst["step_time_ratio"] - 1) * base["step_s"]
     n = worst["kernels"] - base["kernels"]
+    moved = ""
+    if base.get("bytes_accessed") and worst.get("bytes_accessed"):
+      moved = (f" It also moves {worst['bytes_accessed'] / 1e6:.1f} MB per step against "
+               f"{base['bytes_accessed'] / 1e6:.1f} MB.")
     out.append(f"{model}: the slowest rule ({worst['rule']}/{worst['granularity']}) runs "
                f"{worst['kernels']} kernels per step against float's {base['kernels']}; its "
-               f"extra {1e3 * extra:.2f} ms is {1e6 * extra / n:.0f} us per extra kernel.")
+               f"extra {1e3 * extra:.2f} ms is {1e6 * extra / n:.0f} us per extra kernel.{moved}")
   return out
 
 
@@ -261,12 +277,14 @@ def readme_section(doc) -> str:
            f"{doc['jax']}, {doc['backend']}). Step time of quantized "
            f"training relative to float training (timed windows taken round-robin in one "
            f"process; the ratio is the median of the per-round ratios). Kernels: instructions "
-           f"of the compiled step that XLA dispatches one by one.", "",
-           "| model | rule | granularity | step (ms) | quantized/float | kernels |",
-           "|---|---|---|---|---|---|"]
+           f"of the compiled step that XLA dispatches one by one. MB/step: the bytes the "
+           f"compiled step reads and writes, by XLA's cost analysis.", "",
+           "| model | rule | granularity | step (ms) | quantized/float | kernels | MB/step |",
+           "|---|---|---|---|---|---|---|"]
   for r in doc["rows"]:
+    mb = f"{r['bytes_accessed'] / 1e6:.1f}" if r.get("bytes_accessed") else "-"
     lines.append(f"| {r['model']} | {r['rule']} | {r['granularity']} | {1e3 * r['step_s']:.2f} "
-                 f"| {r['step_time_ratio']:.3f} | {r.get('kernels', '-')} |")
+                 f"| {r['step_time_ratio']:.3f} | {r.get('kernels', '-')} | {mb} |")
   worst = max(r["step_time_ratio"] for r in doc["rows"])
   lines += ["", f"Worst quantized/float ratio: {worst:.3f}. Real-data step / constant-batch step: "
             f"{min(r['data_pipeline_ratio'] for r in doc['rows']):.3f} to "

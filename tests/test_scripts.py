@@ -168,6 +168,17 @@ def test_bench_counts_the_kernels_of_a_compiled_step():
   assert bench.count_kernels(more) > 2
 
 
+def test_bench_bytes_accessed_counts_inputs_and_outputs():
+  import jax
+  import jax.numpy as jnp
+  bench = _load("bench")
+  x = jnp.ones((1000,), jnp.float32)
+  # x * 2 reads 4000 B and writes 4000 B; a sum reads x once and writes next to nothing
+  # (XLA may count a partial-sum stage, so only bounds)
+  assert bench.bytes_accessed(jax.jit(lambda x: x * 2).lower(x).compile()) == 8000
+  assert 4004 <= bench.bytes_accessed(jax.jit(jnp.sum).lower(x).compile()) < 6000
+
+
 def test_sweep_only_takes_comma_separated_names(tmp_path, capsys):
   sweep = _load("sweep")
   cfg = tmp_path / "c.json"
@@ -254,6 +265,9 @@ def test_bench_cost_line_only_for_models_over_the_limit():
   # (1.2 - 1) x 2 ms = 0.4 ms over 40 extra kernels = 10 us each; b is within 1.10
   assert lines == ["a: the slowest rule (ratio/row) runs 100 kernels per step against float's 60; "
                    "its extra 0.40 ms is 10 us per extra kernel."]
+  rows[0]["bytes_accessed"], rows[1]["bytes_accessed"] = 16.9e6, 25.2e6
+  assert bench.cost_lines(rows)[0].endswith(
+      "10 us per extra kernel. It also moves 25.2 MB per step against 16.9 MB.")
 
 
 def test_report_targets_name_the_closest_run_when_none_is_within_tolerance():
