@@ -289,7 +289,9 @@ def targets_section(rows):
       for (sweep, var), vs in variants.items():
         ratio = _mean([r.get(field) for r in vs])
         if ratio and family(vs[0]) != "fp32":
-          cands.append((ratio, f"{sweep} / {var}", epochs,
+          off_cpu = sorted({r.get("platform", "cpu") for r in vs} - {"cpu"})
+          label = f"{sweep} / {var}" + (f" (made on {', '.join(off_cpu)})" if off_cpu else "")
+          cands.append((ratio, label, epochs,
                         _mean([r["test_accuracy"] for r in vs]), max(fp32)))
     within = [c for c in cands if c[3] >= c[4] - tol / 100 - 1e-9]
     row = f"| {ds} / {model} | {what} | {target:g}x | {tol:g} points |"

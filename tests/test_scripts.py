@@ -281,6 +281,17 @@ def test_report_targets_name_the_closest_run_when_none_is_within_tolerance():
          "is 1.42 points below FP32 |" in text
 
 
+def test_report_targets_say_where_the_named_run_was_made():
+  report = _load("report")
+  rows = [_row("fp32_s0", "b", 0.855, 1.0, scheme="float", rule=None),
+          _row("q_s0", "b", 0.850, 7.6, rule="ratio")]
+  rows[1]["platform"] = "gpu"
+  for r in rows:
+    r.update(dataset="cifar10", model="resnet20")
+  assert "| b / q (made on gpu) | 10 | 0.8500 (0.8550) | 7.60x |" in "\n".join(
+      report.targets_section(rows))
+
+
 def test_shipped_sweep_configs_name_only_real_flags():
   """Every flag a shipped sweep passes is one its entry point defines (a typo would
   otherwise surface hours into a sweep, as an absl error in one run's log)."""
