@@ -229,11 +229,10 @@ def _after_scales(params):
   a finite log scale times 0.0 is 0.0. (``lax.optimization_barrier`` does not
   help here: XLA:CPU removes it before fusion.)
 
-  Applied for the rules in ``_ORDER_AFTER_SCALES`` only, as measured side by
-  side by ``scripts/bench_ordering.py`` on LeNet-300-100 (2-core CPU,
-  quantized/float step time, weights copied -> ordered): lsq 1.30-1.32 -> 1.19-1.20
-  in three runs; ratio moved by -0.02 to +0.01, within noise (earlier scratch runs
-  of the same comparison: +0.03 to +0.04), so it is left as it was.
+  By default applied for the rules in ``_ORDER_AFTER_SCALES`` only, as measured
+  side by side by ``scripts/bench_ordering.py`` on LeNet-300-100 (2-core CPU,
+  quantized/float step time, weights copied -> ordered, three runs): lsq 1.36-1.40
+  -> 1.18-1.23, but ratio 1.09-1.10 -> 1.16-1.23, so ratio is left as it was.
   """
   flat = traverse_util.flatten_dict(params)
   for path, _, log_scale in layers.iter_quantized(params):
@@ -241,8 +240,16 @@ def _after_scales(params):
   return traverse_util.unflatten_dict(flat)
 
 
-def make_train_step(cfg: TrainConfig, model, tx, ds_stats):
-  """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``."""
+def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
+                    order_after_scales: Optional[bool] = None):
+  """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``.
+
+  `order_after_scales`: apply :func:`_after_scales` (same values, scheduling only);
+  None: for the rules in ``_ORDER_AFTER_SCALES``.
+  """
+  if order_after_scales is None:
+    order_after_scales = cfg.rule in _ORDER_AFTER_SCALES
+  order_after_scales = order_after_scales and not cfg.float_model
 
   def loss_fn(params, batch_stats, images, labels):
     variables = {"params": params}
@@ -269,7 +276,7 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats):
     updates = jax.tree_util.tree_map(lambda u, lab: u * keep if lab == "scale" else u,
                                      updates, param_labels(updates))
     params = optax.apply_updates(state.params, updates)
-    if cfg.rule in _ORDER_AFTER_SCALES and not cfg.float_model:
+    if order_after_scales:
       params = _after_scales(params)
     metrics = {"loss": ce, "accuracy": acc}
     return state.replace(step=state.step + 1, params=params, batch_stats=bs,
@@ -330,7 +337,7 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
     return train_step(state, (x, y), jax.random.fold_in(step_rng, state.step))
 
   # one dispatch for the chunk's metrics: an eager jnp.stack dispatches once per step and
-  # metric, which a GPU step of a small model (~0.2 ms) feels (~17 us per step on the CPU)
+  # metric, which a GPU step of a small model (~0.2 ms) feels
   stack = jax.jit(lambda ms: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ms))
 
   def run_chunk(state, perm, images, labels, n_steps):

@@ -61,7 +61,7 @@ def median_ratio(a, b) -> float:
   return statistics.median(x / y for x, y in zip(a, b))
 
 
-def prepare_config(cfg: train.TrainConfig, images, labels, steps: int):
+def prepare_config(cfg: train.TrainConfig, images, labels, steps: int, **step_kw):
   """Compiles one configuration's step; returns ``(real, const, compile_s, holder)``.
 
   ``real()`` runs `steps` training steps as training does (batch gathered on the
@@ -71,7 +71,7 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int):
   model = train.build_model(cfg, 10)
   tx = train.make_optimizer(cfg, 100)
   stats = ((0.5,) * images.shape[-1], (0.25,) * images.shape[-1])
-  step_fn = train.make_train_step(cfg, model, tx, stats)
+  step_fn = train.make_train_step(cfg, model, tx, stats, **step_kw)
   state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   n, bs = images.shape[0], cfg.batch_size
   rng = jax.random.key(0)

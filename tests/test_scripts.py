@@ -345,10 +345,10 @@ def test_report_splits_train_time_by_platform_and_names_off_cpu_runs():
   assert line[0].startswith("Made on a GPU") and "s / v_s2" in line[0] and "v_s0" not in line[0]
 
 
-def test_bench_ordering_runs_and_restores_the_step(capsys):
-  from lqjax import train
-  before = train._after_scales
-  assert _load("bench_ordering").main(["--windows", "1"]) == 0
+def test_bench_ordering_runs_and_rejects_bad_windows(capsys):
+  mod = _load("bench_ordering")
+  assert mod.main(["--windows", "1"]) == 0
   out = capsys.readouterr().out
   assert "lsq, ordered" in out and "ratio, weights copied" in out
-  assert train._after_scales is before
+  assert mod.main(["--windows", "0"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
