@@ -46,6 +46,7 @@ Every scale cotangent is reduced to the scale's exact shape.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -82,6 +83,39 @@ def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   out = jnp.sum(x, axis=axes, keepdims=True) if axes else x
   assert out.shape == tuple(shape), (out.shape, shape)
   return out
+
+
+def _reduce_to_mv(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """:func:`_reduce_to` as a matrix-vector product with a ones vector.
+
+  Used for the LSQ gradient's ``sum(g * dq/ds)``. On XLA:CPU the plain sum of
+  that product over leading axes (row and channel scales) is a fusion that
+  takes both factors and reduces them column by column, which
+  ``scripts/bench_reduce.py`` measured far slower than a loop fusion writing the
+  product followed by a matrix-vector product. Reduced axes that are neither all
+  leading nor all trailing (and every other backend, where it was not measured)
+  use the plain sum. ``HIGHEST`` precision: an exact float32 sum on every backend.
+  """
+  axes = types.shared_axes(x.shape, shape)
+  k = len(axes)
+  if not axes or k == x.ndim:
+    return _reduce_to(x, shape)
+  n = math.prod(x.shape[a] for a in axes)
+  hi = jax.lax.Precision.HIGHEST
+  if tuple(axes) == tuple(range(k)):
+    out = jnp.dot(jnp.ones((1, n), x.dtype), x.reshape(n, -1), precision=hi)
+  elif tuple(axes) == tuple(range(x.ndim - k, x.ndim)):
+    out = jnp.dot(x.reshape(-1, n), jnp.ones((n, 1), x.dtype), precision=hi)
+  else:
+    return _reduce_to(x, shape)
+  return out.reshape(shape)
+
+
+def _reduce_product_to(a: jax.Array, b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``sum(a * b)`` reduced to `shape`: a matrix-vector product on CPU, a sum elsewhere."""
+  return jax.lax.platform_dependent(
+      a, b, cpu=lambda a, b: _reduce_to_mv(a * b, shape),
+      default=lambda a, b: _reduce_to(a * b, shape))
 
 
 def _expand_scale(scale: jax.Array, ndim: int) -> jax.Array:
@@ -171,7 +205,7 @@ def _lsq_grad(g, x, scale, q_raw, bits):
   dq_ds = jnp.where(q_raw < qn, qn, jnp.where(q_raw > qp, qp, q_raw - v))
   n = x.size // scale.size
   qmax = FREE_BITS_QP if bits is None else max(qp, 1.0)
-  return _reduce_to(g * dq_ds, scale.shape) / jnp.sqrt(n * qmax)
+  return _reduce_product_to(g, dq_ds, scale.shape) / jnp.sqrt(n * qmax)
 
 
 def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf):

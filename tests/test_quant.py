@@ -128,6 +128,23 @@ class PropertyTest(absltest.TestCase):
     else:
       self.assertTrue(np.all(codes >= -2 ** (bits - 1)) and np.all(codes <= 2 ** (bits - 1) - 1))
 
+  @settings(max_examples=60, deadline=None)
+  @given(_x_and_scale(), st.data())
+  def test_product_reduction_is_the_plain_sum(self, xs, data):
+    """The LSQ gradient's reduction (a matrix-vector product on CPU for leading or
+    trailing reduced axes) sums exactly what ``_reduce_to`` sums, to its shape."""
+    x, _, gran = xs
+    if x.ndim >= 3:  # also channel (leading axes reduced) and kept axes (0, 2) (mixed)
+      gran = data.draw(st.sampled_from([gran, "channel", (0, 2)]))
+    sshape = types.scale_shape(x.shape, gran)
+    a, b = jnp.asarray(x), jnp.asarray(np.cos(x))
+    got = quant._reduce_product_to(a, b, sshape)
+    self.assertEqual(got.shape, tuple(sshape))
+    want = np.sum(np.asarray(x, np.float64) * np.cos(np.asarray(x, np.float64)),
+                  axis=types.shared_axes(x.shape, sshape), keepdims=True)
+    np.testing.assert_allclose(got, want.reshape(sshape), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(got, quant._reduce_to(a * b, sshape), rtol=1e-5, atol=1e-3)
+
   @settings(max_examples=40, deadline=None)
   @given(_x_and_scale(), st.sampled_from(RULES))
   def test_scale_cotangent_shape(self, xs, rule):

@@ -352,3 +352,12 @@ def test_bench_ordering_runs_and_rejects_bad_windows(capsys):
   assert "lsq, ordered" in out and "ratio, weights copied" in out
   assert mod.main(["--windows", "0"]) == 2
   assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
+
+
+def test_bench_reduce_runs_and_rejects_bad_windows(capsys):
+  mod = _load("bench_reduce")
+  assert mod.main(["--windows", "1"]) == 0  # also checks matvec == plain sum per shape
+  out = capsys.readouterr().out
+  assert out.count("new/plain") == len(mod.SHAPES)
+  assert mod.main(["--windows", "0"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
