@@ -281,3 +281,34 @@ def test_weight_after_scale_ordering_changes_no_value(rule, monkeypatch):
   assert len(calls) == 1 and len(out[0]) == len(out[1]) > 6  # traced once: ordered only
   for a, b in zip(*out):
     np.testing.assert_array_equal(a, b)
+
+
+def test_chunk_runner_prefetch_trains_on_the_permuted_batches():
+  """make_chunk_runner gathers each step's batch one call ahead: two chunks of it
+  give bitwise the parameters of stepping through perm's batches one by one."""
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.integers(0, 256, (256, 28, 28, 1), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 10, 256, dtype=np.int32))
+  cfg = train.TrainConfig(dataset="mnist", model="lenet300", batch_size=32, optimizer="adam",
+                          rule="lsq", bits=4, granularity="row", rounding="round")
+  model = train.build_model(cfg, 10)
+  tx = train.make_optimizer(cfg, 8)
+  step_fn = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
+  key = jax.random.key(3)
+  perm = jax.random.permutation(jax.random.key(4), 256)
+  run_chunk = train.make_chunk_runner(cfg, step_fn, 8, key)
+  s = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  s, m1 = run_chunk(s, perm, images, labels, 3)
+  s, m2 = run_chunk(s, perm, images, labels, 5)  # to the epoch's end
+  ref = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step = jax.jit(step_fn)
+  losses = []
+  for i in range(8):
+    idx = perm[i * 32:(i + 1) * 32]
+    ref, m = step(ref, (images[idx], labels[idx]), jax.random.fold_in(key, i))
+    losses.append(float(m["loss"]))
+  assert int(s.step) == 8 and m1["loss"].shape == (3,) and m2["loss"].shape == (5,)
+  np.testing.assert_array_equal(np.concatenate([m1["loss"], m2["loss"]]), losses)
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(s.params)),
+                  jax.tree_util.tree_leaves(jax.device_get(ref.params))):
+    np.testing.assert_array_equal(a, b)
