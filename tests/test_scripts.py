@@ -361,3 +361,14 @@ def test_bench_reduce_runs_and_rejects_bad_windows(capsys):
   assert out.count("new/plain") == len(mod.SHAPES)
   assert mod.main(["--windows", "0"]) == 2
   assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
+
+
+def test_bench_prefetch_rotates_rounds_and_rejects_bad_windows(capsys):
+  mod = _load("bench_prefetch")
+  calls = []
+  times = mod.rotated_round_robin([lambda: calls.append("a"), lambda: calls.append("b"),
+                                   lambda: calls.append("c")], 3, lambda _: None)
+  assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+  assert [len(t) for t in times] == [3, 3, 3]
+  assert mod.main(["--windows", "0"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
