@@ -194,8 +194,17 @@ def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits):
   # Residuals hold no new array of the parameter's size: the codes are
   # recomputed in the backward pass where a rule needs them (fused there by XLA),
   # which measured faster than storing and re-reading them.
-  return _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits), \
-      (x, scale, threshold, lsq_weight)
+  out = _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits)
+  if rule not in ("ratio", "ratio_lsq"):
+    return out, (x, scale, threshold, lsq_weight, None)
+  # The ratio rules' ||P||^2 per group, taken here from the pre-update P and tied to
+  # the output by + 0.0 * min(., 1) (the same values, up to the sign of a zero; NaN
+  # only where P has one), so that this read of P comes before the loss and so
+  # before the donated train step updates P in place. Read in the backward pass,
+  # with no data path to the update, it made XLA copy every quantized weight at
+  # the step's start (tests/test_train.py checks the compiled step has no copy).
+  x_sq = _reduce_to(jnp.square(x), scale.shape)
+  return out + 0.0 * jnp.minimum(x_sq, 1.0), (x, scale, threshold, lsq_weight, x_sq)
 
 
 def _lsq_grad(g, x, scale, q_raw, bits):
@@ -208,7 +217,7 @@ def _lsq_grad(g, x, scale, q_raw, bits):
   return _reduce_product_to(g, dq_ds, scale.shape) / jnp.sqrt(n * qmax)
 
 
-def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf):
+def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf, x_sq=None):
   """The thesis's g_G = tanh(lambda - r_G) where r_G < lambda, else 0.
 
   With a finite `relax_threshold` (lambda_hi >= lambda), groups with
@@ -221,12 +230,13 @@ def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf):
     scale_shape: the scale's shape (same ndim as `x`).
     threshold: lambda.
     relax_threshold: lambda_hi (inf: never relax, the thesis's rule).
+    x_sq: ||P||^2 per group if already computed (`x` is then not read).
 
   Returns:
     (g_G, r_G), both of `scale_shape`.
   """
   gn = jnp.sqrt(_reduce_to(jnp.square(g), scale_shape))
-  pn = jnp.sqrt(_reduce_to(jnp.square(x), scale_shape))
+  pn = jnp.sqrt(_reduce_to(jnp.square(x), scale_shape) if x_sq is None else x_sq)
   r = gn / (pn + _RATIO_EPS)
   grow = jnp.where(r < threshold, jnp.tanh(threshold - r), 0.0)
   relax = jnp.where(r > relax_threshold, -jnp.tanh(r - relax_threshold), 0.0)
@@ -234,7 +244,7 @@ def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf):
 
 
 def _fake_quant_bwd(rule, rounding, bits, res, g):
-  x, scale, threshold, lsq_weight = res
+  x, scale, threshold, lsq_weight, x_sq = res
   needs_codes = bits is not None or rule in ("lsq", "ratio_lsq")
   q_raw = _unclipped_codes(x, scale, rounding) if needs_codes else None
   if bits is None:
@@ -247,7 +257,7 @@ def _fake_quant_bwd(rule, rounding, bits, res, g):
   elif rule == "lsq":
     gs = _lsq_grad(g, x, scale, q_raw, bits)
   elif rule in ("ratio", "ratio_lsq"):
-    growth, _ = ratio_growth(g, x, scale.shape, threshold[0], threshold[1])
+    growth, _ = ratio_growth(g, x, scale.shape, threshold[0], threshold[1], x_sq)
     gs = -growth / scale
     if rule == "ratio_lsq":
       gs = gs + lsq_weight * _lsq_grad(g, x, scale, q_raw, bits)

@@ -4,6 +4,7 @@ and the end-to-end run on real MNIST."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -312,3 +313,26 @@ def test_chunk_runner_prefetch_trains_on_the_permuted_batches():
   for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(s.params)),
                   jax.tree_util.tree_leaves(jax.device_get(ref.params))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rule", ["lsq", "ratio"])
+def test_compiled_step_copies_no_quantized_weight(rule):
+  """The donated step updates each weight in place; neither rule's scale gradient may
+  read the old weight where XLA must copy it first (lsq: _after_scales orders the
+  update; ratio: ||P|| is taken in the forward pass)."""
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 10, 128, dtype=np.int32))
+  cfg = train.TrainConfig(dataset="mnist", model="lenet300", batch_size=128, optimizer="adam",
+                          rule=rule, granularity="row", rounding="round",
+                          bits=4 if rule == "lsq" else None)
+  model = train.build_model(cfg, 10)
+  tx = train.make_optimizer(cfg, 100)
+  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
+  hlo = jax.jit(step, donate_argnums=(0,)).lower(
+      state, (images, labels), jax.random.key(0)).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  copied = re.findall(r"= (f32\[[\d,]+\])\S* copy\(", entry)
+  for shape in ("f32[784,300]", "f32[300,100]", "f32[100,10]"):  # the three kernels
+    assert shape not in copied, (rule, copied)
