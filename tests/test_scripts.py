@@ -268,6 +268,23 @@ def test_bench_cost_line_only_for_models_over_the_limit():
   rows[0]["bytes_accessed"], rows[1]["bytes_accessed"] = 16.9e6, 25.2e6
   assert bench.cost_lines(rows)[0].endswith(
       "10 us per extra kernel. It also moves 25.2 MB per step against 16.9 MB.")
+  # the float control row is no rule: even when it measures slowest it is not named
+  rows.insert(2, {"model": "a", "rule": "float", "granularity": bench.CONTROL, "step_s": 2.8e-3,
+                  "step_time_ratio": 1.4, "kernels": 60})
+  assert bench.cost_lines(rows)[0].startswith("a: the slowest rule (ratio/row) runs 100 kernels")
+
+
+def test_bench_readme_names_the_control_row_as_noise_not_the_worst_ratio():
+  bench = _load("bench")
+  row = lambda rule, gran, ratio: {"model": "lenet5", "rule": rule, "granularity": gran,
+                                   "step_s": 0.001 * ratio, "step_time_ratio": ratio,
+                                   "data_pipeline_ratio": 1.0, "kernels": 3, "date": "2026-01-01"}
+  doc = {"machine": "x86_64, 2 cores", "backend": "cpu", "date": "2026-01-01", "jax": "0",
+         "rows": [row("float", "-", 1.0), row("lsq", "channel", 1.05),
+                  row("float", bench.CONTROL, 1.08)]}
+  text = bench.readme_section(doc)
+  assert "Worst quantized/float ratio: 1.050." in text
+  assert "(rows float / repeat) comes out at lenet5 1.080 of the first" in text
 
 
 def test_report_targets_name_the_closest_run_when_none_is_within_tolerance():
