@@ -300,7 +300,7 @@ def readme_section(doc) -> str:
     lines.append("Noise: the float configuration measured a second time (rows float / "
                  f"{CONTROL}) comes out at " + ", ".join(
                      f"{r['model']} {r['step_time_ratio']:.3f}" for r in control)
-                 + " of the first, so ratios within that of each other do not differ.")
+                 + " of the first: ratios closer together than that spread are not told apart.")
   lines += cost_lines(doc["rows"])
   if "cifar10_resnet20_epoch_s" in doc:
     lines.append(f"One CIFAR-10 ResNet-20 epoch (quantized, ratio rule): "

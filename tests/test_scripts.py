@@ -284,7 +284,7 @@ def test_bench_readme_names_the_control_row_as_noise_not_the_worst_ratio():
                   row("float", bench.CONTROL, 1.08)]}
   text = bench.readme_section(doc)
   assert "Worst quantized/float ratio: 1.050." in text
-  assert "(rows float / repeat) comes out at lenet5 1.080 of the first" in text
+  assert "(rows float / repeat) comes out at lenet5 1.080 of the first: ratios" in text
 
 
 def test_report_targets_name_the_closest_run_when_none_is_within_tolerance():
