@@ -57,6 +57,14 @@ def round_robin(fns, windows: int, sync):
   return times
 
 
+def check_windows(windows: int) -> int:
+  """0 if `windows` >= 1; else prints the one-line error and returns the exit status 2."""
+  if windows >= 1:
+    return 0
+  print(f"error: --windows must be >= 1, got {windows}", file=sys.stderr)
+  return 2
+
+
 def median_ratio(a, b) -> float:
   """Median over rounds of a[i] / b[i]."""
   return statistics.median(x / y for x, y in zip(a, b))
@@ -338,6 +346,8 @@ def main(argv=None):
     except (OSError, ValueError, KeyError) as e:
       print(f"error: cannot render {args.from_json}: {e}", file=sys.stderr)
       return 2
+  if check_windows(args.windows):
+    return 2
   models = args.models.split(",")
   bad = [m for m in models if m not in BATCH]
   if bad:

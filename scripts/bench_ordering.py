@@ -29,8 +29,7 @@ def main(argv=None):
   ap.add_argument("--granularity", default="row", choices=list(types.GRANULARITIES))
   ap.add_argument("--windows", type=int, default=15)
   args = ap.parse_args(argv)
-  if args.windows < 1:
-    print(f"error: --windows must be >= 1, got {args.windows}", file=sys.stderr)
+  if bench.check_windows(args.windows):
     return 2
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (512, 28, 28, 1), dtype=np.uint8))

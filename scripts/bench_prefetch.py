@@ -59,8 +59,7 @@ def main(argv=None):
   ap.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
   ap.add_argument("--windows", type=int, default=24)
   args = ap.parse_args(argv)
-  if args.windows < 1:
-    print(f"error: --windows must be >= 1, got {args.windows}", file=sys.stderr)
+  if bench.check_windows(args.windows):
     return 2
   rng = np.random.default_rng(0)
   n, bs = 40 * 128, 128

@@ -42,8 +42,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--windows", type=int, default=15)
   args = ap.parse_args(argv)
-  if args.windows < 1:
-    print(f"error: --windows must be >= 1, got {args.windows}", file=sys.stderr)
+  if bench.check_windows(args.windows):
     return 2
   rng = np.random.default_rng(0)
   print(f"{jax.default_backend()}, {args.windows} windows of {CALLS} calls")

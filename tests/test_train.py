@@ -255,17 +255,22 @@ def test_mnist_end_to_end_real_data(real_data_dir, tmp_path):
   assert header_bytes == compress._PREFIX.size + hlen + 32
 
 
+def _lenet300(rule, n, batch_size, seed=0):
+  """Random MNIST-shaped data and a LeNet-300-100 with `rule` (row scales; 4 bits for lsq)."""
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
+  cfg = train.TrainConfig(dataset="mnist", model="lenet300", batch_size=batch_size,
+                          optimizer="adam", rule=rule, granularity="row", rounding="round",
+                          bits=4 if rule == "lsq" else None)
+  return images, labels, cfg, train.build_model(cfg, 10)
+
+
 @pytest.mark.parametrize("rule", ["lsq", "ratio"])
 def test_weight_after_scale_ordering_changes_no_value(rule, monkeypatch):
   """train._after_scales only orders the update (it lets XLA drop the copy of each
   quantized weight): 20 steps with and without it give bitwise equal parameters."""
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (256, 28, 28, 1), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 10, 256, dtype=np.int32))
-  cfg = train.TrainConfig(dataset="mnist", model="lenet300", batch_size=64, optimizer="adam",
-                          rule=rule, granularity="row", rounding="round",
-                          bits=4 if rule == "lsq" else None)
-  model = train.build_model(cfg, 10)
+  images, labels, cfg, model = _lenet300(rule, 256, 64)
   tx = train.make_optimizer(cfg, 100)
   calls = []
   real = train._after_scales
@@ -287,12 +292,7 @@ def test_weight_after_scale_ordering_changes_no_value(rule, monkeypatch):
 def test_chunk_runner_prefetch_trains_on_the_permuted_batches():
   """make_chunk_runner gathers each step's batch one call ahead: two chunks of it
   give bitwise the parameters of stepping through perm's batches one by one."""
-  rng = np.random.default_rng(1)
-  images = jnp.asarray(rng.integers(0, 256, (256, 28, 28, 1), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 10, 256, dtype=np.int32))
-  cfg = train.TrainConfig(dataset="mnist", model="lenet300", batch_size=32, optimizer="adam",
-                          rule="lsq", bits=4, granularity="row", rounding="round")
-  model = train.build_model(cfg, 10)
+  images, labels, cfg, model = _lenet300("lsq", 256, 32, seed=1)
   tx = train.make_optimizer(cfg, 8)
   step_fn = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
   key = jax.random.key(3)
@@ -320,13 +320,7 @@ def test_compiled_step_copies_no_quantized_weight(rule):
   """The donated step updates each weight in place; neither rule's scale gradient may
   read the old weight where XLA must copy it first (lsq: _after_scales orders the
   update; ratio: ||P|| is taken in the forward pass)."""
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 10, 128, dtype=np.int32))
-  cfg = train.TrainConfig(dataset="mnist", model="lenet300", batch_size=128, optimizer="adam",
-                          rule=rule, granularity="row", rounding="round",
-                          bits=4 if rule == "lsq" else None)
-  model = train.build_model(cfg, 10)
+  images, labels, cfg, model = _lenet300(rule, 128, 128)
   tx = train.make_optimizer(cfg, 100)
   state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
