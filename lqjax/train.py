@@ -5,8 +5,8 @@
   :func:`make_train_step` for a model and config.
 * :func:`train_and_evaluate`: data on the device, chunks of jitted steps (each
   gathers the next shuffled batch inside jit while it trains on the current one,
-  so there is no per-step host transfer), data-parallel over every device (batch sharded along
-  a ``data`` mesh axis, parameters replicated), orbax checkpoints every epoch
+  so there is no per-step host transfer), data-parallel over every device (batch
+  sharded along a ``data`` mesh axis, parameters replicated), orbax checkpoints every epoch
   and on SIGTERM/SIGINT, resume from the workdir, NaN guard, metrics.jsonl and
   results.json written atomically.
 """
