@@ -46,14 +46,18 @@ SHAPE = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 CONTROL = "repeat"  # the granularity column of the float control row
 
 
-def round_robin(fns, windows: int, sync):
-  """Times each of `fns` once per round for `windows` rounds: a list of times per fn."""
+def round_robin(fns, windows: int, sync, rotate: bool = False):
+  """Times each of `fns` once per round for `windows` rounds: a list of times per fn.
+
+  With `rotate`, round r starts with fn r (mod len), so that no fn always runs first.
+  """
   times = [[] for _ in fns]
-  for _ in range(windows):
-    for t, fn in zip(times, fns):
+  for r in range(windows):
+    shift = r % len(fns) if rotate else 0
+    for j in [(shift + k) % len(fns) for k in range(len(fns))]:
       t0 = time.perf_counter()
-      sync(fn())
-      t.append(time.perf_counter() - t0)
+      sync(fns[j]())
+      times[j].append(time.perf_counter() - t0)
   return times
 
 

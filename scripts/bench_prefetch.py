@@ -14,7 +14,6 @@ import functools
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +40,6 @@ def gather_first(cfg, step_fn, steps_per_epoch, rng, perm, images, labels, holde
     holder["g"] = s
     return s
   return run
-
-
-def rotated_round_robin(fns, windows, sync):
-  """Like bench.round_robin, but round r starts with fn r (mod len): no fn always runs first."""
-  times = [[] for _ in fns]
-  for r in range(windows):
-    for j in [(r + k) % len(fns) for k in range(len(fns))]:
-      t0 = time.perf_counter()
-      sync(fns[j]())
-      times[j].append(time.perf_counter() - t0)
-  return times
 
 
 def main(argv=None):
@@ -84,7 +72,8 @@ def main(argv=None):
                          steps)
     bench._sync(first())
     fns += [const, real, first]
-  times = [[t / steps for t in ts] for ts in rotated_round_robin(fns, args.windows, bench._sync)]
+  times = [[t / steps for t in ts]
+           for ts in bench.round_robin(fns, args.windows, bench._sync, rotate=True)]
   print(f"{args.model} / {gran}, {jax.default_backend()}, {args.windows} windows of {steps} "
         f"steps (ms per step; ratios: median of per-round ratios)")
   print(f"{'rule':6s} {'const':>7s} {'prefetch':>9s} {'gather':>7s}  prefetch/const  "

@@ -383,8 +383,8 @@ def test_bench_reduce_runs_and_rejects_bad_windows(capsys):
 def test_bench_prefetch_rotates_rounds_and_rejects_bad_windows(capsys):
   mod = _load("bench_prefetch")
   calls = []
-  times = mod.rotated_round_robin([lambda: calls.append("a"), lambda: calls.append("b"),
-                                   lambda: calls.append("c")], 3, lambda _: None)
+  fns = [lambda: calls.append("a"), lambda: calls.append("b"), lambda: calls.append("c")]
+  times = _load("bench").round_robin(fns, 3, lambda _: None, rotate=True)
   assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
   assert [len(t) for t in times] == [3, 3, 3]
   assert mod.main(["--windows", "0"]) == 2
