@@ -389,3 +389,8 @@ def test_bench_prefetch_rotates_rounds_and_rejects_bad_windows(capsys):
   assert [len(t) for t in times] == [3, 3, 3]
   assert mod.main(["--windows", "0"]) == 2
   assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
+
+
+def test_bench_rejects_bad_windows_before_measuring(capsys):
+  assert _load("bench").main(["--windows", "0", "--out", "/nonexistent/bench.json"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
