@@ -5,9 +5,12 @@
 For the quantized kernels of LeNet-300-100 (row scales), LeNet-5 and ResNet-20
 (channel scales), times in one process, round-robin, the jitted LSQ scale
 gradient ``sum_G(g * dQ/ds)`` (dQ/ds computed from the weight and scale as in
-the backward pass) reduced as a plain sum (``_reduce_to``) and as the
-matrix-vector product lqjax uses on CPU (``_reduce_product_to``), and prints
-each one's time per call and the ratio new/plain (median of per-round ratios).
+the backward pass) reduced as a plain sum (``_reduce_to``) and as the product
+with a ones matrix lqjax uses on CPU (``_reduce_product_to``), and prints each
+one's time per call and the ratio new/plain (median of per-round ratios).
+
+Alone, as here, XLA does not fold even a ones-vector product into a naive loop;
+inside a training step it did, which ``scripts/bench_cost.py`` measures.
 """
 
 import argparse
@@ -65,7 +68,7 @@ def main(argv=None):
     times = [[t / CALLS for t in ts] for ts in
              bench.round_robin([window(plain), window(new)], args.windows, jax.block_until_ready)]
     print(f"{model:9s} {str(shape):16s} {gran:8s} plain {1e6 * statistics.median(times[0]):7.1f} us"
-          f"  matvec {1e6 * statistics.median(times[1]):7.1f} us"
+          f"  ones-matrix {1e6 * statistics.median(times[1]):7.1f} us"
           f"  new/plain {bench.median_ratio(times[1], times[0]):.3f}", flush=True)
   return 0
 

@@ -330,3 +330,25 @@ def test_compiled_step_copies_no_quantized_weight(rule):
   copied = re.findall(r"= (f32\[[\d,]+\])\S* copy\(", entry)
   for shape in ("f32[784,300]", "f32[300,100]", "f32[100,10]"):  # the three kernels
     assert shape not in copied, (rule, copied)
+
+
+def _loop_fused_dots(hlo: str) -> list:
+  """Names of the loop fusions (kind=kLoop) of a compiled module whose body has a dot."""
+  bodies = dict(re.findall(r"^%(\S+) .*?\{\n(.*?)\n\}", hlo, re.M | re.S))
+  loops = re.findall(r"%(\S+) = \S+ fusion\(.*?kind=kLoop, calls=%([\w.-]+)", hlo)
+  return [name for name, body in loops if " dot(" in bodies.get(body, "")]
+
+
+def test_compiled_lsq_step_sums_its_scale_gradients_with_the_library_product():
+  """On CPU the LSQ gradient's sum over each kernel's rows is a product with a ones
+  matrix (quant._reduce_to_mv), which XLA:CPU may not fold into a naive loop with
+  the per-element terms, as it does for a matrix-vector product."""
+  images, labels, cfg, model = _lenet300("lsq", 128, 128)
+  tx = train.make_optimizer(cfg, 100)
+  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
+  hlo = jax.jit(step, donate_argnums=(0,)).lower(
+      state, (images, labels), jax.random.key(0)).compile().as_text()
+  assert hlo.count(" dot(") >= 9, "the forward and backward matmuls and the three sums"
+  assert _loop_fused_dots(hlo) == []
+
