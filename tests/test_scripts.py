@@ -373,7 +373,7 @@ def test_bench_ordering_runs_and_rejects_bad_windows(capsys):
 
 def test_bench_reduce_runs_and_rejects_bad_windows(capsys):
   mod = _load("bench_reduce")
-  assert mod.main(["--windows", "1"]) == 0  # also checks matvec == plain sum per shape
+  assert mod.main(["--windows", "1"]) == 0  # also checks ones-matrix product == plain sum per shape
   out = capsys.readouterr().out
   assert out.count("new/plain") == len(mod.SHAPES)
   assert mod.main(["--windows", "0"]) == 2
@@ -393,4 +393,16 @@ def test_bench_prefetch_rotates_rounds_and_rejects_bad_windows(capsys):
 
 def test_bench_rejects_bad_windows_before_measuring(capsys):
   assert _load("bench").main(["--windows", "0", "--out", "/nonexistent/bench.json"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
+
+
+def test_bench_cost_runs_its_ladder_and_rejects_bad_windows(capsys):
+  mod = _load("bench_cost")
+  assert mod.median_diff([3.0, 1.0, 5.0], [1.0, 1.0, 1.0]) == 2.0
+  assert mod.main(["--windows", "1"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("quantized/float") == len(mod.LADDER)
+  assert "adds" in out and "lsq, ones-vector sum" in out
+  assert mod.quant._MV_ROWS == 2  # the ones-vector rung leaves quant as it found it
+  assert mod.main(["--windows", "0"]) == 2
   assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
