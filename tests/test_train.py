@@ -352,3 +352,24 @@ def test_compiled_lsq_step_sums_its_scale_gradients_with_the_library_product():
   assert hlo.count(" dot(") >= 9, "the forward and backward matmuls and the three sums"
   assert _loop_fused_dots(hlo) == []
 
+
+def _kernel_sized_fusions(rule):
+  images, labels, cfg, model = _lenet300(rule, 128, 128)
+  tx = train.make_optimizer(cfg, 100)
+  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
+  hlo = jax.jit(step, donate_argnums=(0,)).lower(
+      state, (images, labels), jax.random.key(0)).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  return len(re.findall(r"= f32\[784,300\]\S* fusion\(", entry))
+
+
+def test_compiled_ratio_step_writes_no_kernel_sized_array_more_than_fixed():
+  """The ratio rule's sums (||P||^2 in the forward pass, ||dL/dP||^2 in the backward)
+  read the first kernel where it already is: its compiled step writes as many
+  784x300 arrays as the fixed rule's (the fake-quantized kernel, Adam's two moments
+  and the update), none of them a square of the gradient merged with Adam's."""
+  fixed = _kernel_sized_fusions("fixed")
+  assert fixed == 4
+  assert _kernel_sized_fusions("ratio") == fixed
+
