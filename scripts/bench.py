@@ -61,6 +61,24 @@ def round_robin(fns, windows: int, sync, rotate: bool = False):
   return times
 
 
+def random_data(n: int, shape=(28, 28, 1)):
+  """`n` random uint8 images of `shape` and int32 labels in [0, 10), on the device (seed 0)."""
+  rng = np.random.default_rng(0)
+  return (jnp.asarray(rng.integers(0, 256, (n,) + tuple(shape), dtype=np.uint8)),
+          jnp.asarray(rng.integers(0, 10, n, dtype=np.int32)))
+
+
+def lenet_step_args(doc: str, argv=None, windows: int = 15):
+  """The flags of the LeNet step benchmarks (bench_ordering.py, bench_cost.py):
+  --model, --granularity and --windows, parsed from `argv`."""
+  from lqjax import types
+  ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+  ap.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
+  ap.add_argument("--granularity", default="row", choices=list(types.GRANULARITIES))
+  ap.add_argument("--windows", type=int, default=windows)
+  return ap.parse_args(argv)
+
+
 def check_windows(windows: int) -> int:
   """0 if `windows` >= 1; else prints the one-line error and returns the exit status 2."""
   if windows >= 1:
@@ -206,10 +224,7 @@ def run(models, steps, windows):
   rows = []
   for name in models:
     ds_name = DATASET[name]
-    rng = np.random.default_rng(0)
-    n = 40 * BATCH[name]
-    images = jnp.asarray(rng.integers(0, 256, (n,) + SHAPE[ds_name], dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
+    images, labels = random_data(40 * BATCH[name], SHAPE[ds_name])
     gran = "row" if name == "lenet300" else "channel"
     variants = [("float", "-", dict(float_model=True))]
     for rule in ("fixed", "lsq", "ratio"):
@@ -242,9 +257,7 @@ def cifar_epoch_seconds() -> float:
   """Wall time of one CIFAR-10 ResNet-20 epoch (50000 images, batch 128, quantized, ratio
   rule, channel scales) on random data of CIFAR's shape, after compilation."""
   n, bs = 50000, 128
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
+  images, labels = random_data(n, SHAPE["cifar10"])
   cfg = train.TrainConfig(dataset="cifar10", model="resnet20", batch_size=bs, optimizer="sgd",
                           rule="ratio", granularity="channel", rounding="round")
   model = train.build_model(cfg, 10)

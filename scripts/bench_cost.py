@@ -22,18 +22,15 @@ step time it adds to its rung below (median of per-round differences), its kerne
 count and XLA's bytes per step.
 """
 
-import argparse
 import pathlib
 import statistics
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (scripts/bench.py)
-from lqjax import quant, train, types  # noqa: E402
+from lqjax import quant, train  # noqa: E402
 
 # (name, the rung it adds to, TrainConfig overrides, rows of quant's ones matrix)
 LADDER = [
@@ -54,17 +51,10 @@ def median_diff(a, b) -> float:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
-  ap.add_argument("--granularity", default="row", choices=list(types.GRANULARITIES))
-  ap.add_argument("--windows", type=int, default=15)
-  args = ap.parse_args(argv)
+  args = bench.lenet_step_args(__doc__, argv)
   if bench.check_windows(args.windows):
     return 2
-  rng = np.random.default_rng(0)
-  n = 40 * bench.BATCH[args.model]
-  images = jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
+  images, labels = bench.random_data(40 * bench.BATCH[args.model])
   steps = 100 if args.model == "lenet300" else 10
   prepared = []
   default_rows = quant._MV_ROWS

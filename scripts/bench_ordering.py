@@ -9,31 +9,22 @@ prints each one's step time and its ratio to float (median of per-round ratios).
 Uses scripts/bench.py's compiled steps and timing.
 """
 
-import argparse
 import pathlib
 import statistics
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (scripts/bench.py)
-from lqjax import train, types  # noqa: E402
+from lqjax import train  # noqa: E402
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
-  ap.add_argument("--granularity", default="row", choices=list(types.GRANULARITIES))
-  ap.add_argument("--windows", type=int, default=15)
-  args = ap.parse_args(argv)
+  args = bench.lenet_step_args(__doc__, argv)
   if bench.check_windows(args.windows):
     return 2
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (512, 28, 28, 1), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 10, 512, dtype=np.int32))
+  images, labels = bench.random_data(512)
   steps = 200 if args.model == "lenet300" else 10
   q = dict(granularity=args.granularity, rounding="round")
   variants = [("float", None, dict(float_model=True))]

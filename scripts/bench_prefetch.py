@@ -17,7 +17,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (scripts/bench.py)
@@ -49,10 +48,8 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if bench.check_windows(args.windows):
     return 2
-  rng = np.random.default_rng(0)
   n, bs = 40 * 128, 128
-  images = jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
+  images, labels = bench.random_data(n)
   steps = 200 if args.model == "lenet300" else 10
   gran = "row" if args.model == "lenet300" else "channel"
   variants = [("float", dict(float_model=True))] + [

@@ -315,17 +315,22 @@ def test_chunk_runner_prefetch_trains_on_the_permuted_batches():
     np.testing.assert_array_equal(a, b)
 
 
+def _compiled_step_hlo(rule):
+  """The compiled, donated LeNet-300-100 train step of `rule` (batch 128), as HLO text."""
+  images, labels, cfg, model = _lenet300(rule, 128, 128)
+  tx = train.make_optimizer(cfg, 100)
+  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
+  return jax.jit(step, donate_argnums=(0,)).lower(
+      state, (images, labels), jax.random.key(0)).compile().as_text()
+
+
 @pytest.mark.parametrize("rule", ["lsq", "ratio"])
 def test_compiled_step_copies_no_quantized_weight(rule):
   """The donated step updates each weight in place; neither rule's scale gradient may
   read the old weight where XLA must copy it first (lsq: _after_scales orders the
   update; ratio: ||P|| is taken in the forward pass)."""
-  images, labels, cfg, model = _lenet300(rule, 128, 128)
-  tx = train.make_optimizer(cfg, 100)
-  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
-  step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
-  hlo = jax.jit(step, donate_argnums=(0,)).lower(
-      state, (images, labels), jax.random.key(0)).compile().as_text()
+  hlo = _compiled_step_hlo(rule)
   entry = hlo[hlo.index("ENTRY"):]
   copied = re.findall(r"= (f32\[[\d,]+\])\S* copy\(", entry)
   for shape in ("f32[784,300]", "f32[300,100]", "f32[100,10]"):  # the three kernels
@@ -343,23 +348,13 @@ def test_compiled_lsq_step_sums_its_scale_gradients_with_the_library_product():
   """On CPU the LSQ gradient's sum over each kernel's rows is a product with a ones
   matrix (quant._reduce_to_mv), which XLA:CPU may not fold into a naive loop with
   the per-element terms, as it does for a matrix-vector product."""
-  images, labels, cfg, model = _lenet300("lsq", 128, 128)
-  tx = train.make_optimizer(cfg, 100)
-  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
-  step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
-  hlo = jax.jit(step, donate_argnums=(0,)).lower(
-      state, (images, labels), jax.random.key(0)).compile().as_text()
+  hlo = _compiled_step_hlo("lsq")
   assert hlo.count(" dot(") >= 9, "the forward and backward matmuls and the three sums"
   assert _loop_fused_dots(hlo) == []
 
 
 def _kernel_sized_fusions(rule):
-  images, labels, cfg, model = _lenet300(rule, 128, 128)
-  tx = train.make_optimizer(cfg, 100)
-  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
-  step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
-  hlo = jax.jit(step, donate_argnums=(0,)).lower(
-      state, (images, labels), jax.random.key(0)).compile().as_text()
+  hlo = _compiled_step_hlo(rule)
   entry = hlo[hlo.index("ENTRY"):]
   return len(re.findall(r"= f32\[784,300\]\S* fusion\(", entry))
 
