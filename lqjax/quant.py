@@ -100,14 +100,18 @@ def _reduce_to_mv(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   LeNet-300-100 step (a jax.profiler trace) for a 784x300 kernel. A ones matrix of
   two rows gives a rank-2 output, so the product ``g * dq/ds`` is written by its
   own vectorised fusion and summed by the library matrix product (52 + 70 us in the
-  same trace). Reduced axes that are neither all leading nor all trailing use the
-  plain sum, as does every other backend (via :func:`_reduce_product_to`), where
+  same trace). A sum over every axis (tensor scales) sums the leading axes so and
+  the last one plainly: XLA:CPU otherwise turns it into a windowed tree reduction,
+  slower in the LeNet-300-100 step. Reduced axes that are neither all leading nor
+  all trailing, and 1-D parameters, use the plain sum, as does every other backend (via :func:`_reduce_product_to`), where
   it was not measured. ``HIGHEST`` precision: a float32 sum on every backend.
   """
   axes = types.shared_axes(x.shape, shape)
   k = len(axes)
-  if not axes or k == x.ndim:
+  if not axes or x.ndim == 1:
     return _reduce_to(x, shape)
+  if k == x.ndim:  # every axis (tensor scales): the leading ones here, then the last plainly
+    return _reduce_to(_reduce_to_mv(x, (1,) * (x.ndim - 1) + x.shape[-1:]), shape)
   n = math.prod(x.shape[a] for a in axes)
   hi = jax.lax.Precision.HIGHEST
   if tuple(axes) == tuple(range(k)):

@@ -255,13 +255,14 @@ def test_mnist_end_to_end_real_data(real_data_dir, tmp_path):
   assert header_bytes == compress._PREFIX.size + hlen + 32
 
 
-def _lenet300(rule, n, batch_size, seed=0):
-  """Random MNIST-shaped data and a LeNet-300-100 with `rule` (row scales; 4 bits for lsq)."""
+def _lenet300(rule, n, batch_size, seed=0, granularity="row"):
+  """Random MNIST-shaped data and a LeNet-300-100 with `rule` (row scales by default;
+  4 bits for lsq)."""
   rng = np.random.default_rng(seed)
   images = jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
   labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
   cfg = train.TrainConfig(dataset="mnist", model="lenet300", batch_size=batch_size,
-                          optimizer="adam", rule=rule, granularity="row", rounding="round",
+                          optimizer="adam", rule=rule, granularity=granularity, rounding="round",
                           bits=4 if rule == "lsq" else None)
   return images, labels, cfg, train.build_model(cfg, 10)
 
@@ -315,9 +316,9 @@ def test_chunk_runner_prefetch_trains_on_the_permuted_batches():
     np.testing.assert_array_equal(a, b)
 
 
-def _compiled_step_hlo(rule):
+def _compiled_step_hlo(rule, granularity="row"):
   """The compiled, donated LeNet-300-100 train step of `rule` (batch 128), as HLO text."""
-  images, labels, cfg, model = _lenet300(rule, 128, 128)
+  images, labels, cfg, model = _lenet300(rule, 128, 128, granularity=granularity)
   tx = train.make_optimizer(cfg, 100)
   state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
@@ -344,11 +345,13 @@ def _loop_fused_dots(hlo: str) -> list:
   return [name for name, body in loops if " dot(" in bodies.get(body, "")]
 
 
-def test_compiled_lsq_step_sums_its_scale_gradients_with_the_library_product():
-  """On CPU the LSQ gradient's sum over each kernel's rows is a product with a ones
-  matrix (quant._reduce_to_mv), which XLA:CPU may not fold into a naive loop with
-  the per-element terms, as it does for a matrix-vector product."""
-  hlo = _compiled_step_hlo("lsq")
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_compiled_lsq_step_sums_its_scale_gradients_with_the_library_product(granularity):
+  """On CPU the LSQ gradient's sum over each kernel's rows (all of it, for tensor
+  scales) is a product with a ones matrix (quant._reduce_to_mv), which XLA:CPU may not
+  fold into a naive loop with the per-element terms, as it does for a matrix-vector
+  product, nor turn into a windowed tree reduction, as it does for a plain full sum."""
+  hlo = _compiled_step_hlo("lsq", granularity)
   assert hlo.count(" dot(") >= 9, "the forward and backward matmuls and the three sums"
   assert _loop_fused_dots(hlo) == []
 
