@@ -103,8 +103,9 @@ def _reduce_to_mv(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   same trace). A sum over every axis (tensor scales) sums the leading axes so and
   the last one plainly: XLA:CPU otherwise turns it into a windowed tree reduction,
   slower in the LeNet-300-100 step. Reduced axes that are neither all leading nor
-  all trailing, and 1-D parameters, use the plain sum, as does every other backend (via :func:`_reduce_product_to`), where
-  it was not measured. ``HIGHEST`` precision: a float32 sum on every backend.
+  all trailing, and 1-D parameters, use the plain sum, as does every other backend
+  (via :func:`_reduce_product_to`), where it was not measured. ``HIGHEST``
+  precision: a float32 sum on every backend.
   """
   axes = types.shared_axes(x.shape, shape)
   k = len(axes)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import compress, data, train
+from lqjax import compress, data, train, types
 
 BATCH = {"lenet300": 128, "lenet5": 128, "resnet20": 128}
 DATASET = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10"}
@@ -71,7 +71,6 @@ def random_data(n: int, shape=(28, 28, 1)):
 def lenet_step_args(doc: str, argv=None, windows: int = 15):
   """The flags of the LeNet step benchmarks (bench_ordering.py, bench_cost.py):
   --model, --granularity and --windows, parsed from `argv`."""
-  from lqjax import types
   ap = argparse.ArgumentParser(description=doc.splitlines()[0])
   ap.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
   ap.add_argument("--granularity", default="row", choices=list(types.GRANULARITIES))
