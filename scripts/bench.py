@@ -33,12 +33,13 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import compress, data, train, types
+from lqjax import compress, data, fileio, train, types
 
 BATCH = {"lenet300": 128, "lenet5": 128, "resnet20": 128}
 DATASET = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10"}
@@ -68,13 +69,17 @@ def random_data(n: int, shape=(28, 28, 1)):
           jnp.asarray(rng.integers(0, 10, n, dtype=np.int32)))
 
 
-def lenet_step_args(doc: str, argv=None, windows: int = 15):
+def lenet_step_args(doc: str, argv=None, windows: int = 15, out: Optional[str] = None):
   """The flags of the LeNet step benchmarks (bench_ordering.py, bench_cost.py):
-  --model, --granularity and --windows, parsed from `argv`."""
+  --model, --granularity and --windows, parsed from `argv`; with `out`, also --out
+  (default `out`) and --readme."""
   ap = argparse.ArgumentParser(description=doc.splitlines()[0])
   ap.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
   ap.add_argument("--granularity", default="row", choices=list(types.GRANULARITIES))
   ap.add_argument("--windows", type=int, default=windows)
+  if out is not None:
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--readme", default=None)
   return ap.parse_args(argv)
 
 
@@ -159,6 +164,13 @@ def bytes_accessed(compiled):
     return float(ca["bytes accessed"])
   except Exception:  # cost analysis is optional per backend
     return None
+
+
+def machine_info() -> dict:
+  """The machine, backend, date and jax version a benchmark JSON records."""
+  return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+          "backend": jax.default_backend(), "date": datetime.date.today().isoformat(),
+          "jax": jax.__version__}
 
 
 def _sync(state):
@@ -386,11 +398,8 @@ def main(argv=None):
       old = []
     rows = [r for r in old if r["model"] not in models] + rows
     rows.sort(key=lambda r: list(BATCH).index(r["model"]) if r["model"] in BATCH else len(BATCH))
-  doc = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-         "backend": jax.default_backend(), "devices": len(jax.devices()),
-         "device_kind": jax.devices()[0].device_kind,
-         "date": datetime.date.today().isoformat(), "jax": jax.__version__,
-         "peak_rss_mb": peak_memory_mb(), "rows": rows}
+  doc = dict(machine_info(), devices=len(jax.devices()),
+             device_kind=jax.devices()[0].device_kind, peak_rss_mb=peak_memory_mb(), rows=rows)
   if args.cifar_epoch:
     doc["cifar10_resnet20_epoch_s"] = cifar_epoch_seconds()
     print(f"CIFAR-10 ResNet-20 epoch: {doc['cifar10_resnet20_epoch_s']:.1f} s")
@@ -406,13 +415,20 @@ def write_readme(path: pathlib.Path, doc) -> int:
   """Rewrites the README's section between its bench markers (``bench`` for CPU
   measurements, ``bench-<backend>`` otherwise, e.g. ``bench-gpu``)."""
   tag = "bench" if doc["backend"] == "cpu" else f"bench-{doc['backend']}"
+  return replace_section(path, tag, readme_section(doc))
+
+
+def replace_section(path: pathlib.Path, tag: str, section: str) -> int:
+  """Replaces the text between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` in `path`
+  with `section` (the file is rewritten atomically); 2 with a one-line error if the
+  markers are missing."""
   b, e = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
   text = path.read_text()
   if b not in text or e not in text:
     print(f"error: {path} has no {b} ... {e} markers", file=sys.stderr)
     return 2
-  text = text[:text.index(b) + len(b)] + "\n" + readme_section(doc) + "\n" + text[text.index(e):]
-  path.write_text(text)
+  text = text[:text.index(b) + len(b)] + "\n" + section + "\n" + text[text.index(e):]
+  fileio.write_bytes_atomic(path, text.encode())
   print(f"updated {path}")
   return 0
 

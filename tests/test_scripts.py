@@ -8,6 +8,10 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -396,13 +400,46 @@ def test_bench_rejects_bad_windows_before_measuring(capsys):
   assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
 
 
-def test_bench_cost_runs_its_ladder_and_rejects_bad_windows(capsys):
+def test_bench_cost_runs_its_ladder_writes_json_and_readme_and_rejects_bad_windows(
+    capsys, tmp_path):
   mod = _load("bench_cost")
   assert mod.median_diff([3.0, 1.0, 5.0], [1.0, 1.0, 1.0]) == 2.0
-  assert mod.main(["--windows", "1"]) == 0
+  fake_quant = mod.quant.fake_quant
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- bench-cost:begin -->\nold\n<!-- bench-cost:end -->\nrest\n")
+  out_json = tmp_path / "bench_cost.json"
+  assert mod.main(["--windows", "1", "--out", str(out_json), "--readme", str(readme)]) == 0
   out = capsys.readouterr().out
   assert out.count("quantized/float") == len(mod.LADDER)
-  assert "adds" in out and "lsq, ones-vector sum" in out
-  assert mod.quant._MV_ROWS == 2  # the ones-vector rung leaves quant as it found it
+  assert "adds" in out and "lsq, ones-vector sum" in out and "floor: one pass" in out
+  # the ones-vector and floor rungs leave quant as they found it
+  assert mod.quant._MV_ROWS == 2 and mod.quant.fake_quant is fake_quant
+  doc = json.loads(out_json.read_text())
+  assert [r["name"] for r in doc["rows"]] == [rung[0] for rung in mod.LADDER]
+  by_name = {r["name"]: r for r in doc["rows"]}
+  assert by_name["float"]["step_time_ratio"] == 1.0 and by_name["float"]["adds_s"] is None
+  # the floors compile what they claim: one pass fewer kernels than the quantizer
+  # (no rounding), the sum one more reduction than the pass (and 1 MB more read)
+  assert by_name["floor: one pass"]["kernels"] < by_name["kernels fake-quantized"]["kernels"]
+  assert by_name["floor: + one sum of dL/dP per group"]["bytes_accessed"] > \
+      by_name["floor: one pass"]["bytes_accessed"] + 0.9e6
+  text = readme.read_text()
+  assert text.startswith("intro\n<!-- bench-cost:begin -->\nMeasured by `python scripts/bench_cost.py")
+  assert "old" not in text and text.endswith("<!-- bench-cost:end -->\nrest\n")
+  assert text.count("\n| ") == len(mod.LADDER) + 1  # header and one row per rung
   assert mod.main(["--windows", "0"]) == 2
   assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
+
+
+def test_floor_quantizer_is_the_identity_with_a_straight_through_gradient():
+  """bench_cost's floors change no value: P * (s/s) == P, dL/dP passes unchanged,
+  and the scale cotangent is zero with or without the sum."""
+  mod = _load("bench_cost")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)
+  s = jnp.full((1, 4), 0.3, jnp.float32)
+  for with_sum in (False, True):
+    fq = mod._floor_quantizer(with_sum)
+    np.testing.assert_array_equal(fq(x, s), x)
+    gx, gs = jax.grad(lambda x, s: jnp.sum(3.0 * fq(x, s)), (0, 1))(x, s)
+    np.testing.assert_array_equal(gx, jnp.full_like(x, 3.0))
+    assert gs.shape == s.shape and not np.any(gs)
