@@ -1,7 +1,7 @@
 """The flag set shared by every entry point, and its translation to a TrainConfig.
 
 Library code never reads FLAGS: this module builds one frozen
-:class:`lqjax.train.TrainConfig` from them and calls the library.
+:class:`lqlab.train.TrainConfig` from them and calls the library.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class Defaults:
 
 
 def config_from_flags(dataset: str, d: Defaults):
-  from lqjax import train, types
+  from lqjax import types
+  from lqlab import train
   return train.TrainConfig(
       dataset=dataset, model=FLAGS.model or d.model, float_model=FLAGS.float, rule=FLAGS.rule,
       threshold=d.threshold if FLAGS.threshold is None else FLAGS.threshold,
@@ -107,7 +108,7 @@ def _fail(msg: str, code: int = 2):
 
 def run(dataset: str, defaults: Defaults):
   """Runs the experiment for `dataset` from the parsed flags; exits non-zero on bad input."""
-  from lqjax import data, train
+  from lqlab import data, train
   logging.set_verbosity(logging.WARNING)
   try:
     cfg = config_from_flags(dataset, defaults)
@@ -121,8 +122,8 @@ def run(dataset: str, defaults: Defaults):
     _fail(f"the parent of --workdir ({workdir.parent}) does not exist")
   after = None
   if FLAGS.export:
-    from lqjax import compress
-    after = compress.export_after_training
+    from lqlab import export as export_lib
+    after = export_lib.export_after_training
   try:
     res = train.train_and_evaluate(cfg, workdir, FLAGS.data_dir, progress=FLAGS.progress,
                                    after_train=after)

@@ -1,22 +1,46 @@
-"""lqjax: learned quantization for JAX/Flax.
+"""lqjax: learned quantization for JAX/Flax, on any Linen or NNX model.
 
-Public API (the most used names are re-exported here):
+Public API:
 
-* quantizer (:mod:`lqjax.quant`): ``fake_quant``, ``quantize_codes``,
+* quantize an unchanged model by rules (:mod:`lqjax.rules`): ``quantize``,
+  ``Rule``, ``QuantConfig``
+* your own training loop (:mod:`lqjax.optim`, :mod:`lqjax.losses`):
+  ``optim.split``, ``optim.Brake``, ``optim.brake_update``, ``optim.ratio_stats``,
+  ``quant_penalties`` and the three penalties
+* size and files: ``report`` (the per-layer bits table), ``average_bits``,
+  ``save`` / ``load`` (the packed ``.lqz`` file), ``export_onnx`` (integer
+  weights with ``DequantizeLinear``; needs ``lqjax[export]``)
+* the quantizer (:mod:`lqjax.quant`): ``fake_quant``, ``quantize_codes``,
   ``dequantize``, ``init_scale``, ``scale_from_log``
-* granularity and config (:mod:`lqjax.types`): ``QuantConfig``, ``scale_shape``,
-  ``kept_axes``, ``GRANULARITIES``, ``RULES``
-* layers (:mod:`lqjax.layers`): ``Quantizer``, ``quantized``, ``QuantDense``,
-  ``QuantConv``, ``QuantEmbed``, ``iter_quantized``
-* penalties (:mod:`lqjax.losses`): ``inverse_scale_penalty``,
-  ``bin_count_penalty``, ``deviation_penalty``, ``quant_penalties``
+* granularity (:mod:`lqjax.types`): ``scale_shape``, ``kept_axes``,
+  ``GRANULARITIES``, ``RULES``
+* single layers by hand (:mod:`lqjax.linen_quant`): ``quantized``, ``Quantizer``
 """
 
-from lqjax.layers import (QuantConv, QuantDense, QuantEmbed, Quantizer, iter_quantized,
-                          quantized)
+from lqjax import optim
+from lqjax.accounting import average_bits, format_table, model_report, summarize
+from lqjax.compress import CorruptFileError, load, save
+from lqjax.linen_quant import Quantizer, quantized
 from lqjax.losses import (bin_count_penalty, deviation_penalty, inverse_scale_penalty,
                           quant_penalties)
 from lqjax.quant import dequantize, fake_quant, init_scale, quantize_codes, scale_from_log
+from lqjax.rules import QuantizeError, Rule, quantize
+from lqjax.tree import QuantScale, quantized_tensors
 from lqjax.types import GRANULARITIES, RULES, QuantConfig, kept_axes, scale_shape
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def report(variables) -> str:
+  """The per-layer table of a quantized tree: shape, rule, granularity, bits, bytes, ratio.
+
+  `variables` is what the model needs to run (Linen variables, an ``nnx.State``
+  or an ``nnx.Module``); the totals line is the packed file's payload size.
+  """
+  return format_table(model_report(variables))
+
+
+def export_onnx(path, fn, variables, example_input, **kwargs) -> int:
+  """Writes ``fn(variables, x)`` as ONNX with integer weights; see :mod:`lqjax.onnx_export`."""
+  from lqjax import onnx_export
+  return onnx_export.export_onnx(path, fn, variables, example_input, **kwargs)

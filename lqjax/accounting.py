@@ -9,7 +9,9 @@ For each quantized parameter and each scale group G:
 * storage: bits_G x |G| code bits, plus per group a float32 scale, an int32
   offset and a uint8 bit width (:data:`GROUP_OVERHEAD_BYTES`).
 
-Parameters that are not quantized (batch norm, float layers) count at 32 bits.
+Each tensor is accounted with its own recipe (rounding, bits, granularity), read
+from the tree (:mod:`lqjax.tree`). Parameters that are not quantized (batch
+norm, float layers) count at 32 bits.
 The exported file (:mod:`lqjax.compress`) lays the data out exactly so: its
 payload size equals :func:`model_report`'s ``packed_bytes``.
 """
@@ -19,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from lqjax import layers, quant, types
+from lqjax import quant, tree, types
 
 # Per scale group: float32 scale + int32 offset + uint8 bit width.
 GROUP_OVERHEAD_BYTES = 4 + 4 + 1
@@ -41,21 +42,26 @@ def group_bits(codes: jax.Array, sshape) -> jax.Array:
   return jnp.ceil(jnp.log2(span) - 1e-6).clip(min=0.0)
 
 
-def average_bits(params: Mapping[str, Any], *, rounding: str = "floor",
-                 bits: Optional[int] = None):
+def average_bits(params, default: Optional[types.QuantConfig] = None):
   """Element-weighted average code bits over all quantized parameters (jittable).
 
+  Args:
+    params: a tree with quantized tensors (Linen params, ``nnx.State`` or module).
+    default: the recipe of scales saved without one (see
+      :func:`lqjax.tree.quantized_tensors`).
+
   Returns:
-    (average over the model, {layer path: average of that parameter}).
+    (average over the model, {tensor path: average of that tensor}).
   """
   total_bits, total_n, per = 0.0, 0, {}
-  for path, p, ls in layers.iter_quantized(params):
-    s = quant.scale_from_log(ls)
-    b = group_bits(quant.quantize_codes(p, s, rounding=rounding, bits=bits), ls.shape)
-    n_group = p.size // ls.size
+  for t in tree.quantized_tensors(params, default):
+    s = quant.scale_from_log(t.log_scale)
+    b = group_bits(quant.quantize_codes(t.p, s, rounding=t.config.rounding, bits=t.config.bits),
+                   t.log_scale.shape)
+    n_group = t.p.size // t.log_scale.size
     layer_bits = jnp.sum(b) * n_group
-    per["/".join(path)] = layer_bits / p.size
-    total_bits, total_n = total_bits + layer_bits, total_n + p.size
+    per[t.name] = layer_bits / t.p.size
+    total_bits, total_n = total_bits + layer_bits, total_n + t.p.size
   avg = total_bits / max(total_n, 1) if total_n else jnp.zeros(())
   return avg, per
 
@@ -74,6 +80,9 @@ class TensorReport:
   overhead_bytes: int
   fp32_bytes: int
   quantized: bool
+  rule: Optional[str] = None
+  bits: Optional[int] = None
+  rounding: Optional[str] = None
 
   @property
   def bytes(self) -> int:
@@ -116,39 +125,36 @@ def group_view(codes: np.ndarray, sshape) -> np.ndarray:
   return np.transpose(codes, types.group_permutation(codes.shape, sshape)).reshape(g, -1)
 
 
-def model_report(params: Mapping[str, Any], *, rounding: str = "floor",
-                 bits: Optional[int] = None, extra_float: Optional[Mapping[str, Any]] = None):
+def model_report(variables, default: Optional[types.QuantConfig] = None):
   """Per-tensor accounting of a model.
 
   Args:
-    params: the ``params`` collection.
-    rounding, bits: the model's quantizer settings.
-    extra_float: other float collections stored with the model (batch_stats).
+    variables: every array the model needs (Linen variables: params and
+      batch_stats; an ``nnx.State`` or module), quantized tensors with their
+      recipes.
+    default: the recipe of scales saved without one.
 
   Returns:
-    A list of :class:`TensorReport`, quantized tensors first in path order.
+    A list of :class:`TensorReport`, quantized tensors first in path order, then
+    every other array at 32 bits.
   """
-  rows, quantized = [], set()
-  for path, p, ls in layers.iter_quantized(params):
-    codes, _ = tensor_codes(p, ls, rounding, bits)
-    gv = group_view(codes, ls.shape)
+  rows, done = [], set()
+  for t in tree.quantized_tensors(variables, default):
+    codes, _ = tensor_codes(t.p, t.log_scale, t.config.rounding, t.config.bits)
+    gv = group_view(codes, t.log_scale.shape)
     span = gv.max(1).astype(np.int64) - gv.min(1).astype(np.int64) + 1
     gb = np.ceil(np.log2(span) - 1e-9).clip(min=0).astype(np.int64)
     n_group = gv.shape[1]
     rows.append(TensorReport(
-        path="/".join(path), shape=tuple(p.shape),
-        granularity=describe_granularity(p.shape, ls.shape), groups=gv.shape[0],
-        elements=int(p.size), bits_min=int(gb.min()), bits_mean=float(gb.mean()),
+        path=t.name, shape=tuple(t.p.shape),
+        granularity=describe_granularity(t.p.shape, t.log_scale.shape), groups=gv.shape[0],
+        elements=int(t.p.size), bits_min=int(gb.min()), bits_mean=float(gb.mean()),
         bits_max=int(gb.max()), code_bytes=int(math.ceil(int((gb * n_group).sum()) / 8)),
-        overhead_bytes=gv.shape[0] * GROUP_OVERHEAD_BYTES, fp32_bytes=4 * int(p.size),
-        quantized=True))
-    quantized.add(path)
-    quantized.add(path[:-1] + (path[-1] + layers.QUANT_SUFFIX, "log_scale"))
-  flat = traverse_util.flatten_dict(dict(params))
-  for extra in ([extra_float] if extra_float else []):
-    flat.update({("batch_stats",) + k: v for k, v in traverse_util.flatten_dict(dict(extra)).items()})
-  for path, v in flat.items():
-    if path in quantized:
+        overhead_bytes=gv.shape[0] * GROUP_OVERHEAD_BYTES, fp32_bytes=4 * int(t.p.size),
+        quantized=True, rule=t.config.rule, bits=t.config.bits, rounding=t.config.rounding))
+    done.update((t.path, t.scale_path))
+  for path, (v, _) in tree.flat_leaves(variables).items():
+    if path in done:
       continue
     n = int(np.size(v))
     rows.append(TensorReport(
@@ -161,7 +167,7 @@ def model_report(params: Mapping[str, Any], *, rounding: str = "floor",
 def summarize(rows) -> dict:
   """Totals: fp32 bytes (float model), packed bytes, average bits of quantized weights."""
   q = [r for r in rows if r.quantized]
-  fp32 = sum(r.fp32_bytes for r in rows if not r.path.endswith("log_scale"))
+  fp32 = sum(r.fp32_bytes for r in rows if not r.path.endswith(tree.SCALE_NAME))
   packed = sum(r.bytes for r in rows)
   n_q = sum(r.elements for r in q)
   return {
@@ -175,16 +181,17 @@ def summarize(rows) -> dict:
 
 
 def format_table(rows) -> str:
-  head = f"{'layer':40s} {'shape':>18s} {'granularity':>12s} {'bits min/mean/max':>18s} " \
-         f"{'bytes':>10s} {'ratio':>7s}"
+  head = f"{'layer':40s} {'shape':>18s} {'rule':>10s} {'granularity':>12s} " \
+         f"{'bits min/mean/max':>18s} {'bytes':>10s} {'ratio':>7s}"
   lines = [head, "-" * len(head)]
   for r in rows:
     bits = f"{r.bits_min}/{r.bits_mean:.2f}/{r.bits_max}"
-    lines.append(f"{r.path:40s} {str(r.shape):>18s} {r.granularity:>12s} {bits:>18s} "
-                 f"{r.bytes:>10d} {r.ratio:>6.1f}x")
+    rule = "float" if not r.quantized else r.rule + (f"/{r.bits}b" if r.bits else "")
+    lines.append(f"{r.path:40s} {str(r.shape):>18s} {rule:>10s} {r.granularity:>12s} "
+                 f"{bits:>18s} {r.bytes:>10d} {r.ratio:>6.1f}x")
   s = summarize(rows)
   lines.append("-" * len(head))
-  lines.append(f"{'total':40s} {'':>18s} {'':>12s} {s['avg_bits']:>18.2f} "
+  lines.append(f"{'total':40s} {'':>18s} {'':>10s} {'':>12s} {s['avg_bits']:>18.2f} "
                f"{s['packed_bytes_accounted']:>10d} {s['ratio_accounted']:>6.1f}x"
                f"   (fp32 {s['fp32_bytes']} bytes)")
   return "\n".join(lines)

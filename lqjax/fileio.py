@@ -5,6 +5,7 @@ A reader (or a killed run) sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -39,3 +40,11 @@ def write_jsonl_atomic(path, rows) -> None:
 def read_json(path):
   """The JSON object in `path`."""
   return json.loads(pathlib.Path(path).read_text())
+
+
+def write_npz_atomic(path, **arrays) -> None:
+  """``np.savez_compressed`` through a temporary file and an atomic rename."""
+  import numpy as np
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  write_bytes_atomic(path, buf.getvalue())

@@ -1,8 +1,9 @@
 """The second scheme: quantization-encouraging losses (METHOD.md section 5).
 
-Each penalty is a pure function of the ``params`` pytree and a coefficient
-(its "penalty rate"); it finds every quantized parameter P and its scale s
-through :func:`lqjax.layers.iter_quantized`. Group reductions follow the
+Each penalty is a pure function of a parameter tree (Linen params, an
+``nnx.State`` or module) and a coefficient (its "penalty rate"); it finds every
+quantized parameter P, its scale s and its recipe through
+:func:`lqjax.tree.quantized_tensors`, so it works on any quantized model. Group reductions follow the
 scale's shape: axes where s has size 1 are shared by one scale.
 
 1. inverse scale: ``alpha * mean(1/s)`` over all scales of a quantizer,
@@ -21,13 +22,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from lqjax import layers, quant, types
+from lqjax import quant, tree, types
 
 
 def _mean_over_quantizers(params, fn, coef=1.0):
   if isinstance(coef, (int, float)) and coef == 0:
     return jnp.zeros(())  # skip the work for a disabled penalty
-  terms = [fn(p, ls) for _, p, ls in layers.iter_quantized(params)]
+  terms = [fn(t.p, t.log_scale, t.config) for t in tree.quantized_tensors(params)]
   if not terms:
     return jnp.zeros(())
   return jnp.mean(jnp.stack(terms))
@@ -36,7 +37,7 @@ def _mean_over_quantizers(params, fn, coef=1.0):
 def inverse_scale_penalty(params: Mapping[str, Any], coef: float) -> jax.Array:
   """alpha * mean(1/s)."""
   return coef * _mean_over_quantizers(
-      params, lambda p, ls: jnp.mean(1.0 / quant.scale_from_log(ls)), coef)
+      params, lambda p, ls, cfg: jnp.mean(1.0 / quant.scale_from_log(ls)), coef)
 
 
 def group_bins(p: jax.Array, log_scale: jax.Array) -> jax.Array:
@@ -52,17 +53,17 @@ def bin_count_penalty(params: Mapping[str, Any], coef: float,
   """beta * mean_G relu(log2(bins_G) - target_bits)."""
   return coef * _mean_over_quantizers(
       params,
-      lambda p, ls: jnp.mean(jax.nn.relu(jnp.log2(group_bins(p, ls)) - target_bits)),
+      lambda p, ls, cfg: jnp.mean(jax.nn.relu(jnp.log2(group_bins(p, ls)) - target_bits)),
       coef)
 
 
-def deviation_penalty(params: Mapping[str, Any], coef: float,
-                      rounding: str = "floor") -> jax.Array:
-  """gamma * mean((P - Q(P))^2)."""
+def deviation_penalty(params: Mapping[str, Any], coef: float) -> jax.Array:
+  """gamma * mean((P - Q(P))^2), Q with each tensor's own rounding and bits."""
 
-  def dev(p, ls):
+  def dev(p, ls, cfg):
     s = quant.scale_from_log(ls)
-    q = jax.lax.stop_gradient(quant.quantize_codes(p, s, rounding=rounding)).astype(p.dtype)
+    q = jax.lax.stop_gradient(quant.quantize_codes(p, s, rounding=cfg.rounding, bits=cfg.bits)
+                              ).astype(p.dtype)
     return jnp.mean(jnp.square(p - s * q))
 
   return coef * _mean_over_quantizers(params, dev, coef)
@@ -70,7 +71,7 @@ def deviation_penalty(params: Mapping[str, Any], coef: float,
 
 def quant_penalties(params: Mapping[str, Any], *, inverse_scale: float = 0.0,
                     bin_count: float = 0.0, deviation: float = 0.0,
-                    target_bits: float = 0.0, rounding: str = "floor"):
+                    target_bits: float = 0.0):
   """Sum of the three penalties over every quantizer in a model.
 
   Returns:
@@ -83,6 +84,6 @@ def quant_penalties(params: Mapping[str, Any], *, inverse_scale: float = 0.0,
   terms = {
       "inverse_scale": inverse_scale_penalty(params, inverse_scale),
       "bin_count": bin_count_penalty(params, bin_count, target_bits),
-      "deviation": deviation_penalty(params, deviation, rounding),
+      "deviation": deviation_penalty(params, deviation),
   }
   return sum(terms.values()), terms

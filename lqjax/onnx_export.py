@@ -1,189 +1,224 @@
-"""ONNX export of a trained (quantized) lqjax model, with integer initializers.
+"""ONNX export of any quantized model, with integer initializers and ``DequantizeLinear``.
 
-Each quantized weight is stored as an integer initializer (int8 where its codes
-fit, else int16, else int32) followed by ``DequantizeLinear`` (opset 21):
+:func:`export_onnx` traces ``fn(variables, x)`` with ``jax2onnx`` (which reads
+the JAX program, so any Linen or NNX model works) with every array of
+`variables` as a graph input and the quantizers switched off
+(:func:`lqjax.quant.passthrough`). It then replaces each such input by an
+initializer:
 
-* one scale per tensor: scalar scale;
-* one scale per slice of a single axis (``row``/``channel``/``column``): a 1-D
-  per-axis scale with ``axis`` set (conv kernels are stored OIHW, so a
-  per-output-channel scale is axis 0);
-* anything else (``element``, ``spatial``, several kept axes): **fallback**,
-  ``DequantizeLinear`` with scale 1 followed by a ``Mul`` with the full float
-  scale tensor (broadcast). The codes stay integers; the scale tensor costs as
-  much as the accounting says.
+* a quantized tensor: its integer codes (int8 where they fit, else int16, else
+  int32) followed by ``DequantizeLinear`` with the tensor's own scales:
 
-The graph takes uint8 NHWC images (as the datasets store them) and includes the
-input normalisation, so its logits compare directly with the JAX model's.
-Supported models: lenet300, lenet5, resnet20, resnet_small (needs the optional
-extra ``lqjax[export]``: onnx, onnxruntime).
+  - one scale per tensor: a scalar scale;
+  - one scale per slice of a single axis (``row``/``channel``/``column``): a 1-D
+    per-axis scale with ``axis`` set;
+  - anything else (``element``, ``spatial``, several kept axes): ``DequantizeLinear``
+    with scale 1 followed by a ``Mul`` with the full float scale tensor.
+
+* any other array (biases left float, batch statistics): a float initializer.
+
+The weights enter the graph in the model's own layout; the layer's own
+transposes (jax2onnx emits them) follow. Codes and scales are computed as the
+packed file computes them (:func:`lqjax.accounting.tensor_codes`), so the
+graph's weights are the reloaded model's, bit for bit. Needs the optional extra
+``lqjax[export]`` (onnx, onnxruntime, jax2onnx).
+
+The program is traced to JAX primitives first (``jax.make_jaxpr``, the batch
+axis symbolic) and jax2onnx lowers those: its own Flax-level plugins are never
+reached, so the graph is the model's computation exactly as JAX runs it.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lqjax import accounting, layers
+from lqjax import accounting, fileio, quant, tree
+
+OPSET = 23
 
 
-class _Graph:
-  """A small builder for an ONNX graph in NCHW layout."""
+def _int_dtype(codes: np.ndarray):
+  lo, hi = (int(codes.min()), int(codes.max())) if codes.size else (0, 0)
+  for dt in (np.int8, np.int16, np.int32):
+    info = np.iinfo(dt)
+    if info.min <= lo and hi <= info.max:
+      return dt
+  raise ValueError("codes exceed int32")
 
-  def __init__(self, params, batch_stats, rounding, bits):
-    import onnx
-    from onnx import helper
-    self.onnx, self.h = onnx, helper
-    self.params, self.stats = params, batch_stats or {}
-    self.rounding, self.bits = rounding, bits
-    self.nodes, self.inits, self.n = [], [], 0
 
-  def name(self, base):
-    self.n += 1
-    return f"{base}_{self.n}"
+def _dequant_nodes(helper, numpy_helper, name, codes, scale):
+  """(initializers, nodes) that compute tensor `name` from integer codes and scales."""
+  q = numpy_helper.from_array(codes.astype(_int_dtype(codes)), name + "_codes")
+  kept = [i for i, d in enumerate(scale.shape) if d != 1]
+  if not kept:
+    s = numpy_helper.from_array(np.float32(scale.reshape(())), name + "_scale")
+    return [q, s], [helper.make_node("DequantizeLinear", [q.name, s.name], [name])]
+  if len(kept) == 1:
+    s = numpy_helper.from_array(scale.reshape(-1).astype(np.float32), name + "_scale")
+    return [q, s], [helper.make_node("DequantizeLinear", [q.name, s.name], [name],
+                                     axis=kept[0])]
+  one = numpy_helper.from_array(np.float32(1.0), name + "_one")
+  s = numpy_helper.from_array(scale.astype(np.float32), name + "_scale")
+  return [q, one, s], [
+      helper.make_node("DequantizeLinear", [q.name, one.name], [name + "_int"]),
+      helper.make_node("Mul", [name + "_int", s.name], [name])]
 
-  def const(self, arr, base="c"):
-    from onnx import numpy_helper
-    nm = self.name(base)
-    self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), nm))
-    return nm
 
-  def op(self, op_type, inputs, **attrs):
-    out = self.name(op_type.lower())
-    self.nodes.append(self.h.make_node(op_type, inputs, [out], **attrs))
-    return out
+def _pool_2d(prim, x, params):
+  """An NHWC ``reduce_window`` over H, W as one over the last two axes of (N*C, H, W).
 
-  def weight(self, tree, pname, oihw=False):
-    """The float weight `pname` of `tree`, dequantized in-graph when quantized."""
-    qkey = pname + layers.QUANT_SUFFIX
-    p = np.asarray(tree[pname], np.float32)
-    perm = (3, 2, 0, 1) if oihw else None
-    if qkey not in tree:
-      return self.const(p.transpose(perm) if perm else p, pname)
-    ls = np.asarray(tree[qkey]["log_scale"], np.float32)
-    codes, scale = accounting.tensor_codes(p, ls, self.rounding, self.bits)
-    if perm:
-      codes, scale = codes.transpose(perm), scale.transpose(perm)
-    lo, hi = int(codes.min()), int(codes.max())
-    dt = np.int8 if -128 <= lo and hi <= 127 else (np.int16 if -32768 <= lo and hi <= 32767
-                                                   else np.int32)
-    q = self.const(codes.astype(dt), pname + "_codes")
-    kept = [i for i, d in enumerate(scale.shape) if d != 1]
-    if not kept:
-      return self.op("DequantizeLinear", [q, self.const(np.float32(scale.reshape(())), "scale")])
-    if len(kept) == 1:
-      return self.op("DequantizeLinear", [q, self.const(scale.reshape(-1), "scale")], axis=kept[0])
-    deq = self.op("DequantizeLinear", [q, self.const(np.float32(1.0), "one")])
-    return self.op("Mul", [deq, self.const(scale, "scale")])
+  jax2onnx lowers ``reduce_window_max`` as a ``MaxPool`` whose spatial axes are all
+  the operand's axes; onnxruntime pools at most three, so a 4-D NHWC window is
+  refused. The same windows over (N*C, H, W) give the same values.
+  """
+  n, h, w, c = x.shape
+  y = jnp.transpose(x, (0, 3, 1, 2)).reshape((-1, h, w))
+  pad = tuple(params["padding"])
+  sub = lambda k: (1,) + tuple(params[k][1:3])
+  out = prim.bind(y, window_dimensions=sub("window_dimensions"),
+                  window_strides=sub("window_strides"), padding=((0, 0),) + pad[1:3],
+                  base_dilation=sub("base_dilation"), window_dilation=sub("window_dilation"))
+  return jnp.transpose(out.reshape((n, c) + out.shape[1:]), (0, 2, 3, 1))
 
-  def dense(self, x, tree):
-    y = self.op("MatMul", [x, self.weight(tree, "kernel")])
-    return self.op("Add", [y, self.weight(tree, "bias")]) if "bias" in tree else y
 
-  def conv(self, x, tree, in_hw, strides=1, padding="SAME"):
-    k = np.asarray(tree["kernel"]).shape
-    pads = [0, 0, 0, 0]
-    if padding == "SAME":
-      for i, (n, kk) in enumerate(zip(in_hw, k[:2])):
-        out = -(-n // strides)
-        total = max((out - 1) * strides + kk - n, 0)
-        pads[i], pads[i + 2] = total // 2, total - total // 2
-    inputs = [x, self.weight(tree, "kernel", oihw=True)]
-    if "bias" in tree:
-      inputs.append(self.weight(tree, "bias"))
-    y = self.op("Conv", inputs, kernel_shape=list(k[:2]), strides=[strides, strides], pads=pads)
-    if padding == "SAME":
-      hw = tuple(-(-n // strides) for n in in_hw)
+def _is_nhwc_pool(eqn) -> bool:
+  p = eqn.params
+  if eqn.primitive.name != "reduce_window_max" or len(eqn.invars[0].aval.shape) != 4:
+    return False
+  return all(tuple(p[k])[i] == 1 for k in ("window_dimensions", "window_strides",
+                                           "base_dilation", "window_dilation")
+             for i in (0, 3)) and tuple(p["padding"][0]) == (0, 0) \
+      and tuple(p["padding"][3]) == (0, 0)
+
+
+def _replay(jaxpr, consts, *args):
+  """Evaluates `jaxpr` primitive by primitive (as ``jax.core.eval_jaxpr``), with
+  NHWC max pooling rewritten by :func:`_pool_2d`."""
+  from jax.extend.core import Literal
+  env = {}
+  read = lambda v: v.val if isinstance(v, Literal) else env[v]
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if _is_nhwc_pool(eqn):
+      ans = _pool_2d(eqn.primitive, invals[0], eqn.params)
     else:
-      hw = tuple((n - kk) // strides + 1 for n, kk in zip(in_hw, k[:2]))
-    return y, hw
-
-  def bn(self, x, tree, stats):
-    return self.op("BatchNormalization", [
-        x, self.const(np.asarray(tree["scale"], np.float32)),
-        self.const(np.asarray(tree["bias"], np.float32)),
-        self.const(np.asarray(stats["mean"], np.float32)),
-        self.const(np.asarray(stats["var"], np.float32))], epsilon=1e-5)
+      ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    if eqn.primitive.multiple_results:
+      env.update(zip(eqn.outvars, ans))
+    else:
+      env[eqn.outvars[0]] = ans
+  return [read(v) for v in jaxpr.outvars]
 
 
-def _resnet(g, x, hw, model_name):
-  p, st = g.params, g.stats
-  stride = 2 if model_name == "resnet_small" else 1
-  x, hw = g.conv(x, p["stem"], hw, stride)
-  x = g.op("Relu", [g.bn(x, p["stem_bn"], st["stem_bn"])])
-  blocks = sorted((k for k in p if k.startswith("stage")),
-                  key=lambda k: tuple(int(t) for t in k.replace("stage", "").split("_block")))
-  for b in blocks:
-    tp, ts = p[b], st[b]
-    s = 2 if (b.endswith("_block1") and not b.startswith("stage1_")) else 1
-    y, hw2 = g.conv(x, tp["conv1"], hw, s)
-    y = g.op("Relu", [g.bn(y, tp["bn1"], ts["bn1"])])
-    y, hw2 = g.conv(y, tp["conv2"], hw2, 1)
-    y = g.bn(y, tp["bn2"], ts["bn2"])
-    if "proj" in tp:
-      x, _ = g.conv(x, tp["proj"], hw, s)
-      x = g.bn(x, tp["proj_bn"], ts["proj_bn"])
-    x, hw = g.op("Relu", [g.op("Add", [x, y])]), hw2
-  x = g.op("ReduceMean", [x, g.const(np.array([2, 3], np.int64))], keepdims=0)
-  return g.dense(x, p["head"])
+def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
+          dynamic_batch: bool = True, model_name: str = "lqjax_model"):
+  """Returns an ``onnx.ModelProto`` of ``fn(variables, x)`` (see the module docstring).
 
+  Args:
+    fn: ``fn(variables, x) -> output``, e.g. ``lambda v, x: model.apply(v, x)``.
+    variables: the trained tree (Linen variables, ``nnx.State``); quantized
+      tensors carry their recipes.
+    example_input: an array (or ``jax.ShapeDtypeStruct``) with the input's
+      shape and dtype.
+    dynamic_batch: make the input's first axis symbolic (``N``).
+  """
+  import onnx
+  from jax2onnx import to_onnx
+  from onnx import helper, numpy_helper
 
-def build(cfg, num_classes, ds_stats, params, batch_stats, image_shape):
-  """Returns an ``onnx.ModelProto`` for the model of `cfg` with `params`."""
-  g = _Graph(params, batch_stats, cfg.rounding, cfg.bits)
-  h, w, c = image_shape
-  x = g.op("Cast", ["image"], to=g.onnx.TensorProto.FLOAT)
-  x = g.op("Div", [x, g.const(np.float32(255.0))])
-  x = g.op("Sub", [x, g.const(np.asarray(ds_stats[0], np.float32))])
-  x = g.op("Div", [x, g.const(np.asarray(ds_stats[1], np.float32))])
-  flat = g.const(np.array([0, -1], np.int64), "shape")
-  p = params
-  if cfg.model == "lenet300":
-    x = g.op("Reshape", [x, flat])
-    x = g.op("Relu", [g.dense(x, p["fc1"])])
-    x = g.op("Relu", [g.dense(x, p["fc2"])])
-    y = g.dense(x, p["fc3"])
-  elif cfg.model == "lenet5":
-    x = g.op("Transpose", [x], perm=[0, 3, 1, 2])
-    x, hw = g.conv(x, p["conv1"], (h, w), 1, "VALID")
-    x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
-    x, hw = g.conv(x, p["conv2"], (hw[0] // 2, hw[1] // 2), 1, "VALID")
-    x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
-    x = g.op("Transpose", [x], perm=[0, 2, 3, 1])  # back to NHWC: flax's flatten order
-    x = g.op("Reshape", [x, flat])
-    x = g.op("Relu", [g.dense(x, p["fc1"])])
-    y = g.dense(x, p["fc2"])
-  elif cfg.model in ("resnet20", "resnet_small"):
-    x = g.op("Transpose", [x], perm=[0, 3, 1, 2])
-    y = _resnet(g, x, (h, w), cfg.model)
-  else:
-    raise ValueError(f"ONNX export does not support model {cfg.model!r}")
-  g.nodes.append(g.h.make_node("Identity", [y], ["logits"]))
-  graph = g.h.make_graph(
-      g.nodes, f"lqjax_{cfg.model}",
-      [g.h.make_tensor_value_info("image", g.onnx.TensorProto.UINT8, ["N", h, w, c])],
-      [g.h.make_tensor_value_info("logits", g.onnx.TensorProto.FLOAT, ["N", num_classes])],
-      g.inits)
-  model = g.h.make_model(graph, opset_imports=[g.h.make_opsetid("", 21)],
-                         producer_name="lqjax")
-  model.ir_version = 10
-  g.onnx.checker.check_model(model)
+  variables = jax.device_get(variables)
+  qt = {t.path: t for t in tree.quantized_tensors(variables)}
+  replaced = {}
+  for t in qt.values():
+    codes, scale = accounting.tensor_codes(t.p, t.log_scale, t.config.rounding, t.config.bits)
+    replaced[t.path] = (codes, scale, (scale * codes.astype(np.float32)).astype(np.float32))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables, is_leaf=tree._is_box)
+  paths, arrays = [], []
+  for kp, leaf in leaves:
+    path = tuple(tree._key_str(k) for k in kp)
+    value = leaf.value if isinstance(leaf, tree.QuantScale) else (
+        leaf.get_value() if tree._is_variable(leaf) else leaf)
+    if path and path[-1] == "value" and not tree._is_variable(leaf):
+      path = path[:-1]
+    paths.append(path)
+    arrays.append(np.asarray(replaced[path][2] if path in replaced else value))
+
+  def rebuild(arrs):
+    new = []
+    for (kp, leaf), a in zip(leaves, arrs):
+      if isinstance(leaf, tree.QuantScale):
+        new.append(leaf.replace(value=a))
+      elif tree._is_variable(leaf):
+        v = leaf.copy() if hasattr(leaf, "copy") else leaf
+        v.set_value(a)
+        new.append(v)
+      else:
+        new.append(a)
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+  def traced(x, *arrs):
+    with quant.passthrough():
+      return fn(rebuild(arrs), x)
+
+  x_shape = tuple(np.shape(example_input))
+  x_dtype = getattr(example_input, "dtype", None) or np.asarray(example_input).dtype
+  if dynamic_batch:
+    x_shape = (jax.export.symbolic_shape("N")[0],) + x_shape[1:]
+  specs = [jax.ShapeDtypeStruct(x_shape, x_dtype)] + [
+      jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+  # Trace to primitives here, outside jax2onnx: its Flax-level plugins (active while it
+  # traces) mislabel NCHW/NHWC around residual additions (ResNet blocks), while its
+  # lowering of lax primitives is exact. The replayed program is the model's own.
+  closed = jax.make_jaxpr(traced)(*specs)
+  n_out = len(closed.out_avals)
+
+  def replay(*args):
+    out = _replay(closed.jaxpr, closed.consts, *args)
+    return out[0] if n_out == 1 else tuple(out)
+
+  names = ["input"] + ["w_" + "_".join(p) for p in paths]
+  model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
+  inits, nodes = [], []
+  for name, path, arr in zip(names[1:], paths, arrays):
+    if path in replaced:
+      i, n = _dequant_nodes(helper, numpy_helper, name, replaced[path][0], replaced[path][1])
+      inits += i
+      nodes += n
+    elif path in {tuple(t.scale_path) for t in qt.values()}:
+      inits.append(numpy_helper.from_array(arr, name))  # unused once dequantized; pruned below
+    else:
+      inits.append(numpy_helper.from_array(arr, name))
+  g = model.graph
+  keep_inputs = [i for i in g.input if i.name == "input"]
+  del g.input[:]
+  g.input.extend(keep_inputs)
+  old_nodes = list(g.node)
+  del g.node[:]
+  g.node.extend(nodes + old_nodes)
+  used = {n for node in g.node for n in node.input}
+  g.initializer.extend([t for t in inits if t.name in used])
+  onnx.checker.check_model(model)
   return model
 
 
-IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
-                "imagenette": (64, 64, 3)}
+def export_onnx(path, fn: Callable[[Any, Any], Any], variables, example_input, **kwargs) -> int:
+  """Writes the ONNX model of ``fn(variables, x)`` to `path` atomically; returns its size.
+
+  See :func:`build` for the arguments.
+  """
+  model = build(fn, variables, example_input, **kwargs)
+  return fileio.write_bytes_atomic(path, model.SerializeToString())
 
 
-def export_onnx(path, cfg, num_classes, ds_stats, params, batch_stats) -> int:
-  """Writes the ONNX model; returns its size in bytes."""
-  model = build(cfg, num_classes, ds_stats, params, batch_stats, IMAGE_SHAPES[cfg.dataset])
-  blob = model.SerializeToString()
-  from lqjax import compress
-  return compress.write_atomic(path, blob)
-
-
-def run_onnx(path_or_bytes, images: np.ndarray, batch_size: int = 1000,
+def run_onnx(path_or_bytes, x: np.ndarray, batch_size: int = 1000,
              optimization: str = "basic") -> np.ndarray:
-  """Logits from onnxruntime on uint8 NHWC images.
+  """Outputs from onnxruntime for inputs `x`, in batches along the first axis.
 
   ``optimization="basic"`` (default) keeps onnxruntime's graph rewrites to the
   exact ones: at the extended level it fuses DequantizeLinear -> MatMul into an
@@ -197,6 +232,8 @@ def run_onnx(path_or_bytes, images: np.ndarray, batch_size: int = 1000,
       "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+  so.log_severity_level = 3
   sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-  return np.concatenate([sess.run(["logits"], {"image": images[i:i + batch_size]})[0]
-                         for i in range(0, images.shape[0], batch_size)])
+  name = sess.get_inputs()[0].name
+  return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0]
+                         for i in range(0, x.shape[0], batch_size)])

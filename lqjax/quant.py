@@ -45,6 +45,8 @@ Every scale cotangent is reduced to the scale's exact shape.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Optional
@@ -62,6 +64,24 @@ _SNAP = 4 * float(jnp.finfo(jnp.float32).eps)
 _RATIO_EPS = 1e-12
 # Qp of the LSQ gradient scale when the bit width is free (8-bit reference range).
 FREE_BITS_QP = 127.0
+# While set (by :func:`passthrough`), fake_quant returns its input: for tracing a
+# model whose weights are already on their grid (the ONNX exporter).
+_PASSTHROUGH = contextvars.ContextVar("lqjax_passthrough", default=False)
+
+
+@contextlib.contextmanager
+def passthrough():
+  """Within this context :func:`fake_quant` is the identity (at trace time).
+
+  For tracing a model whose quantized weights are already dequantized, s * q,
+  so that Q is the identity on them anyway: the exporter then sees the layer's
+  own computation on the weights and nothing of the quantizer.
+  """
+  token = _PASSTHROUGH.set(True)
+  try:
+    yield
+  finally:
+    _PASSTHROUGH.reset(token)
 
 
 def scale_from_log(log_scale: jax.Array) -> jax.Array:
@@ -321,6 +341,8 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
   """
   if rule not in types.RULES:
     raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(types.RULES)}")
+  if _PASSTHROUGH.get():
+    return x
   if rounding not in types.ROUNDINGS:
     raise ValueError(
         f"unknown rounding {rounding!r}; expected one of {', '.join(types.ROUNDINGS)}")

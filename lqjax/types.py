@@ -185,3 +185,21 @@ class QuantConfig:
       raise ValueError(
           f"unknown granularity {self.granularity!r}; expected one of "
           f"{', '.join(GRANULARITIES)} or a tuple of axes")
+
+  def to_json(self) -> dict:
+    """A JSON-ready dict (a tuple granularity becomes a list)."""
+    d = dataclasses.asdict(self)
+    if isinstance(d["granularity"], tuple):
+      d["granularity"] = list(d["granularity"])
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "QuantConfig":
+    """Inverse of :meth:`to_json`; unknown keys are an error, missing ones default."""
+    d = dict(d)
+    if isinstance(d.get("granularity"), list):
+      d["granularity"] = tuple(d["granularity"])
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"unknown QuantConfig fields {', '.join(unknown)}")
+    return cls(**d)

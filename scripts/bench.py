@@ -10,7 +10,7 @@ granularities (tensor and channel/row), over timed windows (``block_until_ready`
 at each window's end) taken round-robin: each round times every configuration
 once, and a ratio quantized/float is the median of the per-round ratios, so a
 change in machine load during the run moves numerator and denominator alike.
-Steps run as in training (lqjax.train.make_chunk_runner): one jitted call per
+Steps run as in training (lqlab.train.make_chunk_runner): one jitted call per
 step, the batch gathered on the device from the resident dataset. It also times
 the same step on a constant batch (the data pipeline's cost) and the evaluation
 of a reloaded packed model against the float model.
@@ -39,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import compress, data, fileio, train, types
+from lqjax import fileio, types
+
+from lqlab import data, export, train
 
 BATCH = {"lenet300": 128, "lenet5": 128, "resnet20": 128}
 DATASET = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10"}
@@ -207,8 +209,8 @@ def bench_eval(cfg, model, state, images, windows):
   stats = ((0.5,) * images.shape[-1], (0.25,) * images.shape[-1])
   with tempfile.TemporaryDirectory() as d:
     path = pathlib.Path(d) / "m.lqz"
-    compress.export(path, cfg, 10, stats, state.params, state.batch_stats)
-    m2, v2, h2 = compress.load(path)
+    export.export(path, cfg, 10, stats, state.params, state.batch_stats)
+    m2, v2, h2 = export.load(path)
   fcfg = train.TrainConfig(**{**cfg.to_json(), "float_model": True,
                               "granularity": "tensor", "bias_granularity": "tensor"})
   fmodel = train.build_model(fcfg, 10)

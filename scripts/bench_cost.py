@@ -3,7 +3,7 @@
   python scripts/bench_cost.py [--model lenet300] [--granularity row] [--windows 15]
                                [--out docs/bench_cost.json] [--readme README.md]
 
-Times the training step as training runs it (lqjax.train.make_chunk_runner, batch
+Times the training step as training runs it (lqlab.train.make_chunk_runner, batch
 gathered on the device) for a ladder of configurations, each adding one piece of
 the quantizer to the one before:
 
@@ -48,7 +48,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (scripts/bench.py)
-from lqjax import fileio, quant, train  # noqa: E402
+from lqjax import fileio, quant  # noqa: E402
+from lqlab import train
 
 
 def _floor_quantizer(with_sum: bool):

@@ -1,4 +1,4 @@
-"""Side-by-side check of lqjax.train._after_scales (one process, round-robin windows).
+"""Side-by-side check of lqlab.train._after_scales (one process, round-robin windows).
 
   python scripts/bench_ordering.py [--model lenet300] [--granularity row] [--windows 15]
 
@@ -17,7 +17,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (scripts/bench.py)
-from lqjax import train  # noqa: E402
+from lqlab import train  # noqa: E402
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Side-by-side check of the training loop's batch prefetch (lqjax.train.make_chunk_runner).
+"""Side-by-side check of the training loop's batch prefetch (lqlab.train.make_chunk_runner).
 
   python scripts/bench_prefetch.py [--model lenet300] [--windows 24]
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (scripts/bench.py)
-from lqjax import train  # noqa: E402
+from lqlab import train  # noqa: E402
 
 
 def gather_first(cfg, step_fn, steps_per_epoch, rng, perm, images, labels, holder, steps):

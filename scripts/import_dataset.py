@@ -24,7 +24,7 @@ def main(argv=None):
   ap.add_argument("--image_size", type=int, default=None,
                   help="resize (shorter side) and center-crop image folders to this size")
   args = ap.parse_args(argv)
-  from lqjax import importers
+  from lqlab import importers
   try:
     fmt = importers.import_dataset(args.src, args.out, image_size=args.image_size)
   except (importers.ImportError_, OSError) as e:

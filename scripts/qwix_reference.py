@@ -55,7 +55,7 @@ def run(argv):
 
   import jax
   import jax.numpy as jnp
-  from lqjax import data, train
+  from lqlab import data, train
   try:
     import qwix
   except ImportError:

@@ -26,7 +26,9 @@ def main(argv=None):
   logging.set_verbosity(logging.WARNING)
   import jax
 
-  from lqjax import accounting, compress, data, train
+  from lqjax import accounting, compress
+
+  from lqlab import data, export, train
   run = pathlib.Path(args.run_dir)
   try:
     cfg, model, state, stats, _ = train.restore(run)
@@ -39,8 +41,12 @@ def main(argv=None):
   params, bs = jax.device_get(state.params), jax.device_get(state.batch_stats)
   ref = train.predict_logits(cfg, model, stats, params, bs, x)
   out = {"trained_test_accuracy": float(np.mean(ref.argmax(-1) == y))}
-  m2, v2, h2 = compress.load(run / "model.lqz")
-  got = compress.predict(m2, v2, h2, x)
+  try:
+    m2, v2, h2 = export.load(run / "model.lqz")
+  except compress.CorruptFileError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  got = export.predict(m2, v2, h2, x)
   out.update(file_test_accuracy=float(np.mean(got.argmax(-1) == y)),
              file_identical_argmax=bool(np.array_equal(got.argmax(-1), ref.argmax(-1))),
              file_max_abs_logit_diff=float(np.abs(got - ref).max()))
@@ -51,8 +57,7 @@ def main(argv=None):
                onnx_identical_argmax=bool(np.array_equal(on.argmax(-1), ref.argmax(-1))),
                onnx_max_abs_logit_diff=float(np.abs(on - ref).max()),
                onnx_bytes=(run / "model.onnx").stat().st_size)
-  summ = accounting.summarize(accounting.model_report(params, rounding=cfg.rounding,
-                                                      bits=cfg.bits, extra_float=bs))
+  summ = accounting.summarize(accounting.model_report(train.model_variables(params, bs)))
   packed = (run / "model.lqz").stat().st_size
   coded = (run / "model.lqz.zst").stat().st_size if (run / "model.lqz.zst").exists() else None
   out.update(fp32_bytes=summ["fp32_bytes"], packed_bytes=packed,

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lqjax import accounting, compress, data, train
+from lqjax import accounting, compress, tree
+
+from lqlab import data, export, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -49,7 +51,7 @@ def _random_model_params(granularity, model="lenet300", dataset="mnist", bits=No
   # Spread the scales so groups get different bit widths (and some >8 bits).
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + jax.random.uniform(jax.random.key(len(str(p))), x.shape, minval=-3, maxval=2)
-      if p[-1].key == "log_scale" else x, v["params"])
+      if tree.is_scale_path(p) else x, v["params"])
   return cfg, m, params, v.get("batch_stats", {})
 
 
@@ -58,21 +60,21 @@ def _random_model_params(granularity, model="lenet300", dataset="mnist", bits=No
 def test_file_roundtrip_and_size(tmp_path, granularity, codec):
   cfg, m, params, bs = _random_model_params(granularity)
   path = tmp_path / "m.lqz"
-  size = compress.export(path, cfg, 10, ((0.1,), (0.3,)), params, bs, codec=codec)
+  size = export.export(path, cfg, 10, ((0.1,), (0.3,)), params, bs, codec=codec)
   assert size == path.stat().st_size
   blob = path.read_bytes()
   before = {k: v for k, v in compress.read_codes(blob).items()}
-  for p, w, ls in __import__("lqjax").iter_quantized(params):
-    np.testing.assert_array_equal(before[p], accounting.tensor_codes(w, ls, "round")[0])
+  for t in tree.quantized_tensors(params):
+    np.testing.assert_array_equal(before[t.path], accounting.tensor_codes(t.p, t.log_scale, "round")[0])
   if codec == compress.CODEC_FIXED:
-    rows = accounting.model_report(params, rounding="round")
+    rows = accounting.model_report(params)
     hlen = compress._PREFIX.unpack_from(blob)[3]
     assert size == accounting.summarize(rows)["packed_bytes_accounted"] + compress._PREFIX.size \
         + hlen + 32
   # Reload: same logits.
-  model, variables, header = compress.load(path)
+  model, variables, header = export.load(path)
   x = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
-  got = compress.predict(model, variables, header, x)
+  got = export.predict(model, variables, header, x)
   ref = np.asarray(jax.jit(lambda v, x: m.apply(v, data.normalize(x, (0.1,), (0.3,))))(
       {"params": params}, jnp.asarray(x)))
   # Same jitted program, same codes: the reloaded model's logits are bit-identical.
@@ -81,7 +83,7 @@ def test_file_roundtrip_and_size(tmp_path, granularity, codec):
 
 def test_fixed_bits_model_is_small(tmp_path):
   cfg, _, params, bs = _random_model_params("row", bits=2, rule="lsq")
-  rows = accounting.model_report(params, rounding="round", bits=2)
+  rows = accounting.model_report(params)
   assert all(r.bits_max <= 2 for r in rows if r.quantized)
   s = accounting.summarize(rows)
   assert s["ratio_accounted"] > 14  # 32 / 2 bits, less the per-group overhead
@@ -91,7 +93,7 @@ def test_fixed_bits_model_is_small(tmp_path):
 def packed(tmp_path):
   cfg, _, params, bs = _random_model_params("row")
   path = tmp_path / "m.lqz"
-  compress.export(path, cfg, 10, ((0.1,), (0.3,)), params, bs)
+  export.export(path, cfg, 10, ((0.1,), (0.3,)), params, bs)
   return path
 
 
@@ -107,11 +109,11 @@ def test_corrupt_files(packed, damage, needle, tmp_path):
   bad.write_bytes(damage(packed.read_bytes()))
   with pytest.raises(compress.CorruptFileError, match=needle):
     compress.parse(bad.read_bytes())
-  r = subprocess.run([sys.executable, "-m", "lqjax.export", "--check", str(bad)], cwd=ROOT,
+  r = subprocess.run([sys.executable, "-m", "lqlab.export", "--check", str(bad)], cwd=ROOT,
                      capture_output=True, text=True)
   assert r.returncode != 0
   assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
-  ok = subprocess.run([sys.executable, "-m", "lqjax.export", "--check", str(packed)], cwd=ROOT,
+  ok = subprocess.run([sys.executable, "-m", "lqlab.export", "--check", str(packed)], cwd=ROOT,
                       capture_output=True, text=True)
   assert ok.returncode == 0 and ok.stdout.startswith("ok:")
 
@@ -133,17 +135,22 @@ def test_onnx_matches_jax(tmp_path, model, dataset, granularity):
   mean, std = (0.4, 0.5, 0.45), (0.2, 0.25, 0.3)
   if dataset == "mnist":
     mean, std = (0.13,), (0.3,)
+  variables = {"params": params, **({"batch_stats": bs} if bs else {})}
+  meta = {"mean": mean, "std": std}
   path = tmp_path / "m.onnx"
-  onnx_export.export_onnx(path, cfg, 10, (mean, std), params, bs)
-  shape = onnx_export.IMAGE_SHAPES[dataset]
+  shape = train.INPUT_SHAPES[dataset]
+  export.export_onnx(path, m, variables, meta, shape)
   x = np.random.default_rng(1).integers(0, 256, (8,) + shape, dtype=np.uint8)
   got = onnx_export.run_onnx(path, x)
-  variables = {"params": params, **({"batch_stats": bs} if bs else {})}
-  ref = np.asarray(m.apply(variables, data.normalize(jnp.asarray(x), mean, std), train=False))
+  ref = np.asarray(jax.jit(export.logits_fn(m, mean, std))(variables, jnp.asarray(x)))
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
-  # Integer initializers are really there.
+  # Integer initializers are really there, one DequantizeLinear per quantized tensor.
   import onnx
   proto = onnx.load(str(path))
-  kinds = {i.data_type for i in proto.graph.initializer}
-  assert kinds & {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32}
+  ints = [t for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.INT8,
+                                                                onnx.TensorProto.INT16,
+                                                                onnx.TensorProto.INT32)
+          and t.name.endswith("_codes")]
+  assert len(ints) == len(tree.quantized_tensors(params))
+  assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == len(ints)

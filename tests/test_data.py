@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqjax import data, importers
+from lqlab import data, importers
 
 
 def test_load_local_npz_and_val_split(tiny_data):

@@ -9,7 +9,8 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-from lqjax import layers, losses, quant, types
+import lqjax
+from lqjax import linen_quant as layers, losses, quant, optim, tree, types
 
 
 class LayersTest(parameterized.TestCase):
@@ -17,10 +18,10 @@ class LayersTest(parameterized.TestCase):
   @parameterized.parameters("tensor", "row", "column", "element")
   def test_dense_param_layout_and_forward(self, gran):
     cfg = types.QuantConfig(granularity=gran, rule="lsq", bits=4)
-    m = layers.QuantDense(5, quant=layers.layer_quant(cfg, types.QuantConfig(granularity="tensor")))
+    m = layers.QuantDense(5, quant={"kernel": cfg, "bias": types.QuantConfig(granularity="tensor")})
     x = jnp.ones((2, 3))
     v = m.init(jax.random.key(0), x)
-    p = v["params"]
+    p = tree.unbox(v["params"])
     self.assertEqual(p["kernel_quant"]["log_scale"].shape, types.scale_shape((3, 5), gran))
     self.assertEqual(p["bias_quant"]["log_scale"].shape, (1,))
     s_k = quant.scale_from_log(p["kernel_quant"]["log_scale"])
@@ -32,7 +33,7 @@ class LayersTest(parameterized.TestCase):
   def test_conv_spatial_and_depthwise(self):
     cfg = types.QuantConfig(granularity="spatial")
     m = layers.QuantConv(4, (3, 3), feature_group_count=4, quant={"kernel": cfg})
-    v = m.init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
+    v = tree.unbox(m.init(jax.random.key(0), jnp.ones((1, 6, 6, 4))))
     self.assertEqual(v["params"]["kernel"].shape, (3, 3, 1, 4))
     self.assertEqual(v["params"]["kernel_quant"]["log_scale"].shape, (3, 3, 1, 1))
     self.assertNotIn("bias_quant", v["params"])
@@ -43,7 +44,7 @@ class LayersTest(parameterized.TestCase):
     ids = jnp.array([0, 5, 2])
     v = m.init(jax.random.key(1), ids)
     e = v["params"]["embedding"]
-    s = quant.scale_from_log(v["params"]["embedding_quant"]["log_scale"])
+    s = quant.scale_from_log(v["params"]["embedding_quant"]["log_scale"].value)
     np.testing.assert_allclose(m.apply(v, ids), (s * quant.quantize_codes(e, s, rounding="round"))[ids])
     # Init rule: 8 bits over each group's range.
     np.testing.assert_allclose(s[0], (e.max(0) - e.min(0)) / 255, rtol=1e-5)
@@ -55,11 +56,13 @@ class LayersTest(parameterized.TestCase):
     self.assertEqual(set(v["params"]), {"kernel", "bias"})
     np.testing.assert_allclose(m.apply(v, x), nn.Dense(3).apply(v, x))
 
-  def test_iter_quantized(self):
-    m = layers.QuantDense(3, quant=layers.layer_quant(types.QuantConfig(), types.QuantConfig()))
+  def test_quantized_tensors_carry_their_configs(self):
+    kcfg, bcfg = types.QuantConfig(rule="lsq", bits=3), types.QuantConfig(granularity="row")
+    m = layers.QuantDense(3, quant={"kernel": kcfg, "bias": bcfg})
     v = m.init(jax.random.key(0), jnp.ones((1, 2)))
-    found = {p: (w.shape, ls.shape) for p, w, ls in layers.iter_quantized(v["params"])}
-    self.assertEqual(found, {("kernel",): ((2, 3), (1, 1)), ("bias",): ((3,), (1,))})
+    found = {t.path: (t.p.shape, t.log_scale.shape, t.config)
+             for t in tree.quantized_tensors(v["params"])}
+    self.assertEqual(found, {("kernel",): ((2, 3), (1, 1), kcfg), ("bias",): ((3,), (3,), bcfg)})
 
   def test_bad_granularity_raises(self):
     m = layers.QuantDense(3, quant={"bias": types.QuantConfig(granularity="column")})
@@ -72,7 +75,8 @@ class PenaltiesTest(absltest.TestCase):
   def params(self):
     # One quantizer: P (2, 2), per-column scales (keep last axis) 0.5 and 2.
     return {"layer": {"kernel": jnp.array([[0.2, 3.0], [1.3, -1.0]]),
-                      "kernel_quant": {"log_scale": jnp.log(jnp.array([[0.5, 2.0]]))}}}
+                      "kernel_quant": {"log_scale": tree.QuantScale(
+                          jnp.log(jnp.array([[0.5, 2.0]])), types.QuantConfig())}}}
 
   def test_inverse_scale(self):
     self.assertAlmostEqual(float(losses.inverse_scale_penalty(self.params(), 0.1)),
@@ -104,7 +108,7 @@ class PenaltiesTest(absltest.TestCase):
 
   def test_inverse_scale_gradient_pushes_scales_up(self):
     g = jax.grad(lambda pr: losses.inverse_scale_penalty(pr, 1.0))(self.params())
-    self.assertTrue(np.all(g["layer"]["kernel_quant"]["log_scale"] < 0))
+    self.assertTrue(np.all(g["layer"]["kernel_quant"]["log_scale"].value < 0))
 
 
 class RatioEndToEndTest(parameterized.TestCase):
@@ -118,9 +122,7 @@ class RatioEndToEndTest(parameterized.TestCase):
     x = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
     t = jnp.asarray(rng.normal(size=(64,)), jnp.float32)  # unfit-able noise: gradients stay large
     params = model.init(jax.random.key(0), x)["params"]
-    labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "scale" if path[-1].key == "log_scale" else "weight", params)
-    tx = optax.multi_transform({"weight": optax.sgd(0.05), "scale": optax.sgd(0.1)}, labels)
+    tx = optim.split(optax.sgd(0.05), optax.sgd(0.1))
     opt = tx.init(params)
 
     def loss_fn(p):
@@ -133,10 +135,10 @@ class RatioEndToEndTest(parameterized.TestCase):
       u, o = tx.update(g, o, p)
       return optax.apply_updates(p, u), o
 
-    start = params["kernel_quant"]["log_scale"]
+    start = params["kernel_quant"]["log_scale"].value
     for _ in range(steps):
       params, opt = step(params, opt)
-    return start, params["kernel_quant"]["log_scale"]
+    return start, params["kernel_quant"]["log_scale"].value
 
   def test_insensitive_grows_sensitive_stays(self):
     start, end = self._train(threshold=0.5)

@@ -1,4 +1,4 @@
-"""Post-training min-max quantization (lqjax.ptq)."""
+"""Post-training min-max quantization (lqlab.ptq)."""
 
 import json
 import subprocess
@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqjax import ptq, quant, train
+from lqjax import quant
+
+from lqlab import ptq, train
 
 
 def test_importing_ptq_defines_no_flags():
@@ -43,7 +45,7 @@ def test_minmax_params_copies_weights_and_sets_every_scale():
     np.testing.assert_array_equal(out[layer]["kernel"], p["kernel"])
     np.testing.assert_array_equal(out[layer]["bias"], p["bias"])
     amax = np.max(np.abs(np.asarray(p["kernel"])).reshape(-1, p["kernel"].shape[-1]), axis=0)
-    np.testing.assert_allclose(np.exp(out[layer]["kernel_quant"]["log_scale"]).ravel(),
+    np.testing.assert_allclose(np.exp(out[layer]["kernel_quant"]["log_scale"].value).ravel(),
                                amax / 127, rtol=1e-5)
   with pytest.raises(ValueError, match="has no parameter"):
     ptq.minmax_params({"conv1": fparams["conv1"]}, template, "channel", 8)
@@ -60,7 +62,7 @@ def test_ptq_cli_end_to_end(tmp_path, tiny_data, cache):
             f"--workdir={float_dir}"], tiny_data)
   assert r.returncode == 0, r.stderr
   out = tmp_path / "ptq8_s0"
-  r = _run(["-m", "lqjax.ptq", f"--from_run={tmp_path}/fp32_s{{seed}}", "--seed=0", "--bits=8",
+  r = _run(["-m", "lqlab.ptq", f"--from_run={tmp_path}/fp32_s{{seed}}", "--seed=0", "--bits=8",
             f"--workdir={out}"], tiny_data)
   assert r.returncode == 0, r.stderr
   res = json.loads((out / "results.json").read_text())
@@ -72,9 +74,9 @@ def test_ptq_cli_end_to_end(tmp_path, tiny_data, cache):
   assert res["reload_identical_argmax"]
   assert abs(res["test_accuracy"] - fres["test_accuracy"]) <= 0.04
   # Bad input: a quantized run as the source, and 1 bit, end in one line.
-  r = _run(["-m", "lqjax.ptq", f"--from_run={out}", "--bits=4", f"--workdir={tmp_path}/x"],
+  r = _run(["-m", "lqlab.ptq", f"--from_run={out}", "--bits=4", f"--workdir={tmp_path}/x"],
            tiny_data)
   assert r.returncode == 2 and "not a float run" in r.stderr and r.stderr.count("\n") == 1
-  r = _run(["-m", "lqjax.ptq", f"--from_run={float_dir}", "--bits=1", f"--workdir={tmp_path}/y"],
+  r = _run(["-m", "lqlab.ptq", f"--from_run={float_dir}", "--bits=1", f"--workdir={tmp_path}/y"],
            tiny_data)
   assert r.returncode == 2 and "bits must be >= 2" in r.stderr

@@ -15,7 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqjax import compress, train
+import optax
+
+from lqjax import compress, optim, tree, types
+
+from lqlab import train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REQUIRED = {"dataset", "model", "scheme", "rule", "threshold", "granularity", "seed", "epochs",
@@ -73,19 +77,28 @@ def test_config_validation(kw, needle):
     train.TrainConfig(**kw)
 
 
+def _brake_state(params, best):
+  tx = optim.split(optax.sgd(0.1), optax.sgd(0.1))
+  return train.TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), best)
+
+
+def _brake_params(kernel, log_scale):
+  return {"fc": {"kernel": jnp.full((2, 2), kernel), "kernel_quant": {
+      "log_scale": tree.QuantScale(jnp.full((1, 2), log_scale), types.QuantConfig())}}}
+
+
 def test_validation_brake_rolls_back_and_halves():
   cfg = train.TrainConfig(scale_stop="val")
-  params = {"fc": {"kernel": jnp.ones((2, 2)), "kernel_quant": {"log_scale": jnp.zeros((1, 2))}}}
-  best = {"fc": {"kernel": jnp.ones((2, 2)), "kernel_quant": {"log_scale": jnp.full((1, 2), -1.0)}}}
-  state = train.TrainState(jnp.zeros((), jnp.int32), params, {}, None, jnp.ones(()), best)
+  state = _brake_state(_brake_params(1.0, 0.0), _brake_params(1.0, -1.0))
   meta = {"best_val": 0.98, "best_epoch": 3, "brakes": 0, "frozen_at": None}
+  mult = lambda s: float(optim.scale_mult(s.opt_state))
   # Within tolerance: nothing happens.
   s2, m2, ev = train._scale_stop(cfg, state, meta, 0.979, 4)
-  assert ev is None and float(s2.scale_mult) == 1.0
+  assert ev is None and mult(s2) == 1.0
   # A drop: scales roll back to the best epoch's, weights stay, the step halves.
   s3, m3, ev = train._scale_stop(cfg, state, meta, 0.97, 4)
-  assert "rolled back to epoch 3" in ev and float(s3.scale_mult) == 0.5
-  np.testing.assert_array_equal(s3.params["fc"]["kernel_quant"]["log_scale"], -1.0)
+  assert "rolled back to epoch 3" in ev and mult(s3) == 0.5
+  np.testing.assert_array_equal(s3.params["fc"]["kernel_quant"]["log_scale"].value, -1.0)
   np.testing.assert_array_equal(s3.params["fc"]["kernel"], 1.0)
   # An improvement becomes the new best.
   s4, m4, ev = train._scale_stop(cfg, state, meta, 0.99, 4)
@@ -93,20 +106,17 @@ def test_validation_brake_rolls_back_and_halves():
   # After MAX_BRAKES the scales freeze.
   m5 = dict(meta, brakes=train.MAX_BRAKES - 1)
   s5, m5, _ = train._scale_stop(cfg, state, m5, 0.9, 5)
-  assert float(s5.scale_mult) == 0.0 and m5["frozen_at"] == 5
+  assert mult(s5) == 0.0 and m5["frozen_at"] == 5
 
 
 def test_validation_brake_can_restore_the_weights_too():
   cfg = train.TrainConfig(scale_stop="val", scale_stop_restore="all")
-  params = {"fc": {"kernel": jnp.ones((2, 2)), "kernel_quant": {"log_scale": jnp.zeros((1, 2))}}}
-  best = {"fc": {"kernel": jnp.full((2, 2), 2.0),
-                 "kernel_quant": {"log_scale": jnp.full((1, 2), -1.0)}}}
-  state = train.TrainState(jnp.zeros((), jnp.int32), params, {}, None, jnp.ones(()), best)
+  state = _brake_state(_brake_params(1.0, 0.0), _brake_params(2.0, -1.0))
   meta = {"best_val": 0.98, "best_epoch": 3, "brakes": 0, "frozen_at": None}
   s, _, ev = train._scale_stop(cfg, state, meta, 0.97, 4)
-  assert "parameters rolled back to epoch 3" in ev and float(s.scale_mult) == 0.5
+  assert "parameters rolled back to epoch 3" in ev and float(optim.scale_mult(s.opt_state)) == 0.5
   np.testing.assert_array_equal(s.params["fc"]["kernel"], 2.0)
-  np.testing.assert_array_equal(s.params["fc"]["kernel_quant"]["log_scale"], -1.0)
+  np.testing.assert_array_equal(s.params["fc"]["kernel_quant"]["log_scale"].value, -1.0)
   # the restored arrays are copies: the next best epoch's snapshot cannot alias them
   assert s.params["fc"]["kernel"] is not best["fc"]["kernel"]
 
@@ -209,7 +219,7 @@ def test_deterministic(tiny_data, tmp_path):
 
 
 def test_data_parallel_matches_single_device(tiny_data, tmp_path):
-  code = ("import sys, json, jax, numpy as np; from lqjax import train;"
+  code = ("import sys, json, jax, numpy as np; from lqlab import train;"
           "cfg = train.TrainConfig(dataset='mnist', model='lenet5', epochs=1, batch_size=40,"
           " rule='lsq', bits=4, granularity='channel', rounding='round', chunk_steps=4);"
           "r = train.train_and_evaluate(cfg, sys.argv[1], progress=False);"

@@ -1,6 +1,6 @@
 """Post-training min-max quantization of a trained float run (a baseline).
 
-  python -m lqjax.ptq --from_run=runs/baselines_mnist_lenet300/fp32_s0 --bits=4 \\
+  python -m lqlab.ptq --from_run=runs/baselines_mnist_lenet300/fp32_s0 --bits=4 \\
       --workdir=runs/ptq/minmax_4bit_s0 [--granularity=row] [--export]
 
 Each kernel group (per output channel by default) gets the symmetric min-max
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import traverse_util
 
-from lqjax import layers, types
+from lqjax import tree, types
 
 FLAGS = flags.FLAGS
 
@@ -65,10 +65,10 @@ def minmax_params(float_params, template, granularity: types.Granularity, bits: 
   src = traverse_util.flatten_dict(float_params)
   out = {}
   for key, leaf in traverse_util.flatten_dict(template).items():
-    if key[-1] == "log_scale":
-      owner = key[-2][:-len(layers.QUANT_SUFFIX)]
+    if key[-1] == tree.SCALE_NAME:
+      owner = key[-2][:-len(tree.QUANT_SUFFIX)]
       p = src[key[:-2] + (owner,)]
-      out[key] = minmax_log_scale(p, granularity, bits)
+      out[key] = leaf.replace_boxed(minmax_log_scale(p, granularity, bits))
     elif key in src:
       if src[key].shape != leaf.shape:
         raise ValueError(f"parameter {'/'.join(key)}: float shape {src[key].shape} does not "
@@ -82,7 +82,9 @@ def minmax_params(float_params, template, granularity: types.Granularity, bits: 
 def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity = "row",
                  data_dir=None, export: bool = True) -> dict:
   """Min-max quantizes a finished float run; writes `workdir`/results.json (and the files)."""
-  from lqjax import compress, data, fileio, train
+  from lqjax import fileio
+  from lqlab import data, train
+  from lqlab import export as export_lib
   from_run, workdir = pathlib.Path(from_run), pathlib.Path(workdir)
   if bits < 2:
     raise ValueError(f"bits must be >= 2 for symmetric min-max quantization, got {bits}")
@@ -112,13 +114,13 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity
   results["scheme"] = "ptq"
   if export:
     state = pytypes.SimpleNamespace(params=params, batch_stats=batch_stats)
-    results.update(compress.export_after_training(cfg, model, state, ds, results))
+    results.update(export_lib.export_after_training(cfg, model, state, ds, results))
   fileio.write_json_atomic(workdir / "results.json", results)
   return results
 
 
 def main(argv):
-  from lqjax import data
+  from lqlab import data
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)

@@ -7,7 +7,7 @@ Where a dataset is looked for, in order:
    ``image`` (uint8, NHWC) and ``label`` (integers).
 2. The same layout under the per-user cache (``$LQJAX_CACHE_DIR``, else
    ``~/.cache/lqjax``), where imported and tfds-fetched datasets are written.
-3. An importable source in data_dir that :mod:`lqjax.importers` understands:
+3. An importable source in data_dir that :mod:`lqlab.importers` understands:
    an image-folder tree ``<name>/{train,test}/<class>/*`` or, for imagenette,
    ``imagenette_64/``; MNIST-format IDX files in ``<name>/``. It is converted
    once into the cache.
@@ -24,7 +24,6 @@ same held-out examples; the test split is only for final reports.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import pathlib
 from typing import Optional
@@ -32,6 +31,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lqjax import fileio
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagenette")
 _TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10",
@@ -80,14 +81,6 @@ def resolve_data_dir(data_dir: Optional[str]) -> Optional[pathlib.Path]:
   return pathlib.Path(d).expanduser() if d else None
 
 
-def save_npz_atomic(path: pathlib.Path, **arrays) -> None:
-  """np.savez_compressed through a temporary file and an atomic rename."""
-  from lqjax import fileio
-  buf = io.BytesIO()
-  np.savez_compressed(buf, **arrays)
-  fileio.write_bytes_atomic(path, buf.getvalue())
-
-
 def _read_npz_dir(d: pathlib.Path):
   out = {}
   for split in ("train", "test"):
@@ -114,13 +107,13 @@ def _from_tfds(name: str, dest: pathlib.Path):
     for ex in src:
       img = np.asarray(ex["image"])
       if name == "imagenette":
-        from lqjax import importers
+        from lqlab import importers
         img = importers.resize_center_crop(img, IMAGENETTE_SIZE)
       images.append(img if img.ndim == 3 else img[..., None])
       labels.append(int(ex["label"]))
     out[split] = (np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
   for split, (image, label) in out.items():
-    save_npz_atomic(dest / f"{split}.npz", image=image, label=label)
+    fileio.write_npz_atomic(dest / f"{split}.npz", image=image, label=label)
   return out
 
 
@@ -139,7 +132,7 @@ def load_arrays(name: str, data_dir: Optional[str] = None):
   if _has_npz(cached):
     return _read_npz_dir(cached)
   if ddir is not None:
-    from lqjax import importers
+    from lqlab import importers
     for cand in (name,) + _ALIASES.get(name, ()):
       src = ddir / cand
       if src.is_dir() and importers.detect(src) is not None:

@@ -22,7 +22,6 @@ import signal
 import time
 from typing import Any, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +30,10 @@ from flax import struct, traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lqjax import accounting, data, fileio, layers, losses, models, types
+import lqjax
+from lqjax import accounting, fileio, losses, optim, tree, types
+
+from lqlab import data, models
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -172,23 +174,34 @@ class TrainState(struct.PyTreeNode):
   step: jax.Array
   params: Any
   batch_stats: Any
+  # An lqjax.optim.split state: it holds the scales' step multiplier (the brake's).
   opt_state: Any
-  # Multiplier of the scales' updates (1; halved by each validation brake; 0: frozen).
-  scale_mult: jax.Array
-  # The params at the best validation epoch so far (the stop rolls scales back to them).
+  # The params at the best validation epoch so far (the brake rolls scales back to them).
   best_params: Any
 
 
+def quant_rules(cfg: TrainConfig):
+  """The lqjax rules of a run: every Dense and Conv, first and last included.
+
+  ``spatial`` granularity needs a conv kernel: Dense kernels under a ``spatial``
+  kernel config are quantized per tensor instead.
+  """
+  kernel, bias = cfg.kernel_quant(), cfg.bias_quant()
+  rules = []
+  if kernel.granularity == "spatial":
+    rules.append(lqjax.Rule(models.DENSE_LAYERS, dataclasses.replace(kernel, granularity="tensor"),
+                            bias=bias))
+  rules.append(lqjax.Rule(".*", kernel, bias=bias))
+  return rules
+
+
 def build_model(cfg: TrainConfig, num_classes: int):
-  return models.make_model(cfg.model, num_classes,
-                           models.LayerFactory(cfg.kernel_quant(), cfg.bias_quant()))
+  """The run's model: the registry's float model, quantized by :func:`quant_rules`."""
+  model = models.make_model(cfg.model, num_classes)
+  return model if cfg.float_model else lqjax.quantize(model, quant_rules(cfg))
 
 
-def param_labels(params):
-  """'scale' for every log_scale leaf, 'weight' for the rest."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "scale" if getattr(path[-1], "key", None) == "log_scale" else "weight",
-      params)
+param_labels = optim.labels
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -205,7 +218,7 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   scale_sched = cfg.scale_lr if cfg.scale_schedule == "constant" else \
       optax.cosine_decay_schedule(cfg.scale_lr, max(int(cfg.scale_decay_fraction * total), 1))
   scale_tx = optax.sgd(scale_sched) if cfg.scale_optimizer == "sgd" else optax.adam(scale_sched)
-  return optax.multi_transform({"weight": weight_tx, "scale": scale_tx}, param_labels)
+  return optim.split(weight_tx, scale_tx)
 
 
 def _preprocess(cfg, ds_stats, images, rng, train):
@@ -235,8 +248,8 @@ def _after_scales(params):
   -> 1.18-1.23, but ratio 1.09-1.10 -> 1.16-1.23, so ratio is left as it was.
   """
   flat = traverse_util.flatten_dict(params)
-  for path, _, log_scale in layers.iter_quantized(params):
-    flat[path] = flat[path] + 0.0 * log_scale.reshape(-1)[0]
+  for t in tree.quantized_tensors(params):
+    flat[t.path] = flat[t.path] + 0.0 * t.log_scale.reshape(-1)[0]
   return traverse_util.unflatten_dict(flat)
 
 
@@ -262,7 +275,7 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     pen, _ = losses.quant_penalties(
         params, inverse_scale=cfg.inverse_scale, bin_count=cfg.bin_count,
-        deviation=cfg.deviation, target_bits=cfg.target_bits, rounding=cfg.rounding)
+        deviation=cfg.deviation, target_bits=cfg.target_bits)
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
     return ce + pen, (batch_stats, ce, acc)
 
@@ -272,9 +285,6 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
     grads, (bs, ce, acc) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, images, labels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    keep = state.scale_mult
-    updates = jax.tree_util.tree_map(lambda u, lab: u * keep if lab == "scale" else u,
-                                     updates, param_labels(updates))
     params = optax.apply_updates(state.params, updates)
     if order_after_scales:
       params = _after_scales(params)
@@ -290,9 +300,9 @@ def make_ratio_stats_fn(cfg: TrainConfig, model, ds_stats):
 
   r_G = ||dL/dP||_G / ||P||_G per scale group on one batch (the quantity the
   ratio rules compare with lambda); reports its 10/50/90th percentiles and the
-  fraction of groups below lambda (the groups whose grid is coarsening).
+  fraction of groups below lambda (the groups whose grid is coarsening)
+  (:func:`lqjax.optim.ratio_stats`).
   """
-  from lqjax import layers, quant
 
   def ce(params, batch_stats, images, labels):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -302,15 +312,7 @@ def make_ratio_stats_fn(cfg: TrainConfig, model, ds_stats):
   @jax.jit
   def fn(params, batch_stats, images, labels):
     grads = jax.grad(ce)(params, batch_stats, images, labels)
-    gflat = flax.traverse_util.flatten_dict(grads)
-    out = {}
-    for path, p, ls in layers.iter_quantized(params):
-      _, r = quant.ratio_growth(gflat[path], p, ls.shape, cfg.threshold)
-      r = r.reshape(-1)
-      out["/".join(path)] = {"p10": jnp.percentile(r, 10), "p50": jnp.percentile(r, 50),
-                             "p90": jnp.percentile(r, 90),
-                             "frac_below": jnp.mean(r < cfg.threshold)}
-    return out
+    return optim.ratio_stats(params, grads, cfg.threshold)
 
   return fn
 
@@ -437,37 +439,25 @@ class _SignalFlag:
 
 
 def _scale_stop(cfg, state, meta, val_acc, epoch):
-  """The validation brake of the stable ratio variant (``scale_stop="val"``).
+  """The validation brake (``scale_stop="val"``): :func:`lqjax.optim.brake_update` per epoch.
 
-  Tracks the epoch with the best validation accuracy and its scales. When an
-  epoch's val accuracy falls more than ``scale_stop_tolerance`` below the best,
-  the scales roll back to the best epoch's and the scales' step is halved
-  (``scale_mult``); after ``MAX_BRAKES`` such brakes the scales freeze. The
-  scale updates therefore shrink geometrically once coarsening starts to cost
-  accuracy, whatever the schedule length, and the grid converges. With
-  ``scale_stop_restore="all"`` the weights roll back too, so that the restored
-  scales meet the weights they were best with.
+  The brake's state lives in the checkpoint: the best epoch's accuracy and
+  number in `meta`, its parameters in ``state.best_params``, the scales' step
+  multiplier in the optimizer state. Returns ``(state, meta, event)``.
   """
-  if cfg.scale_stop is None or cfg.float_model or float(state.scale_mult) == 0.0:
+  if cfg.scale_stop is None or cfg.float_model:
     return state, meta, None
-  meta = dict(meta)
-  if val_acc > meta["best_val"]:
-    meta["best_val"], meta["best_epoch"] = val_acc, epoch
-    return state.replace(best_params=jax.tree_util.tree_map(jnp.copy, state.params)), meta, None
-  if val_acc >= meta["best_val"] - cfg.scale_stop_tolerance:
-    return state, meta, None
-  restore_all = cfg.scale_stop_restore == "all"
-  params = jax.tree_util.tree_map(
-      lambda cur, best, lab: jnp.copy(best) if restore_all or lab == "scale" else cur,
-      state.params, state.best_params, param_labels(state.params))
-  meta["brakes"] = meta.get("brakes", 0) + 1
-  mult = 0.0 if meta["brakes"] >= MAX_BRAKES else 0.5 ** meta["brakes"]
-  if mult == 0.0:
+  brake = optim.Brake(tolerance=cfg.scale_stop_tolerance, max_brakes=MAX_BRAKES,
+                      restore=cfg.scale_stop_restore)
+  bstate = optim.BrakeState(meta["best_val"], meta["best_epoch"], meta.get("brakes", 0),
+                            state.best_params)
+  bstate, params, opt_state, event = optim.brake_update(
+      brake, bstate, state.params, state.opt_state, val_acc, epoch, "epoch")
+  meta = dict(meta, best_val=bstate.best, best_epoch=bstate.best_step, brakes=bstate.brakes)
+  if event is not None and float(optim.scale_mult(opt_state)) == 0.0:
     meta["frozen_at"] = epoch
-  event = (f"val accuracy {val_acc:.4f} < best {meta['best_val']:.4f} (epoch {meta['best_epoch']}) "
-           f"- {cfg.scale_stop_tolerance}: {'parameters' if restore_all else 'scales'} rolled "
-           f"back to epoch {meta['best_epoch']}, scale step x{mult}")
-  return state.replace(params=params, scale_mult=jnp.asarray(mult, jnp.float32)), meta, event
+  return state.replace(params=params, opt_state=opt_state, best_params=bstate.best_params), \
+      meta, event
 
 
 def _interrupted(signame, state, workdir) -> Interrupted:
@@ -481,7 +471,7 @@ def init_state(cfg, model, tx, sample, sharding):
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
-                     jnp.ones(()), jax.tree_util.tree_map(jnp.copy, params))
+                     jax.tree_util.tree_map(jnp.copy, params))
   return jax.device_put(state, sharding) if sharding is not None else state
 
 
@@ -543,8 +533,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   train_step = make_train_step(cfg, model, tx, stats)
   evaluate = make_eval_fn(cfg, model, stats, batch_sharding)
   ratio_fn = make_ratio_stats_fn(cfg, model, stats)
-  bits_fn = jax.jit(functools.partial(accounting.average_bits, rounding=cfg.rounding,
-                                      bits=cfg.bits))
+  bits_fn = jax.jit(accounting.average_bits)
   data_rng = jax.random.key(cfg.seed + 1)
   step_rng = jax.random.key(cfg.seed + 2)
 
@@ -615,7 +604,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
              "train_accuracy": meta["acc_sum"] / max(meta["steps_in_epoch"], 1),
              "val_accuracy": val_acc, "val_loss": val_loss, "avg_bits": float(avg),
              "bits_per_layer": {k: float(v) for k, v in per_layer.items()},
-             "ratio_r": r_stats, "scale_mult": float(state.scale_mult),
+             "ratio_r": r_stats, "scale_mult": float(optim.scale_mult(state.opt_state)),
              "seconds": time.time() - t_start,
              **({"scale_stop": event} if event else {})}
       rows.append(row)
@@ -641,13 +630,19 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   return results
 
 
+def model_variables(params, batch_stats):
+  """One tree of every array of a model, for accounting and files: the params at
+  the top (their paths as in the params collection) and ``batch_stats`` beside them."""
+  return dict(params, batch_stats=batch_stats) if batch_stats else params
+
+
 def final_results(cfg: TrainConfig, params, batch_stats, evaluate, ds, workdir, *,
                   train_seconds: float, devices, **extra) -> dict:
   """The results.json entries of a trained model: accuracies, bits and sizes, config."""
   val_acc, _ = evaluate(params, batch_stats, ds.val)
   test_acc, test_loss = evaluate(params, batch_stats, ds.test)
-  report = accounting.model_report(jax.device_get(params), rounding=cfg.rounding,
-                                   bits=cfg.bits, extra_float=jax.device_get(batch_stats))
+  report = accounting.model_report(model_variables(jax.device_get(params),
+                                                   jax.device_get(batch_stats)))
   summ = accounting.summarize(report)
   penalty = cfg.inverse_scale or cfg.bin_count or cfg.deviation
   return {

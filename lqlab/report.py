@@ -1,6 +1,6 @@
 """Per-layer memory report of a trained run.
 
-  python -m lqjax.report <workdir>
+  python -m lqlab.report <workdir>
 
 Prints layer, shape, granularity, bits min/mean/max, bytes, ratio per tensor
 and the model's total (the same numbers as
@@ -14,20 +14,20 @@ from absl import app, logging
 
 def main(argv):
   if len(argv) != 2:
-    print("usage: python -m lqjax.report <workdir>", file=sys.stderr)
+    print("usage: python -m lqlab.report <workdir>", file=sys.stderr)
     return 2
   import jax
 
-  from lqjax import accounting, train
+  from lqlab import train
   logging.set_verbosity(logging.WARNING)
   try:
     cfg, _, state, _, _ = train.restore(argv[1])
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  rows = accounting.model_report(jax.device_get(state.params), rounding=cfg.rounding,
-                                 bits=cfg.bits, extra_float=jax.device_get(state.batch_stats))
-  print(accounting.format_table(rows))
+  import lqjax
+  print(lqjax.report(train.model_variables(jax.device_get(state.params),
+                                           jax.device_get(state.batch_stats))))
   return 0
 
 

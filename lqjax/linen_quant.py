@@ -1,0 +1,195 @@
+"""Linen: the nested quantizer module, and quantization of an unchanged model by rules.
+
+* :class:`Quantizer` owns one trainable ``log_scale`` (shape from the
+  granularity), stored as a :class:`lqjax.tree.QuantScale` box that carries the
+  tensor's config, and maps P -> Q(P).
+* :func:`quantize` (through :func:`lqjax.quantize`) returns the model as an
+  instance of a subclass of its own class. Every method call of that model runs
+  inside ``flax.linen.intercept_methods``; the interceptor gives each supported
+  layer that a rule selects its own ``param`` (the layer's injection point for
+  parameters), which passes the parameters the rule names through a
+  :class:`Quantizer` child on their way to the layer's computation. The layer's
+  code is not rewritten, no ``lax`` op is patched, and the parameter layout is
+  the model's own plus a sibling per quantized parameter::
+
+      params/fc1/kernel                   float weights (the latent P)
+      params/fc1/kernel_quant/log_scale   QuantScale(log s, config)
+
+  It works under ``jax.jit``, ``jax.grad``, ``nn.scan``/``nn.vmap`` (the scale
+  is stacked like the kernel) and for layers called more than once.
+* :func:`quantized` makes a quantized subclass of one layer class, for models
+  that build their quantized layers by hand.
+
+Scale initialisation (:func:`lqjax.quant.init_scale`): free bit widths start
+from ``init_bits`` bits over each group's range; fixed bit widths use LSQ's
+``2 mean|P| / sqrt(Qp)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from typing import Any, Callable, Mapping, Optional, Type
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lqjax import quant, rules as rules_lib, tree, types
+
+#: Layers whose parameters a rule may quantize (subclasses included).
+LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Embed, nn.Einsum)
+#: Layers that always stay float, even under a rule that names their parameters.
+FLOAT_LAYERS = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+class Quantizer(nn.Module):
+  """Nested quantizer: owns ``log_scale`` and returns Q(P).
+
+  Attributes:
+    config: the :class:`lqjax.types.QuantConfig` of this parameter.
+  """
+
+  config: types.QuantConfig
+
+  @nn.compact
+  def __call__(self, p):
+    cfg = self.config
+    shape = types.scale_shape(p.shape, cfg.granularity)
+    log_scale = self.param(
+        tree.SCALE_NAME,
+        lambda _rng: tree.QuantScale(jnp.log(quant.init_scale(
+            p, cfg.granularity, bits=cfg.bits, init_bits=cfg.init_bits)), cfg))
+    if log_scale.shape != shape:
+      raise ValueError(
+          f"{self.name}: stored scale shape {log_scale.shape} does not match "
+          f"granularity {cfg.granularity!r} for a parameter of shape {p.shape} ({shape})")
+    scale = quant.scale_from_log(log_scale)
+    return quant.fake_quant(p, scale, rule=cfg.rule, threshold=cfg.threshold,
+                            rounding=cfg.rounding, bits=cfg.bits,
+                            lsq_weight=cfg.lsq_weight, relax_threshold=cfg.relax_threshold)
+
+
+def _quantize_param(module: nn.Module, name: str, value, cfg: types.QuantConfig, path: str):
+  try:
+    types.scale_shape(value.shape, cfg.granularity)
+  except ValueError as e:
+    raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
+  return Quantizer(cfg, name=name + tree.QUANT_SUFFIX, parent=module)(value)
+
+
+def quantized(layer_cls: Type[nn.Module]) -> Type[nn.Module]:
+  """Returns a subclass of `layer_cls` that quantizes chosen parameters.
+
+  The subclass takes one extra attribute, ``quant``: a mapping from parameter
+  name (``"kernel"``, ``"bias"``, ``"embedding"``, ...) to a
+  :class:`~lqjax.types.QuantConfig`; parameters not named stay float.
+  :func:`lqjax.quantize` does the same for a whole model without naming classes.
+
+  Example::
+
+    QDense = quantized(nn.Dense)
+    layer = QDense(10, quant={"kernel": QuantConfig(granularity="row")})
+  """
+
+  class _Quantized(layer_cls):
+    quant: Optional[Mapping[str, types.QuantConfig]] = None
+
+    def param(self, name: str, init_fn: Callable[..., Any], *init_args, **kwargs):
+      value = super().param(name, init_fn, *init_args, **kwargs)
+      cfg = (self.quant or {}).get(name)
+      if cfg is None:
+        return value
+      return _quantize_param(self, name, value, cfg, rules_lib.join_path(self.path))
+
+  _Quantized.__name__ = "Quantized" + layer_cls.__name__
+  _Quantized.__qualname__ = _Quantized.__name__
+  return _Quantized
+
+
+# ------------------------------------------------------------ rules on a whole model
+
+_ACTIVE = threading.local()
+
+
+class _Interceptor:
+  """Installs a quantizing ``param`` on each module a rule selects, once per instance."""
+
+  def __init__(self, rules):
+    self.matcher = rules_lib.Matcher(rules)
+
+  def __call__(self, next_fun, args, kwargs, context):
+    mod = context.module
+    if "_lqjax_param" not in mod.__dict__ and not isinstance(mod, Quantizer):
+      self._install(mod)
+    return next_fun(*args, **kwargs)
+
+  def _install(self, mod):
+    path = rules_lib.join_path(mod.path)
+    rule = self.matcher.match(path)
+    cfgs = rule.configs() if rule is not None else {}
+    object.__setattr__(mod, "_lqjax_param", True)
+    if not cfgs or isinstance(mod, FLOAT_LAYERS):
+      return
+    supported = isinstance(mod, LINEN_LAYERS)
+    own_param = type(mod).param
+
+    def param(name, init_fn, *init_args, **kwargs):
+      value = own_param(mod, name, init_fn, *init_args, **kwargs)
+      cfg = cfgs.get(name)
+      if cfg is None:
+        return value
+      if not supported:
+        raise rules_lib.unsupported(path, type(mod), name, LINEN_LAYERS)
+      return _quantize_param(mod, name, value, cfg, path)
+
+    object.__setattr__(mod, "param", param)
+
+
+class _QuantizedModel:
+  """Mixin of the class :func:`quantize` makes: its method calls run under the rules."""
+
+  _lqjax_rules: tuple = ()
+
+  def _call_wrapped_method(self, fun, args, kwargs):
+    if getattr(_ACTIVE, "depth", 0):  # a nested call of the model's own methods
+      return super()._call_wrapped_method(fun, args, kwargs)
+    interceptor = _Interceptor(self._lqjax_rules)
+    _ACTIVE.depth = 1
+    try:
+      with nn.intercept_methods(interceptor):
+        out = super()._call_wrapped_method(fun, args, kwargs)
+    finally:
+      _ACTIVE.depth = 0
+    if self.scope is not None and self.is_initializing():
+      interceptor.matcher.check_all_matched()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized_class(cls, rules):
+  return type("Quantized" + cls.__name__, (_QuantizedModel, cls),
+              {"_lqjax_rules": rules, "__module__": cls.__module__})
+
+
+def quantize(model: nn.Module, rules) -> nn.Module:
+  """Linen half of :func:`lqjax.quantize` (see there)."""
+  if isinstance(model, _QuantizedModel):
+    raise rules_lib.QuantizeError(f"lqjax.quantize: this {type(model).__name__} is quantized "
+                                  f"already; quantize the float model once, with all its rules")
+  if model.scope is not None:
+    raise rules_lib.QuantizeError("lqjax.quantize takes an unbound Linen module (before "
+                                  "init/apply/bind)")
+  cls = _quantized_class(type(model), tuple(rules))
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.init and f.name != "parent"}
+  return cls(**fields)
+
+
+def is_quantized(model) -> bool:
+  return isinstance(model, _QuantizedModel)
+
+
+QuantDense = quantized(nn.Dense)
+QuantConv = quantized(nn.Conv)
+QuantEmbed = quantized(nn.Embed)

@@ -1,0 +1,164 @@
+"""NNX: quantization of an unchanged ``flax.nnx`` model by rules.
+
+:func:`quantize` (through :func:`lqjax.quantize`) copies the model
+(``nnx.clone``) and, for every supported layer that a rule selects:
+
+* gives each selected parameter ``kernel`` a sibling :class:`Quantizer` module
+  ``kernel_quant`` that owns ``log_scale``, a :class:`ScaleParam` (an
+  ``nnx.Param`` subclass whose metadata ``config`` is the tensor's recipe);
+* turns the parameter's Variable into a :class:`QuantizedParam` (also an
+  ``nnx.Param``), which reads as Q(P) while its layer runs and as the latent P
+  everywhere else (``nnx.state``, optimizers, checkpoints);
+* makes the layer an instance of a subclass of its own class whose public
+  methods (``__call__``, ``attend``) compute Q(P) once per call before running
+  the layer's own code.
+
+Nothing is mutated while the model runs, so the model works under
+``nnx.jit``, ``nnx.grad``, ``nnx.scan`` and under plain ``jax.jit`` of a function
+that closes over it. The state layout is the model's own plus a sibling per
+quantized parameter (``fc1/kernel``, ``fc1/kernel_quant/log_scale``), as in
+Linen.
+
+Layers stacked by ``nnx.vmap`` (for ``nnx.scan`` over layers): quantize the
+layer inside the vmapped constructor, so its scales get the stacked axis too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import jax.numpy as jnp
+from flax import nnx
+
+from lqjax import quant, rules as rules_lib, tree, types
+
+#: Layers whose parameters a rule may quantize (subclasses included).
+NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Embed, nnx.Einsum)
+#: Layers that always stay float.
+FLOAT_LAYERS = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
+#: Methods of a quantized layer that read its quantized parameters.
+_METHODS = ("__call__", "attend")
+
+
+class ScaleParam(nnx.Param):
+  """A log scale; its metadata ``config`` is its tensor's :class:`~lqjax.types.QuantConfig`."""
+
+
+_LOCAL = threading.local()
+
+
+def _active() -> dict:
+  if not hasattr(_LOCAL, "values"):
+    _LOCAL.values = {}
+  return _LOCAL.values
+
+
+class QuantizedParam(nnx.Param):
+  """A parameter that reads as its quantized value Q(P) while its layer runs."""
+
+  def get_value(self, **kwargs):
+    q = _active().get(id(self))
+    if q is None:
+      return super().get_value(**kwargs)
+    index = kwargs.get("index", ...)
+    return q if index is ... else q[index]
+
+
+class Quantizer(nnx.Module):
+  """Owns ``log_scale`` (a :class:`ScaleParam`) and maps P -> Q(P)."""
+
+  def __init__(self, p, config: types.QuantConfig):
+    self.config = config
+    self.log_scale = ScaleParam(jnp.log(quant.init_scale(
+        p, config.granularity, bits=config.bits, init_bits=config.init_bits)), config=config)
+
+  def __call__(self, p):
+    cfg = self.config
+    log_scale = self.log_scale[...]
+    return quant.fake_quant(p, quant.scale_from_log(log_scale), rule=cfg.rule,
+                            threshold=cfg.threshold, rounding=cfg.rounding, bits=cfg.bits,
+                            lsq_weight=cfg.lsq_weight, relax_threshold=cfg.relax_threshold)
+
+
+def is_quantized_layer(node) -> bool:
+  """Whether `node` is a layer that :func:`quantize` made (its class is made here)."""
+  return getattr(type(node), "_lqjax_quantized", False)
+
+
+@contextlib.contextmanager
+def _quantized_values(layer):
+  active = _active()
+  keys = []
+  try:
+    for name in layer._lqjax_names:
+      var = getattr(layer, name)
+      q = getattr(layer, name + tree.QUANT_SUFFIX)(var.get_value())
+      active[id(var)] = q
+      keys.append(id(var))
+    yield
+  finally:
+    for k in keys:
+      active.pop(k, None)
+
+
+def _wrap(fn):
+  @functools.wraps(fn)
+  def method(self, *args, **kwargs):
+    with _quantized_values(self):
+      return fn(self, *args, **kwargs)
+  return method
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized_class(cls):
+  ns = {name: _wrap(getattr(cls, name)) for name in _METHODS if hasattr(cls, name)}
+  ns.update(__module__=cls.__module__, _lqjax_quantized=True)
+  return type("Quantized" + cls.__name__, (cls,), ns)
+
+
+def _quantize_layer(layer, cfgs: dict, path: str):
+  names = []
+  for name, cfg in cfgs.items():
+    var = getattr(layer, name, None)
+    if not isinstance(var, nnx.Param):
+      continue
+    value = var.get_value()
+    try:
+      types.scale_shape(value.shape, cfg.granularity)
+    except ValueError as e:
+      raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
+    setattr(layer, name, QuantizedParam(value, **{k: v for k, v in var.get_metadata().items()
+                                                  if k != "on_get_value"}))
+    setattr(layer, name + tree.QUANT_SUFFIX, Quantizer(value, cfg))
+    names.append(name)
+  if names:
+    layer.__class__ = _quantized_class(type(layer))
+    layer._lqjax_names = tuple(names)
+
+
+def quantize(model: nnx.Module, rules) -> nnx.Module:
+  """NNX half of :func:`lqjax.quantize` (see there)."""
+  for path, node in nnx.iter_graph(model):
+    if is_quantized_layer(node) or isinstance(node, Quantizer):
+      where = rules_lib.join_path(path) or "the model"
+      raise rules_lib.QuantizeError(f"lqjax.quantize: {where} is quantized already; quantize "
+                                    f"the float model once, with all its rules")
+  model = nnx.clone(model)
+  matcher = rules_lib.Matcher(rules)
+  modules = [(rules_lib.join_path(p), m) for p, m in nnx.iter_graph(model)
+             if isinstance(m, nnx.Module)]
+  for path, mod in modules:
+    rule = matcher.match(path)
+    cfgs = rule.configs() if rule is not None else {}
+    if not cfgs or isinstance(mod, FLOAT_LAYERS):
+      continue
+    if not isinstance(mod, NNX_LAYERS):
+      for name in cfgs:
+        if isinstance(vars(mod).get(name), nnx.Param):
+          raise rules_lib.unsupported(path, type(mod), name, NNX_LAYERS)
+      continue
+    _quantize_layer(mod, cfgs, path)
+  matcher.check_all_matched()
+  return model

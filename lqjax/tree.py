@@ -1,0 +1,176 @@
+"""Quantized tensors in any parameter tree: the scale carries its tensor's recipe.
+
+A quantized parameter ``P`` at path ``.../kernel`` has its log scale at
+``.../kernel_quant/log_scale``. The log scale leaf carries the tensor's
+:class:`~lqjax.types.QuantConfig` (rule, rounding, bits, granularity) as static
+metadata, so every later stage (accounting, penalties, the packed file, ONNX,
+reports) reads each tensor's own recipe from the tree alone:
+
+* Linen: the leaf is a :class:`QuantScale` box (a ``flax.linen`` ``AxisMetadata``
+  like ``nn.Partitioned``). ``Module.param`` unboxes it, so model code sees a
+  plain array; ``jax.grad``, optax and orbax see a pytree node whose one child
+  is the array and whose config is static.
+* NNX: the leaf is an ``nnx.Param`` subclass (``lqjax.nnx_quant.ScaleParam``)
+  with the config as Variable metadata; ``nnx.state(model)`` carries it.
+
+:func:`quantized_tensors` reads either (a Linen variables dict, an ``nnx.State``,
+an ``nnx.Module``) and returns one :class:`QTensor` per quantized parameter;
+:func:`flat_arrays` gives every leaf by path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+from flax import struct
+from flax.linen import meta
+
+from lqjax import types
+
+QUANT_SUFFIX = "_quant"
+SCALE_NAME = "log_scale"
+
+Path = Tuple[str, ...]
+
+
+class QuantScale(struct.PyTreeNode, meta.AxisMetadata):
+  """A Linen log-scale leaf boxed with its tensor's config (static metadata)."""
+
+  value: Any
+  config: types.QuantConfig = struct.field(pytree_node=False)
+
+  def unbox(self):
+    return self.value
+
+  def replace_boxed(self, val):
+    return self.replace(value=val)
+
+  def add_axis(self, index, params):  # nn.scan / nn.vmap stack the value; the recipe stays
+    return self
+
+  def remove_axis(self, index, params):
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+  """One quantized parameter: its path, latent P, log scale and recipe."""
+
+  path: Path
+  p: jax.Array
+  log_scale: jax.Array
+  config: types.QuantConfig
+
+  @property
+  def name(self) -> str:
+    return "/".join(self.path)
+
+  @property
+  def scale_path(self) -> Path:
+    return scale_path(self.path)
+
+
+def scale_path(path: Path) -> Path:
+  """``.../kernel`` -> ``.../kernel_quant/log_scale``."""
+  return tuple(path[:-1]) + (path[-1] + QUANT_SUFFIX, SCALE_NAME)
+
+
+def _key_str(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, QuantScale) or _is_variable(x)
+
+
+def _is_variable(x) -> bool:
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover
+    return False
+  return isinstance(x, nnx.Variable)
+
+
+def _variable_config(var) -> Optional[types.QuantConfig]:
+  cfg = var.get_metadata().get("config") if hasattr(var, "get_metadata") else None
+  return cfg if isinstance(cfg, types.QuantConfig) else None
+
+
+def _as_tree(tree):
+  try:
+    from flax import nnx
+    if isinstance(tree, nnx.Module):
+      return nnx.state(tree)
+  except ImportError:  # pragma: no cover
+    pass
+  return tree
+
+
+def flat_leaves(tree) -> Dict[Path, Tuple[Any, Optional[types.QuantConfig]]]:
+  """``{path: (array, config or None)}`` of every array leaf of `tree`.
+
+  `tree` is a Linen variables/params dict, an ``nnx.State`` or an ``nnx.Module``.
+  The config is set on log-scale leaves (boxed or NNX metadata) only.
+  """
+  tree = _as_tree(tree)
+  out = {}
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
+  for kp, leaf in leaves:
+    path = tuple(_key_str(k) for k in kp)
+    if isinstance(leaf, QuantScale):
+      out[path] = (leaf.value, leaf.config)
+    elif _is_variable(leaf):
+      out[path] = (leaf.get_value(), _variable_config(leaf))
+    else:
+      if path and path[-1] == "value":  # a Variable flattened as a node
+        path = path[:-1]
+      out[path] = (leaf, None)
+  return out
+
+
+def quantized_tensors(tree, default: Optional[types.QuantConfig] = None) -> list:
+  """One :class:`QTensor` per quantized parameter of `tree`, in path order.
+
+  Args:
+    tree: Linen variables or params (with :class:`QuantScale` boxes), an
+      ``nnx.State`` or an ``nnx.Module``.
+    default: the recipe of log scales that carry none (a tree saved before
+      configs travelled with tensors); None makes such a tree an error.
+
+  Raises:
+    ValueError: a log scale without a config and no `default`.
+  """
+  flat = flat_leaves(tree)
+  out = []
+  for path in sorted(flat):
+    if len(path) < 2 or path[-1] != SCALE_NAME or not path[-2].endswith(QUANT_SUFFIX):
+      continue
+    p_path = path[:-2] + (path[-2][: -len(QUANT_SUFFIX)],)
+    if p_path not in flat:
+      continue
+    log_scale, cfg = flat[path]
+    if cfg is None:
+      if default is None:
+        raise ValueError(f"{'/'.join(path)}: a log scale without its QuantConfig (quantize the "
+                         f"model with lqjax.quantize, or pass default=)")
+      cfg = default
+    out.append(QTensor(p_path, flat[p_path][0], log_scale, cfg))
+  return out
+
+
+def is_scale_path(path) -> bool:
+  """Whether a key path (strings or jax key entries) leads to a log scale."""
+  return any(_key_str(k) == SCALE_NAME for k in path)
+
+
+def unbox(tree):
+  """`tree` with every :class:`QuantScale` box replaced by its array."""
+  return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, QuantScale) else x, tree,
+                                is_leaf=lambda x: isinstance(x, QuantScale))
+
+

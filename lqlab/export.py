@@ -1,0 +1,190 @@
+"""Export a trained run to the packed file (and ONNX), or verify a file.
+
+  python -m lqlab.export <workdir> --out model.lqz [--zstd] [--onnx model.onnx]
+  python -m lqlab.export --check model.lqz
+
+``--check`` verifies magic, version, checksum, the header and that every tensor
+decodes to finite values; it exits non-zero with one line on any fault.
+
+The functions here tie a run (its :class:`lqlab.train.TrainConfig`, dataset
+normalisation and model) to lqjax's generic file and ONNX exporters: the file's
+``meta`` holds the training config, the class count and the normalisation, so
+:func:`load` rebuilds the model from the file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+from lqjax import compress
+
+FORMAT_META = "lqlab-run"
+
+
+def run_meta(cfg, num_classes, ds_stats) -> dict:
+  return {"format": FORMAT_META, "config": cfg.to_json(), "num_classes": int(num_classes),
+          "mean": list(ds_stats[0]), "std": list(ds_stats[1])}
+
+
+def export(path, cfg, num_classes, ds_stats, params, batch_stats, *,
+           codec=compress.CODEC_FIXED) -> int:
+  """Writes `cfg`'s trained model to `path`; returns the bytes written."""
+  from lqlab import train
+  variables = train.model_variables(jax.device_get(params), jax.device_get(batch_stats))
+  return compress.save(path, variables, run_meta(cfg, num_classes, ds_stats), codec=codec)
+
+
+def _run_meta_of(header) -> dict:
+  meta = header.get("meta") if "meta" in header else header  # version 1: at the top
+  if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+    raise compress.CorruptFileError("the file holds no training config (not a run's export)")
+  return meta
+
+
+def load(path):
+  """Rebuilds a run's model from its file alone.
+
+  Returns:
+    (model, variables, meta): Linen variables ``{"params", "batch_stats"?}`` and
+    the file's run meta (``config``, ``num_classes``, ``mean``, ``std``).
+  """
+  from lqlab import train
+  header, loaded = compress.read(path)
+  meta = _run_meta_of(header)
+  cfg = train.TrainConfig.from_json(meta["config"])
+  model = train.build_model(cfg, meta["num_classes"])
+  if "params" in loaded:  # version 1
+    params, stats = loaded["params"], loaded.get("batch_stats", {})
+  else:
+    stats = loaded.pop("batch_stats", {})
+    params = loaded
+  variables = {"params": params}
+  if stats:
+    variables["batch_stats"] = stats
+  return model, variables, meta
+
+
+def logits_fn(model, mean, std):
+  """``fn(variables, uint8 NHWC images) -> logits``, normalisation included (jittable)."""
+  from lqlab import data
+
+  def fn(variables, x):
+    return model.apply(variables, data.normalize(x, mean, std), train=False)
+
+  return fn
+
+
+def predict(model, variables, meta, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+  """Logits of a reloaded model on uint8 NHWC images."""
+  # The variables are an argument, not a closed-over constant: XLA would
+  # otherwise constant-fold the weights into a differently-rounded program.
+  fn = jax.jit(logits_fn(model, meta["mean"], meta["std"]))
+  return np.concatenate([np.asarray(fn(variables, images[i:i + batch_size]))
+                         for i in range(0, images.shape[0], batch_size)])
+
+
+def export_onnx(path, model, variables, meta, image_shape) -> int:
+  """The run's model as ONNX: uint8 NHWC images in (normalised in the graph), logits out."""
+  from lqjax import onnx_export
+  return onnx_export.export_onnx(path, logits_fn(model, meta["mean"], meta["std"]), variables,
+                                 np.zeros((1,) + tuple(image_shape), np.uint8))
+
+
+def export_after_training(cfg, model, state, ds, results) -> dict:
+  """Hook for train_and_evaluate: writes model.lqz and model.lqz.zst, checks the reload.
+
+  Returns the results entries: packed_bytes, entropy_coded_bytes, compression_ratio,
+  entropy_coded_ratio, reload_test_accuracy, reload_identical_argmax (and the
+  onnx_* entries when lqjax[export] is installed).
+  """
+  from lqlab import train
+  out = pathlib.Path(results["workdir"])
+  stats = (ds.mean, ds.std)
+  params, bs = jax.device_get(state.params), jax.device_get(state.batch_stats)
+  packed = export(out / "model.lqz", cfg, ds.num_classes, stats, params, bs)
+  coded = export(out / "model.lqz.zst", cfg, ds.num_classes, stats, params, bs,
+                 codec=compress.CODEC_ZSTD)
+  test_x, test_y = np.asarray(ds.test.image), np.asarray(ds.test.label)
+  ref = train.predict_logits(cfg, model, stats, params, bs, test_x)
+  m2, v2, meta = load(out / "model.lqz")
+  got = predict(m2, v2, meta, test_x)
+  fp32 = results["fp32_bytes"]
+  extra = {}
+  try:
+    import jax2onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+  except ImportError:  # onnx, onnxruntime and jax2onnx are the optional extra lqjax[export]
+    pass
+  else:
+    from lqjax import onnx_export
+    onnx_bytes = export_onnx(out / "model.onnx", m2, v2, meta, test_x.shape[1:])
+    onnx_logits = onnx_export.run_onnx(out / "model.onnx", test_x)
+    extra = {"onnx_bytes": onnx_bytes,
+             "onnx_test_accuracy": float(np.mean(onnx_logits.argmax(-1) == test_y)),
+             "onnx_identical_argmax": bool(np.array_equal(onnx_logits.argmax(-1), ref.argmax(-1))),
+             "onnx_max_abs_logit_diff": float(np.max(np.abs(onnx_logits - ref)))}
+  return {**extra,
+          "packed_bytes": packed, "entropy_coded_bytes": coded,
+          "compression_ratio": fp32 / packed, "entropy_coded_ratio": fp32 / coded,
+          "reload_test_accuracy": float(np.mean(got.argmax(-1) == test_y)),
+          "reload_identical_argmax": bool(np.array_equal(got.argmax(-1), ref.argmax(-1))),
+          "reload_max_abs_logit_diff": float(np.max(np.abs(got - ref))),
+          "packed_file": str(out / "model.lqz")}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m lqlab.export", description=__doc__.splitlines()[0])
+  ap.add_argument("workdir", nargs="?")
+  ap.add_argument("--out", help="packed file to write (default <workdir>/model.lqz)")
+  ap.add_argument("--zstd", action="store_true", help="entropy-coded variant (zstd)")
+  ap.add_argument("--onnx", help="also write an ONNX model (needs lqjax[export])")
+  ap.add_argument("--check", metavar="FILE", help="verify a packed file and exit")
+  args = ap.parse_args(argv)
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  if args.check:
+    try:
+      header, _ = compress.read(args.check)
+    except compress.CorruptFileError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    meta = header.get("meta", header)
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    what = f"{cfg['model']} ({cfg['dataset']}), " if isinstance(cfg, dict) and "model" in cfg \
+        else ""
+    print(f"ok: {args.check}: {what}{len(header['tensors'])} tensors, "
+          f"{pathlib.Path(args.check).stat().st_size} bytes")
+    return 0
+  if not args.workdir:
+    ap.error("give a workdir or --check FILE")
+  from lqlab import train
+  try:
+    cfg, model, state, stats, num_classes = train.restore(args.workdir)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "model.lqz")
+  if out.is_dir():
+    print(f"error: --out {out} is a directory; give a file path", file=sys.stderr)
+    return 2
+  codec = compress.CODEC_ZSTD if args.zstd else compress.CODEC_FIXED
+  try:
+    n = export(out, cfg, num_classes, stats, state.params, state.batch_stats, codec=codec)
+  except OSError as e:
+    print(f"error: cannot write {out}: {e.strerror}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}: {n} bytes")
+  if args.onnx:
+    m2, v2, meta = load(out)
+    export_onnx(args.onnx, m2, v2, meta, train.INPUT_SHAPES[cfg.dataset])
+    print(f"wrote {args.onnx}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
