@@ -9,7 +9,6 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-import lqjax
 from lqjax import linen_quant as layers, losses, quant, optim, tree, types
 
 

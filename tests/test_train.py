@@ -111,7 +111,8 @@ def test_validation_brake_rolls_back_and_halves():
 
 def test_validation_brake_can_restore_the_weights_too():
   cfg = train.TrainConfig(scale_stop="val", scale_stop_restore="all")
-  state = _brake_state(_brake_params(1.0, 0.0), _brake_params(2.0, -1.0))
+  best = _brake_params(2.0, -1.0)
+  state = _brake_state(_brake_params(1.0, 0.0), best)
   meta = {"best_val": 0.98, "best_epoch": 3, "brakes": 0, "frozen_at": None}
   s, _, ev = train._scale_stop(cfg, state, meta, 0.97, 4)
   assert "parameters rolled back to epoch 3" in ev and float(optim.scale_mult(s.opt_state)) == 0.5
