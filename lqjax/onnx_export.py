@@ -30,6 +30,8 @@ reached, so the graph is the model's computation exactly as JAX runs it.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any, Callable
 
 import jax
@@ -116,6 +118,30 @@ def _replay(jaxpr, consts, *args):
   return [read(v) for v in jaxpr.outvars]
 
 
+@contextlib.contextmanager
+def _module_attributes_restored(prefixes=("jax", "flax", "numpy")):
+  """Restores every attribute of the loaded ``jax``/``flax``/``numpy`` modules on exit.
+
+  jax2onnx 0.17 patches library functions while it converts and leaves some of
+  them patched afterwards (``jax.numpy.cumsum`` then refuses an axis argument in
+  the rest of the process). The conversion runs inside this guard.
+  """
+  mods = [m for name, m in list(sys.modules.items())
+          if m is not None and name.split(".")[0] in prefixes]
+  saved = [(m, dict(vars(m))) for m in mods]
+  try:
+    yield
+  finally:
+    for m, attrs in saved:
+      current = vars(m)
+      for k, v in attrs.items():
+        if current.get(k, _MISSING) is not v:
+          setattr(m, k, v)
+
+
+_MISSING = object()
+
+
 def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
           dynamic_batch: bool = True, model_name: str = "lqjax_model"):
   """Returns an ``onnx.ModelProto`` of ``fn(variables, x)`` (see the module docstring).
@@ -183,7 +209,8 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
     return out[0] if n_out == 1 else tuple(out)
 
   names = ["input"] + ["w_" + "_".join(p) for p in paths]
-  model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
+  with _module_attributes_restored():
+    model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
   inits, nodes = [], []
   for name, path, arr in zip(names[1:], paths, arrays):
     if path in replaced:

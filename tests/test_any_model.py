@@ -322,6 +322,9 @@ def test_onnx_of_a_user_model_matches_jax(tmp_path):
   codes = {t.name: t for t in proto.graph.initializer if t.name.endswith("_codes")}
   assert len(codes) == len(tree.quantized_tensors(v))
   assert codes["w_params_stem_kernel_codes"].data_type == onnx.TensorProto.INT8
+  # The converter leaves the libraries as they were (jax2onnx 0.17 alone leaves
+  # jnp.cumsum patched to refuse an axis).
+  np.testing.assert_array_equal(jnp.cumsum(jnp.ones((2, 3)), 1), [[1, 2, 3], [1, 2, 3]])
 
 
 def test_own_loop_pieces_on_linen_params():
