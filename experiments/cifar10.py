@@ -21,8 +21,13 @@ sweeps/default_full.json``.
 
 from experiments import common
 
-DEFAULTS = common.Defaults(model="resnet20", epochs=10, batch_size=128, optimizer="sgd",
-                           lr=0.1, weight_decay=5e-4)
+
+def get_config():
+  """The experiment's config; flags override its fields."""
+  from lqlab import train
+  return train.TrainConfig(dataset="cifar10", model="resnet20", epochs=10, batch_size=128,
+                           optimizer="sgd", lr=0.1, weight_decay=5e-4)
+
 
 if __name__ == "__main__":
-  common.main("cifar10", DEFAULTS)
+  common.main(get_config)

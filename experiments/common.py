@@ -12,93 +12,59 @@ import sys
 
 from absl import app, flags, logging
 
+from lqjax import types
+
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("model", None, "lenet300 | lenet5 | resnet20 | resnet_small (default: per dataset)")
-flags.DEFINE_string("rule", "ratio", "scale-gradient rule: fixed | lsq | ratio | ratio_lsq")
-flags.DEFINE_float("threshold", None, "lambda of the ratio rules (>= 0; default: per dataset)")
-flags.DEFINE_string("granularity", "row",
-                    "kernel granularity: tensor|row|column|channel|spatial|element or axes '0,1'")
-flags.DEFINE_string("bias_granularity", "tensor", "bias granularity (same names)")
-flags.DEFINE_bool("quantize_bias", True, "quantize biases too")
-flags.DEFINE_string("rounding", "round",
-                    "round | floor (the thesis's floor loses ~1.3 points val accuracy on MNIST)")
-flags.DEFINE_integer("bits", None, "clip codes to b bits (fixed-bit and LSQ baselines)")
-flags.DEFINE_integer("init_bits", 8, "initial bit budget of free-bit scales")
-flags.DEFINE_float("lsq_weight", 1.0, "weight of the LSQ term in rule ratio_lsq")
-flags.DEFINE_float("relax_threshold", None,
-                   "lambda_hi of the ratio rules: groups with r above it get finer grids")
-flags.DEFINE_string("scale_schedule", "cosine", "scales' lr schedule: cosine | constant")
-flags.DEFINE_float("scale_decay_fraction", 0.8,
-                   "cosine scale schedule: fraction of the run after which the scales stop")
-flags.DEFINE_string("scale_stop", "auto",
-                    "auto | none | val. val: when val accuracy drops more than --scale_stop_tolerance "
-                    "below the best epoch's, roll the scales back to that epoch and halve their "
-                    "step. auto: val for the ratio rules, none for fixed and lsq")
-flags.DEFINE_float("scale_stop_tolerance", 0.002, "val accuracy drop that triggers a brake")
-flags.DEFINE_string("scale_stop_restore", "scales",
-                    "what a brake rolls back to the best epoch: scales | all (the weights too)")
-flags.DEFINE_string("optimizer", None, "weights' optimizer: adam | sgd (default: per dataset)")
-flags.DEFINE_float("lr", None, "weights' learning rate (default: per dataset)")
-flags.DEFINE_float("weight_decay", None, "weight decay (default: per dataset)")
-flags.DEFINE_string("scale_optimizer", "sgd", "scales' optimizer on log s: sgd | adam")
-flags.DEFINE_float("scale_lr", 0.02, "scales' learning rate (peak of the cosine schedule)")
-flags.DEFINE_float("inverse_scale", 0.0, "coefficient of the inverse-scale penalty")
-flags.DEFINE_float("bin_count", 0.0, "coefficient of the bin-count penalty")
-flags.DEFINE_float("deviation", 0.0, "coefficient of the deviation penalty")
-flags.DEFINE_float("target_bits", 0.0, "bits the bin-count penalty allows for free")
-flags.DEFINE_integer("epochs", None, "epochs (default: per dataset)")
-flags.DEFINE_integer("batch_size", None, "global batch size (default: per dataset)")
-flags.DEFINE_integer("seed", 0, "random seed")
+# Flags that are not part of a run's config.
 flags.DEFINE_string("workdir", None, "run directory (default: runs/<dataset>_<model>_<rule>_s<seed>)")
 flags.DEFINE_string("data_dir", None, "dataset folder (default: $LQJAX_DATA_DIR)")
-flags.DEFINE_bool("float", False, "no quantization: the FP32 baseline")
-flags.DEFINE_integer("limit", None, "use only the first N examples of each split (smoke tests)")
-flags.DEFINE_bool("export", False, "write the packed model file <workdir>/model.lqz at the end")
+flags.DEFINE_bool("export", True, "write the packed model file <workdir>/model.lqz (and the "
+                  "zstd and ONNX variants) at the end and check its reload")
 flags.DEFINE_bool("progress", True, "show a progress bar")
+# --float is the short name of --float_model.
+_ALIASES = {"float": "float_model"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Defaults:
-  model: str
-  epochs: int
-  batch_size: int
-  optimizer: str
-  lr: float
-  weight_decay: float
-  # lambda of the ratio rules. MNIST's was chosen on its validation split
-  # (sweeps/tune_default_lenet300.json); the others keep 0.2 untuned.
-  threshold: float = 0.2
-
-
-def config_from_flags(dataset: str, d: Defaults):
-  from lqjax import types
+def _define_config_flags():
+  """One flag per TrainConfig field (default None: the experiment's config decides)."""
   from lqlab import train
-  return train.TrainConfig(
-      dataset=dataset, model=FLAGS.model or d.model, float_model=FLAGS.float, rule=FLAGS.rule,
-      threshold=d.threshold if FLAGS.threshold is None else FLAGS.threshold,
-      granularity=types.parse_granularity(FLAGS.granularity),
-      bias_granularity=types.parse_granularity(FLAGS.bias_granularity),
-      quantize_bias=FLAGS.quantize_bias, rounding=FLAGS.rounding, bits=FLAGS.bits,
-      init_bits=FLAGS.init_bits, lsq_weight=FLAGS.lsq_weight,
-      relax_threshold=FLAGS.relax_threshold, scale_schedule=FLAGS.scale_schedule,
-      scale_decay_fraction=FLAGS.scale_decay_fraction,
-      scale_stop=_scale_stop(FLAGS.scale_stop, FLAGS.rule),
-      scale_stop_tolerance=FLAGS.scale_stop_tolerance,
-      scale_stop_restore=FLAGS.scale_stop_restore,
-      optimizer=FLAGS.optimizer or d.optimizer,
-      lr=d.lr if FLAGS.lr is None else FLAGS.lr,
-      weight_decay=d.weight_decay if FLAGS.weight_decay is None else FLAGS.weight_decay,
-      scale_optimizer=FLAGS.scale_optimizer, scale_lr=FLAGS.scale_lr,
-      inverse_scale=FLAGS.inverse_scale, bin_count=FLAGS.bin_count, deviation=FLAGS.deviation,
-      target_bits=FLAGS.target_bits, epochs=FLAGS.epochs or d.epochs,
-      batch_size=FLAGS.batch_size or d.batch_size, seed=FLAGS.seed, limit=FLAGS.limit)
+  for f in dataclasses.fields(train.TrainConfig):
+    if f.name == "dataset":
+      continue
+    name = {v: k for k, v in _ALIASES.items()}.get(f.name, f.name)
+    help_text = f.metadata.get("help", f.name)
+    default = f.default
+    if isinstance(default, bool) or f.name == "augment":
+      flags.DEFINE_bool(name, None, help_text)
+    elif f.name in ("bits", "limit") or (isinstance(default, int)):
+      flags.DEFINE_integer(name, None, help_text)
+    elif isinstance(default, float) or f.name == "relax_threshold":
+      flags.DEFINE_float(name, None, help_text)
+    else:
+      flags.DEFINE_string(name, None, help_text)
 
 
-def _scale_stop(flag: str, rule: str):
-  if flag == "auto":
-    return "val" if rule.startswith("ratio") else None
-  return None if flag == "none" else flag
+_define_config_flags()
+
+
+def config_from_flags(base):
+  """`base` (an experiment's ``get_config()``) with the flags given on the command line."""
+  from lqlab import train
+  overrides = {}
+  for f in dataclasses.fields(train.TrainConfig):
+    if f.name == "dataset":
+      continue
+    name = {v: k for k, v in _ALIASES.items()}.get(f.name, f.name)
+    value = getattr(FLAGS, name)
+    if value is None:
+      continue
+    if f.name in ("granularity", "bias_granularity"):
+      value = types.parse_granularity(value)
+    if f.name == "scale_stop" and value == "none":
+      value = None
+    overrides[f.name] = value
+  return dataclasses.replace(base, **overrides)
 
 
 def _fail(msg: str, code: int = 2):
@@ -106,12 +72,13 @@ def _fail(msg: str, code: int = 2):
   sys.exit(code)
 
 
-def run(dataset: str, defaults: Defaults):
-  """Runs the experiment for `dataset` from the parsed flags; exits non-zero on bad input."""
+def run(base):
+  """Runs experiment `base` (its TrainConfig) with the parsed flags; exits non-zero on bad input."""
   from lqlab import data, train
   logging.set_verbosity(logging.WARNING)
+  dataset = base.dataset
   try:
-    cfg = config_from_flags(dataset, defaults)
+    cfg = config_from_flags(base)
   except ValueError as e:
     _fail(str(e))
   tag = "float" if cfg.float_model else cfg.rule
@@ -133,6 +100,8 @@ def run(dataset: str, defaults: Defaults):
     _fail(str(e), 130)
   except (train.TrainingError, ValueError, FileNotFoundError) as e:
     _fail(str(e), 1)
+  except OSError as e:  # a write that failed: full disk, read-only folder
+    _fail(f"{e.filename or workdir}: {e.strerror or e}", 1)
   line = (f"{dataset} {cfg.model} {tag}: test_accuracy {res['test_accuracy']:.4f} "
           f"val_accuracy {res['val_accuracy']:.4f} avg_bits {res['avg_bits']:.2f} "
           f"train_seconds {res['train_seconds']:.0f}")
@@ -140,9 +109,23 @@ def run(dataset: str, defaults: Defaults):
     line += (f" packed_bytes {res['packed_bytes']} (x{res['compression_ratio']:.1f}) "
              f"entropy_coded_bytes {res['entropy_coded_bytes']}")
   print(line)
+  if res.get("collapsed"):
+    print(f"warning: the run collapsed (avg_bits {res['avg_bits']:.2f}, test accuracy "
+          f"{res['test_accuracy']:.4f}, chance {1 / res['num_classes']:.2f}): lower --threshold "
+          f"or --scale_lr; results.json says collapsed: true", file=sys.stderr)
   print(f"results: {workdir / 'results.json'}")
 
 
-def main(dataset: str, defaults: Defaults):
-  app.run(lambda argv: run(dataset, defaults) if len(argv) == 1 else _fail(
-      f"unexpected arguments: {' '.join(argv[1:])}"))
+def main(get_config):
+  """Entry point of an experiment module: ``common.main(get_config)``."""
+
+  def go(argv):
+    if len(argv) > 1:
+      _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+      base = get_config()
+    except ValueError as e:
+      _fail(str(e))
+    run(base)
+
+  app.run(go)

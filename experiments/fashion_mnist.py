@@ -20,8 +20,13 @@ sweeps/default_fashion.json``.
 
 from experiments import common
 
-DEFAULTS = common.Defaults(model="lenet5", epochs=5, batch_size=128, optimizer="adam",
-                           lr=1e-3, weight_decay=0.0)
+
+def get_config():
+  """The experiment's config; flags override its fields."""
+  from lqlab import train
+  return train.TrainConfig(dataset="fashion_mnist", model="lenet5", epochs=5, batch_size=128,
+                           optimizer="adam", lr=1e-3, weight_decay=0.0)
+
 
 if __name__ == "__main__":
-  common.main("fashion_mnist", DEFAULTS)
+  common.main(get_config)

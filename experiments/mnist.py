@@ -23,8 +23,13 @@ sweeps/baselines_lenet300.json`` and ``python scripts/report.py``.
 
 from experiments import common
 
-DEFAULTS = common.Defaults(model="lenet300", epochs=10, batch_size=128, optimizer="adam",
-                           lr=1e-3, weight_decay=0.0, threshold=0.15)
+
+def get_config():
+  """The experiment's config; flags override its fields."""
+  from lqlab import train
+  return train.TrainConfig(dataset="mnist", model="lenet300", epochs=10, batch_size=128,
+                           optimizer="adam", lr=1e-3, weight_decay=0.0, threshold=0.15)
+
 
 if __name__ == "__main__":
-  common.main("mnist", DEFAULTS)
+  common.main(get_config)

@@ -48,3 +48,51 @@ def write_npz_atomic(path, **arrays) -> None:
   buf = io.BytesIO()
   np.savez_compressed(buf, **arrays)
   write_bytes_atomic(path, buf.getvalue())
+
+
+class DirectoryLock:
+  """An exclusive lock on a folder (``<dir>/.lock``, holding the owner's PID)."""
+
+  def __init__(self, fh):
+    self._fh = fh
+
+  def close(self):
+    import fcntl
+    if self._fh is not None:
+      fcntl.flock(self._fh, fcntl.LOCK_UN)
+      self._fh.close()
+      self._fh = None
+
+
+class LockedError(RuntimeError):
+  """Another process holds the folder's lock."""
+
+
+def lock_dir(path) -> DirectoryLock:
+  """Takes ``<path>/.lock`` exclusively, or raises :class:`LockedError` naming the holder."""
+  import fcntl
+  lock_path = pathlib.Path(path) / ".lock"
+  fh = open(lock_path, "a+")
+  try:
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    fh.seek(0)
+    holder = fh.read().strip() or "unknown"
+    fh.close()
+    raise LockedError(f"{path} is in use by another run (pid {holder}); wait for it to end or "
+                      f"use another folder") from None
+  fh.seek(0)
+  fh.truncate()
+  fh.write(str(os.getpid()))
+  fh.flush()
+  return DirectoryLock(fh)
+
+
+def tree_hashes(root) -> dict:
+  """``{relative path: sha256}`` of every file under `root`."""
+  import hashlib
+  root = pathlib.Path(root)
+  out = {}
+  for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    out[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+  return out

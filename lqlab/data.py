@@ -81,16 +81,56 @@ def resolve_data_dir(data_dir: Optional[str]) -> Optional[pathlib.Path]:
   return pathlib.Path(d).expanduser() if d else None
 
 
+# Datasets whose images the models expect in a given (H, W, C).
+IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+                "imagenette": (IMAGENETTE_SIZE, IMAGENETTE_SIZE, 3)}
+
+
+def _read_npz(path: pathlib.Path):
+  """(image, label) of one npz file; one-line DatasetNotFoundError naming it on any fault."""
+  import zipfile
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      missing = [k for k in ("image", "label") if k not in z.files]
+      if missing:
+        raise DatasetNotFoundError(f"{path}: no {' or '.join(repr(k) for k in missing)} array "
+                                   f"(it holds {', '.join(z.files) or 'nothing'}); expected uint8 "
+                                   f"'image' [N,H,W,C] and integer 'label' [N]")
+      classes = z["classes"] if "classes" in z.files else None
+      return z["image"], z["label"], classes
+  except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+    reason = "not an npz (zip) file" if isinstance(e, (ValueError, zipfile.BadZipFile)) \
+        else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
+    raise DatasetNotFoundError(f"{path}: {reason}; re-create it with "
+                               f"scripts/import_dataset.py") from None
+
+
+def _check_split(path, image, label):
+  if image.dtype != np.uint8 or image.ndim != 4 or label.shape != image.shape[:1]:
+    raise DatasetNotFoundError(
+        f"{path}: expected uint8 'image' [N,H,W,C] and 'label' [N], got "
+        f"{image.dtype} {image.shape} and {label.shape}")
+  if not np.issubdtype(label.dtype, np.integer):
+    if not (np.issubdtype(label.dtype, np.floating) and np.all(np.floor(label) == label)):
+      raise DatasetNotFoundError(f"{path}: labels must be whole numbers, got {label.dtype} "
+                                 f"values such as {label.reshape(-1)[:3].tolist()}")
+  if label.size and label.min() < 0:
+    raise DatasetNotFoundError(f"{path}: labels must be >= 0, found {int(label.min())}")
+
+
 def _read_npz_dir(d: pathlib.Path):
   out = {}
   for split in ("train", "test"):
-    with np.load(d / f"{split}.npz", allow_pickle=False) as z:
-      image, label = z["image"], z["label"]
-    if image.dtype != np.uint8 or image.ndim != 4 or label.shape != image.shape[:1]:
-      raise DatasetNotFoundError(
-          f"{d / (split + '.npz')}: expected uint8 'image' [N,H,W,C] and 'label' [N], got "
-          f"{image.dtype} {image.shape} and {label.shape}")
+    path = d / f"{split}.npz"
+    image, label, classes = _read_npz(path)
+    _check_split(path, image, label)
     out[split] = (image, label.astype(np.int32))
+    if classes is not None:
+      out["num_classes"] = len(classes)
+  if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
+    raise DatasetNotFoundError(
+        f"{d}: train images are {list(out['train'][0].shape[1:])} but test images are "
+        f"{list(out['test'][0].shape[1:])}")
   return out
 
 
@@ -169,6 +209,10 @@ def load(name: str, data_dir: Optional[str] = None, *, limit: Optional[int] = No
     sharding: where the arrays live; default: the default device.
   """
   arrays = load_arrays(name, data_dir)
+  shape = tuple(arrays["train"][0].shape[1:])
+  if shape != IMAGE_SHAPES[name]:
+    raise DatasetNotFoundError(f"dataset {name!r} has images of shape {list(shape)}; its models "
+                               f"expect {list(IMAGE_SHAPES[name])}")
   (tr_x, tr_y), (va_x, va_y) = split_train_val(*arrays["train"])
   te_x, te_y = arrays["test"]
   if limit is not None:
@@ -176,6 +220,12 @@ def load(name: str, data_dir: Optional[str] = None, *, limit: Optional[int] = No
   flat = tr_x.reshape(-1, tr_x.shape[-1]).astype(np.float64) / 255.0
   mean, std = tuple(flat.mean(0).tolist()), tuple(flat.std(0).tolist())
   num_classes = int(max(tr_y.max(), te_y.max())) + 1
+  named = arrays.get("num_classes")
+  if named is not None:
+    if num_classes > named:
+      raise DatasetNotFoundError(f"dataset {name!r}: a label is {num_classes - 1} but the files "
+                                 f"name only {named} classes")
+    num_classes = named
 
   def put(x):
     return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)

@@ -144,6 +144,8 @@ def main(argv=None):
   ap.add_argument("--zstd", action="store_true", help="entropy-coded variant (zstd)")
   ap.add_argument("--onnx", help="also write an ONNX model (needs lqjax[export])")
   ap.add_argument("--check", metavar="FILE", help="verify a packed file and exit")
+  ap.add_argument("--allow_partial", action="store_true",
+                  help="export a run that has not finished (no results.json yet)")
   args = ap.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -168,6 +170,11 @@ def main(argv=None):
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if not (pathlib.Path(args.workdir) / "results.json").is_file() and not args.allow_partial:
+    print(f"error: {args.workdir} has not finished training (no results.json; checkpoint at "
+          f"step {int(state.step)}): finish it by re-running its command, or pass "
+          f"--allow_partial", file=sys.stderr)
+    return 2
   out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "model.lqz")
   if out.is_dir():
     print(f"error: --out {out} is a directory; give a file path", file=sys.stderr)
@@ -176,8 +183,11 @@ def main(argv=None):
   try:
     n = export(out, cfg, num_classes, stats, state.params, state.batch_stats, codec=codec)
   except OSError as e:
-    print(f"error: cannot write {out}: {e.strerror}", file=sys.stderr)
+    print(f"error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
     return 2
+  except ValueError as e:  # codes that overflow their storage
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   print(f"wrote {out}: {n} bytes")
   if args.onnx:
     m2, v2, meta = load(out)

@@ -19,6 +19,7 @@ import json
 import math
 import pathlib
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -46,58 +47,58 @@ class Interrupted(RuntimeError):
   """SIGINT/SIGTERM arrived; a checkpoint was saved."""
 
 
+def _field(default, help_text: str):
+  """A config field with its command-line help (the flags are made from these)."""
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
   """Everything that defines a run. Variants via ``dataclasses.replace``."""
 
-  dataset: str = "mnist"
-  model: str = "lenet300"
-  # FP32 baseline: no quantizers at all.
-  float_model: bool = False
-  # Quantization (see lqjax.types.QuantConfig).
-  rule: str = "ratio"
-  threshold: float = 0.2
-  granularity: types.Granularity = "row"
-  bias_granularity: types.Granularity = "tensor"
-  quantize_bias: bool = True
-  rounding: str = "floor"
-  bits: Optional[int] = None
-  init_bits: int = 8
-  lsq_weight: float = 1.0
-  relax_threshold: Optional[float] = None
-  # Weights' optimizer: adam | sgd (momentum 0.9), cosine-decayed lr.
-  optimizer: str = "adam"
-  lr: float = 1e-3
-  weight_decay: float = 0.0
-  # Scales' optimizer (on log s): sgd | adam, constant lr.
-  scale_optimizer: str = "sgd"
-  scale_lr: float = 0.01
-  # constant | cosine (anneals the scales' lr to 0 over the run).
-  scale_schedule: str = "constant"
-  # With the cosine schedule: the fraction of the run after which scales stop moving.
-  scale_decay_fraction: float = 0.8
-  # Validation brake of the stable ratio variant (see _scale_stop): when val
-  # accuracy falls more than `scale_stop_tolerance` below the best epoch's, the
-  # scales roll back to that epoch's and their step halves. None: off.
-  scale_stop: Optional[str] = None
-  scale_stop_tolerance: float = 0.002
-  # What a brake restores from the best epoch: "scales" (the default) or "all"
-  # parameters, the weights too (batch statistics are left to re-adapt).
-  scale_stop_restore: str = "scales"
-  # Penalty coefficients of the second scheme (lqjax.losses).
-  inverse_scale: float = 0.0
-  bin_count: float = 0.0
-  deviation: float = 0.0
-  target_bits: float = 0.0
-  epochs: int = 5
-  batch_size: int = 128
-  seed: int = 0
-  # Random crop + flip (default: on for cifar10 and imagenette).
-  augment: Optional[bool] = None
-  # Keep only the first `limit` examples per split (smoke tests).
-  limit: Optional[int] = None
-  # Steps per jitted chunk (progress-bar and signal granularity).
-  chunk_steps: int = 100
+  dataset: str = _field("mnist", "dataset: " + ", ".join(data.DATASETS))
+  model: str = _field("lenet300", "model: " + ", ".join(models.MODELS))
+  float_model: bool = _field(False, "FP32 baseline: no quantizers at all")
+  rule: str = _field("ratio", "scale-gradient rule: fixed | lsq | ratio | ratio_lsq")
+  threshold: float = _field(0.2, "lambda of the ratio rules: groups with r < lambda coarsen")
+  granularity: types.Granularity = _field(
+      "row", "kernel granularity: tensor|row|column|channel|spatial|element or axes '0,1'")
+  bias_granularity: types.Granularity = _field("tensor", "bias granularity (same names)")
+  quantize_bias: bool = _field(True, "quantize biases too")
+  rounding: str = _field("round", "round (to nearest) | floor (the thesis's; loses ~1.3 points "
+                                  "val accuracy on MNIST)")
+  bits: Optional[int] = _field(None, "clip codes to b bits (fixed-bit and LSQ baselines)")
+  init_bits: int = _field(8, "initial bit budget of free-bit scales")
+  lsq_weight: float = _field(1.0, "weight of the LSQ term in rule ratio_lsq")
+  relax_threshold: Optional[float] = _field(
+      None, "lambda_hi of the ratio rules: groups with r above it get finer grids")
+  optimizer: str = _field("adam", "weights' optimizer: adam | sgd (momentum 0.9), cosine lr")
+  lr: float = _field(1e-3, "weights' learning rate (peak of the cosine schedule)")
+  weight_decay: float = _field(0.0, "weight decay")
+  scale_optimizer: str = _field("sgd", "scales' optimizer on log s: sgd | adam")
+  scale_lr: float = _field(0.02, "scales' learning rate (peak of the cosine schedule)")
+  scale_schedule: str = _field("cosine", "scales' lr schedule: cosine (to 0 at "
+                                         "scale_decay_fraction of the run) | constant")
+  scale_decay_fraction: float = _field(
+      0.8, "cosine scale schedule: fraction of the run after which the scales stop")
+  scale_stop: Optional[str] = _field(
+      "auto", "validation brake: auto (val for the ratio rules, off for fixed and lsq) | val | "
+              "none. val: when val accuracy drops more than scale_stop_tolerance below the best "
+              "epoch's, roll the scales back to that epoch and halve their step")
+  scale_stop_tolerance: float = _field(0.002, "val accuracy drop that triggers a brake")
+  scale_stop_restore: str = _field(
+      "scales", "what a brake rolls back to the best epoch: scales | all (the weights too)")
+  inverse_scale: float = _field(0.0, "coefficient of the inverse-scale penalty")
+  bin_count: float = _field(0.0, "coefficient of the bin-count penalty")
+  deviation: float = _field(0.0, "coefficient of the deviation penalty")
+  target_bits: float = _field(0.0, "bits the bin-count penalty allows for free")
+  epochs: int = _field(5, "epochs")
+  batch_size: int = _field(128, "global batch size")
+  seed: int = _field(0, "random seed")
+  augment: Optional[bool] = _field(None, "random crop + flip (default: on for cifar10 and "
+                                         "imagenette)")
+  limit: Optional[int] = _field(None, "use only the first N examples of each split (smoke tests)")
+  chunk_steps: int = _field(100, "steps per jitted chunk (progress and signal granularity)")
 
   def __post_init__(self):
     if self.dataset not in data.DATASETS:
@@ -113,8 +114,8 @@ class TrainConfig:
         raise ValueError(f"{name} must be a finite number >= 0, got {v}")
     if not 0 < self.scale_decay_fraction <= 1:
       raise ValueError(f"scale_decay_fraction must be in (0, 1], got {self.scale_decay_fraction}")
-    if self.scale_stop not in (None, "val"):
-      raise ValueError(f"unknown scale_stop {self.scale_stop!r}; expected val or none")
+    if self.scale_stop not in (None, "val", "auto"):
+      raise ValueError(f"unknown scale_stop {self.scale_stop!r}; expected auto, val or none")
     if self.scale_stop_restore not in ("scales", "all"):
       raise ValueError(f"unknown scale_stop_restore {self.scale_stop_restore!r}; "
                        f"expected scales or all")
@@ -144,6 +145,19 @@ class TrainConfig:
     return dataclasses.replace(self.kernel_quant(), granularity=self.bias_granularity)
 
   @property
+  def brake(self) -> Optional[str]:
+    """The validation brake in force: ``"val"`` or None (``"auto"`` resolved by the rule)."""
+    if self.float_model:
+      return None  # no scales to brake
+    if self.scale_stop == "auto":
+      return "val" if self.rule.startswith("ratio") else None
+    return self.scale_stop
+
+  def resolved_json(self) -> dict:
+    """:meth:`to_json` with ``scale_stop`` resolved (how two configs are compared)."""
+    return {**self.to_json(), "scale_stop": self.brake}
+
+  @property
   def use_augment(self) -> bool:
     return self.dataset in data.AUGMENTED if self.augment is None else self.augment
 
@@ -164,10 +178,12 @@ class TrainConfig:
 
 
 MAX_BRAKES = 4
+# The run stops when a step's loss exceeds this many times the first step's (divergence
+# that has not reached inf or NaN yet).
+EXPLODE_FACTOR = 1e3
 
 # One example's (H, W, C) per dataset: the shapes models are initialised with.
-INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
-                "imagenette": (data.IMAGENETTE_SIZE, data.IMAGENETTE_SIZE, 3)}
+INPUT_SHAPES = data.IMAGE_SHAPES
 
 
 class TrainState(struct.PyTreeNode):
@@ -445,7 +461,7 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
   number in `meta`, its parameters in ``state.best_params``, the scales' step
   multiplier in the optimizer state. Returns ``(state, meta, event)``.
   """
-  if cfg.scale_stop is None or cfg.float_model:
+  if cfg.brake is None or cfg.float_model:
     return state, meta, None
   brake = optim.Brake(tolerance=cfg.scale_stop_tolerance, max_brakes=MAX_BRAKES,
                       restore=cfg.scale_stop_restore)
@@ -458,6 +474,71 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
     meta["frozen_at"] = epoch
   return state.replace(params=params, opt_state=opt_state, best_params=bstate.best_params), \
       meta, event
+
+
+def _hash_path(workdir, step) -> pathlib.Path:
+  return workdir / "checkpoint_hashes" / f"{step}.json"
+
+
+def _write_hashes(workdir, step):
+  """Records the sha256 of every file of checkpoint `step` (checked before a restore)."""
+  fileio.write_json_atomic(_hash_path(workdir, step),
+                           fileio.tree_hashes(workdir / "checkpoints" / str(step)))
+
+
+def _clean_tmp(workdir):
+  import shutil
+  for tmp in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_aside(steps, workdir, mngr):
+  """Moves damaged checkpoint steps out of orbax's folder (kept, never deleted)."""
+  dest = workdir / "damaged_checkpoints"
+  dest.mkdir(exist_ok=True)
+  for step in steps:
+    (workdir / "checkpoints" / str(step)).rename(dest / f"{step}_{int(time.time())}")
+    _hash_path(workdir, step).unlink(missing_ok=True)
+  mngr.reload()
+
+
+def _restore_verified(mngr, workdir, state, progress):
+  """(state, meta) of the newest intact checkpoint, or None when there is none at all.
+
+  Each checkpoint's files are checked against the hashes recorded when it was
+  saved; a damaged or unreadable step is reported and the one before it is used.
+  No intact step left: TrainingError.
+  """
+  import orbax.checkpoint as ocp
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  problems = []
+  for step in steps:
+    hp = _hash_path(workdir, step)
+    try:
+      want = json.loads(hp.read_text())
+    except (OSError, ValueError):
+      want = None
+    got = fileio.tree_hashes(workdir / "checkpoints" / str(step)) if want is not None else {}
+    changed = sorted(k for k in set(want or {}) | set(got) if (want or {}).get(k) != got.get(k))
+    if changed:  # a checkpoint without recorded hashes (older lqlab) is tried unverified
+      problems.append(f"step {step}: {changed[0]} is damaged or missing")
+      continue
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many kinds for a bad checkpoint
+      problems.append(f"step {step}: unreadable ({type(e).__name__})")
+      continue
+    if problems:
+      _set_aside([s for s in steps if s > step], workdir, mngr)
+      print(f"warning: {workdir / 'checkpoints'}: {'; '.join(problems)}; resuming from step "
+            f"{step} (the damaged steps are moved to {workdir / 'damaged_checkpoints'})",
+            file=sys.stderr, flush=True)
+    return restored["state"], dict(restored["meta"])
+  raise TrainingError(f"no intact checkpoint in {workdir / 'checkpoints'} ({'; '.join(problems)})"
+                      f"; use a new --workdir")
 
 
 def _interrupted(signame, state, workdir) -> Interrupted:
@@ -496,34 +577,69 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
     model: a flax module to train instead of the one `cfg` names, with the same
       parameters (e.g. a peer library's wrapper of the float model).
   """
-  import orbax.checkpoint as ocp
-  from tqdm import tqdm
-
   workdir = pathlib.Path(workdir)
-  if not workdir.parent.exists():
+  if not workdir.parent.is_dir():
     raise FileNotFoundError(f"workdir parent {workdir.parent} does not exist")
-  workdir.mkdir(exist_ok=True)
+  if workdir.exists() and not workdir.is_dir():
+    raise FileNotFoundError(f"workdir {workdir} is a file, not a directory; use a new --workdir")
   cfg_path = workdir / "config.json"
   if cfg_path.exists():
-    # A field added after the run was made reads as its default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    old = {**defaults, **json.loads(cfg_path.read_text())}
-    mine = cfg.to_json()
-    diff = sorted(k for k in set(old) | set(mine) if k != "epochs" and old.get(k) != mine.get(k))
-    if diff:
-      raise TrainingError(f"workdir {workdir} holds a run with another config (differs in "
-                          f"{', '.join(diff)}); use a new --workdir")
-  write_json_atomic(cfg_path, cfg.to_json())
+    _check_same_run(cfg, workdir)
 
+  # Nothing is written until the config is valid and the data loaded.
   devices, replicated, batch_sharding = data_shardings()
   if cfg.batch_size % len(devices):
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {len(devices)} devices")
-
   ds = data.load(cfg.dataset, data_dir, limit=cfg.limit, sharding=replicated)
   n_train = len(ds.train)
   steps_per_epoch = n_train // cfg.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
+
+  try:
+    workdir.mkdir(exist_ok=True)
+    lock = fileio.lock_dir(workdir)
+  except fileio.LockedError as e:
+    raise TrainingError(f"workdir {e}") from None
+  except PermissionError:
+    raise TrainingError(f"workdir {workdir} is not writable; use a writable --workdir") from None
+  except OSError as e:
+    raise TrainingError(f"workdir {workdir}: {e.strerror or e}") from None
+  try:
+    return _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_per_epoch,
+                         progress, after_train, model)
+  finally:
+    lock.close()
+
+
+def _check_same_run(cfg, workdir):
+  """Refuses a workdir that holds another run, or this run with a shorter schedule."""
+  # A field added after the run was made reads as its default.
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+  try:
+    old = TrainConfig.from_json({**defaults, **json.loads(
+        (workdir / "config.json").read_text())}).resolved_json()
+  except (ValueError, TypeError, OSError) as e:
+    raise TrainingError(f"{workdir / 'config.json'} is unreadable ({e}); use a new "
+                        f"--workdir") from None
+  mine = cfg.resolved_json()
+  diff = sorted(k for k in set(old) | set(mine) if k != "epochs" and old.get(k) != mine.get(k))
+  if diff:
+    raise TrainingError(f"workdir {workdir} holds a run with another config (differs in "
+                        f"{', '.join(diff)}); use a new --workdir")
+  if cfg.epochs < old["epochs"]:
+    raise TrainingError(f"workdir {workdir} holds a {old['epochs']}-epoch run; --epochs="
+                        f"{cfg.epochs} would relabel it: use a new --workdir for a shorter "
+                        f"schedule")
+
+
+def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_per_epoch,
+                  progress, after_train, model):
+  import orbax.checkpoint as ocp
+  from tqdm import tqdm
+
+  n_train = len(ds.train)
+  write_json_atomic(workdir / "config.json", cfg.to_json())
   stats = (ds.mean, ds.std)
   write_json_atomic(workdir / "data_stats.json",
                     {"mean": ds.mean, "std": ds.std, "num_classes": ds.num_classes})
@@ -546,19 +662,25 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
   meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0, "train_seconds": 0.0,
           "best_val": -1.0, "best_epoch": 0, "brakes": 0, "frozen_at": None}
-  if mngr.latest_step() is not None:
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
-    state, meta = restored["state"], dict(restored["meta"])
+  restored = _restore_verified(mngr, workdir, state, progress)
+  if restored is not None:
+    state, meta = restored
   start_step = int(state.step)
   start_epoch = start_step // steps_per_epoch
   rows = [r for r in _read_jsonl(workdir / "metrics.jsonl") if r["epoch"] <= start_epoch]
   total_steps = cfg.epochs * steps_per_epoch
 
   def save(state, meta):
-    mngr.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    mngr.wait_until_finished()
+    try:
+      mngr.save(int(state.step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      mngr.wait_until_finished()
+      _write_hashes(workdir, int(state.step))
+    except OSError as e:
+      _clean_tmp(workdir)
+      mngr.close()
+      raise TrainingError(f"cannot write a checkpoint in {workdir / 'checkpoints'} "
+                          f"({e.strerror or e}); the last complete one is kept") from None
 
   t_start = time.time() - meta["train_seconds"]
   with _SignalFlag() as sig:
@@ -571,13 +693,22 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
         step0 = int(state.step)
         new_state, m = run_chunk(state, perm, ds.train.image, ds.train.label, n)
         loss = np.asarray(m["loss"])
-        if not np.all(np.isfinite(loss)):
-          bad = step0 + int(np.argmin(np.isfinite(loss)))
+        if step0 == 0:
+          meta["first_loss"] = float(loss[0])
+        first = meta.get("first_loss", float(loss[0]))
+        limit = max(EXPLODE_FACTOR * abs(first), EXPLODE_FACTOR)
+        bad_mask = ~np.isfinite(loss) | (np.abs(loss) > limit)
+        if np.any(bad_mask):
+          bad = step0 + int(np.argmax(bad_mask))
+          value = loss[bad - step0]
+          what = f"became {value}" if not np.isfinite(value) else \
+              f"exploded to {value:.3g} (it started at {first:.3g})"
+          kept = (f"the checkpoint of step {mngr.latest_step()} in {workdir / 'checkpoints'} is "
+                  f"kept" if mngr.latest_step() is not None else
+                  "no checkpoint was saved yet (the first is written at the end of epoch 1)")
           mngr.close()
-          raise TrainingError(
-              f"loss became {loss[bad - step0]} at step {bad} (epoch {epoch + 1}); stopped. "
-              f"The last good checkpoint in {workdir / 'checkpoints'} is kept: lower --lr or "
-              f"--scale_lr")
+          raise TrainingError(f"loss {what} at step {bad} (epoch {epoch + 1}); stopped, {kept}: "
+                              f"lower --lr or --scale_lr")
         state = new_state
         meta["loss_sum"] += float(loss.sum())
         meta["acc_sum"] += float(np.asarray(m["accuracy"]).sum())
@@ -624,10 +755,29 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   results = final_results(cfg, state.params, state.batch_stats, evaluate, ds, workdir,
                           train_seconds=train_seconds, devices=devices,
                           scales_frozen_at_epoch=meta.get("frozen_at"))
+  results_path = workdir / "results.json"
+  if start_step >= total_steps and results_path.exists():
+    try:
+      before = fileio.read_json(results_path)
+    except (OSError, ValueError):
+      before = None
+    if before is not None and before.get("test_accuracy") != results["test_accuracy"]:
+      raise TrainingError(
+          f"{results_path} says test accuracy {before.get('test_accuracy')}, but the finished "
+          f"run's checkpoint now gives {results['test_accuracy']}: the checkpoint changed since; "
+          f"{results_path} is kept as it was")
   if after_train is not None:
     results.update(after_train(cfg, model, state, ds, results))
-  write_json_atomic(workdir / "results.json", results)
+  write_json_atomic(results_path, results)
   return results
+
+
+def collapsed(results: dict) -> bool:
+  """A quantized run whose grid fell to (almost) one bin per group, or to chance accuracy."""
+  if results.get("scheme") == "float":
+    return False
+  chance = 1.0 / max(int(results.get("num_classes", 10)), 1)
+  return results["avg_bits"] < 0.05 or results["test_accuracy"] < 1.5 * chance
 
 
 def model_variables(params, batch_stats):
@@ -645,12 +795,13 @@ def final_results(cfg: TrainConfig, params, batch_stats, evaluate, ds, workdir, 
                                                    jax.device_get(batch_stats)))
   summ = accounting.summarize(report)
   penalty = cfg.inverse_scale or cfg.bin_count or cfg.deviation
-  return {
+  out = {
       "dataset": cfg.dataset, "model": cfg.model,
       "scheme": "float" if cfg.float_model else ("penalty" if penalty else "scale-rule"),
       "rule": None if cfg.float_model else cfg.rule, "threshold": cfg.threshold,
       "granularity": list(cfg.granularity) if isinstance(cfg.granularity, tuple) else cfg.granularity,
-      "seed": cfg.seed, "epochs": cfg.epochs, "val_accuracy": val_acc, "test_accuracy": test_acc,
+      "seed": cfg.seed, "epochs": cfg.epochs, "num_classes": ds.num_classes,
+      "val_accuracy": val_acc, "test_accuracy": test_acc,
       "test_loss": test_loss, "fp32_bytes": summ["fp32_bytes"],
       "quantized_bits_per_layer": summ["quantized_bits_per_layer"] if not cfg.float_model else {},
       "avg_bits": summ["avg_bits"] if not cfg.float_model else 32.0,
@@ -658,6 +809,8 @@ def final_results(cfg: TrainConfig, params, batch_stats, evaluate, ds, workdir, 
       "train_seconds": train_seconds, "devices": len(devices), **extra,
       "platform": devices[0].platform, "workdir": str(workdir), "config": cfg.to_json(),
   }
+  out["collapsed"] = collapsed(out)
+  return out
 
 
 def restore(workdir):
@@ -671,16 +824,33 @@ def restore(workdir):
   for f in ("config.json", "data_stats.json"):
     if not (workdir / f).is_file():
       raise FileNotFoundError(f"{workdir} is not a run directory: {f} is missing")
-  cfg = TrainConfig.from_json(json.loads((workdir / "config.json").read_text()))
-  ds = json.loads((workdir / "data_stats.json").read_text())
+  try:
+    cfg = TrainConfig.from_json(json.loads((workdir / "config.json").read_text()))
+    ds = json.loads((workdir / "data_stats.json").read_text())
+    ds["num_classes"], ds["mean"], ds["std"]
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{workdir}: config.json or data_stats.json is damaged ({e})") from None
   model = build_model(cfg, ds["num_classes"])
   tx = make_optimizer(cfg, 1)
   sample = jnp.zeros((1,) + INPUT_SHAPES[cfg.dataset])
   abstract = jax.eval_shape(lambda: init_state(cfg, model, tx, sample, None))
   mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute())
-  if mngr.latest_step() is None:
+  step = mngr.latest_step()
+  if step is None:
     raise FileNotFoundError(f"{workdir} holds no checkpoint")
-  state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))["state"]
-  mngr.close()
+  damaged = (f"checkpoint step {step} in {workdir / 'checkpoints'} is damaged; re-run the "
+             f"training command to fall back to the step before it")
+  try:
+    want = json.loads(_hash_path(workdir, step).read_text())
+  except (OSError, ValueError):
+    want = None  # made before checkpoints had hashes: read unverified
+  if want is not None and fileio.tree_hashes(workdir / "checkpoints" / str(step)) != want:
+    raise ValueError(damaged)
+  try:
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))["state"]
+  except Exception as e:  # orbax raises many kinds for an unreadable checkpoint
+    raise ValueError(f"{damaged} ({type(e).__name__})") from None
+  finally:
+    mngr.close()
   return cfg, model, state, (tuple(ds["mean"]), tuple(ds["std"])), ds["num_classes"]

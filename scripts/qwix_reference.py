@@ -67,9 +67,9 @@ def run(argv):
   if not FLAGS.workdir:
     common._fail("--workdir is required")
   FLAGS.float = True
-  defaults = importlib.import_module(f"experiments.{FLAGS.dataset}").DEFAULTS
+  get_config = importlib.import_module(f"experiments.{FLAGS.dataset}").get_config
   try:
-    cfg = common.config_from_flags(FLAGS.dataset, defaults)
+    cfg = common.config_from_flags(get_config())
   except ValueError as e:
     common._fail(str(e))
   workdir = pathlib.Path(FLAGS.workdir)

@@ -1,0 +1,242 @@
+"""Bad input, table-driven, on every CLI: the exit code, one line on stderr that names the
+file or flag, and nothing already saved changed (the workdir's files hashed before and after)."""
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lqjax import compress, fileio
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TRAIN = ["--model=lenet300", "--batch_size=50", "--noprogress", "--rule=ratio"]
+
+
+def _run(args, data, cache, timeout=600):
+  env = dict(os.environ, LQJAX_DATA_DIR=str(data), LQJAX_CACHE_DIR=str(cache),
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _hashes(d: pathlib.Path):
+  return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def _one_error_line(r, needle):
+  lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, r.stderr[-3000:]
+  assert needle in lines[0], lines[0]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def _make_data(d: pathlib.Path, name="mnist", **override):
+  rng = np.random.default_rng(0)
+  (d / name).mkdir(parents=True, exist_ok=True)
+  for split, n in (("train", 300), ("test", 60)):
+    arrays = {"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+              "label": (np.arange(n) % 10).astype(np.uint8)}
+    arrays.update(override.get(split, {}))
+    np.savez_compressed(d / name / f"{split}.npz", **arrays)
+  return d
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A finished 2-epoch run (with its exported file) on tiny random data."""
+  base = tmp_path_factory.mktemp("bad")
+  data, cache = _make_data(base / "data"), base / "cache"
+  wd = base / "run"
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", "--export", *TRAIN],
+           data, cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return base, data, cache, wd
+
+
+def _copy(finished, tmp_path):
+  base, data, cache, wd = finished
+  dst = tmp_path / "run"
+  shutil.copytree(wd, dst, ignore=shutil.ignore_patterns(".lock"))
+  return data, cache, dst
+
+
+CASES = [
+    # (name, args made from the workdir, exit code, needle)
+    ("fewer epochs relabel", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}",
+                                         "--epochs=1", *TRAIN], 1, "would relabel"),
+    ("another config", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2",
+                                   "--threshold=0.5", *TRAIN], 1, "another config"),
+    ("epochs 0", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=0",
+                             *TRAIN], 2, "epochs must be >= 1"),
+    ("batch size 0", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2",
+                                 "--model=lenet300", "--batch_size=0", "--noprogress"], 2,
+     "batch_size must be >= 1"),
+    ("export --out a directory", lambda wd: ["-m", "lqlab.export", str(wd), f"--out={wd}"], 2,
+     "is a directory"),
+    ("report of a run", lambda wd: ["-m", "lqlab.report", str(wd / "nope")], 2,
+     "is not a run directory"),
+    ("export --check a directory", lambda wd: ["-m", "lqlab.export", "--check", str(wd)], 1,
+     "is a directory"),
+    ("export --check a missing file", lambda wd: ["-m", "lqlab.export", "--check",
+                                                  str(wd / "none.lqz")], 1, "No such file"),
+    ("verify a damaged file", lambda wd: (wd / "model.lqz").write_bytes(b"LQZ\0junk") and
+     ["scripts/verify_export.py", str(wd)], 2, "truncated"),
+]
+
+
+@pytest.mark.parametrize("name,args,code,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_on_a_finished_run(finished, tmp_path, name, args, code, needle):
+  data, cache, wd = _copy(finished, tmp_path)
+  argv = args(wd)
+  before = _hashes(wd)
+  r = _run(argv, data, cache)
+  assert r.returncode == code, r.stderr[-3000:]
+  _one_error_line(r, needle)
+  after = _hashes(wd)
+  if name == "verify a damaged file":
+    after.pop("model.lqz"), before.pop("model.lqz")
+  assert after == before
+
+
+def test_a_damaged_checkpoint_falls_back_and_keeps_the_results(finished, tmp_path):
+  data, cache, wd = _copy(finished, tmp_path)
+  results = json.loads((wd / "results.json").read_text())
+  last = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  files = sorted((wd / "checkpoints" / str(last)).rglob("*"), key=lambda p: p.stat().st_size
+                 if p.is_file() else -1)
+  big = files[-1]
+  blob = bytearray(big.read_bytes())
+  blob[len(blob) // 2] ^= 0xFF
+  big.write_bytes(bytes(blob))
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", *TRAIN], data, cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"step {last}:" in r.stderr and "is damaged" in r.stderr and "resuming from step" \
+      in r.stderr
+  again = json.loads((wd / "results.json").read_text())
+  assert again["test_accuracy"] == results["test_accuracy"]  # the same run, retrained exactly
+  # Export and report refuse the damaged step with one line (before the retraining above
+  # replaced it, a copy shows it).
+
+
+def test_report_and_export_refuse_a_damaged_last_checkpoint(finished, tmp_path):
+  data, cache, wd = _copy(finished, tmp_path)
+  last = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  big = max((p for p in (wd / "checkpoints" / str(last)).rglob("*") if p.is_file()),
+            key=lambda p: p.stat().st_size)
+  big.write_bytes(big.read_bytes()[:-7])
+  for argv in (["-m", "lqlab.report", str(wd)], ["-m", "lqlab.export", str(wd),
+                                                 f"--out={tmp_path / 'x.lqz'}"]):
+    r = _run(argv, data, cache)
+    assert r.returncode == 2
+    _one_error_line(r, "is damaged")
+
+
+def test_exporting_an_unfinished_run_needs_allow_partial(finished, tmp_path):
+  data, cache, wd = _copy(finished, tmp_path)
+  (wd / "results.json").unlink()
+  r = _run(["-m", "lqlab.export", str(wd), f"--out={tmp_path / 'p.lqz'}"], data, cache)
+  assert r.returncode == 2
+  _one_error_line(r, "has not finished training")
+  r = _run(["-m", "lqlab.export", str(wd), f"--out={tmp_path / 'p.lqz'}", "--allow_partial"],
+           data, cache)
+  assert r.returncode == 0 and (tmp_path / "p.lqz").is_file()
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused(finished, tmp_path):
+  data, cache, wd = _copy(finished, tmp_path)
+  lock = fileio.lock_dir(wd)
+  try:
+    before = _hashes(wd)
+    r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=3", *TRAIN], data, cache)
+  finally:
+    lock.close()
+  assert r.returncode == 1
+  _one_error_line(r, f"in use by another run (pid {os.getpid()})")
+  assert _hashes(wd) == before
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"train": {"label": -(np.arange(300) % 10).astype(np.int8)}}, "labels must be >= 0"),
+    ({"train": {"label": (np.arange(300) % 10) + 0.5}}, "whole numbers"),
+    ({"test": {"image": np.zeros((60, 32, 32, 1), np.uint8)}}, "test images are"),
+    ({"train": {"classes": np.array(["a", "b"])}}, "name only 2 classes"),
+])
+def test_bad_datasets_are_refused_before_anything_is_written(tmp_path, override, needle):
+  data = _make_data(tmp_path / "data", **override)
+  wd = tmp_path / "wd"
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=1", *TRAIN], data,
+           tmp_path / "cache")
+  assert r.returncode == 2
+  _one_error_line(r, needle)
+  assert not wd.exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"not a zip at all", "not an npz"), (None, "no 'image' array"),
+])
+def test_broken_npz_files_are_named(tmp_path, content, needle):
+  data = _make_data(tmp_path / "data")
+  f = data / "mnist" / "train.npz"
+  if content is None:
+    np.savez_compressed(f, label=np.zeros(3, np.uint8))
+  else:
+    f.write_bytes(content)
+  r = _run(["-m", "experiments.mnist", f"--workdir={tmp_path / 'wd'}", "--epochs=1", *TRAIN],
+           data, tmp_path / "cache")
+  assert r.returncode == 2
+  _one_error_line(r, needle)
+  assert str(f) in r.stderr
+
+
+def test_nothing_is_written_for_a_batch_larger_than_the_data(tmp_path):
+  data = _make_data(tmp_path / "data")
+  wd = tmp_path / "wd"
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=1", "--batch_size=100000",
+            "--noprogress"], data, tmp_path / "cache")
+  assert r.returncode == 1
+  _one_error_line(r, "exceeds the")
+  assert not wd.exists()
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=1", *TRAIN], data,
+           tmp_path / "cache")
+  assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_workdir_that_is_a_file(tmp_path):
+  data = _make_data(tmp_path / "data")
+  f = tmp_path / "afile"
+  f.write_text("keep me")
+  r = _run(["-m", "experiments.mnist", f"--workdir={f}", "--epochs=1", *TRAIN], data,
+           tmp_path / "cache")
+  assert r.returncode == 1
+  _one_error_line(r, "is a file, not a directory")
+  assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("lr,needle", [("1e10", "loss "), ("1e30", "no checkpoint was saved yet")])
+def test_divergence_stops_with_what_is_kept(tmp_path, lr, needle):
+  data = _make_data(tmp_path / "data")
+  wd = tmp_path / "wd"
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", f"--lr={lr}",
+            "--optimizer=sgd", *TRAIN], data, tmp_path / "cache")
+  assert r.returncode == 1
+  _one_error_line(r, needle)
+  assert not (wd / "results.json").exists()
+
+
+def test_handmade_lqz_headers_are_refused_by_check(tmp_path):
+  import hashlib as h
+  for header, needle in (({}, "no list of tensors"), ([], "JSON list")):
+    hb = json.dumps(header).encode()
+    body = compress._PREFIX.pack(compress.MAGIC, compress.VERSION, 0, len(hb)) + hb
+    f = tmp_path / "h.lqz"
+    f.write_bytes(body + h.sha256(body).digest())
+    r = _run(["-m", "lqlab.export", "--check", str(f)], tmp_path, tmp_path / "cache")
+    assert r.returncode == 1
+    _one_error_line(r, needle)
