@@ -105,10 +105,11 @@ def run(base):
   line = (f"{dataset} {cfg.model} {tag}: test_accuracy {res['test_accuracy']:.4f} "
           f"val_accuracy {res['val_accuracy']:.4f} avg_bits {res['avg_bits']:.2f} "
           f"train_seconds {res['train_seconds']:.0f}")
-  if "packed_bytes" in res:
-    line += (f" packed_bytes {res['packed_bytes']} (x{res['compression_ratio']:.1f}) "
-             f"entropy_coded_bytes {res['entropy_coded_bytes']}")
   print(line)
+  if "packed_bytes" in res:
+    print(f"model: {res['packed_file']}: {res['packed_bytes']} bytes, "
+          f"{res['compression_ratio']:.1f}x smaller than FP32 ({res['fp32_bytes']} bytes); "
+          f"zstd {res['entropy_coded_bytes']} bytes ({res['entropy_coded_ratio']:.1f}x)")
   if res.get("collapsed"):
     print(f"warning: the run collapsed (avg_bits {res['avg_bits']:.2f}, test accuracy "
           f"{res['test_accuracy']:.4f}, chance {1 / res['num_classes']:.2f}): lower --threshold "

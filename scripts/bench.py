@@ -1,8 +1,8 @@
 """Training-speed benchmark: quantized vs float, measured side by side in one process.
 
   python scripts/bench.py [--models lenet300,lenet5,resnet20] [--out docs/bench.json]
-                          [--readme README.md]
-  python scripts/bench.py --from_json docs/bench_gpu.json --readme README.md
+                          [--readme docs/PERFORMANCE.md]
+  python scripts/bench.py --from_json docs/bench_gpu.json --readme docs/PERFORMANCE.md
 
 For each model at its default batch size it measures, after compilation, the
 train-step time for: float, and every rule (fixed, lsq, ratio) at two
@@ -17,7 +17,7 @@ of a reloaded packed model against the float model.
 
 Prints a table with the ratio quantized/float per model and rule, writes it as
 JSON (fields ``*_ratio``, plus machine and date), and, with --readme, rewrites
-the README's Performance section between its bench markers.
+docs/PERFORMANCE.md (or the file given) between its bench markers.
 """
 
 from __future__ import annotations
@@ -313,9 +313,9 @@ def cost_lines(rows, limit: float = 1.10) -> list:
 def readme_section(doc) -> str:
   where = doc["machine"] if doc["backend"] == "cpu" else \
       f"{doc.get('device_kind', doc['backend'])} (host {doc['machine']})"
-  how = "`python scripts/bench.py --readme README.md`" if doc["backend"] == "cpu" else \
+  how = "`python scripts/bench.py --readme docs/PERFORMANCE.md`" if doc["backend"] == "cpu" else \
       "`bash scripts/bench_gpu.sh` (rendered here by `python scripts/bench.py --from_json " \
-      f"docs/bench_{doc['backend']}.json --readme README.md`)"
+      f"docs/bench_{doc['backend']}.json --readme docs/PERFORMANCE.md`)"
   lines = [f"Measured by {how} on {where} "
            f"({', '.join(sorted({r.get('date', doc['date']) for r in doc['rows']}))}, jax "
            f"{doc['jax']}, {doc['backend']}). Step time of quantized "
@@ -367,7 +367,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.from_json:
     if not args.readme:
-      print("error: --from_json only renders into --readme; give --readme README.md",
+      print("error: --from_json only renders into --readme; give --readme docs/PERFORMANCE.md",
             file=sys.stderr)
       return 2
     try:
@@ -414,7 +414,7 @@ def main(argv=None):
 
 
 def write_readme(path: pathlib.Path, doc) -> int:
-  """Rewrites the README's section between its bench markers (``bench`` for CPU
+  """Rewrites the section of --readme's file between its bench markers (``bench`` for CPU
   measurements, ``bench-<backend>`` otherwise, e.g. ``bench-gpu``)."""
   tag = "bench" if doc["backend"] == "cpu" else f"bench-{doc['backend']}"
   return replace_section(path, tag, readme_section(doc))

@@ -1,7 +1,7 @@
 """What quantized training costs over float, by ablation (one process, round-robin windows).
 
   python scripts/bench_cost.py [--model lenet300] [--granularity row] [--windows 15]
-                               [--out docs/bench_cost.json] [--readme README.md]
+                               [--out docs/bench_cost.json] [--readme docs/PERFORMANCE.md]
 
 Times the training step as training runs it (lqlab.train.make_chunk_runner, batch
 gathered on the device) for a ladder of configurations, each adding one piece of
@@ -34,7 +34,7 @@ to this step (``lqjax.quant.fake_quant`` is replaced while their steps are trace
 Prints each configuration's step time, its ratio to float (median of per-round
 ratios), the step time it adds to its rung below (median of per-round differences),
 its kernel count and XLA's bytes per step; writes them as JSON (--out) and, with
---readme, rewrites the README's section between its ``bench-cost`` markers.
+--readme FILE, rewrites FILE's section between its ``bench-cost`` markers.
 """
 
 import contextlib
@@ -103,7 +103,7 @@ def median_diff(a, b) -> float:
 
 def readme_section(doc) -> str:
   lines = [f"Measured by `python scripts/bench_cost.py --windows {doc['windows']} --readme "
-           f"README.md` on {doc['machine']} ({doc['date']}, jax {doc['jax']}, "
+           f"docs/PERFORMANCE.md` on {doc['machine']} ({doc['date']}, jax {doc['jax']}, "
            f"{doc['backend']}; {doc['model']}, {doc['granularity']} scales, "
            f"{doc['windows']} rotated rounds of {doc['steps']} steps). \"adds\": the median "
            "over rounds of the step time a configuration adds to the one it builds on.", "",

@@ -269,7 +269,7 @@ def summary_plot(name, variants, plots_dir):
 
 
 def targets_section(rows):
-  """Distance of the best variant to each of issue 6's targets."""
+  """Distance of the best variant to each target."""
   out = ["## Distance to the targets", "",
          "For each target: among variants (mean over seeds) whose test accuracy is at most the "
          "tolerance below the most accurate FP32 variant (any learning rate) of the same model and "
@@ -498,7 +498,7 @@ def main(argv=None):
     b, e = "<!-- results:begin -->", "<!-- results:end -->"
     if head and b in text and e in text:
       targets = "\n".join(targets_section(all_rows)[4:]).strip()  # the table, without its title
-      body = (head + "\n\nDistance to the targets of issue 6 (best variant within the accuracy "
+      body = (head + "\n\nDistance to the targets (best variant within the accuracy "
               "tolerance of FP32 on the same schedule):\n\n" + targets +
               "\n\nAll measured results: [docs/RESULTS.md](docs/RESULTS.md).")
       p.write_text(text[:text.index(b) + len(b)] + "\n" + body + "\n" + text[text.index(e):])

@@ -337,6 +337,7 @@ def _compiled_step_hlo(rule, granularity="row"):
       state, (images, labels), jax.random.key(0)).compile().as_text()
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("rule", ["lsq", "ratio"])
 def test_compiled_step_copies_no_quantized_weight(rule):
   """The donated step updates each weight in place; neither rule's scale gradient may
@@ -356,6 +357,7 @@ def _loop_fused_dots(hlo: str) -> list:
   return [name for name, body in loops if " dot(" in bodies.get(body, "")]
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
 def test_compiled_lsq_step_sums_its_scale_gradients_with_the_library_product(granularity):
   """On CPU the LSQ gradient's sum over each kernel's rows (all of it, for tensor
@@ -373,6 +375,7 @@ def _kernel_sized_fusions(rule):
   return len(re.findall(r"= f32\[784,300\]\S* fusion\(", entry))
 
 
+@pytest.mark.perf
 def test_compiled_ratio_step_writes_no_kernel_sized_array_more_than_fixed():
   """The ratio rule's sums (||P||^2 in the forward pass, ||dL/dP||^2 in the backward)
   read the first kernel where it already is: its compiled step writes as many
