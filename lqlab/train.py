@@ -486,6 +486,17 @@ def _write_hashes(workdir, step):
                            fileio.tree_hashes(workdir / "checkpoints" / str(step)))
 
 
+def _write_error(e: Exception) -> str:
+  """The operating system's reason in a failed write's message (tensorstore or Python)."""
+  import re
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  m = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='?(\d+)", str(e))
+  if m:
+    return m.group(1)
+  return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
 def _clean_tmp(workdir):
   import shutil
   for tmp in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
@@ -671,16 +682,25 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
   total_steps = cfg.epochs * steps_per_epoch
 
   def save(state, meta):
+    import logging as pylogging
+    pylogging.disable(pylogging.ERROR)  # orbax logs a failed write's traceback; we say it once
     try:
       mngr.save(int(state.step), args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
       mngr.wait_until_finished()
       _write_hashes(workdir, int(state.step))
-    except OSError as e:
+    except Exception as e:  # OSError from Python, ValueError from tensorstore
       _clean_tmp(workdir)
-      mngr.close()
+      kept = (f"step {mngr.latest_step()}, the last complete checkpoint, is kept"
+              if mngr.latest_step() is not None else "no checkpoint was complete yet")
+      try:
+        mngr.close()
+      except Exception:  # the manager may be as broken as the write
+        pass
       raise TrainingError(f"cannot write a checkpoint in {workdir / 'checkpoints'} "
-                          f"({e.strerror or e}); the last complete one is kept") from None
+                          f"({_write_error(e)}); {kept}") from None
+    finally:
+      pylogging.disable(pylogging.NOTSET)
 
   t_start = time.time() - meta["train_seconds"]
   with _SignalFlag() as sig:
