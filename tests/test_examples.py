@@ -1,0 +1,32 @@
+"""The examples run end to end on real data (short), with their model files free of lqjax."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import data_dir
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script", ["nnx_mnist_cnn.py", "linen_resnet_imagenette.py"])
+def test_model_classes_do_not_import_lqjax(script):
+  src = (ROOT / "examples" / script).read_text()
+  model_part = src[src.index("\nclass "):src.index("\nRULES = ")]
+  assert "lqjax" not in model_part
+
+
+@pytest.mark.slow
+def test_nnx_example_trains_saves_reloads_and_exports(tmp_path):
+  d = data_dir()
+  r = subprocess.run([sys.executable, "examples/nnx_mnist_cnn.py", "--epochs", "1", "--out",
+                      str(tmp_path)], cwd=ROOT, env=dict(os.environ, LQJAX_DATA_DIR=d),
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  last = [l for l in r.stdout.splitlines() if l.startswith("test accuracy")][-1]
+  acc = float(last.split()[2].rstrip(";"))
+  assert acc > 0.97 and "reloaded predictions identical: True" in last
+  assert (tmp_path / "cnn.lqz").is_file()
