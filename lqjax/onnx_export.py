@@ -43,6 +43,10 @@ from lqjax import accounting, fileio, quant, tree
 OPSET = 23
 
 
+class ExportError(RuntimeError):
+  """The ONNX converter failed on a program (one line: versions and the converter's reason)."""
+
+
 def _int_dtype(codes: np.ndarray):
   lo, hi = (int(codes.min()), int(codes.max())) if codes.size else (0, 0)
   for dt in (np.int8, np.int16, np.int32):
@@ -209,8 +213,15 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
     return out[0] if n_out == 1 else tuple(out)
 
   names = ["input"] + ["w_" + "_".join(p) for p in paths]
-  with _module_attributes_restored():
-    model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
+  try:
+    with _module_attributes_restored():
+      model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
+  except Exception as e:  # the converter's own failure, not the model's
+    import jax2onnx
+    raise ExportError(f"jax2onnx {getattr(jax2onnx, '__version__', '?')} could not convert the "
+                      f"program on jax {jax.__version__} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); the tested versions "
+                      f"are in lqjax's constraints.txt") from e
   inits, nodes = [], []
   for name, path, arr in zip(names[1:], paths, arrays):
     if path in replaced:

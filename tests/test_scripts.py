@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -400,6 +401,7 @@ def test_bench_rejects_bad_windows_before_measuring(capsys):
   assert capsys.readouterr().err.strip() == "error: --windows must be >= 1, got 0"
 
 
+@pytest.mark.perf
 def test_bench_cost_runs_its_ladder_writes_json_and_readme_and_rejects_bad_windows(
     capsys, tmp_path):
   mod = _load("bench_cost")
