@@ -19,6 +19,7 @@ import optax
 
 from lqjax import compress, optim, tree, types
 
+from lqlab import step as step_lib
 from lqlab import train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -286,7 +287,7 @@ def test_weight_after_scale_ordering_changes_no_value(rule, monkeypatch):
   tx = train.make_optimizer(cfg, 100)
   calls = []
   real = train._after_scales
-  monkeypatch.setattr(train, "_after_scales", lambda p: calls.append(1) or real(p))
+  monkeypatch.setattr(step_lib, "_after_scales", lambda p: calls.append(1) or real(p))
   out = []
   for order in (True, False):
     step = jax.jit(train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)),

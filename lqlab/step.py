@@ -1,0 +1,244 @@
+"""The train state and one pure, jitted train step.
+
+``train_step(state, batch, rng) -> (state, metrics)`` is built by
+:func:`make_train_step` for a model and config; :func:`make_chunk_runner`
+dispatches it step by step over a device-resident dataset (each step gathers the
+next shuffled batch inside jit while it trains on the current one), data-parallel
+over every device (batch sharded along a ``data`` mesh axis, parameters
+replicated). The model is the registry's float model quantized by lqjax rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct, traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lqjax
+from lqjax import losses, optim, tree
+
+from lqlab import data, models
+from lqlab.config import TrainConfig
+
+# One example's (H, W, C) per dataset: the shapes models are initialised with.
+INPUT_SHAPES = data.IMAGE_SHAPES
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  # An lqjax.optim.split state: it holds the scales' step multiplier (the brake's).
+  opt_state: Any
+  # The params at the best validation epoch so far (the brake rolls scales back to them).
+  best_params: Any
+
+
+def quant_rules(cfg: TrainConfig):
+  """The lqjax rules of a run: every Dense and Conv, first and last included.
+
+  ``spatial`` granularity needs a conv kernel: Dense kernels under a ``spatial``
+  kernel config are quantized per tensor instead.
+  """
+  kernel, bias = cfg.kernel_quant(), cfg.bias_quant()
+  rules = []
+  if kernel.granularity == "spatial":
+    rules.append(lqjax.Rule(models.DENSE_LAYERS, dataclasses.replace(kernel, granularity="tensor"),
+                            bias=bias))
+  rules.append(lqjax.Rule(".*", kernel, bias=bias))
+  return rules
+
+
+def build_model(cfg: TrainConfig, num_classes: int):
+  """The run's model: the registry's float model, quantized by :func:`quant_rules`."""
+  model = models.make_model(cfg.model, num_classes)
+  return model if cfg.float_model else lqjax.quantize(model, quant_rules(cfg))
+
+
+param_labels = optim.labels
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  total = cfg.epochs * steps_per_epoch
+  sched = optax.cosine_decay_schedule(cfg.lr, max(total, 1))
+  if cfg.optimizer == "adam":
+    weight_tx = optax.adamw(sched, weight_decay=cfg.weight_decay) if cfg.weight_decay \
+        else optax.adam(sched)
+  else:
+    weight_tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                            optax.sgd(sched, momentum=0.9, nesterov=True))
+  # cosine: decays to 0 at `scale_decay_fraction` of the run and stays there, so
+  # the weights fine-tune on a settled grid for the rest.
+  scale_sched = cfg.scale_lr if cfg.scale_schedule == "constant" else \
+      optax.cosine_decay_schedule(cfg.scale_lr, max(int(cfg.scale_decay_fraction * total), 1))
+  scale_tx = optax.sgd(scale_sched) if cfg.scale_optimizer == "sgd" else optax.adam(scale_sched)
+  return optim.split(weight_tx, scale_tx)
+
+
+def _preprocess(cfg, ds_stats, images, rng, train):
+  if train and cfg.use_augment:
+    images = data.random_crop_flip(rng, images)
+  return data.normalize(images, *ds_stats)
+
+
+_ORDER_AFTER_SCALES = ("lsq",)
+
+
+def _after_scales(params):
+  """Orders each quantized parameter's update after its scale's update, exactly.
+
+  The donated step updates a weight in place. Its scale's gradient reads the old
+  weight in a fusion that the weight's own update does not depend on, so XLA
+  copies every quantized weight at the start of the step to keep that read
+  valid (about 1 MB per step for LeNet-300-100's first layer). Adding
+  ``0.0 * new_log_scale[0]`` makes the weight's update depend on the scale's,
+  which XLA then schedules first, and the copies go. The values do not change:
+  a finite log scale times 0.0 is 0.0. (``lax.optimization_barrier`` does not
+  help here: XLA:CPU removes it before fusion.)
+
+  By default applied for the rules in ``_ORDER_AFTER_SCALES`` only, as measured
+  side by side by ``scripts/bench_ordering.py`` on LeNet-300-100 (2-core CPU,
+  quantized/float step time, weights copied -> ordered, three runs): lsq 1.36-1.40
+  -> 1.18-1.23, but ratio 1.09-1.10 -> 1.16-1.23, so ratio is left as it was.
+  """
+  flat = traverse_util.flatten_dict(params)
+  for t in tree.quantized_tensors(params):
+    flat[t.path] = flat[t.path] + 0.0 * t.log_scale.reshape(-1)[0]
+  return traverse_util.unflatten_dict(flat)
+
+
+def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
+                    order_after_scales: Optional[bool] = None):
+  """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``.
+
+  `order_after_scales`: apply :func:`_after_scales` (same values, scheduling only);
+  None: for the rules in ``_ORDER_AFTER_SCALES``.
+  """
+  if order_after_scales is None:
+    order_after_scales = cfg.rule in _ORDER_AFTER_SCALES
+  order_after_scales = order_after_scales and not cfg.float_model
+
+  def loss_fn(params, batch_stats, images, labels):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+      logits, new = model.apply(variables, images, train=True, mutable=["batch_stats"])
+      batch_stats = new["batch_stats"]
+    else:
+      logits = model.apply(variables, images, train=True)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    pen, _ = losses.quant_penalties(
+        params, inverse_scale=cfg.inverse_scale, bin_count=cfg.bin_count,
+        deviation=cfg.deviation, target_bits=cfg.target_bits)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return ce + pen, (batch_stats, ce, acc)
+
+  def train_step(state: TrainState, batch, rng):
+    images, labels = batch
+    images = _preprocess(cfg, ds_stats, images, rng, train=True)
+    grads, (bs, ce, acc) = jax.grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, images, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if order_after_scales:
+      params = _after_scales(params)
+    metrics = {"loss": ce, "accuracy": acc}
+    return state.replace(step=state.step + 1, params=params, batch_stats=bs,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_ratio_stats_fn(cfg: TrainConfig, model, ds_stats):
+  """Jitted ``fn(params, batch_stats, images, labels) -> {layer: r quantiles}``.
+
+  r_G = ||dL/dP||_G / ||P||_G per scale group on one batch (the quantity the
+  ratio rules compare with lambda); reports its 10/50/90th percentiles and the
+  fraction of groups below lambda (the groups whose grid is coarsening)
+  (:func:`lqjax.optim.ratio_stats`).
+  """
+
+  def ce(params, batch_stats, images, labels):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits = model.apply(variables, _preprocess(cfg, ds_stats, images, None, False), train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @jax.jit
+  def fn(params, batch_stats, images, labels):
+    grads = jax.grad(ce)(params, batch_stats, images, labels)
+    return optim.ratio_stats(params, grads, cfg.threshold)
+
+  return fn
+
+
+def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_rng,
+                      batch_sharding=None):
+  """Returns ``run_chunk(state, perm, images, labels, n) -> (state, stacked metrics)``.
+
+  Each step is one jitted call (state donated) that trains on a batch gathered
+  from the device-resident dataset with the epoch's permutation, and gathers the
+  next step's batch in the same call (prefetch): the gather does not depend on
+  the step's result, so XLA runs it beside the step's compute instead of in
+  front of it, and the step's own batch is a buffer ready when it starts. No
+  host transfer per step. (A ``lax.scan`` over steps was measured 5x slower for
+  convolutions on XLA:CPU, so steps are dispatched one by one; metrics stay on
+  the device until the chunk ends.) The batches, and so the results, are the
+  same as gathering each batch at its own step; a chunk starts with one gather
+  of its own.
+  """
+
+  def gather(perm, images, labels, step):
+    i = step % steps_per_epoch
+    idx = jax.lax.dynamic_slice(perm, (i * cfg.batch_size,), (cfg.batch_size,))
+    x, y = images[idx], labels[idx]
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    return x, y
+
+  first_batch = jax.jit(gather)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step_at(state, batch, perm, images, labels):
+    next_batch = gather(perm, images, labels, state.step + 1)
+    state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, state.step))
+    return state, metrics, next_batch
+
+  # one dispatch for the chunk's metrics: an eager jnp.stack dispatches once per step and
+  # metric, which a GPU step of a small model (~0.2 ms) feels
+  stack = jax.jit(lambda ms: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ms))
+
+  def run_chunk(state, perm, images, labels, n_steps):
+    batch = first_batch(perm, images, labels, state.step)
+    ms = []
+    for _ in range(n_steps):
+      state, m, batch = step_at(state, batch, perm, images, labels)
+      ms.append(m)
+    return state, stack(ms)
+
+  return run_chunk
+
+
+def init_state(cfg, model, tx, sample, sharding):
+  rng = jax.random.key(cfg.seed)
+  variables = model.init(rng, sample, train=False)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
+                     jax.tree_util.tree_map(jnp.copy, params))
+  return jax.device_put(state, sharding) if sharding is not None else state
+
+
+def data_shardings():
+  """(devices, replicated, batch-sharded): the data-parallel layout over every device."""
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  return devices, NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
