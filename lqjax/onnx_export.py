@@ -217,8 +217,8 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
     with _module_attributes_restored():
       model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
   except Exception as e:  # the converter's own failure, not the model's
-    import jax2onnx
-    raise ExportError(f"jax2onnx {getattr(jax2onnx, '__version__', '?')} could not convert the "
+    from importlib import metadata
+    raise ExportError(f"jax2onnx {metadata.version('jax2onnx')} could not convert the "
                       f"program on jax {jax.__version__} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); the tested versions "
                       f"are in lqjax's constraints.txt") from e
