@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+  folder = "benchmarks" if name.startswith("bench") else "scripts"
+  spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -426,7 +427,7 @@ def test_bench_cost_runs_its_ladder_writes_json_and_readme_and_rejects_bad_windo
   assert by_name["floor: + one sum of dL/dP per group"]["bytes_accessed"] > \
       by_name["floor: one pass"]["bytes_accessed"] + 0.9e6
   text = readme.read_text()
-  assert text.startswith("intro\n<!-- bench-cost:begin -->\nMeasured by `python scripts/bench_cost.py")
+  assert text.startswith("intro\n<!-- bench-cost:begin -->\nMeasured by `python benchmarks/bench_cost.py")
   assert "old" not in text and text.endswith("<!-- bench-cost:end -->\nrest\n")
   assert text.count("\n| ") == len(mod.LADDER) + 1  # header and one row per rung
   assert mod.main(["--windows", "0"]) == 2

@@ -1,12 +1,12 @@
 """Side-by-side check of lqlab.train._after_scales (one process, round-robin windows).
 
-  python scripts/bench_ordering.py [--model lenet300] [--granularity row] [--windows 15]
+  python benchmarks/bench_ordering.py [--model lenet300] [--granularity row] [--windows 15]
 
 Times the compiled training step on a constant batch for float, and for the lsq
 and ratio rules with and without ordering each quantized weight's update after
 its scale's update (which lets XLA drop a copy of every quantized weight), and
 prints each one's step time and its ratio to float (median of per-round ratios).
-Uses scripts/bench.py's compiled steps and timing.
+Uses benchmarks/bench.py's compiled steps and timing.
 """
 
 import pathlib
@@ -16,7 +16,7 @@ import sys
 import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py)
+import bench  # noqa: E402  (benchmarks/bench.py)
 from lqlab import train  # noqa: E402
 
 

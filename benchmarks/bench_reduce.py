@@ -1,6 +1,6 @@
 """Side-by-side check of the LSQ scale gradient's reduction (lqjax.quant._reduce_product_to).
 
-  python scripts/bench_reduce.py [--windows 15]
+  python benchmarks/bench_reduce.py [--windows 15]
 
 For the quantized kernels of LeNet-300-100 (row scales), LeNet-5 and ResNet-20
 (channel scales), times in one process, round-robin, the jitted LSQ scale
@@ -10,7 +10,7 @@ with a ones matrix lqjax uses on CPU (``_reduce_product_to``), and prints each
 one's time per call and the ratio new/plain (median of per-round ratios).
 
 Alone, as here, XLA does not fold even a ones-vector product into a naive loop;
-inside a training step it did, which ``scripts/bench_cost.py`` measures.
+inside a training step it did, which ``benchmarks/bench_cost.py`` measures.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py)
+import bench  # noqa: E402  (benchmarks/bench.py)
 from lqjax import quant, types  # noqa: E402
 
 # (model, kernel shape, granularity): the largest quantized kernels of each model.

@@ -1,6 +1,6 @@
 """What quantized training costs over float, by ablation (one process, round-robin windows).
 
-  python scripts/bench_cost.py [--model lenet300] [--granularity row] [--windows 15]
+  python benchmarks/bench_cost.py [--model lenet300] [--granularity row] [--windows 15]
                                [--out docs/bench_cost.json] [--readme docs/PERFORMANCE.md]
 
 Times the training step as training runs it (lqlab.train.make_chunk_runner, batch
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py)
+import bench  # noqa: E402  (benchmarks/bench.py)
 from lqjax import fileio, quant  # noqa: E402
 from lqlab import train
 
@@ -102,7 +102,7 @@ def median_diff(a, b) -> float:
 
 
 def readme_section(doc) -> str:
-  lines = [f"Measured by `python scripts/bench_cost.py --windows {doc['windows']} --readme "
+  lines = [f"Measured by `python benchmarks/bench_cost.py --windows {doc['windows']} --readme "
            f"docs/PERFORMANCE.md` on {doc['machine']} ({doc['date']}, jax {doc['jax']}, "
            f"{doc['backend']}; {doc['model']}, {doc['granularity']} scales, "
            f"{doc['windows']} rotated rounds of {doc['steps']} steps). \"adds\": the median "

@@ -1,8 +1,8 @@
 """Training-speed benchmark: quantized vs float, measured side by side in one process.
 
-  python scripts/bench.py [--models lenet300,lenet5,resnet20] [--out docs/bench.json]
+  python benchmarks/bench.py [--models lenet300,lenet5,resnet20] [--out docs/bench.json]
                           [--readme docs/PERFORMANCE.md]
-  python scripts/bench.py --from_json docs/bench_gpu.json --readme docs/PERFORMANCE.md
+  python benchmarks/bench.py --from_json docs/bench_gpu.json --readme docs/PERFORMANCE.md
 
 For each model at its default batch size it measures, after compilation, the
 train-step time for: float, and every rule (fixed, lsq, ratio) at two
@@ -313,8 +313,8 @@ def cost_lines(rows, limit: float = 1.10) -> list:
 def readme_section(doc) -> str:
   where = doc["machine"] if doc["backend"] == "cpu" else \
       f"{doc.get('device_kind', doc['backend'])} (host {doc['machine']})"
-  how = "`python scripts/bench.py --readme docs/PERFORMANCE.md`" if doc["backend"] == "cpu" else \
-      "`bash scripts/bench_gpu.sh` (rendered here by `python scripts/bench.py --from_json " \
+  how = "`python benchmarks/bench.py --readme docs/PERFORMANCE.md`" if doc["backend"] == "cpu" else \
+      "`bash benchmarks/bench_gpu.sh` (rendered here by `python benchmarks/bench.py --from_json " \
       f"docs/bench_{doc['backend']}.json --readme docs/PERFORMANCE.md`)"
   lines = [f"Measured by {how} on {where} "
            f"({', '.join(sorted({r.get('date', doc['date']) for r in doc['rows']}))}, jax "

@@ -1,6 +1,6 @@
 """Side-by-side check of the training loop's batch prefetch (lqlab.train.make_chunk_runner).
 
-  python scripts/bench_prefetch.py [--model lenet300] [--windows 24]
+  python benchmarks/bench_prefetch.py [--model lenet300] [--windows 24]
 
 Times, in one process, for float and the fixed, lsq and ratio rules: the step on
 a constant batch, the training loop's step (which gathers the next step's batch
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py)
+import bench  # noqa: E402  (benchmarks/bench.py)
 from lqlab import train  # noqa: E402
 
 
