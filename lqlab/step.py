@@ -105,7 +105,7 @@ def _after_scales(params):
   help here: XLA:CPU removes it before fusion.)
 
   By default applied for the rules in ``_ORDER_AFTER_SCALES`` only, as measured
-  side by side by ``scripts/bench_ordering.py`` on LeNet-300-100 (2-core CPU,
+  side by side by ``benchmarks/bench_ordering.py`` on LeNet-300-100 (2-core CPU,
   quantized/float step time, weights copied -> ordered, three runs): lsq 1.36-1.40
   -> 1.18-1.23, but ratio 1.09-1.10 -> 1.16-1.23, so ratio is left as it was.
   """
