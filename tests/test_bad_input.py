@@ -259,3 +259,33 @@ def test_a_full_disk_stops_with_one_line_and_no_temporary_checkpoint(tmp_path):
   assert "File too large" in r.stderr and "no checkpoint was complete yet" in r.stderr
   assert not list((wd / "checkpoints").glob("*orbax-checkpoint-tmp*"))
   assert not (wd / "results.json").exists()
+
+
+def test_a_collapsed_run_says_so(tmp_path):
+  from lqlab import train
+  assert train.collapsed({"scheme": "scale-rule", "avg_bits": 0.0, "test_accuracy": 0.9,
+                          "num_classes": 10})
+  assert train.collapsed({"scheme": "scale-rule", "avg_bits": 3.0, "test_accuracy": 0.11,
+                          "num_classes": 10})
+  assert not train.collapsed({"scheme": "scale-rule", "avg_bits": 3.0, "test_accuracy": 0.98,
+                              "num_classes": 10})
+  assert not train.collapsed({"scheme": "float", "avg_bits": 32.0, "test_accuracy": 0.1,
+                              "num_classes": 10})
+  data = _make_data(tmp_path / "data")
+  wd = tmp_path / "wd"
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", "--scale_lr=1e3",
+            "--scale_stop=none", "--noexport", *TRAIN], data, tmp_path / "cache")
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads((wd / "results.json").read_text())
+  assert res["avg_bits"] < 0.05 and res["collapsed"] is True
+  assert "warning: the run collapsed (avg_bits 0.00" in r.stderr
+
+
+def test_codes_that_overflow_int32_are_refused_not_written(tmp_path):
+  import jax.numpy as jnp
+  from lqjax import tree, types
+  params = {"fc": {"kernel": jnp.full((2, 2), 3e30), "kernel_quant": {"log_scale": tree.QuantScale(
+      jnp.full((1, 1), -40.0), types.QuantConfig())}}}
+  with pytest.raises(ValueError, match="fc/kernel: codes reach the int32 limit"):
+    compress.save(tmp_path / "x.lqz", params)
+  assert not (tmp_path / "x.lqz").exists()
