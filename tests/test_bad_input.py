@@ -289,3 +289,27 @@ def test_codes_that_overflow_int32_are_refused_not_written(tmp_path):
   with pytest.raises(ValueError, match="fc/kernel: codes reach the int32 limit"):
     compress.save(tmp_path / "x.lqz", params)
   assert not (tmp_path / "x.lqz").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A folder nobody can write to, root included (the immutable attribute)."""
+  d = tmp_path / "ro"
+  d.mkdir()
+  if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(d)],
+                                                      capture_output=True).returncode != 0:
+    pytest.skip("chattr +i is not available here")
+  yield d
+  subprocess.run(["chattr", "-i", str(d)], check=True)
+
+
+def test_read_only_workdir_and_export_location(finished, tmp_path, read_only_dir):
+  data, cache, wd = _copy(finished, tmp_path)
+  r = _run(["-m", "experiments.mnist", f"--workdir={read_only_dir}", "--epochs=1", *TRAIN],
+           data, cache)
+  assert r.returncode == 1
+  _one_error_line(r, "is not writable")
+  r = _run(["-m", "lqlab.export", str(wd), f"--out={read_only_dir / 'm.lqz'}"], data, cache)
+  assert r.returncode == 2
+  _one_error_line(r, "cannot write")
+  assert not list(read_only_dir.iterdir())
