@@ -2,7 +2,7 @@
 
 Public API:
 
-* quantize an unchanged model by rules (:mod:`lqjax.rules`): ``quantize``,
+* quantize an unchanged model by rules (:mod:`lqjax.interception`, :mod:`lqjax.rules`): ``quantize``,
   ``Rule``, ``QuantConfig``
 * your own training loop (:mod:`lqjax.optim`, :mod:`lqjax.losses`):
   ``optim.split``, ``optim.Brake``, ``optim.brake_update``, ``optim.ratio_stats``,
@@ -24,7 +24,8 @@ from lqjax.linen_quant import Quantizer, quantized
 from lqjax.losses import (bin_count_penalty, deviation_penalty, inverse_scale_penalty,
                           quant_penalties)
 from lqjax.quant import dequantize, fake_quant, init_scale, quantize_codes, scale_from_log
-from lqjax.rules import QuantizeError, Rule, quantize
+from lqjax.interception import quantize
+from lqjax.rules import QuantizeError, Rule
 from lqjax.tree import QuantScale, quantized_tensors
 from lqjax.types import GRANULARITIES, RULES, QuantConfig, kept_axes, scale_shape
 

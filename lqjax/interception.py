@@ -1,0 +1,47 @@
+"""``lqjax.quantize``: one entry point for Linen and NNX models.
+
+It dispatches on the model's API to :mod:`lqjax.linen_quant` or
+:mod:`lqjax.nnx_quant`; both use the rules of :mod:`lqjax.rules`.
+"""
+
+from __future__ import annotations
+
+from lqjax import rules as rules_lib
+
+
+def quantize(model, rules=None):
+  """Returns `model` with learned-scale quantizers on the parameters `rules` select.
+
+  Args:
+    model: a ``flax.linen.Module`` (unbound) or a ``flax.nnx.Module``. Its code
+      is not touched.
+    rules: a :class:`~lqjax.rules.Rule`, a sequence of them (first match wins), or None for
+      ``Rule()`` (every supported layer's kernels and embeddings with the default
+      :class:`~lqjax.types.QuantConfig`).
+
+  Returns:
+    Linen: a module of a subclass of the model's class, with the same fields and
+    the same ``init``/``apply`` signature; each quantized parameter ``kernel``
+    gains a sibling ``kernel_quant/log_scale``. NNX: a copy of the model, called
+    like the original, whose log scales are ``nnx.Param`` subclasses (so
+    ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains them).
+
+  Raises:
+    QuantizeError: a model quantized already, a model of neither API, rules that
+      are not Rules; later (Linen ``init``, or here for NNX) a rule that matches no
+      module, an unsupported layer, or a config invalid for a tensor.
+  """
+  rules = rules_lib.as_rules(rules)
+  import flax.linen as nn
+  if isinstance(model, nn.Module):
+    from lqjax import linen_quant
+    return linen_quant.quantize(model, rules)
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover
+    nnx = None
+  if nnx is not None and isinstance(model, nnx.Module):
+    from lqjax import nnx_quant
+    return nnx_quant.quantize(model, rules)
+  raise rules_lib.QuantizeError(f"lqjax.quantize takes a flax.linen or flax.nnx Module, got "
+                      f"{type(model).__name__}")

@@ -1,0 +1,57 @@
+"""The library stands alone: lqjax imports nothing of the application, and its modules'
+imports flow one way (no cycles, lazy imports included)."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _imports(package: str):
+  mods = {p.stem: p for p in (ROOT / package).glob("*.py")}
+  graph, foreign = {}, {}
+  for name, path in mods.items():
+    deps, other = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        top, _, sub = node.module.partition(".")
+        if top == package:
+          deps |= {sub.split(".")[0]} if sub else {a.name for a in node.names if a.name in mods}
+        other.add(top)
+      elif isinstance(node, ast.Import):
+        for a in node.names:
+          top, _, sub = a.name.partition(".")
+          if top == package and sub:
+            deps.add(sub.split(".")[0])
+          other.add(top)
+    graph[name], foreign[name] = deps - {name}, other
+  return graph, foreign
+
+
+def _cycle(graph):
+  def visit(n, path):
+    for d in graph.get(n, ()):
+      if d in path:
+        return path[path.index(d):] + [d]
+      found = visit(d, path + [d])
+      if found:
+        return found
+    return None
+  for n in graph:
+    if n != "__init__":
+      found = visit(n, [n])
+      if found:
+        return found
+  return None
+
+
+def test_the_library_imports_nothing_of_the_application():
+  _, foreign = _imports("lqjax")
+  for name, tops in foreign.items():
+    assert not tops & {"lqlab", "experiments", "scripts", "benchmarks", "absl"}, (name, tops)
+
+
+def test_no_import_cycles():
+  for package in ("lqjax", "lqlab"):
+    graph, _ = _imports(package)
+    assert _cycle(graph) is None, (package, _cycle(graph))
