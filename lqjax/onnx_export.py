@@ -213,6 +213,10 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
     return out[0] if n_out == 1 else tuple(out)
 
   names = ["input"] + ["w_" + "_".join(p) for p in paths]
+  import logging
+  ir_log = logging.getLogger("onnx_ir")
+  level = ir_log.level
+  ir_log.setLevel(logging.ERROR)  # its serializer warns about shape constants it skips
   try:
     with _module_attributes_restored():
       model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
@@ -222,6 +226,8 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
                       f"program on jax {jax.__version__} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); the tested versions "
                       f"are in lqjax's constraints.txt") from e
+  finally:
+    ir_log.setLevel(level)
   inits, nodes = [], []
   for name, path, arr in zip(names[1:], paths, arrays):
     if path in replaced:
