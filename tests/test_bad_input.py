@@ -244,16 +244,15 @@ def test_handmade_lqz_headers_are_refused_by_check(tmp_path):
 
 def test_a_full_disk_stops_with_one_line_and_no_temporary_checkpoint(tmp_path):
   """A file-size limit (RLIMIT_FSIZE) makes every large write fail as a full disk does."""
-  import resource
   data = _make_data(tmp_path / "data")
   wd = tmp_path / "wd"
   env = dict(os.environ, LQJAX_DATA_DIR=str(data), LQJAX_CACHE_DIR=str(tmp_path / "cache"),
              JAX_PLATFORMS="cpu")
-  limit = 400 * 1024
-  r = subprocess.run([sys.executable, "-m", "experiments.mnist", f"--workdir={wd}",
-                      "--epochs=2", *TRAIN], cwd=ROOT, env=env, capture_output=True, text=True,
-                     timeout=600,
-                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+  # The limit is set by a shell (ulimit -f, in KiB) rather than a preexec_fn, which would
+  # fork this multithreaded (JAX) process.
+  r = subprocess.run(["bash", "-c", 'ulimit -f 400 && exec "$@"', "bash", sys.executable, "-m",
+                      "experiments.mnist", f"--workdir={wd}", "--epochs=2", *TRAIN], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 1
   _one_error_line(r, "cannot write a checkpoint in")
   assert "File too large" in r.stderr and "no checkpoint was complete yet" in r.stderr
