@@ -446,3 +446,14 @@ def test_floor_quantizer_is_the_identity_with_a_straight_through_gradient():
     gx, gs = jax.grad(lambda x, s: jnp.sum(3.0 * fq(x, s)), (0, 1))(x, s)
     np.testing.assert_array_equal(gx, jnp.full_like(x, 3.0))
     assert gs.shape == s.shape and not np.any(gs)
+
+
+def test_benchmarks_have_one_entry_point_with_subcommands():
+  run = lambda *a: subprocess.run([sys.executable, "benchmarks/run.py", *a], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+  r = run()
+  assert r.returncode == 2 and r.stderr.strip().startswith("error: expected a subcommand")
+  r = run("cost", "--windows", "0")
+  assert r.returncode == 2 and "--windows must be >= 1" in r.stderr
+  r = run("step", "--help")
+  assert r.returncode == 0 and "--windows" in r.stdout
