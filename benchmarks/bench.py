@@ -82,6 +82,8 @@ def lenet_step_args(doc: str, argv=None, windows: int = 15, out: Optional[str] =
   if out is not None:
     ap.add_argument("--out", default=out)
     ap.add_argument("--readme", default=None)
+    ap.add_argument("--from_json", default=None,
+                    help="measure nothing: render this benchmark JSON into --readme")
   return ap.parse_args(argv)
 
 
