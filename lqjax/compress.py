@@ -195,7 +195,7 @@ def save(path, variables, meta: Optional[Mapping[str, Any]] = None, *,
 # ------------------------------------------------------------ reading
 
 
-def _check_header(header, payload_len=None):
+def _check_header(header):
   if not isinstance(header, dict):
     raise CorruptFileError(f"header is a JSON {type(header).__name__}, not an object")
   tensors = header.get("tensors")
@@ -204,7 +204,6 @@ def _check_header(header, payload_len=None):
   n = header.get("payload_bytes")
   if not isinstance(n, int) or n < 0:
     raise CorruptFileError("header has no valid payload_bytes")
-  end = 0
   for i, t in enumerate(tensors):
     where = f"tensor {i}"
     if not isinstance(t, dict):
@@ -237,9 +236,6 @@ def _check_header(header, payload_len=None):
         raise CorruptFileError(f"{where}: nbytes {nb} too small for its scale groups")
     else:
       raise CorruptFileError(f"{where}: unknown kind {t.get('kind')!r}")
-    end = max(end, off + nb)
-  if payload_len is not None and payload_len != n:
-    raise CorruptFileError("payload size does not match the header")
 
 
 def _v1_config(header, path) -> types.QuantConfig:
@@ -345,7 +341,8 @@ def parse(blob: bytes):
           payload, max_output_size=header["payload_bytes"])
     except zstandard.ZstdError as e:
       raise CorruptFileError(f"zstd payload: {e}") from None
-  _check_header(header, len(payload))
+  if len(payload) != header["payload_bytes"]:
+    raise CorruptFileError("payload size does not match the header")
   return header, _unflatten(_decode(header, payload, version))
 
 
@@ -401,15 +398,10 @@ def load(path, target=None):
   if nnx is not None and isinstance(target, nnx.Module):
     state = nnx.state(target)
     _match_target(lflat, tree.flat_leaves(state), path)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    new = []
-    for kp, var in leaves:
-      key = tuple(tree._key_str(k) for k in kp)
-      value = jnp.asarray(lflat[key][0], dtype=np.asarray(var.get_value()).dtype)
-      var = var.copy() if hasattr(var, "copy") else var
-      var.set_value(value)
-      new.append(var)
+    leaves, treedef = tree.leaves(state)
+    new = [tree.with_array(var, jnp.asarray(lflat[key][0],
+                                            dtype=np.asarray(tree.leaf_array(var)).dtype))
+           for key, var in leaves]
     nnx.update(target, jax.tree_util.tree_unflatten(treedef, new))
     return target
   _match_target(lflat, tree.flat_leaves(target), path)

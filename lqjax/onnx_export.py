@@ -168,29 +168,14 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
   for t in qt.values():
     codes, scale = accounting.tensor_codes(t.p, t.log_scale, t.config.rounding, t.config.bits)
     replaced[t.path] = (codes, scale, (scale * codes.astype(np.float32)).astype(np.float32))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables, is_leaf=tree._is_box)
-  paths, arrays = [], []
-  for kp, leaf in leaves:
-    path = tuple(tree._key_str(k) for k in kp)
-    value = leaf.value if isinstance(leaf, tree.QuantScale) else (
-        leaf.get_value() if tree._is_variable(leaf) else leaf)
-    if path and path[-1] == "value" and not tree._is_variable(leaf):
-      path = path[:-1]
-    paths.append(path)
-    arrays.append(np.asarray(replaced[path][2] if path in replaced else value))
+  leaves, treedef = tree.leaves(variables)
+  paths = [path for path, _ in leaves]
+  arrays = [np.asarray(replaced[path][2] if path in replaced else tree.leaf_array(leaf))
+            for path, leaf in leaves]
 
   def rebuild(arrs):
-    new = []
-    for (kp, leaf), a in zip(leaves, arrs):
-      if isinstance(leaf, tree.QuantScale):
-        new.append(leaf.replace(value=a))
-      elif tree._is_variable(leaf):
-        v = leaf.copy() if hasattr(leaf, "copy") else leaf
-        v.set_value(a)
-        new.append(v)
-      else:
-        new.append(a)
-    return jax.tree_util.tree_unflatten(treedef, new)
+    return jax.tree_util.tree_unflatten(
+        treedef, [tree.with_array(leaf, a) for (_, leaf), a in zip(leaves, arrs)])
 
   def traced(x, *arrs):
     with quant.passthrough():
@@ -234,9 +219,7 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
       i, n = _dequant_nodes(helper, numpy_helper, name, replaced[path][0], replaced[path][1])
       inits += i
       nodes += n
-    elif path in {tuple(t.scale_path) for t in qt.values()}:
-      inits.append(numpy_helper.from_array(arr, name))  # unused once dequantized; pruned below
-    else:
+    else:  # a log scale's initializer is unused once dequantized: pruned below
       inits.append(numpy_helper.from_array(arr, name))
   g = model.graph
   keep_inputs = [i for i in g.input if i.name == "input"]

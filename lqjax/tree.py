@@ -111,25 +111,52 @@ def _as_tree(tree):
   return tree
 
 
+def leaves(tree):
+  """``([(path, leaf)], treedef)`` of `tree`, with boxes and NNX Variables kept whole.
+
+  `path` is a tuple of strings. :func:`leaf_array` reads a leaf's array and
+  :func:`with_array` makes a leaf of the same kind that holds another, so that
+  ``jax.tree_util.tree_unflatten(treedef, ...)`` rebuilds a tree of the same kind.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(_as_tree(tree), is_leaf=_is_box)
+  out = []
+  for kp, leaf in flat:
+    path = tuple(_key_str(k) for k in kp)
+    if path and path[-1] == "value" and not _is_box(leaf):  # a Variable flattened as a node
+      path = path[:-1]
+    out.append((path, leaf))
+  return out, treedef
+
+
+def leaf_array(leaf):
+  """The array a leaf of :func:`leaves` holds."""
+  if isinstance(leaf, QuantScale):
+    return leaf.value
+  return leaf.get_value() if _is_variable(leaf) else leaf
+
+
+def with_array(leaf, array):
+  """A leaf of the same kind as `leaf` (box, Variable or array) that holds `array`."""
+  if isinstance(leaf, QuantScale):
+    return leaf.replace(value=array)
+  if _is_variable(leaf):
+    var = leaf.copy()
+    var.set_value(array)
+    return var
+  return array
+
+
 def flat_leaves(tree) -> Dict[Path, Tuple[Any, Optional[types.QuantConfig]]]:
   """``{path: (array, config or None)}`` of every array leaf of `tree`.
 
   `tree` is a Linen variables/params dict, an ``nnx.State`` or an ``nnx.Module``.
   The config is set on log-scale leaves (boxed or NNX metadata) only.
   """
-  tree = _as_tree(tree)
   out = {}
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
-  for kp, leaf in leaves:
-    path = tuple(_key_str(k) for k in kp)
-    if isinstance(leaf, QuantScale):
-      out[path] = (leaf.value, leaf.config)
-    elif _is_variable(leaf):
-      out[path] = (leaf.get_value(), _variable_config(leaf))
-    else:
-      if path and path[-1] == "value":  # a Variable flattened as a node
-        path = path[:-1]
-      out[path] = (leaf, None)
+  for path, leaf in leaves(tree)[0]:
+    cfg = leaf.config if isinstance(leaf, QuantScale) else (
+        _variable_config(leaf) if _is_variable(leaf) else None)
+    out[path] = (leaf_array(leaf), cfg)
   return out
 
 

@@ -142,7 +142,7 @@ def _set_aside(steps, workdir, mngr):
   mngr.reload()
 
 
-def _restore_verified(mngr, workdir, state, progress):
+def _restore_verified(mngr, workdir, state):
   """(state, meta) of the newest intact checkpoint, or None when there is none at all.
 
   Each checkpoint's files are checked against the hashes recorded when it was
@@ -285,7 +285,7 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
   meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0, "train_seconds": 0.0,
           "best_val": -1.0, "best_epoch": 0, "brakes": 0, "frozen_at": None}
-  restored = _restore_verified(mngr, workdir, state, progress)
+  restored = _restore_verified(mngr, workdir, state)
   if restored is not None:
     state, meta = restored
   start_step = int(state.step)
