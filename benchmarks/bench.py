@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import fileio, types
+from lqjax import fileio, optim, types
 
 from lqlab import data, export, train
 
@@ -116,9 +116,11 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int, **step_kw
   rng = jax.random.key(0)
   run_chunk = train.make_chunk_runner(cfg, step_fn, n // bs, rng)
   const_batch = (images[:bs], labels[:bs])
-  # compiled ahead of time: the same executable runs the constant-batch windows
-  # and is the one whose kernels are counted
-  const_step = jax.jit(step_fn, donate_argnums=(0,)).lower(state, const_batch, rng).compile()
+  # compiled ahead of time: the same executables run the constant-batch windows, and
+  # the scale step's is the one whose kernels are counted
+  const_steps = {ss: jax.jit(step_fn, donate_argnums=(0,), static_argnames="scale_step").lower(
+      state, const_batch, rng, scale_step=ss).compile()
+      for ss in ((True, False) if cfg.scale_every > 1 else (True,))}
   perm = jax.random.permutation(rng, n)
   holder = {"s": state, "model": model}
 
@@ -130,10 +132,13 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int, **step_kw
   # step is a dispatch of its own, which a GPU step is short enough to feel
   keys = [jax.random.fold_in(rng, i) for i in range(steps)]
 
+  # the scale steps' places in a window (its steps are a multiple of scale_every)
+  scale_steps = [optim.is_scale_step(i, cfg.scale_every) for i in range(steps)]
+
   def const():
     s = holder["s"]
-    for k in keys:
-      s, _ = const_step(s, const_batch, k)
+    for k, ss in zip(keys, scale_steps):
+      s, _ = const_steps[ss](s, const_batch, k)
     holder["s"] = s
     return s
 
@@ -141,8 +146,8 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int, **step_kw
   _sync(real())
   compile_s = time.perf_counter() - t0
   _sync(const())
-  holder["kernels"] = count_kernels(const_step.as_text())
-  holder["bytes_accessed"] = bytes_accessed(const_step)
+  holder["kernels"] = count_kernels(const_steps[True].as_text())
+  holder["bytes_accessed"] = bytes_accessed(const_steps[True])
   return real, const, compile_s, holder
 
 
@@ -235,7 +240,12 @@ def peak_memory_mb():
     return None
 
 
-def run(models, steps, windows):
+def run(models, steps, windows, scale_every=(1,)):
+  """Benchmarks `models`; the learned rules (lsq, ratio) once per k in `scale_every`.
+
+  Each window's steps are rounded up to a multiple of the largest k, so every
+  window holds the same share of scale steps.
+  """
   rows = []
   for name in models:
     ds_name = DATASET[name]
@@ -244,25 +254,29 @@ def run(models, steps, windows):
     variants = [("float", "-", dict(float_model=True))]
     for rule in ("fixed", "lsq", "ratio"):
       for g in ("tensor", gran):
-        kw = dict(rule=rule, granularity=g, rounding="round")
-        if rule in ("fixed", "lsq"):
-          kw["bits"] = 4
-        variants.append((rule, g, kw))
+        for k in ((1,) if rule == "fixed" else scale_every):
+          kw = dict(rule=rule, granularity=g, rounding="round", scale_every=k)
+          if rule in ("fixed", "lsq"):
+            kw["bits"] = 4
+          variants.append((rule, g, kw))
     # control: the float configuration again, measured like the others; its ratio to the
     # first float row is the noise of one ratio in this run
     variants.append(("float", CONTROL, dict(float_model=True)))
     cfgs = [train.TrainConfig(dataset=ds_name, model=name, batch_size=BATCH[name],
                               optimizer="sgd" if name == "resnet20" else "adam", **kw)
             for _, _, kw in variants]
-    results = bench_interleaved(cfgs, images, labels, steps[name], windows)
+    kmax = max(scale_every)
+    n_steps = -(-steps[name] // kmax) * kmax
+    results = bench_interleaved(cfgs, images, labels, n_steps, windows)
     for (rule, g, _), cfg, r in zip(variants, cfgs, results):
-      row = {"model": name, "rule": rule, "granularity": g, "batch_size": BATCH[name],
-             "date": datetime.date.today().isoformat(), "windows": windows, "steps": steps[name],
+      row = {"model": name, "rule": rule, "granularity": g, "scale_every": cfg.scale_every,
+             "batch_size": BATCH[name], "date": datetime.date.today().isoformat(),
+             "windows": windows, "steps": n_steps,
              **{k: v for k, v in r.items() if k not in ("model", "state")}}
-      if rule == "ratio" and g != "tensor":
+      if rule == "ratio" and g != "tensor" and cfg.scale_every == 1:
         row.update(bench_eval(cfg, r["model"], r["state"], images, windows))
       rows.append(row)
-      print(f"{name:9s} {rule:6s} {g:8s} step {1e3 * row['step_s']:8.2f} ms  "
+      print(f"{name:9s} {rule:6s} {g:8s} k={cfg.scale_every:<3d} step {1e3 * row['step_s']:8.2f} ms  "
             f"ratio {row['step_time_ratio']:.3f}  const-batch {1e3 * row['const_batch_step_s']:8.2f} ms"
             f"  compile {row['compile_s']:.1f}s  kernels {row['kernels']}", flush=True)
   return rows
@@ -325,14 +339,26 @@ def readme_section(doc) -> str:
            f"process; the ratio is the median of the per-round ratios). Kernels: instructions "
            f"of the compiled step that XLA dispatches one by one. MB/step: the bytes the "
            f"compiled step reads and writes, by XLA's cost analysis.", "",
-           "| model | rule | granularity | step (ms) | quantized/float | kernels | MB/step |",
-           "|---|---|---|---|---|---|---|"]
+           "| model | rule | granularity | scales every k steps | step (ms) | quantized/float "
+           "| kernels | MB/step |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in doc["rows"]:
     mb = f"{r['bytes_accessed'] / 1e6:.1f}" if r.get("bytes_accessed") else "-"
-    lines.append(f"| {r['model']} | {r['rule']} | {r['granularity']} | {1e3 * r['step_s']:.2f} "
-                 f"| {r['step_time_ratio']:.3f} | {r.get('kernels', '-')} | {mb} |")
-  worst = max(r["step_time_ratio"] for r in doc["rows"] if r["granularity"] != CONTROL)
-  lines += ["", f"Worst quantized/float ratio: {worst:.3f}. Real-data step / constant-batch step: "
+    k = "-" if r["rule"] in ("float", "fixed") else r.get("scale_every", 1)
+    lines.append(f"| {r['model']} | {r['rule']} | {r['granularity']} | {k} "
+                 f"| {1e3 * r['step_s']:.2f} | {r['step_time_ratio']:.3f} "
+                 f"| {r.get('kernels', '-')} | {mb} |")
+  lines += [""]
+  for k in sorted({r.get("scale_every", 1) for r in doc["rows"]}):
+    # the fixed rule learns no scale: its rows stand for every k
+    worst = {m: max(r["step_time_ratio"] for r in doc["rows"] if r["model"] == m
+                    and r["rule"] != "float"
+                    and (r["rule"] == "fixed" or r.get("scale_every", 1) == k))
+             for m in dict.fromkeys(r["model"] for r in doc["rows"])}
+    lines.append(f"Worst quantized/float ratio with the scales updated "
+                 f"{'every step' if k == 1 else f'every {k} steps'}: "
+                 + ", ".join(f"{m} {v:.3f}" for m, v in worst.items()) + ".")
+  lines += [f"Real-data step / constant-batch step: "
             f"{min(r['data_pipeline_ratio'] for r in doc['rows']):.3f} to "
             f"{max(r['data_pipeline_ratio'] for r in doc['rows']):.3f}."]
   control = [r for r in doc["rows"] if r["granularity"] == CONTROL]
@@ -364,6 +390,9 @@ def main(argv=None):
   ap.add_argument("--from_json", default=None,
                   help="measure nothing: render this benchmark JSON into --readme (e.g. "
                        "docs/bench_gpu.json, written on a GPU machine by bench_gpu.sh)")
+  ap.add_argument("--scale_every", default=f"1,{train.TrainConfig().scale_every}",
+                  help="comma-separated k: the learned rules are measured with their scales "
+                       "updated every k steps, for each k (default: 1 and the default k)")
   ap.add_argument("--cifar_epoch", action="store_true",
                   help="also time one CIFAR-10 ResNet-20 epoch (slow on a CPU)")
   args = ap.parse_args(argv)
@@ -391,7 +420,15 @@ def main(argv=None):
     print(f"error: --steps_scale must be >= 1, got {args.steps_scale}", file=sys.stderr)
     return 2
   steps = {k: v * args.steps_scale for k, v in steps.items()}
-  rows = run(models, steps, args.windows)
+  try:
+    scale_every = sorted({int(k) for k in args.scale_every.split(",")})
+    if scale_every[0] < 1:
+      raise ValueError
+  except ValueError:
+    print(f"error: --scale_every takes integers >= 1 separated by commas, got "
+          f"{args.scale_every!r}", file=sys.stderr)
+    return 2
+  rows = run(models, steps, args.windows, scale_every)
   out = pathlib.Path(args.out)
   if out.exists():  # keep the rows of models not measured this time
     try:

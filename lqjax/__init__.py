@@ -6,7 +6,9 @@ Public API:
   ``Rule``, ``QuantConfig``
 * your own training loop (:mod:`lqjax.optim`, :mod:`lqjax.losses`):
   ``optim.split``, ``optim.Brake``, ``optim.brake_update``, ``optim.ratio_stats``,
-  ``quant_penalties`` and the three penalties
+  ``quant_penalties`` and the three penalties; amortised scale updates with
+  ``optim.stop_scale_gradients`` / ``optim.is_scale_step`` (Linen) or a gradient
+  filter that leaves out ``ScaleParam`` (NNX)
 * size and files: ``report`` (the per-layer bits table), ``average_bits``,
   ``save`` / ``load`` (the packed ``.lqz`` file), ``export_onnx`` (integer
   weights with ``DequantizeLinear``; needs ``lqjax[export]``)
@@ -21,6 +23,7 @@ from lqjax import optim
 from lqjax.accounting import average_bits, format_table, model_report, summarize
 from lqjax.compress import CorruptFileError, load, save
 from lqjax.linen_quant import Quantizer, quantized
+from lqjax.nnx_quant import ScaleParam
 from lqjax.losses import (bin_count_penalty, deviation_penalty, inverse_scale_penalty,
                           quant_penalties)
 from lqjax.quant import dequantize, fake_quant, init_scale, quantize_codes, scale_from_log

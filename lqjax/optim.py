@@ -12,12 +12,33 @@ Linen params (log scales boxed with their recipe) and ``nnx.State`` (or what
   ratio variant, called from the user's own evaluation.
 * :func:`ratio_stats`: r_G = ||dL/dP||_G / ||P||_G per group, from params and
   grads, the quantity the ratio rule compares with lambda.
+* Amortised scale updates: :func:`stop_scale_gradients` inside the loss and
+  ``tx.update(..., scale_step=False)`` make a step that trains the weights
+  only, so that the compiled step holds none of the scale gradient's per-group
+  reductions (:func:`is_scale_step` says which steps update the scales).
 
 Example (Linen)::
 
     >>> tx = lqjax.optim.split(optax.adam(1e-3), optax.sgd(0.02))
     >>> opt_state = tx.init(params)
     >>> updates, opt_state = tx.update(grads, opt_state, params)
+
+Updating the scales every ``k`` steps (two compiled steps, the choice made
+outside jit; multiply the scales' learning rate by ``k``, so that a run's total
+scale movement stays comparable)::
+
+    >>> @functools.partial(jax.jit, static_argnames="scale_step")
+    ... def step(params, opt_state, batch, scale_step):
+    ...   def loss(p):
+    ...     if not scale_step:
+    ...       p = lqjax.optim.stop_scale_gradients(p)
+    ...     return loss_fn(p, batch)
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, opt_state = tx.update(grads, opt_state, params, scale_step=scale_step)
+    ...   return optax.apply_updates(params, updates), opt_state
+    >>> for i, batch in enumerate(batches):
+    ...   params, opt_state = step(params, opt_state, batch,
+    ...                            lqjax.optim.is_scale_step(i, k))
 """
 
 from __future__ import annotations
@@ -60,16 +81,60 @@ def scale_by_mult() -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def skippable(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`inner`, skipped on the updates called with ``scale_step=False``.
+
+  A skipped update returns zero updates and leaves `inner`'s state as it was
+  (its step count and moments do not advance). ``scale_step`` must be a Python
+  bool: the choice is made outside jit, so that each of the two compiled steps
+  holds only its own work.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def update(updates, state, params=None, *, scale_step=True, **extra_args):
+    if not isinstance(scale_step, bool):
+      raise TypeError(f"scale_step must be a Python bool (the choice is made outside jit), "
+                      f"got {type(scale_step).__name__}")
+    if scale_step:
+      return inner.update(updates, state, params, **extra_args)
+    return jax.tree_util.tree_map(jnp.zeros_like, updates), state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def split(weights_tx: optax.GradientTransformation,
-          scales_tx: optax.GradientTransformation) -> optax.GradientTransformation:
+          scales_tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """Weights through `weights_tx`, log scales through ``chain(scales_tx, scale_by_mult())``.
 
   The scales' step multiplier lives in the state and is what :func:`set_scale_mult`
   (and so the brake) changes; it starts at 1, so until a brake the transform is
   exactly ``multi_transform({weight: weights_tx, scale: scales_tx})``.
+
+  ``update(grads, state, params, scale_step=False)`` updates the weights only:
+  the scales, their optimizer state and its step count stay as they are
+  (:func:`skippable`). Pair it with :func:`stop_scale_gradients` in the loss.
   """
   return optax.multi_transform(
-      {WEIGHT: weights_tx, SCALE: optax.chain(scales_tx, scale_by_mult())}, labels)
+      {WEIGHT: weights_tx, SCALE: skippable(optax.chain(scales_tx, scale_by_mult()))}, labels)
+
+
+def stop_scale_gradients(params):
+  """`params` with every log scale under ``lax.stop_gradient``.
+
+  Called inside the loss of a weights-only step: the scales' cotangent is then
+  zero by construction, and XLA drops the quantizer's per-group reductions (the
+  LSQ sum, the ratio rule's norms) from the compiled step. The forward
+  quantization is unchanged.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.lax.stop_gradient(x) if tree.is_scale_path(path) else x, params)
+
+
+def is_scale_step(step: int, every: int) -> bool:
+  """Whether step `step` (0-based) updates the scales when they update every `every` steps."""
+  if every < 1:
+    raise ValueError(f"scale updates every {every} steps: expected >= 1")
+  return int(step) % every == 0
 
 
 def _is_mult(x):

@@ -18,7 +18,8 @@ Backward (METHOD.md section 2):
 * parameter: straight-through estimator, dL/dP := dL/dQ; with ``bits`` set
   the gradient is zeroed where the unclipped code falls outside the range
   (clipped STE).
-* scale, by ``rule``:
+* scale, by ``rule`` (none at all when the scale is not differentiated, e.g.
+  under ``stop_gradient`` in a weights-only step: no reduction is traced):
 
   - ``fixed``: zero.
   - ``lsq`` (Esser et al., ICLR 2020, "Learned Step Size Quantization"):
@@ -226,12 +227,20 @@ def _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits):
 
 
 def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits):
+  # symbolic_zeros=True: the differentiable inputs arrive as CustomVJPPrimal, and
+  # `scale.perturbed` says (at trace time) whether the scale is differentiated. A
+  # scale under stop_gradient (a weights-only step) gets no cotangent, so none of
+  # the rule's per-group reductions is traced, forward or backward.
+  x, learn = x.value, scale.perturbed and rule != "fixed"
+  scale, threshold, lsq_weight = scale.value, threshold.value, lsq_weight.value
   # Residuals hold no new array of the parameter's size: the codes are
   # recomputed in the backward pass where a rule needs them (fused there by XLA),
   # which measured faster than storing and re-reading them.
   out = _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits)
+  if not learn:
+    return out, (x, scale, None)
   if rule not in ("ratio", "ratio_lsq"):
-    return out, (x, scale, threshold, lsq_weight, None)
+    return out, (x, scale, (threshold, lsq_weight, None))
   # The ratio rules' ||P||^2 per group, taken here from the pre-update P and tied to
   # the output by + 0.0 * min(., 1) (the same values, up to the sign of a zero; NaN
   # only where P has one), so that this read of P comes before the loss and so
@@ -239,7 +248,7 @@ def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits):
   # with no data path to the update, it made XLA copy every quantized weight at
   # the step's start (tests/test_train.py checks the compiled step has no copy).
   x_sq = _reduce_to(jnp.square(x), scale.shape)
-  return out + 0.0 * jnp.minimum(x_sq, 1.0), (x, scale, threshold, lsq_weight, x_sq)
+  return out + 0.0 * jnp.minimum(x_sq, 1.0), (x, scale, (threshold, lsq_weight, x_sq))
 
 
 def _lsq_grad(g, x, scale, q_raw, bits):
@@ -292,17 +301,20 @@ def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf, x_sq=Non
 
 
 def _fake_quant_bwd(rule, rounding, bits, res, g):
-  x, scale, threshold, lsq_weight, x_sq = res
-  needs_codes = bits is not None or rule in ("lsq", "ratio_lsq")
+  x, scale, learn = res
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None, None, None
+  needs_codes = bits is not None or (learn is not None and rule in ("lsq", "ratio_lsq"))
   q_raw = _unclipped_codes(x, scale, rounding) if needs_codes else None
   if bits is None:
     gx = g
   else:
     qn, qp = code_range(bits)
     gx = jnp.where((q_raw >= qn) & (q_raw <= qp), g, 0.0)
-  if rule == "fixed":
-    gs = jnp.zeros_like(scale)
-  elif rule == "lsq":
+  if learn is None:  # the fixed rule, or a scale that is not differentiated
+    return gx, None, None, None
+  threshold, lsq_weight, x_sq = learn
+  if rule == "lsq":
     gs = _lsq_grad(g, x, scale, q_raw, bits)
   elif rule in ("ratio", "ratio_lsq"):
     growth, _ = ratio_growth(g, x, scale.shape, threshold[0], threshold[1], x_sq)
@@ -312,10 +324,10 @@ def _fake_quant_bwd(rule, rounding, bits, res, g):
   else:
     raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(types.RULES)}")
   assert gs.shape == scale.shape, (gs.shape, scale.shape)
-  return gx, gs.astype(scale.dtype), jnp.zeros_like(threshold), jnp.zeros_like(lsq_weight)
+  return gx, gs.astype(scale.dtype), None, None
 
 
-_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd, symbolic_zeros=True)
 
 
 def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",

@@ -52,6 +52,9 @@ class TrainConfig:
                                          "scale_decay_fraction of the run) | constant")
   scale_decay_fraction: float = _field(
       0.8, "cosine scale schedule: fraction of the run after which the scales stop")
+  scale_every: int = _field(
+      1, "update the scales every k steps (the others train the weights only, without the "
+         "scale gradient's reductions); the scales' lr is multiplied by k")
   scale_stop: Optional[str] = _field(
       "auto", "validation brake: auto (val for the ratio rules, off for fixed and lsq) | val | "
               "none. val: when val accuracy drops more than scale_stop_tolerance below the best "
@@ -94,7 +97,7 @@ class TrainConfig:
       raise ValueError(f"unknown scale_schedule {self.scale_schedule!r}; expected constant or cosine")
     if self.lr == 0:
       raise ValueError("lr must be > 0")
-    for name in ("epochs", "batch_size", "chunk_steps"):
+    for name in ("epochs", "batch_size", "chunk_steps", "scale_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.limit is not None and self.limit < 1:
@@ -142,6 +145,8 @@ class TrainConfig:
   @classmethod
   def from_json(cls, d: dict) -> "TrainConfig":
     d = dict(d)
+    # records from before scale_every existed updated the scales every step
+    d.setdefault("scale_every", 1)
     for k in ("granularity", "bias_granularity"):
       if isinstance(d.get(k), list):
         d[k] = tuple(d[k])

@@ -77,8 +77,13 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
                             optax.sgd(sched, momentum=0.9, nesterov=True))
   # cosine: decays to 0 at `scale_decay_fraction` of the run and stays there, so
   # the weights fine-tune on a settled grid for the rest.
-  scale_sched = cfg.scale_lr if cfg.scale_schedule == "constant" else \
-      optax.cosine_decay_schedule(cfg.scale_lr, max(int(cfg.scale_decay_fraction * total), 1))
+  # With updates every k steps (cfg.scale_every) the scales take a k times larger
+  # step k times less often, so a run's total scale movement stays comparable; the
+  # schedule counts scale updates.
+  k = cfg.scale_every
+  scale_sched = cfg.scale_lr * k if cfg.scale_schedule == "constant" else \
+      optax.cosine_decay_schedule(cfg.scale_lr * k,
+                                  max(int(cfg.scale_decay_fraction * total / k), 1))
   scale_tx = optax.sgd(scale_sched) if cfg.scale_optimizer == "sgd" else optax.adam(scale_sched)
   return optim.split(weight_tx, scale_tx)
 
@@ -117,7 +122,13 @@ def _after_scales(params):
 
 def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
                     order_after_scales: Optional[bool] = None):
-  """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``.
+  """Returns the pure ``train_step(state, batch, rng, scale_step=True) -> (state, metrics)``.
+
+  ``scale_step=False`` (a Python bool: jit it as a static argument) trains the
+  weights only: the log scales are under ``stop_gradient`` in the loss, so the
+  compiled step holds none of the scale gradient's per-group reductions, and the
+  scales and their optimizer state stay as they are. The forward quantization
+  is the same.
 
   `order_after_scales`: apply :func:`_after_scales` (same values, scheduling only);
   None: for the rules in ``_ORDER_AFTER_SCALES``.
@@ -126,7 +137,9 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
     order_after_scales = cfg.rule in _ORDER_AFTER_SCALES
   order_after_scales = order_after_scales and not cfg.float_model
 
-  def loss_fn(params, batch_stats, images, labels):
+  def loss_fn(params, batch_stats, images, labels, scale_step):
+    if not scale_step:
+      params = optim.stop_scale_gradients(params)
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
@@ -141,14 +154,14 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
     return ce + pen, (batch_stats, ce, acc)
 
-  def train_step(state: TrainState, batch, rng):
+  def train_step(state: TrainState, batch, rng, scale_step: bool = True):
     images, labels = batch
     images = _preprocess(cfg, ds_stats, images, rng, train=True)
     grads, (bs, ce, acc) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, images, labels)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        state.params, state.batch_stats, images, labels, scale_step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, scale_step=scale_step)
     params = optax.apply_updates(state.params, updates)
-    if order_after_scales:
+    if order_after_scales and scale_step:
       params = _after_scales(params)
     metrics = {"loss": ce, "accuracy": acc}
     return state.replace(step=state.step + 1, params=params, batch_stats=bs,
@@ -206,10 +219,13 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
 
   first_batch = jax.jit(gather)
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def step_at(state, batch, perm, images, labels):
+  # two compiled steps when the scales update every k > 1 steps: the scale step
+  # (scale_step=True) and the weights-only step, chosen here on the host
+  @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("scale_step",))
+  def step_at(state, batch, perm, images, labels, scale_step):
     next_batch = gather(perm, images, labels, state.step + 1)
-    state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, state.step))
+    state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, state.step),
+                                scale_step=scale_step)
     return state, metrics, next_batch
 
   # one dispatch for the chunk's metrics: an eager jnp.stack dispatches once per step and
@@ -218,9 +234,12 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
 
   def run_chunk(state, perm, images, labels, n_steps):
     batch = first_batch(perm, images, labels, state.step)
+    every = cfg.scale_every
+    step0 = int(state.step) if every > 1 else 0  # one host read per chunk
     ms = []
-    for _ in range(n_steps):
-      state, m, batch = step_at(state, batch, perm, images, labels)
+    for i in range(n_steps):
+      state, m, batch = step_at(state, batch, perm, images, labels,
+                                scale_step=optim.is_scale_step(step0 + i, every))
       ms.append(m)
     return state, stack(ms)
 

@@ -289,7 +289,7 @@ def test_bench_readme_names_the_control_row_as_noise_not_the_worst_ratio():
          "rows": [row("float", "-", 1.0), row("lsq", "channel", 1.05),
                   row("float", bench.CONTROL, 1.08)]}
   text = bench.readme_section(doc)
-  assert "Worst quantized/float ratio: 1.050." in text
+  assert "Worst quantized/float ratio with the scales updated every step: lenet5 1.050." in text
   assert "(rows float / repeat) comes out at lenet5 1.080 of the first: ratios" in text
 
 
@@ -349,7 +349,7 @@ def test_bench_renders_a_gpu_json_into_its_own_readme_markers(tmp_path):
   text = readme.read_text()
   assert "CPU\n<!-- bench:end -->" in text  # the CPU section is left alone
   gpu = text.split("<!-- bench-gpu:begin -->")[1]
-  assert "NVIDIA H200" in gpu and "| lenet5 | ratio | - | 1.00 | 1.050 | 3 |" in gpu
+  assert "NVIDIA H200" in gpu and "| lenet5 | ratio | - | 1 | 1.00 | 1.050 | 3 |" in gpu
   assert "bench_gpu.sh" in gpu
   assert bench.main(["--from_json", str(js)]) == 2  # nowhere to render
   assert bench.main(["--from_json", str(tmp_path / "missing.json"), "--readme", str(readme)]) == 2
