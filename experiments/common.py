@@ -34,15 +34,10 @@ def _define_config_flags():
       continue
     name = {v: k for k, v in _ALIASES.items()}.get(f.name, f.name)
     help_text = f.metadata.get("help", f.name)
-    default = f.default
-    if isinstance(default, bool) or f.name == "augment":
-      flags.DEFINE_bool(name, None, help_text)
-    elif f.name in ("bits", "limit") or (isinstance(default, int)):
-      flags.DEFINE_integer(name, None, help_text)
-    elif isinstance(default, float) or f.name == "relax_threshold":
-      flags.DEFINE_float(name, None, help_text)
-    else:
-      flags.DEFINE_string(name, None, help_text)
+    kind = str(f.type).replace("Optional[", "").rstrip("]")  # annotations are strings
+    define = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer,
+              "float": flags.DEFINE_float}.get(kind, flags.DEFINE_string)
+    define(name, None, help_text)
 
 
 _define_config_flags()
@@ -74,6 +69,7 @@ def _fail(msg: str, code: int = 2):
 
 def run(base):
   """Runs experiment `base` (its TrainConfig) with the parsed flags; exits non-zero on bad input."""
+  from lqjax import budget
   from lqlab import data, train
   logging.set_verbosity(logging.WARNING)
   dataset = base.dataset
@@ -94,7 +90,7 @@ def run(base):
   try:
     res = train.train_and_evaluate(cfg, workdir, FLAGS.data_dir, progress=FLAGS.progress,
                                    after_train=after)
-  except data.DatasetNotFoundError as e:
+  except (data.DatasetNotFoundError, budget.BudgetError) as e:  # bad input, found before compute
     _fail(str(e))
   except train.Interrupted as e:
     _fail(str(e), 130)

@@ -190,6 +190,18 @@ def quantized_tensors(tree, default: Optional[types.QuantConfig] = None) -> list
   return out
 
 
+def replace_arrays(tree, arrays: Dict[Path, Any]):
+  """`tree` (or an ``nnx.Module``'s state) with the leaves at `arrays`' paths holding its
+  arrays, each leaf kept of its kind (box, Variable or array)."""
+  flat, treedef = leaves(tree)
+  missing = set(arrays) - {path for path, _ in flat}
+  if missing:
+    raise KeyError(f"no leaf at {', '.join('/'.join(p) for p in sorted(missing))}")
+  return jax.tree_util.tree_unflatten(
+      treedef, [with_array(leaf, arrays[path]) if path in arrays else leaf
+                for path, leaf in flat])
+
+
 def is_scale_path(path) -> bool:
   """Whether a key path (strings or jax key entries) leads to a log scale."""
   return any(_key_str(k) == SCALE_NAME for k in path)

@@ -62,10 +62,18 @@ class TrainConfig:
   scale_stop_tolerance: float = _field(0.002, "val accuracy drop that triggers a brake")
   scale_stop_restore: str = _field(
       "scales", "what a brake rolls back to the best epoch: scales | all (the weights too)")
+  budget_bits: Optional[float] = _field(
+      None, "size budget: average bits per quantized weight, scale storage included. The "
+            "learned grids are projected onto a budget that falls to this over the scale phase, "
+            "exactly at its end, then the weights fine-tune on the frozen grids (lqjax.budget); "
+            "lambda then shapes where the bits go")
+  budget_bytes: Optional[int] = _field(
+      None, "size budget as the packed file's size in bytes (header included); as budget_bits")
   inverse_scale: float = _field(0.0, "coefficient of the inverse-scale penalty")
   bin_count: float = _field(0.0, "coefficient of the bin-count penalty")
   deviation: float = _field(0.0, "coefficient of the deviation penalty")
-  target_bits: float = _field(0.0, "bits the bin-count penalty allows for free")
+  target_bits: float = _field(0.0, "bits the bin-count penalty allows for free (not a size "
+                                   "budget: see budget_bits)")
   epochs: int = _field(5, "epochs")
   batch_size: int = _field(128, "global batch size")
   seed: int = _field(0, "random seed")
@@ -104,6 +112,30 @@ class TrainConfig:
       raise ValueError(f"limit must be >= 1, got {self.limit}")
     self.kernel_quant()  # validates rule, threshold, rounding, bits, granularities
     self.bias_quant()
+    self._check_budget()
+
+  def _check_budget(self):
+    if self.budget_bits is None and self.budget_bytes is None:
+      return
+    if self.budget_bits is not None and self.budget_bytes is not None:
+      raise ValueError("give budget_bits or budget_bytes, not both")
+    for name in ("budget_bits", "budget_bytes"):
+      v = getattr(self, name)
+      if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    if self.float_model:
+      raise ValueError("a size budget needs a quantized model, not --float")
+    if self.rule == "fixed" or self.bits is not None:
+      raise ValueError(f"a size budget needs learned free-bit scales (rule lsq, ratio or "
+                       f"ratio_lsq, no bits); got rule {self.rule}"
+                       + (f" with bits {self.bits}" if self.bits is not None else ""))
+    if self.scale_stop == "val":
+      raise ValueError("a size budget sets the grids itself: the validation brake "
+                       "(scale_stop val) would roll them back; use scale_stop auto or none")
+
+  @property
+  def budget(self) -> bool:
+    return self.budget_bits is not None or self.budget_bytes is not None
 
   def kernel_quant(self) -> Optional[types.QuantConfig]:
     if self.float_model:
@@ -121,8 +153,8 @@ class TrainConfig:
   @property
   def brake(self) -> Optional[str]:
     """The validation brake in force: ``"val"`` or None (``"auto"`` resolved by the rule)."""
-    if self.float_model:
-      return None  # no scales to brake
+    if self.float_model or self.budget:
+      return None  # no scales to brake, or a budget sets them
     if self.scale_stop == "auto":
       return "val" if self.rule.startswith("ratio") else None
     return self.scale_stop

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lqjax
-from lqjax import losses, optim, tree
+from lqjax import budget, losses, optim, tree
 
 from lqlab import data, models
 from lqlab.config import TrainConfig
@@ -188,6 +188,30 @@ def make_ratio_stats_fn(cfg: TrainConfig, model, ds_stats):
   def fn(params, batch_stats, images, labels):
     grads = jax.grad(ce)(params, batch_stats, images, labels)
     return optim.ratio_stats(params, grads, cfg.threshold)
+
+  return fn
+
+
+def make_fisher_fn(cfg: TrainConfig, model, ds_stats, split, batches: int = 8):
+  """``fn(params, batch_stats) -> tree of summed squared gradients`` (the empirical
+  Fisher's diagonal, :func:`lqjax.budget.squared_gradients`) of the cross-entropy on
+  the first `batches` batches of `split` (evaluation mode, no augmentation)."""
+
+  @jax.jit
+  def grad(params, batch_stats, images, labels):
+    def ce(p):
+      variables = {"params": p, **({"batch_stats": batch_stats} if batch_stats else {})}
+      logits = model.apply(variables, _preprocess(cfg, ds_stats, images, None, False),
+                           train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return jax.grad(ce)(params)
+
+  n = min(batches, max(1, len(split) // cfg.batch_size))
+  chunks = [(split.image[i * cfg.batch_size:(i + 1) * cfg.batch_size],
+             split.label[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(n)]
+
+  def fn(params, batch_stats):
+    return budget.squared_gradients(lambda p, b: grad(p, batch_stats, *b), params, chunks)
 
   return fn
 

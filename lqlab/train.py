@@ -24,16 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import accounting, fileio, optim
+from lqjax import accounting, budget, compress, fileio, optim
 
-from lqlab import data
+from lqlab import data, export
 from lqlab.config import OPTIMIZERS, TrainConfig  # noqa: F401  (re-exported)
 from lqlab.evaluate import (collapsed, final_results, make_eval_fn, model_variables,  # noqa: F401
                             predict_logits)
 from lqlab.step import (INPUT_SHAPES, TrainState, _after_scales, _preprocess,  # noqa: F401
                         build_model, data_shardings, init_state, make_chunk_runner,
-                        make_optimizer, make_ratio_stats_fn, make_train_step, param_labels,
-                        quant_rules)
+                        make_fisher_fn, make_optimizer, make_ratio_stats_fn, make_train_step,
+                        param_labels, quant_rules)
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, incompatible workdir)."""
@@ -103,6 +103,78 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
     meta["frozen_at"] = epoch
   return state.replace(params=params, opt_state=opt_state, best_params=bstate.best_params), \
       meta, event
+
+
+def budget_target(cfg: TrainConfig, params, batch_stats, num_classes, ds_stats) -> float:
+  """The run's budget in average bits per quantized weight, scale storage included.
+
+  ``budget_bytes`` is converted with the file's own overhead (header and checksum,
+  measured by serialising `params`) and its float tensors at 32 bits.
+  """
+  if cfg.budget_bits is not None:
+    return float(cfg.budget_bits)
+  variables = model_variables(jax.device_get(params), jax.device_get(batch_stats))
+  blob = compress.to_bytes(variables, export.run_meta(cfg, num_classes, ds_stats))
+  payload = accounting.summarize(accounting.model_report(variables))["packed_bytes_accounted"]
+  return budget.target_bits_for_bytes(variables, cfg.budget_bytes, len(blob) - payload)
+
+
+def check_budget(cfg: TrainConfig, model, sample, num_classes, ds_stats):
+  """Refuses, before any compute, a budget below what the model's scales alone take."""
+  if not cfg.budget:
+    return
+  variables = model.init(jax.random.key(cfg.seed), sample, train=False)
+  target = budget_target(cfg, variables["params"], variables.get("batch_stats", {}),
+                         num_classes, ds_stats)
+  floor = budget.floor_bits(variables["params"])
+  if target < floor:
+    what = (f"--budget_bits={cfg.budget_bits:g}" if cfg.budget_bits is not None else
+            f"--budget_bytes={cfg.budget_bytes} ({target:.3f} bits per weight after the header "
+            f"and float tensors)")
+    raise budget.BudgetError(f"{what} is below the {floor:.3f} bits per weight that the scales alone "
+                     f"take ({cfg.model}, {cfg.granularity} scales); ask for more or use "
+                     f"coarser --granularity")
+
+
+def budget_schedule(cfg: TrainConfig, epoch: int, start_bits: float, target: float):
+  """``(budget, coarsen_only)``: what a run projects onto at the end of `epoch` (1-based).
+
+  Over the scale phase (the first ``scale_decay_fraction`` of the epochs) it falls
+  from `start_bits` to `target` as ``target + (start - target) * (1 - e/E)^3``
+  (coarsening only: the learned rule may be below it); at the phase's last epoch
+  it is exactly `target`, both ways, and the grids freeze; after that, an epoch
+  projects again where the fine-tuned weights left the target by more than 1%.
+  """
+  phase = max(1, round(cfg.scale_decay_fraction * cfg.epochs))
+  if epoch < phase:
+    return target + (start_bits - target) * (1 - epoch / phase) ** 3, True
+  return target, False
+
+
+def _budget_step(cfg, state, meta, epoch, fisher_fn, target):
+  """Projects the grids onto the epoch's budget (:func:`budget_schedule`).
+
+  Returns ``(state, meta, event)``; the grids freeze (scale step x0) at the
+  scale phase's end.
+  """
+  if not cfg.budget:
+    return state, meta, None
+  start = meta.setdefault("budget_start_bits", budget.budget_bits_of(state.params))
+  goal, coarsen_only = budget_schedule(cfg, epoch, start, target)
+  phase_end = max(1, round(cfg.scale_decay_fraction * cfg.epochs))
+  if epoch > phase_end and abs(budget.budget_bits_of(state.params) - target) <= 0.01 * target:
+    return state, meta, None
+  params, info = budget.project(state.params, goal, fisher_fn(state.params, state.batch_stats),
+                                coarsen_only=coarsen_only)
+  params = jax.device_put(params, jax.tree_util.tree_leaves(state.params)[0].sharding)
+  opt_state = state.opt_state
+  if epoch == phase_end:
+    opt_state = optim.set_scale_mult(opt_state, 0.0)
+    meta = dict(meta, frozen_at=epoch)
+  event = (f"budget {goal:.3f} bits: {info['before']:.3f} -> {info['after']:.3f} "
+           f"({info['groups_moved']} groups moved)"
+           + ("; grids frozen" if epoch == phase_end else ""))
+  return state.replace(params=params, opt_state=opt_state), meta, event
 
 
 def _hash_path(workdir, step) -> pathlib.Path:
@@ -219,6 +291,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
 
+  check_budget(cfg, build_model(cfg, ds.num_classes) if model is None else model,
+               ds.train.image[:1].astype(jnp.float32), ds.num_classes, (ds.mean, ds.std))
+
   try:
     workdir.mkdir(exist_ok=True)
     lock = fileio.lock_dir(workdir)
@@ -273,6 +348,7 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
   evaluate = make_eval_fn(cfg, model, stats, batch_sharding)
   ratio_fn = make_ratio_stats_fn(cfg, model, stats)
   bits_fn = jax.jit(accounting.average_bits)
+  fisher_fn = make_fisher_fn(cfg, model, stats, ds.train) if cfg.budget else None
   data_rng = jax.random.key(cfg.seed + 1)
   step_rng = jax.random.key(cfg.seed + 2)
 
@@ -357,6 +433,10 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
           bar.close()
           raise _interrupted(sig.hit, state, workdir)
       bar.close()
+      state, meta, budget_event = _budget_step(
+          cfg, state, meta, epoch + 1, fisher_fn,
+          budget_target(cfg, state.params, state.batch_stats, ds.num_classes, stats)
+          if cfg.budget else None)
       val_acc, val_loss = evaluate(state.params, state.batch_stats, ds.val)
       avg, per_layer = bits_fn(state.params) if not cfg.float_model else (32.0, {})
       r_stats = {} if cfg.float_model else jax.tree_util.tree_map(float, ratio_fn(
@@ -369,7 +449,8 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
              "bits_per_layer": {k: float(v) for k, v in per_layer.items()},
              "ratio_r": r_stats, "scale_mult": float(optim.scale_mult(state.opt_state)),
              "seconds": time.time() - t_start,
-             **({"scale_stop": event} if event else {})}
+             **({"scale_stop": event} if event else {}),
+             **({"budget": budget_event} if budget_event else {})}
       rows.append(row)
       fileio.write_jsonl_atomic(workdir / "metrics.jsonl", rows)
       meta = {**meta, "loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0,
@@ -384,9 +465,14 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
   mngr.close()
   train_seconds = meta["train_seconds"] if start_step >= total_steps else time.time() - t_start
 
+  extra = {}
+  if cfg.budget:
+    extra = {"budget_target_bits": budget_target(cfg, state.params, state.batch_stats,
+                                                 ds.num_classes, stats),
+             "budget_bits": budget.budget_bits_of(state.params)}
   results = final_results(cfg, state.params, state.batch_stats, evaluate, ds, workdir,
                           train_seconds=train_seconds, devices=devices,
-                          scales_frozen_at_epoch=meta.get("frozen_at"))
+                          scales_frozen_at_epoch=meta.get("frozen_at"), **extra)
   results_path = workdir / "results.json"
   if start_step >= total_steps and results_path.exists():
     try:
