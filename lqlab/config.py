@@ -39,6 +39,9 @@ class TrainConfig:
   rounding: str = _field("round", "round (to nearest) | floor (the thesis's; loses ~1.3 points "
                                   "val accuracy on MNIST)")
   bits: Optional[int] = _field(None, "clip codes to b bits (fixed-bit and LSQ baselines)")
+  edge_bits: Optional[int] = _field(
+      None, "bits of the first and last layer (the literature's 8-bit first/last setup); the "
+            "rest use --bits")
   init_bits: int = _field(8, "initial bit budget of free-bit scales")
   lsq_weight: float = _field(1.0, "weight of the LSQ term in rule ratio_lsq")
   relax_threshold: Optional[float] = _field(
@@ -113,6 +116,8 @@ class TrainConfig:
     self.kernel_quant()  # validates rule, threshold, rounding, bits, granularities
     self.bias_quant()
     self._check_budget()
+    if self.edge_bits is not None and not 1 <= self.edge_bits <= 16:
+      raise ValueError(f"edge_bits must be in 1..16, got {self.edge_bits}")
 
   def _check_budget(self):
     if self.budget_bits is None and self.budget_bytes is None:

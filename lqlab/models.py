@@ -100,6 +100,10 @@ REGISTRY: Dict[str, Callable[[int], nn.Module]] = {
 MODELS = tuple(REGISTRY)
 # Dense layers of the models (a `spatial` kernel config quantizes them per tensor).
 DENSE_LAYERS = r"fc\d+|head"
+# Each model's first and last layer (module paths): the layers the literature keeps at
+# 8 bits when it quantizes the rest to fewer.
+EDGE_LAYERS = {"lenet300": ("fc1", "fc3"), "lenet5": ("conv1", "fc2"),
+               "resnet20": ("stem", "head"), "resnet_small": ("stem", "head")}
 
 
 def make_model(name: str, num_classes: int) -> nn.Module:

@@ -43,13 +43,19 @@ class TrainState(struct.PyTreeNode):
 
 
 def quant_rules(cfg: TrainConfig):
-  """The lqjax rules of a run: every Dense and Conv, first and last included.
+  """The lqjax rules of a run: every Dense and Conv, first and last included (those two
+  at ``edge_bits`` when it is set).
 
   ``spatial`` granularity needs a conv kernel: Dense kernels under a ``spatial``
   kernel config are quantized per tensor instead.
   """
   kernel, bias = cfg.kernel_quant(), cfg.bias_quant()
   rules = []
+  if cfg.edge_bits is not None:
+    edge = dataclasses.replace(kernel, bits=cfg.edge_bits)
+    rules.append(lqjax.Rule("|".join(models.EDGE_LAYERS[cfg.model]), edge,
+                            bias=None if bias is None else dataclasses.replace(
+                                bias, bits=cfg.edge_bits)))
   if kernel.granularity == "spatial":
     rules.append(lqjax.Rule(models.DENSE_LAYERS, dataclasses.replace(kernel, granularity="tensor"),
                             bias=bias))

@@ -193,8 +193,13 @@ def family(r) -> str:
   if scheme in ("float", "ptq", "qwix", "penalty"):
     return {"float": "fp32", "ptq": "ptq min-max", "qwix": "qwix QAT",
             "penalty": "penalty (scheme B)"}[scheme]
+  if cfg.get("budget_bits") or cfg.get("budget_bytes"):
+    return "budgeted " + (rule or "?")
+  stop = cfg.get("scale_stop")
+  if stop == "auto":  # the default: the brake for the ratio rules
+    stop = "val" if (rule or "").startswith("ratio") else None
   if rule == "ratio":
-    return "stable ratio" if cfg.get("scale_stop") == "val" else "ratio (thesis)"
+    return "stable ratio" if stop == "val" else "ratio (thesis)"
   return {"fixed": "fixed-bit STE", "lsq": "LSQ"}.get(rule, rule or "?")
 
 
@@ -348,6 +353,145 @@ def versus_lsq_section(rows):
   return out + [""]
 
 
+def _agree(a, b) -> str:
+  """Whether two seed sets' means differ by no more than their two spreads together."""
+  if len(a) < 2 or len(b) < 2:
+    return "-"
+  d = abs(statistics.mean(a) - statistics.mean(b))
+  return "yes" if d <= statistics.stdev(a) + statistics.stdev(b) + 1e-12 else "no"
+
+
+def scale_every_section(rows):
+  """Accuracy and bits with the scales updated every k steps against every step (k=1)."""
+  rows = [r for r in rows if r["sweep"].startswith("scale_every_")]
+  if not rows:
+    return []
+  out = ["## Scale updates every k steps", "",
+         "The same runs with the scales updated every step (k=1) and every k steps (the "
+         "others train the weights only; the scales' learning rate is multiplied by k). "
+         "Mean ± std over seeds; *agrees*: the difference of means from k=1 is within the two "
+         "variants' standard deviations added, for test accuracy and for average bits. Train "
+         "seconds share the 2-core CPU with other runs: see docs/PERFORMANCE.md for step "
+         "times measured side by side.", "",
+         "| dataset / model | epochs | recipe | k | seeds | test accuracy | avg bits | "
+         "agrees (accuracy, bits) | train s |", "|---|---|---|---|---|---|---|---|---|"]
+  groups = _group(rows, lambda r: (r["dataset"], r["model"], r["epochs"],
+                                   re.sub(r"_?k\d+$", "", variant_of(r["run"])) or "default"))
+  for (ds, model, epochs, recipe), rs in groups.items():
+    by_k = collections.OrderedDict(sorted(_group(rs, lambda r: r["config"].get(
+        "scale_every", 1)).items()))
+    base = by_k.get(1, [])
+    for k, vs in by_k.items():
+      acc, bits = [r["test_accuracy"] for r in vs], [r["avg_bits"] for r in vs]
+      agree = "-" if k == 1 else (
+          f"{_agree(acc, [r['test_accuracy'] for r in base])}, "
+          f"{_agree(bits, [r['avg_bits'] for r in base])}")
+      out.append(f"| {ds} / {model} | {epochs} | {recipe} | {k} | {len(vs)} | {_ms(acc)} | "
+                 f"{_ms(bits, '{:.2f}')} | {agree} | {_ms([r['train_seconds'] for r in vs], '{:.0f}')} |")
+  return out + [""]
+
+
+def frontier_section(rows, plots_dir):
+  """Budgeted runs against the uniform-bit baselines at (about) equal packed size."""
+  rows = [r for r in rows if r["sweep"].startswith("frontier_")]
+  if not rows:
+    return []
+  out = ["## The low-bit frontier at equal packed size", "",
+         "Budgeted runs (`--budget_bits`: average bits per quantized weight, scale storage "
+         "included) against LSQ with uniform bits and LSQ with the first and last layer at 8 "
+         "bits, same model, data and schedule. Mean ± std over seeds. *Landing*: the largest "
+         "distance of a seed's size from its budget. *vs best baseline*: the difference in "
+         "mean test accuracy from the most accurate baseline whose file is at least as large "
+         "(points; *beyond spread* when it exceeds the two standard deviations added).", ""]
+  for sweep, rs in _group(rows, lambda r: r["sweep"]).items():
+    variants = _group(rs, lambda r: variant_of(r["run"]))
+    epochs = rs[0]["epochs"]
+    out += [f"### {rs[0]['dataset']} / {rs[0]['model']}, {epochs} epochs (`{sweep}`)", "",
+            "| variant | scheme | seeds | test accuracy | val accuracy | avg code bits | "
+            "file bytes | ratio | entropy-coded ratio | landing | vs best baseline |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    stats = {}
+    for var, vs in variants.items():
+      stats[var] = (family(vs[0]), [r["test_accuracy"] for r in vs],
+                    _mean([r.get("packed_bytes") for r in vs]))
+    for var, vs in sorted(variants.items(), key=lambda kv: -(stats[kv[0]][2] or 0)):
+      fam, acc, size = stats[var]
+      landing, versus = "-", "-"
+      if fam.startswith("budgeted"):
+        tgt = vs[0]["config"].get("budget_bits")
+        landing = f"{max(abs(r['budget_bits'] - tgt) / tgt for r in vs):.2%}" if tgt else "-"
+        base = [(statistics.mean(a), a, v) for v, (f, a, sz) in stats.items()
+                if not f.startswith("budgeted") and sz and size and sz >= size]
+        if base:
+          m, a, v = max(base)
+          d = statistics.mean(acc) - m
+          spread = (statistics.stdev(acc) + statistics.stdev(a)) if len(acc) > 1 and len(a) > 1 \
+              else 0.0
+          versus = (f"{100 * d:+.2f} vs {v} ({'beyond' if abs(d) > spread else 'within'} "
+                    f"spread {100 * spread:.2f})")
+      out.append(f"| {var} | {fam} | {len(vs)} | {_ms(acc)} | "
+                 f"{_ms([r['val_accuracy'] for r in vs])} | "
+                 f"{_ms([r['avg_bits'] for r in vs], '{:.2f}')} | "
+                 f"{_ms([r.get('packed_bytes') for r in vs], '{:.0f}')} | "
+                 f"{_ms([size_ratio(r) for r in vs], '{:.1f}')} | "
+                 f"{_ms([r.get('entropy_coded_ratio') for r in vs], '{:.1f}')} | {landing} | "
+                 f"{versus} |")
+    png = summary_plot(f"frontier_{sweep}", {(sweep, v): vs for v, vs in variants.items()},
+                       plots_dir)
+    if png:
+      out += ["", f"![{sweep}]({png.relative_to(plots_dir.parent).as_posix()})"]
+    out.append("")
+  return out
+
+
+def headline_section(rows):
+  """The memory reduction at <= 0.3 and <= 1 point from FP32, per dataset, best model."""
+  out = ["## Headline", ""]
+  cells = {}
+  for (ds, model, epochs), variants in _by_schedule(rows):
+    fp32 = [_mean([r["test_accuracy"] for r in vs]) for vs in variants.values()
+            if family(vs[0]) == "fp32"]
+    if not fp32:
+      continue
+    ref = max(fp32)
+    for (sweep, var), vs in variants.items():
+      if family(vs[0]) == "fp32":
+        continue
+      where = sorted({r.get("platform", "cpu") for r in vs} - {"cpu"})
+      acc = _mean([r["test_accuracy"] for r in vs])
+      for tol in (0.3, 1.0):
+        if acc < ref - tol / 100 - 1e-9:
+          continue
+        for field in ("compression_ratio", "entropy_coded_ratio"):
+          val = _mean([r.get(field) for r in vs])
+          key = (ds, tol, field)
+          if val and val > cells.get(key, (0,))[0]:
+            cells[key] = (val, f"{sweep} / {var}", model, epochs, acc, ref, len(vs),
+                          f", made on {', '.join(where)}" if where else "")
+  if not cells:
+    return []
+  best = max(v[0] for (ds, tol, f), v in cells.items() if f == "compression_ratio")
+  datasets = sorted({k[0] for k in cells})
+  out += [f"lqjax reduces memory by up to {best:.1f}x (packed file) on "
+          f"{', '.join(datasets)}, with test accuracy within 1 point of FP32 on the same "
+          f"schedule. Per dataset, the largest mean ratio among variants (mean over their "
+          f"seeds) within 0.3 and 1 point of the most accurate FP32 variant of the same "
+          f"model and schedule:", "",
+          "| dataset | within | packed ratio | variant | entropy-coded ratio | variant |",
+          "|---|---|---|---|---|---|"]
+  for ds in datasets:
+    for tol in (0.3, 1.0):
+      row = f"| {ds} | {tol:g} point{'s' if tol != 1 else ''} |"
+      for field in ("compression_ratio", "entropy_coded_ratio"):
+        c = cells.get((ds, tol, field))
+        row += " - | - |" if c is None else (
+            f" {c[0]:.1f}x | [{c[1]}](#{c[1].split(' / ')[0].lower()}) "
+            f"({c[2]}, {c[3]} epochs, {c[6]} seed{'s' if c[6] > 1 else ''}{c[7]}, "
+            f"{c[4]:.4f} vs FP32 {c[5]:.4f}) |")
+      out.append(row)
+  return out + [""]
+
+
 def _layer_bits(r, kind):
   vals = [b for k, b in r.get("quantized_bits_per_layer", {}).items()
           if k.endswith("kernel") and (("conv" in k) == (kind == "conv"))]
@@ -480,7 +624,9 @@ def main(argv=None):
   if missing and not args.sweeps:
     print(f"note: no record yet of sweep(s) {', '.join(missing)}: the report leaves them out "
           f"(run scripts/sweep.py --config sweeps/<config>.json)", file=sys.stderr)
+  lines += headline_section(all_rows)
   lines += off_cpu_runs(all_rows)
+  lines += frontier_section(all_rows, plots_dir) + scale_every_section(all_rows)
   lines += dataset_summary(all_rows, plots_dir) + targets_section(all_rows)
   lines += versus_lsq_section(all_rows)
   lines += threshold_section(all_rows) + tuning_section(all_rows)

@@ -457,3 +457,44 @@ def test_benchmarks_have_one_entry_point_with_subcommands():
   assert r.returncode == 2 and "--windows must be >= 1" in r.stderr
   r = run("step", "--help")
   assert r.returncode == 0 and "--windows" in r.stdout
+
+
+def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
+  report = _load("report")
+  rows = [_row("fp32_s0", "base", 0.980, 1.0, scheme="float", rule=None),
+          _row("lsq_s0", "base", 0.978, 15.0, ecr=20.0),   # 0.2 points below: within 0.3
+          _row("big_s0", "base", 0.972, 30.0, ecr=45.0)]   # 0.8 below: within 1 only
+  head = "\n".join(report.headline_section(rows))
+  assert "up to 30.0x (packed file) on mnist" in head
+  assert "| mnist | 0.3 points | 15.0x | [base / lsq](#base) (lenet300, 10 epochs, 1 seed, " \
+         "0.9780 vs FP32 0.9800) | 20.0x |" in head
+  assert "| mnist | 1 point | 30.0x | [base / big](#base)" in head
+
+  def k_run(k, seed, acc, bits):
+    r = _row(f"{'k' + str(k)}_s{seed}", "scale_every_x", acc, 10.0, rule="ratio", bits=bits)
+    r["config"]["scale_every"] = k
+    return r
+  # k=1: 0.980 +- 0.001; k=4 mean 0.9795 (0.05 points off, spreads 0.1 + 0.1: agrees);
+  # k=16 mean 0.976 (0.4 points off: does not); bits all 3.0 +- 0.1 except k=16's 3.5
+  ks = [k_run(1, 0, 0.979, 2.9), k_run(1, 1, 0.980, 3.0), k_run(1, 2, 0.981, 3.1),
+        k_run(4, 0, 0.9785, 2.9), k_run(4, 1, 0.9795, 3.0), k_run(4, 2, 0.9805, 3.1),
+        k_run(16, 0, 0.975, 3.4), k_run(16, 1, 0.976, 3.5), k_run(16, 2, 0.977, 3.6)]
+  text = "\n".join(report.scale_every_section(ks))
+  assert "| mnist / lenet300 | 10 | default | 4 | 3 | 0.9795 ± 0.0010 | 3.00 ± 0.10 | yes, yes |" \
+      in text
+  assert "| 16 | 3 | 0.9760 ± 0.0010 | 3.50 ± 0.10 | no, no |" in text
+
+  def f_run(var, seed, acc, size, budget=None, rule="lsq"):
+    r = _row(f"{var}_s{seed}", "frontier_x", acc, 10.0, rule=rule)
+    r.update(packed_bytes=size)
+    if budget:
+      r["config"]["budget_bits"], r["budget_bits"] = budget, budget * (1 + 0.001 * seed)
+    return r
+  fr = [f_run("lsq2", s, a, 1000) for s, a in enumerate((0.900, 0.902, 0.904))] + \
+       [f_run("budget2", s, a, 990, 2.0, "ratio") for s, a in enumerate((0.910, 0.911, 0.912))] + \
+       [f_run("budget1", s, a, 500, 1.0, "ratio") for s, a in enumerate((0.84, 0.89, 0.94))]
+  text = "\n".join(report.frontier_section(fr, tmp_path / "plots"))
+  # budget2: +0.90 points over lsq2 (mean 0.902), spreads 0.2 + 0.1 points: beyond
+  assert "| budget2 | budgeted ratio | 3 | 0.9110 ± 0.0010 |" in text
+  assert "| 0.20% | +0.90 vs lsq2 (beyond spread 0.30) |" in text
+  assert "| 0.20% | -1.20 vs lsq2 (within spread 5.20) |" in text
