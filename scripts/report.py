@@ -644,7 +644,9 @@ def main(argv=None):
     b, e = "<!-- results:begin -->", "<!-- results:end -->"
     if head and b in text and e in text:
       targets = "\n".join(targets_section(all_rows)[4:]).strip()  # the table, without its title
-      body = (head + "\n\nDistance to the targets (best variant within the accuracy "
+      headline = "\n".join(headline_section(all_rows)[2:]).strip().replace(
+          "](#", "](docs/RESULTS.md#")
+      body = (headline + "\n\n" + head + "\n\nDistance to the targets (best variant within the accuracy "
               "tolerance of FP32 on the same schedule):\n\n" + targets +
               "\n\nAll measured results: [docs/RESULTS.md](docs/RESULTS.md).")
       p.write_text(text[:text.index(b) + len(b)] + "\n" + body + "\n" + text[text.index(e):])
