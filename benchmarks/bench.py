@@ -47,6 +47,9 @@ BATCH = {"lenet300": 128, "lenet5": 128, "resnet20": 128}
 DATASET = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10"}
 SHAPE = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 CONTROL = "repeat"  # the granularity column of the float control row
+# scale_every of a weights-only configuration: after the first (warm-up) step, no step
+# updates the scales
+WEIGHTS_ONLY = 2 ** 30
 
 
 def round_robin(fns, windows: int, sync, rotate: bool = False):
@@ -116,11 +119,11 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int, **step_kw
   rng = jax.random.key(0)
   run_chunk = train.make_chunk_runner(cfg, step_fn, n // bs, rng)
   const_batch = (images[:bs], labels[:bs])
-  # compiled ahead of time: the same executables run the constant-batch windows, and
-  # the scale step's is the one whose kernels are counted
-  const_steps = {ss: jax.jit(step_fn, donate_argnums=(0,), static_argnames="scale_step").lower(
-      state, const_batch, rng, scale_step=ss).compile()
-      for ss in ((True, False) if cfg.scale_every > 1 else (True,))}
+  # compiled ahead of time: the same executable runs the constant-batch windows and is
+  # the one whose kernels are counted (a weights-only configuration: its weights-only step)
+  scale_step = train.learns_scales(cfg) and cfg.scale_every < WEIGHTS_ONLY
+  const_step = jax.jit(step_fn, donate_argnums=(0,), static_argnames="scale_step").lower(
+      state, const_batch, rng, scale_step=scale_step).compile()
   perm = jax.random.permutation(rng, n)
   holder = {"s": state, "model": model}
 
@@ -132,13 +135,10 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int, **step_kw
   # step is a dispatch of its own, which a GPU step is short enough to feel
   keys = [jax.random.fold_in(rng, i) for i in range(steps)]
 
-  # the scale steps' places in a window (its steps are a multiple of scale_every)
-  scale_steps = [optim.is_scale_step(i, cfg.scale_every) for i in range(steps)]
-
   def const():
     s = holder["s"]
-    for k, ss in zip(keys, scale_steps):
-      s, _ = const_steps[ss](s, const_batch, k)
+    for k in keys:
+      s, _ = const_step(s, const_batch, k)
     holder["s"] = s
     return s
 
@@ -146,8 +146,8 @@ def prepare_config(cfg: train.TrainConfig, images, labels, steps: int, **step_kw
   _sync(real())
   compile_s = time.perf_counter() - t0
   _sync(const())
-  holder["kernels"] = count_kernels(const_steps[True].as_text())
-  holder["bytes_accessed"] = bytes_accessed(const_steps[True])
+  holder["kernels"] = count_kernels(const_step.as_text())
+  holder["bytes_accessed"] = bytes_accessed(const_step)
   return real, const, compile_s, holder
 
 
@@ -207,7 +207,7 @@ def bench_interleaved(cfgs, images, labels, steps: int, windows: int):
         "step_time_ratio": median_ratio(real_t[i], real_t[0]),
         "data_pipeline_ratio": median_ratio(real_t[i], const_t[i]),
         "kernels": holder["kernels"], "bytes_accessed": holder["bytes_accessed"],
-        "model": holder["model"], "state": holder["s"]})
+        "model": holder["model"], "state": holder["s"], "real_t": real_t[i]})
   return out
 
 
@@ -240,11 +240,22 @@ def peak_memory_mb():
     return None
 
 
-def run(models, steps, windows, scale_every=(1,)):
-  """Benchmarks `models`; the learned rules (lsq, ratio) once per k in `scale_every`.
+def every_k(scale_t, weights_t, float_t, k: int):
+  """(step seconds, ratio to float) of a run that updates the scales every `k` steps, from
+  per-round times of its scale step, its weights-only step and the float step: the median
+  over rounds of ``(t_scale + (k-1) t_weights) / k``, and of that over ``t_float``."""
+  mixed = [(a + (k - 1) * b) / k for a, b in zip(scale_t, weights_t)]
+  return statistics.median(mixed), median_ratio(mixed, float_t)
 
-  Each window's steps are rounded up to a multiple of the largest k, so every
-  window holds the same share of scale steps.
+
+def run(models, steps, windows, scale_every=(1,)):
+  """Benchmarks `models`.
+
+  The learned rules (lsq, ratio) are measured twice, side by side with the rest: their
+  scale step (k=1: every step updates the scales) and their weights-only step. A run
+  with the scales updated every k steps alternates one of the first with k-1 of the
+  second, so its step time is ``(t_scale + (k-1) t_weights) / k``: for each k > 1 in
+  `scale_every` a row with that ratio is derived per round from the two measured in it.
   """
   rows = []
   for name in models:
@@ -254,7 +265,7 @@ def run(models, steps, windows, scale_every=(1,)):
     variants = [("float", "-", dict(float_model=True))]
     for rule in ("fixed", "lsq", "ratio"):
       for g in ("tensor", gran):
-        for k in ((1,) if rule == "fixed" else scale_every):
+        for k in ((1,) if rule == "fixed" else (1, WEIGHTS_ONLY)):
           kw = dict(rule=rule, granularity=g, rounding="round", scale_every=k)
           if rule in ("fixed", "lsq"):
             kw["bits"] = 4
@@ -265,20 +276,33 @@ def run(models, steps, windows, scale_every=(1,)):
     cfgs = [train.TrainConfig(dataset=ds_name, model=name, batch_size=BATCH[name],
                               optimizer="sgd" if name == "resnet20" else "adam", **kw)
             for _, _, kw in variants]
-    kmax = max(scale_every)
-    n_steps = -(-steps[name] // kmax) * kmax
-    results = bench_interleaved(cfgs, images, labels, n_steps, windows)
+    results = bench_interleaved(cfgs, images, labels, steps[name], windows)
+    by_key = {}
     for (rule, g, _), cfg, r in zip(variants, cfgs, results):
-      row = {"model": name, "rule": rule, "granularity": g, "scale_every": cfg.scale_every,
+      k = "weights-only" if cfg.scale_every >= WEIGHTS_ONLY else cfg.scale_every
+      row = {"model": name, "rule": rule, "granularity": g, "scale_every": k,
              "batch_size": BATCH[name], "date": datetime.date.today().isoformat(),
-             "windows": windows, "steps": n_steps,
-             **{k: v for k, v in r.items() if k not in ("model", "state")}}
-      if rule == "ratio" and g != "tensor" and cfg.scale_every == 1:
+             "windows": windows, "steps": steps[name],
+             **{kk: v for kk, v in r.items() if kk not in ("model", "state", "real_t")}}
+      if rule == "ratio" and g != "tensor" and k == 1:
         row.update(bench_eval(cfg, r["model"], r["state"], images, windows))
       rows.append(row)
-      print(f"{name:9s} {rule:6s} {g:8s} k={cfg.scale_every:<3d} step {1e3 * row['step_s']:8.2f} ms  "
+      by_key[(rule, g, k)] = r
+      print(f"{name:9s} {rule:6s} {g:8s} k={str(k):12s} step {1e3 * row['step_s']:8.2f} ms  "
             f"ratio {row['step_time_ratio']:.3f}  const-batch {1e3 * row['const_batch_step_s']:8.2f} ms"
             f"  compile {row['compile_s']:.1f}s  kernels {row['kernels']}", flush=True)
+    base_t = results[0]["real_t"]
+    for rule in ("lsq", "ratio"):
+      for g in ("tensor", gran):
+        on, off = by_key[(rule, g, 1)]["real_t"], by_key[(rule, g, "weights-only")]["real_t"]
+        for k in (k for k in scale_every if k > 1):
+          step_s, ratio = every_k(on, off, base_t, k)
+          rows.append({"model": name, "rule": rule, "granularity": g, "scale_every": k,
+                       "derived": True, "batch_size": BATCH[name], "windows": windows,
+                       "date": datetime.date.today().isoformat(), "steps": steps[name],
+                       "step_s": step_s, "step_time_ratio": ratio})
+          print(f"{name:9s} {rule:6s} {g:8s} k={k:<12d} ratio {rows[-1]['step_time_ratio']:.3f}"
+                f" (derived)", flush=True)
   return rows
 
 
@@ -309,7 +333,7 @@ def cost_lines(rows, limit: float = 1.10) -> list:
   for model in dict.fromkeys(r["model"] for r in rows):
     rs = [r for r in rows if r["model"] == model]
     base = rs[0]
-    worst = max((r for r in rs[1:] if r["granularity"] != CONTROL),
+    worst = max((r for r in rs[1:] if r["granularity"] != CONTROL and "kernels" in r),
                 key=lambda r: r["step_time_ratio"], default=None)
     if worst is None or worst["step_time_ratio"] <= limit or "kernels" not in base \
         or worst["kernels"] <= base["kernels"]:
@@ -339,17 +363,25 @@ def readme_section(doc) -> str:
            f"process; the ratio is the median of the per-round ratios). Kernels: instructions "
            f"of the compiled step that XLA dispatches one by one. MB/step: the bytes the "
            f"compiled step reads and writes, by XLA's cost analysis.", "",
-           "| model | rule | granularity | scales every k steps | step (ms) | quantized/float "
+           "| model | rule | granularity | scales updated | step (ms) | quantized/float "
            "| kernels | MB/step |",
            "|---|---|---|---|---|---|---|---|"]
   for r in doc["rows"]:
     mb = f"{r['bytes_accessed'] / 1e6:.1f}" if r.get("bytes_accessed") else "-"
-    k = "-" if r["rule"] in ("float", "fixed") else r.get("scale_every", 1)
-    lines.append(f"| {r['model']} | {r['rule']} | {r['granularity']} | {k} "
+    k = r.get("scale_every", 1)
+    when = "-" if r["rule"] in ("float", "fixed") else (
+        "every step" if k == 1 else "never (weights-only step)" if k == "weights-only"
+        else f"every {k} steps (derived)")
+    lines.append(f"| {r['model']} | {r['rule']} | {r['granularity']} | {when} "
                  f"| {1e3 * r['step_s']:.2f} | {r['step_time_ratio']:.3f} "
                  f"| {r.get('kernels', '-')} | {mb} |")
   lines += [""]
-  for k in sorted({r.get("scale_every", 1) for r in doc["rows"]}):
+  if any(r.get("derived") for r in doc["rows"]):
+    lines += ["Rows *every k steps (derived)*: a run with the scales updated every k steps "
+              "alternates one scale step with k-1 weights-only steps, so each round's ratio is "
+              "(t_every_step + (k-1) t_weights_only) / (k t_float) from the two rows measured "
+              "in that round; the median over rounds is shown."]
+  for k in sorted({r.get("scale_every", 1) for r in doc["rows"]} - {"weights-only"}):
     # the fixed rule learns no scale: its rows stand for every k
     worst = {m: max(r["step_time_ratio"] for r in doc["rows"] if r["model"] == m
                     and r["rule"] != "float"
@@ -358,9 +390,8 @@ def readme_section(doc) -> str:
     lines.append(f"Worst quantized/float ratio with the scales updated "
                  f"{'every step' if k == 1 else f'every {k} steps'}: "
                  + ", ".join(f"{m} {v:.3f}" for m, v in worst.items()) + ".")
-  lines += [f"Real-data step / constant-batch step: "
-            f"{min(r['data_pipeline_ratio'] for r in doc['rows']):.3f} to "
-            f"{max(r['data_pipeline_ratio'] for r in doc['rows']):.3f}."]
+  pipe = [r["data_pipeline_ratio"] for r in doc["rows"] if "data_pipeline_ratio" in r]
+  lines += [f"Real-data step / constant-batch step: {min(pipe):.3f} to {max(pipe):.3f}."]
   control = [r for r in doc["rows"] if r["granularity"] == CONTROL]
   if control:
     lines.append("Noise: the float configuration measured a second time (rows float / "
@@ -464,7 +495,11 @@ def replace_section(path: pathlib.Path, tag: str, section: str) -> int:
   with `section` (the file is rewritten atomically); 2 with a one-line error if the
   markers are missing."""
   b, e = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-  text = path.read_text()
+  try:
+    text = path.read_text()
+  except OSError as err:
+    print(f"error: cannot read {path}: {err.strerror or err}", file=sys.stderr)
+    return 2
   if b not in text or e not in text:
     print(f"error: {path} has no {b} ... {e} markers", file=sys.stderr)
     return 2

@@ -222,6 +222,18 @@ def make_fisher_fn(cfg: TrainConfig, model, ds_stats, split, batches: int = 8):
   return fn
 
 
+def learns_scales(cfg: TrainConfig) -> bool:
+  """Whether a run's scales have a gradient (not float, not the fixed rule)."""
+  return not cfg.float_model and cfg.rule != "fixed"
+
+
+def scale_step_at(cfg: TrainConfig, step: int) -> bool:
+  """Whether step `step` updates the scales: every ``scale_every``-th step of a run whose
+  scales learn. The fixed rule's steps are all weights-only (its scale gradient is zero,
+  so skipping the scales' optimizer changes no value)."""
+  return learns_scales(cfg) and optim.is_scale_step(step, cfg.scale_every)
+
+
 def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_rng,
                       batch_sharding=None):
   """Returns ``run_chunk(state, perm, images, labels, n) -> (state, stacked metrics)``.
@@ -264,12 +276,11 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
 
   def run_chunk(state, perm, images, labels, n_steps):
     batch = first_batch(perm, images, labels, state.step)
-    every = cfg.scale_every
-    step0 = int(state.step) if every > 1 else 0  # one host read per chunk
+    step0 = int(state.step) if learns_scales(cfg) and cfg.scale_every > 1 else 0  # one read
     ms = []
     for i in range(n_steps):
       state, m, batch = step_at(state, batch, perm, images, labels,
-                                scale_step=optim.is_scale_step(step0 + i, every))
+                                scale_step=scale_step_at(cfg, step0 + i))
       ms.append(m)
     return state, stack(ms)
 

@@ -31,7 +31,8 @@ from lqlab.config import OPTIMIZERS, TrainConfig  # noqa: F401  (re-exported)
 from lqlab.evaluate import (collapsed, final_results, make_eval_fn, model_variables,  # noqa: F401
                             predict_logits)
 from lqlab.step import (INPUT_SHAPES, TrainState, _after_scales, _preprocess,  # noqa: F401
-                        build_model, data_shardings, init_state, make_chunk_runner,
+                        build_model, data_shardings, init_state, learns_scales,
+                        make_chunk_runner,
                         make_fisher_fn, make_optimizer, make_ratio_stats_fn, make_train_step,
                         param_labels, quant_rules)
 

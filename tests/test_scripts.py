@@ -349,7 +349,7 @@ def test_bench_renders_a_gpu_json_into_its_own_readme_markers(tmp_path):
   text = readme.read_text()
   assert "CPU\n<!-- bench:end -->" in text  # the CPU section is left alone
   gpu = text.split("<!-- bench-gpu:begin -->")[1]
-  assert "NVIDIA H200" in gpu and "| lenet5 | ratio | - | 1 | 1.00 | 1.050 | 3 |" in gpu
+  assert "NVIDIA H200" in gpu and "| lenet5 | ratio | - | every step | 1.00 | 1.050 | 3 |" in gpu
   assert "bench_gpu.sh" in gpu
   assert bench.main(["--from_json", str(js)]) == 2  # nowhere to render
   assert bench.main(["--from_json", str(tmp_path / "missing.json"), "--readme", str(readme)]) == 2
@@ -498,3 +498,28 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
   assert "| budget2 | budgeted ratio | 3 | 0.9110 ± 0.0010 |" in text
   assert "| 0.20% | +0.90 vs lsq2 (beyond spread 0.30) |" in text
   assert "| 0.20% | -1.20 vs lsq2 (within spread 5.20) |" in text
+
+
+def test_bench_derives_each_k_from_the_scale_and_weights_only_steps():
+  """A row "every k steps (derived)" is the median over rounds of
+  (t_scale + (k-1) t_weights_only) / (k t_float), from the rows measured side by side."""
+  bench = _load("bench")
+  # rounds: scale step 2.0, 2.4, 1.6 s; weights-only 1.0, 1.2, 0.8; float 1.0, 1.0, 0.8.
+  # k=4: (2.0 + 3)/4 = 1.25, (2.4 + 3.6)/4 = 1.5, (1.6 + 2.4)/4 = 1.0; ratios 1.25, 1.5, 1.25
+  step_s, ratio = bench.every_k([2.0, 2.4, 1.6], [1.0, 1.2, 0.8], [1.0, 1.0, 0.8], 4)
+  assert step_s == pytest.approx(1.25) and ratio == pytest.approx(1.25)
+  assert bench.every_k([2.0], [1.0], [1.0], 1) == (2.0, 2.0)
+  doc = {"machine": "x86_64, 2 cores", "backend": "cpu", "date": "2026-01-01", "jax": "0",
+         "rows": [
+             {"model": "m", "rule": "float", "granularity": "-", "step_s": 1.0,
+              "step_time_ratio": 1.0, "data_pipeline_ratio": 1.0, "kernels": 3},
+             {"model": "m", "rule": "lsq", "granularity": "row", "scale_every": 1,
+              "step_s": 1.4, "step_time_ratio": 1.4, "data_pipeline_ratio": 1.0, "kernels": 5},
+             {"model": "m", "rule": "lsq", "granularity": "row", "scale_every": "weights-only",
+              "step_s": 1.0, "step_time_ratio": 1.0, "data_pipeline_ratio": 1.0, "kernels": 4},
+             {"model": "m", "rule": "lsq", "granularity": "row", "scale_every": 4,
+              "derived": True, "step_s": 1.1, "step_time_ratio": 1.1}]}
+  text = bench.readme_section(doc)
+  assert "| m | lsq | row | every 4 steps (derived) | 1100.00 | 1.100 | - | - |" in text
+  assert "| m | lsq | row | never (weights-only step) |" in text
+  assert "updated every step: m 1.400." in text and "updated every 4 steps: m 1.100." in text
