@@ -143,3 +143,24 @@ def test_budgeted_mnist_run_lands_on_its_budget(tmp_path, flag, value):
   assert res["test_accuracy"] >= 0.93, res["test_accuracy"]
   rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
   assert all("budget" in r for r in rows) and "grids frozen" in rows[-2]["budget"]
+
+
+def test_projection_of_an_nnx_module_state():
+  from flax import nnx
+  m = lqjax.quantize(nnx.Linear(64, 8, rngs=nnx.Rngs(0)),
+                     lqjax.Rule(config=lqjax.QuantConfig(granularity="row")))
+  # the kernel's 8 groups of 64 weights (biases stay float): 8 x 72 bits over 512 weights
+  assert budget.floor_bits(m) == pytest.approx(8 * 72 / 512)
+  new, info = budget.project(nnx.state(m, nnx.Param), 3.0)
+  nnx.update(m, new)
+  assert info["after"] == pytest.approx(budget.budget_bits_of(m)) and info["after"] <= 3.0
+
+
+def test_budget_schedule_falls_cubically_then_holds():
+  from lqlab.config import TrainConfig
+  cfg = TrainConfig(epochs=10, budget_bits=2.0)  # scale phase: 8 epochs
+  from lqlab import train
+  # epoch 4 of 8: 2 + (8 - 2) * (1 - 4/8)^3 = 2.75, coarsening only
+  assert train.budget_schedule(cfg, 4, 8.0, 2.0) == (pytest.approx(2.75), True)
+  assert train.budget_schedule(cfg, 8, 8.0, 2.0) == (2.0, False)  # exact, both ways
+  assert train.budget_schedule(cfg, 10, 8.0, 2.0) == (2.0, False)
