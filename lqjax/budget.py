@@ -19,7 +19,8 @@ cost is ``F_G * mean(P^2)``. Coarsening takes the group with the smallest cost
 increase per bit saved; refining the one with the largest decrease per bit
 spent (greedy marginal analysis; the cost is convex in b, so each group's steps
 come in order). Every group then gets the smallest step for its bit width, which
-uses its whole code range.
+uses its whole code range; pruned groups share one step (:data:`PRUNED_LOG_SCALE`),
+which the entropy-coded file then stores almost for free.
 
 The budget counts every quantized tensor's code bits plus
 :data:`OVERHEAD_BITS` per scale group (the float32 scale, int32 offset and
@@ -42,6 +43,8 @@ from lqjax import accounting, quant, tree, types
 OVERHEAD_BITS = 8 * accounting.GROUP_OVERHEAD_BYTES
 # The widest grid a refinement gives a group.
 MAX_BITS = 16
+# log s of every pruned group (s ~ 4.9e8: every weight of any trained model rounds to 0).
+PRUNED_LOG_SCALE = 20.0
 
 
 class BudgetError(ValueError):
@@ -223,6 +226,11 @@ def project(params, target_bits: float, fisher=None, *, coarsen_only: bool = Fal
   for g, b in zip(gs, bits):
     s = min_step(g.lo, g.hi, b, g.qt.config.rounding).astype(np.float64)
     log_s = np.clip(np.log(s), -quant.LOG_SCALE_MAX, quant.LOG_SCALE_MAX)
+    # a pruned group (every code 0) takes one shared step, so that the entropy-coded file
+    # stores its scale once; a single-valued group keeps its grid (it costs 0 bits already)
+    old_log_s = np.asarray(g.qt.log_scale, np.float64).reshape(-1)
+    log_s = np.where((b == 0) & (g.hi > g.lo), max(PRUNED_LOG_SCALE, float(np.max(log_s))),
+                     np.where(g.hi > g.lo, log_s, old_log_s))
     new[g.qt.scale_path] = jnp.asarray(log_s.reshape(g.qt.log_scale.shape),
                                        g.qt.log_scale.dtype)
   out = tree.replace_arrays(params, new)

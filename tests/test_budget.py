@@ -164,3 +164,17 @@ def test_budget_schedule_falls_cubically_then_holds():
   assert train.budget_schedule(cfg, 4, 8.0, 2.0) == (pytest.approx(2.75), True)
   assert train.budget_schedule(cfg, 8, 8.0, 2.0) == (2.0, False)  # exact, both ways
   assert train.budget_schedule(cfg, 10, 8.0, 2.0) == (2.0, False)
+
+
+def test_pruned_groups_share_one_step_and_round_to_zero():
+  rng = np.random.default_rng(3)
+  params = _model(rows=16, cols=32, kernel=rng.normal(0, 1, (32, 16)).astype(np.float32))
+  out, info = budget.project(params, budget.floor_bits(params) + 0.5)  # most groups pruned
+  t = tree.quantized_tensors(out)[0]
+  log_s = np.asarray(t.log_scale).reshape(-1)
+  codes = accounting.group_view(accounting.tensor_codes(t.p, t.log_scale, "round")[0], (1, 16))
+  pruned = np.all(codes == 0, axis=1)
+  assert 8 <= pruned.sum() < 16
+  assert np.all(log_s[pruned] == budget.PRUNED_LOG_SCALE)
+  q = np.asarray(quant.fake_quant(t.p, quant.scale_from_log(t.log_scale), rounding="round"))
+  assert np.all(q[:, pruned] == 0)
