@@ -391,37 +391,53 @@ def scale_every_section(rows):
   return out + [""]
 
 
-def frontier_section(rows, plots_dir):
-  """Budgeted runs against the uniform-bit baselines at (about) equal packed size."""
-  rows = [r for r in rows if r["sweep"].startswith("frontier_")]
+def _fp32_reference(rows) -> dict:
+  """{(dataset, model, epochs): the most accurate FP32 variant's mean test accuracy}."""
+  ref = {}
+  for key, variants in _by_schedule(rows):
+    accs = [_mean([r["test_accuracy"] for r in vs]) for vs in variants.values()
+            if family(vs[0]) == "fp32"]
+    if accs:
+      ref[key] = max(accs)
+  return ref
+
+
+def frontier_section(all_rows, plots_dir):
+  """Budgeted runs against the uniform-bit baselines at (about) equal packed size, and the
+  budgeted runs of the pruning sweeps, each against FP32 on its schedule."""
+  rows = [r for r in all_rows if r["sweep"].startswith(("frontier_", "prune_"))]
   if not rows:
     return []
+  fp32 = _fp32_reference(all_rows)
   out = ["## The low-bit frontier at equal packed size", "",
          "Budgeted runs (`--budget_bits`: average bits per quantized weight, scale storage "
          "included) against LSQ with uniform bits and LSQ with the first and last layer at 8 "
          "bits, same model, data and schedule. Mean ± std over seeds. *Landing*: the largest "
          "distance of a seed's size from its budget. *vs best baseline*: the difference in "
          "mean test accuracy from the most accurate baseline whose file is at least as large "
-         "(points; *beyond spread* when it exceeds the two standard deviations added).", ""]
+         "(points; *beyond spread* when it exceeds the two standard deviations added). "
+         "*vs FP32*: points from the most accurate FP32 variant of the same model and "
+         "schedule in any sweep. A pruned group (every code 0) costs its scale's 9 bytes in "
+         "the packed file and almost nothing in the entropy-coded one.", ""]
   for sweep, rs in _group(rows, lambda r: r["sweep"]).items():
     variants = _group(rs, lambda r: variant_of(r["run"]))
-    epochs = rs[0]["epochs"]
-    out += [f"### {rs[0]['dataset']} / {rs[0]['model']}, {epochs} epochs (`{sweep}`)", "",
-            "| variant | scheme | seeds | test accuracy | val accuracy | avg code bits | "
-            "file bytes | ratio | entropy-coded ratio | landing | vs best baseline |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += [f"### {rs[0]['dataset']}, `{sweep}`", "",
+            "| variant | model, epochs | scheme | seeds | test accuracy | vs FP32 | "
+            "val accuracy | avg code bits | file bytes | ratio | entropy-coded ratio | landing "
+            "| vs best baseline |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     stats = {}
     for var, vs in variants.items():
       stats[var] = (family(vs[0]), [r["test_accuracy"] for r in vs],
-                    _mean([r.get("packed_bytes") for r in vs]))
-    for var, vs in sorted(variants.items(), key=lambda kv: -(stats[kv[0]][2] or 0)):
-      fam, acc, size = stats[var]
+                    _mean([r.get("packed_bytes") for r in vs]), (vs[0]["model"], vs[0]["epochs"]))
+    for var, vs in sorted(variants.items(), key=lambda kv: (stats[kv[0]][3],
+                                                            -(stats[kv[0]][2] or 0))):
+      fam, acc, size, where = stats[var]
       landing, versus = "-", "-"
       if fam.startswith("budgeted"):
         tgt = vs[0]["config"].get("budget_bits")
         landing = f"{max(abs(r['budget_bits'] - tgt) / tgt for r in vs):.2%}" if tgt else "-"
-        base = [(statistics.mean(a), a, v) for v, (f, a, sz) in stats.items()
-                if not f.startswith("budgeted") and sz and size and sz >= size]
+        base = [(statistics.mean(a), a, v) for v, (f, a, sz, w) in stats.items()
+                if not f.startswith("budgeted") and w == where and sz and size and sz >= size]
         if base:
           m, a, v = max(base)
           d = statistics.mean(acc) - m
@@ -429,8 +445,10 @@ def frontier_section(rows, plots_dir):
               else 0.0
           versus = (f"{100 * d:+.2f} vs {v} ({'beyond' if abs(d) > spread else 'within'} "
                     f"spread {100 * spread:.2f})")
-      out.append(f"| {var} | {fam} | {len(vs)} | {_ms(acc)} | "
-                 f"{_ms([r['val_accuracy'] for r in vs])} | "
+      ref = fp32.get((vs[0]["dataset"], vs[0]["model"], vs[0]["epochs"]))
+      gap = "-" if ref is None else f"{100 * (statistics.mean(acc) - ref):+.2f}"
+      out.append(f"| {var} | {vs[0]['model']}, {vs[0]['epochs']} | {fam} | {len(vs)} | "
+                 f"{_ms(acc)} | {gap} | {_ms([r['val_accuracy'] for r in vs])} | "
                  f"{_ms([r['avg_bits'] for r in vs], '{:.2f}')} | "
                  f"{_ms([r.get('packed_bytes') for r in vs], '{:.0f}')} | "
                  f"{_ms([size_ratio(r) for r in vs], '{:.1f}')} | "

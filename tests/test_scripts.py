@@ -493,9 +493,11 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
   fr = [f_run("lsq2", s, a, 1000) for s, a in enumerate((0.900, 0.902, 0.904))] + \
        [f_run("budget2", s, a, 990, 2.0, "ratio") for s, a in enumerate((0.910, 0.911, 0.912))] + \
        [f_run("budget1", s, a, 500, 1.0, "ratio") for s, a in enumerate((0.84, 0.89, 0.94))]
-  text = "\n".join(report.frontier_section(fr, tmp_path / "plots"))
-  # budget2: +0.90 points over lsq2 (mean 0.902), spreads 0.2 + 0.1 points: beyond
-  assert "| budget2 | budgeted ratio | 3 | 0.9110 ± 0.0010 |" in text
+  fp32 = _row("fp32_s0", "other", 0.915, 1.0, scheme="float", rule=None)
+  text = "\n".join(report.frontier_section(fr + [fp32], tmp_path / "plots"))
+  # budget2: 0.4 points below FP32's 0.915; +0.90 points over lsq2 (mean 0.902), spreads
+  # 0.2 + 0.1 points: beyond
+  assert "| budget2 | lenet300, 10 | budgeted ratio | 3 | 0.9110 ± 0.0010 | -0.40 |" in text
   assert "| 0.20% | +0.90 vs lsq2 (beyond spread 0.30) |" in text
   assert "| 0.20% | -1.20 vs lsq2 (within spread 5.20) |" in text
 
