@@ -313,8 +313,10 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
 
 def _check_same_run(cfg, workdir):
   """Refuses a workdir that holds another run, or this run with a shorter schedule."""
-  # A field added after the run was made reads as its default.
-  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+  # A field added after the run was made reads as its default; scale_every as 1 (what
+  # every run made before it did: TrainConfig.from_json).
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+              if f.name != "scale_every"}
   try:
     old = TrainConfig.from_json({**defaults, **json.loads(
         (workdir / "config.json").read_text())}).resolved_json()
