@@ -177,3 +177,12 @@ def test_nnx_weights_only_gradient_by_filter():
   assert not any("log_scale" in "/".join(map(str, k)) for k in flat_w)
   for k, v in flat_w.items():
     np.testing.assert_allclose(v[...], flat_full[k][...], rtol=1e-6)
+
+
+def test_a_workdir_from_before_scale_every_holds_a_k1_run(tmp_path):
+  d = train.TrainConfig().to_json()
+  del d["scale_every"]
+  (tmp_path / "config.json").write_text(__import__("json").dumps(d))
+  train._check_same_run(train.TrainConfig(scale_every=1), tmp_path)  # the same run
+  with pytest.raises(train.TrainingError, match="differs in scale_every"):
+    train._check_same_run(train.TrainConfig(scale_every=16), tmp_path)
