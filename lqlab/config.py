@@ -188,3 +188,12 @@ class TrainConfig:
       if isinstance(d.get(k), list):
         d[k] = tuple(d[k])
     return cls(**d)
+
+
+FORMAT_META = "lqlab-run"
+
+
+def run_meta(cfg: TrainConfig, num_classes, ds_stats) -> dict:
+  """The ``meta`` a run's packed file holds: its config, class count and normalisation."""
+  return {"format": FORMAT_META, "config": cfg.to_json(), "num_classes": int(num_classes),
+          "mean": list(ds_stats[0]), "std": list(ds_stats[1])}

@@ -23,12 +23,7 @@ import numpy as np
 
 from lqjax import compress
 
-FORMAT_META = "lqlab-run"
-
-
-def run_meta(cfg, num_classes, ds_stats) -> dict:
-  return {"format": FORMAT_META, "config": cfg.to_json(), "num_classes": int(num_classes),
-          "mean": list(ds_stats[0]), "std": list(ds_stats[1])}
+from lqlab.config import FORMAT_META, run_meta  # noqa: F401  (re-exported)
 
 
 def export(path, cfg, num_classes, ds_stats, params, batch_stats, *,

@@ -26,8 +26,8 @@ import numpy as np
 
 from lqjax import accounting, budget, compress, fileio, optim
 
-from lqlab import data, export
-from lqlab.config import OPTIMIZERS, TrainConfig  # noqa: F401  (re-exported)
+from lqlab import data
+from lqlab.config import OPTIMIZERS, TrainConfig, run_meta  # noqa: F401  (re-exported)
 from lqlab.evaluate import (collapsed, final_results, make_eval_fn, model_variables,  # noqa: F401
                             predict_logits)
 from lqlab.step import (INPUT_SHAPES, TrainState, _after_scales, _preprocess,  # noqa: F401
@@ -115,7 +115,7 @@ def budget_target(cfg: TrainConfig, params, batch_stats, num_classes, ds_stats) 
   if cfg.budget_bits is not None:
     return float(cfg.budget_bits)
   variables = model_variables(jax.device_get(params), jax.device_get(batch_stats))
-  blob = compress.to_bytes(variables, export.run_meta(cfg, num_classes, ds_stats))
+  blob = compress.to_bytes(variables, run_meta(cfg, num_classes, ds_stats))
   payload = accounting.summarize(accounting.model_report(variables))["packed_bytes_accounted"]
   return budget.target_bits_for_bytes(variables, cfg.budget_bytes, len(blob) - payload)
 
