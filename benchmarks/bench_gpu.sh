@@ -21,4 +21,4 @@ if ! python3 -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/d
 fi
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 python3 -c "import jax, flax, optax; print(jax.default_backend(), jax.devices(), 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
-python3 benchmarks/bench.py --windows 7 --steps_scale 10 --cifar_epoch --out "$out/bench_gpu.json"
+python3 benchmarks/bench.py --windows 5 --steps_scale 10 --cifar_epoch --out "$out/bench_gpu.json"
