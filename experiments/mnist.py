@@ -7,18 +7,19 @@ Default command::
 (LeNet-300-100, the stable ratio variant: rule ratio, threshold 0.15 (chosen on
 the validation split, sweeps/tune_default_lenet300.json), per-row kernel scales,
 round-to-nearest, scale lr 0.02 cosine-annealed to 0 at 80% of the run, with the
-validation brake; 10 epochs, Adam 1e-3, batch 128).
+validation brake, the scales updated every 16 steps; 10 epochs, Adam 1e-3, batch 128).
 
-Measured on the 2-core CPU: the default command plus --export
-(runs/default_commands/mnist_default_s0): test accuracy 0.9829, val 0.9808,
-3.20 average bits, packed file 112,145 B (9.5x smaller than FP32), zstd variant
-87,397 B, 23 s of training (37 s wall with start-up, evaluation and export,
-sharing the CPU with another run). Seeds 0-2
-(runs/baselines_mnist_lenet300/stable_ratio_s{0,1,2}): 0.9831 +- 0.0004 at
-3.18 +- 0.02 bits, 9.6x; FP32 with the same recipe: 0.9828 +- 0.0004.
-``--threshold=0.2`` trades accuracy for size: 0.9811 +- 0.0024 at 1.99 bits
-(15.0x). Regenerate with ``python scripts/sweep.py --config
-sweeps/baselines_lenet300.json`` and ``python scripts/report.py``.
+Measured on the 2-core CPU, seeds 0-2 of the default command
+(results/scale_every_mnist_lenet300, variant k16): test accuracy 0.9826 +- 0.0007
+at 3.16 +- 0.04 average bits, packed file 110,329-113,025 B (9.4-9.7x smaller than
+FP32), zstd variant 86,816-89,663 B, 18-27 s of training (sharing the CPU with other
+runs). With the scales updated every step (variant k1, the recipe of the runs below):
+0.9830 +- 0.0003 at 3.17 +- 0.02 bits. Seeds 0-2 of that recipe in
+runs/baselines_mnist_lenet300/stable_ratio_s{0,1,2}: 0.9831 +- 0.0004 at 3.18 +- 0.02
+bits, 9.6x; FP32 with the same recipe: 0.9828 +- 0.0004. ``--threshold=0.2`` trades
+accuracy for size: 0.9811 +- 0.0024 at 1.99 bits (15.0x). Regenerate with ``python
+scripts/sweep.py --config sweeps/scale_every_mnist_lenet300.json`` (and
+``sweeps/baselines_lenet300.json``) and ``python scripts/report.py``.
 """
 
 from experiments import common

@@ -16,6 +16,10 @@ from lqjax import types
 from lqlab import data, models
 
 OPTIMIZERS = ("adam", "sgd")
+# Fields whose default changed after runs were recorded, with the value before: a record's
+# config without the field reads as this value, and reproducing a command that did not name
+# the field needs the flag today (reproduce_flags).
+LEGACY_VALUES = {"scale_every": 1}
 
 
 def _field(default, help_text: str):
@@ -56,8 +60,9 @@ class TrainConfig:
   scale_decay_fraction: float = _field(
       0.8, "cosine scale schedule: fraction of the run after which the scales stop")
   scale_every: int = _field(
-      1, "update the scales every k steps (the others train the weights only, without the "
-         "scale gradient's reductions); the scales' lr is multiplied by k")
+      16, "update the scales every k steps (the others train the weights only, without the "
+          "scale gradient's reductions); the scales' lr is multiplied by k. 16: test accuracy "
+          "and bits agree with k=1 within the seeds' spread (docs/RESULTS.md)")
   scale_stop: Optional[str] = _field(
       "auto", "validation brake: auto (val for the ratio rules, off for fixed and lsq) | val | "
               "none. val: when val accuracy drops more than scale_stop_tolerance below the best "
@@ -182,8 +187,9 @@ class TrainConfig:
   @classmethod
   def from_json(cls, d: dict) -> "TrainConfig":
     d = dict(d)
-    # records from before scale_every existed updated the scales every step
-    d.setdefault("scale_every", 1)
+    # a record from before a field existed ran with the field's value of that time
+    for k, v in LEGACY_VALUES.items():
+      d.setdefault(k, v)
     for k in ("granularity", "bias_granularity"):
       if isinstance(d.get(k), list):
         d[k] = tuple(d[k])
@@ -197,3 +203,15 @@ def run_meta(cfg: TrainConfig, num_classes, ds_stats) -> dict:
   """The ``meta`` a run's packed file holds: its config, class count and normalisation."""
   return {"format": FORMAT_META, "config": cfg.to_json(), "num_classes": int(num_classes),
           "mean": list(ds_stats[0]), "std": list(ds_stats[1])}
+
+
+def reproduce_flags(recorded_config: dict, command: str = "") -> list:
+  """Flags that a recorded command needs today to build its recorded config.
+
+  For each field whose default changed (:data:`LEGACY_VALUES`: the value before), a run
+  that had the old value without naming the field on its command line (its config records
+  the old value, or predates the field) needs the flag now.
+  """
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+  return [f"--{k}={v}" for k, v in LEGACY_VALUES.items()
+          if recorded_config.get(k, v) == v != defaults[k] and f"--{k}=" not in command]

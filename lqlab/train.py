@@ -27,7 +27,8 @@ import numpy as np
 from lqjax import accounting, budget, compress, fileio, optim
 
 from lqlab import data
-from lqlab.config import OPTIMIZERS, TrainConfig, run_meta  # noqa: F401  (re-exported)
+from lqlab.config import (LEGACY_VALUES, OPTIMIZERS, TrainConfig,  # noqa: F401  (re-exported)
+                          run_meta)
 from lqlab.evaluate import (collapsed, final_results, make_eval_fn, model_variables,  # noqa: F401
                             predict_logits)
 from lqlab.step import (INPUT_SHAPES, TrainState, _after_scales, _preprocess,  # noqa: F401
@@ -313,10 +314,10 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
 
 def _check_same_run(cfg, workdir):
   """Refuses a workdir that holds another run, or this run with a shorter schedule."""
-  # A field added after the run was made reads as its default; scale_every as 1 (what
-  # every run made before it did: TrainConfig.from_json).
+  # A field added after the run was made reads as its default, or as the value the runs
+  # of that time had (config.LEGACY_VALUES, applied by TrainConfig.from_json).
   defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-              if f.name != "scale_every"}
+              if f.name not in LEGACY_VALUES}
   try:
     old = TrainConfig.from_json({**defaults, **json.loads(
         (workdir / "config.json").read_text())}).resolved_json()

@@ -22,6 +22,8 @@ import statistics
 import sys
 import types
 
+from lqlab.config import reproduce_flags
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -102,7 +104,9 @@ def sweep_section(name, rows, results_dir, plots_dir):
   out += ["", "Commands (one run per variant; the seed varies):", ""]
   for var, rs in by_var.items():
     if rs[0].get("command"):
-      out.append(f"- {var}: `{rs[0]['command']}`")
+      again = reproduce_flags(rs[0]["config"], rs[0]["command"]) if "config" in rs[0] else []
+      out.append(f"- {var}: `{rs[0]['command']}`" + (
+          f" (today: add `{' '.join(again)}`, the default when it ran)" if again else ""))
   png = pareto_plot(name, by_var, plots_dir)
   if png:
     out += ["", f"![{name}]({png.relative_to(plots_dir.parent).as_posix()})"]

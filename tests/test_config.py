@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 
 from experiments import common
-from lqlab import train
+from lqlab import config, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLAGS = flags.FLAGS
@@ -72,6 +72,7 @@ def test_recorded_commands_build_their_recorded_configs():
   for name, cmd, row in RECORDED:
     args = [a for a in cmd[3:] if not a.startswith(("--workdir", "--data_dir", "--export",
                                                     "--noexport", "--progress", "--noprogress"))]
+    args += config.reproduce_flags(row["config"], row["command"])  # changed defaults
     got = _cli_config(cmd[2].split(".", 1)[1], args).resolved_json()
     want = train.TrainConfig.from_json(row["config"]).resolved_json()
     if got != want:
