@@ -353,7 +353,10 @@ def cost_lines(rows, limit: float = 1.10) -> list:
 def readme_section(doc) -> str:
   where = doc["machine"] if doc["backend"] == "cpu" else \
       f"{doc.get('device_kind', doc['backend'])} (host {doc['machine']})"
-  how = "`python benchmarks/bench.py --readme docs/PERFORMANCE.md`" if doc["backend"] == "cpu" else \
+  windows = {r.get("windows") for r in doc["rows"]} - {None, 9}
+  flag = f" --windows {windows.pop()}" if len(windows) == 1 else ""
+  how = f"`python benchmarks/bench.py{flag} --readme docs/PERFORMANCE.md`" \
+      if doc["backend"] == "cpu" else \
       "`bash benchmarks/bench_gpu.sh` (rendered here by `python benchmarks/bench.py --from_json " \
       f"docs/bench_{doc['backend']}.json --readme docs/PERFORMANCE.md`)"
   lines = [f"Measured by {how} on {where} "
