@@ -272,8 +272,10 @@ def test_a_collapsed_run_says_so(tmp_path):
                               "num_classes": 10})
   data = _make_data(tmp_path / "data")
   wd = tmp_path / "wd"
+  # every step a scale step: each one pushes every coarsening group's grid to the limit
   r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", "--scale_lr=1e3",
-            "--scale_stop=none", "--noexport", *TRAIN], data, tmp_path / "cache")
+            "--scale_every=1", "--scale_stop=none", "--noexport", *TRAIN], data,
+           tmp_path / "cache")
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads((wd / "results.json").read_text())
   assert res["avg_bits"] < 0.05 and res["collapsed"] is True
