@@ -315,11 +315,12 @@ def test_chunk_runner_prefetch_trains_on_the_permuted_batches():
   s, m1 = run_chunk(s, perm, images, labels, 3)
   s, m2 = run_chunk(s, perm, images, labels, 5)  # to the epoch's end
   ref = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
-  step = jax.jit(step_fn)
+  step = jax.jit(step_fn, static_argnames="scale_step")
   losses = []
   for i in range(8):
     idx = perm[i * 32:(i + 1) * 32]
-    ref, m = step(ref, (images[idx], labels[idx]), jax.random.fold_in(key, i))
+    ref, m = step(ref, (images[idx], labels[idx]), jax.random.fold_in(key, i),
+                  scale_step=step_lib.scale_step_at(cfg, i))  # every 16th step (default)
     losses.append(float(m["loss"]))
   assert int(s.step) == 8 and m1["loss"].shape == (3,) and m2["loss"].shape == (5,)
   np.testing.assert_array_equal(np.concatenate([m1["loss"], m2["loss"]]), losses)
