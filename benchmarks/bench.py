@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import fileio, optim, types
+from lqjax import fileio, types
 
 from lqlab import data, export, train
 
@@ -88,6 +88,21 @@ def lenet_step_args(doc: str, argv=None, windows: int = 15, out: Optional[str] =
     ap.add_argument("--from_json", default=None,
                     help="measure nothing: render this benchmark JSON into --readme")
   return ap.parse_args(argv)
+
+
+def render_from_json(args, render) -> int:
+  """``--from_json``: `render(readme path, doc)` the benchmark JSON into ``--readme``, measuring
+  nothing; 2 with a one-line error for a missing --readme or an unreadable JSON."""
+  if not args.readme:
+    print("error: --from_json only renders into --readme; give --readme docs/PERFORMANCE.md",
+          file=sys.stderr)
+    return 2
+  try:
+    doc = fileio.read_json(args.from_json)
+    return render(pathlib.Path(args.readme), doc)
+  except (OSError, ValueError, KeyError) as e:
+    print(f"error: cannot render {args.from_json}: {e}", file=sys.stderr)
+    return 2
 
 
 def check_windows(windows: int) -> int:
@@ -425,22 +440,13 @@ def main(argv=None):
                   help="measure nothing: render this benchmark JSON into --readme (e.g. "
                        "docs/bench_gpu.json, written on a GPU machine by bench_gpu.sh)")
   ap.add_argument("--scale_every", default=f"1,{train.TrainConfig().scale_every}",
-                  help="comma-separated k: the learned rules are measured with their scales "
-                       "updated every k steps, for each k (default: 1 and the default k)")
+                  help="comma-separated k: for each k > 1, a row derived from the learned "
+                       "rules' scale step and weights-only step (default: the default k)")
   ap.add_argument("--cifar_epoch", action="store_true",
                   help="also time one CIFAR-10 ResNet-20 epoch (slow on a CPU)")
   args = ap.parse_args(argv)
   if args.from_json:
-    if not args.readme:
-      print("error: --from_json only renders into --readme; give --readme docs/PERFORMANCE.md",
-            file=sys.stderr)
-      return 2
-    try:
-      doc = json.loads(pathlib.Path(args.from_json).read_text())
-      return write_readme(pathlib.Path(args.readme), doc)
-    except (OSError, ValueError, KeyError) as e:
-      print(f"error: cannot render {args.from_json}: {e}", file=sys.stderr)
-      return 2
+    return render_from_json(args, write_readme)
   if check_windows(args.windows):
     return 2
   models = args.models.split(",")

@@ -127,17 +127,8 @@ def readme_section(doc) -> str:
 def main(argv=None):
   args = bench.lenet_step_args(__doc__, argv, out="docs/bench_cost.json")
   if args.from_json:
-    if not args.readme:
-      print("error: --from_json only renders into --readme; give --readme docs/PERFORMANCE.md",
-            file=sys.stderr)
-      return 2
-    try:
-      doc = fileio.read_json(args.from_json)
-      section = readme_section(doc)
-    except (OSError, ValueError, KeyError) as e:
-      print(f"error: cannot render {args.from_json}: {e}", file=sys.stderr)
-      return 2
-    return bench.replace_section(pathlib.Path(args.readme), "bench-cost", section)
+    return bench.render_from_json(args, lambda path, doc: bench.replace_section(
+        path, "bench-cost", readme_section(doc)))
   if bench.check_windows(args.windows):
     return 2
   images, labels = bench.random_data(40 * bench.BATCH[args.model])

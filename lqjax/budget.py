@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -260,9 +258,3 @@ def squared_gradients(grad_fn, params, batches):
     g = jax.tree_util.tree_map(jnp.square, grad_fn(params, batch))
     acc = g if acc is None else jax.tree_util.tree_map(jnp.add, acc, g)
   return acc
-
-
-def check_budget(budget_bits: Optional[float]) -> None:
-  """A budget must be a finite positive number."""
-  if budget_bits is not None and not (math.isfinite(budget_bits) and budget_bits > 0):
-    raise BudgetError(f"a budget must be a finite number > 0, got {budget_bits}")

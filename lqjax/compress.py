@@ -398,11 +398,9 @@ def load(path, target=None):
   if nnx is not None and isinstance(target, nnx.Module):
     state = nnx.state(target)
     _match_target(lflat, tree.flat_leaves(state), path)
-    leaves, treedef = tree.leaves(state)
-    new = [tree.with_array(var, jnp.asarray(lflat[key][0],
-                                            dtype=np.asarray(tree.leaf_array(var)).dtype))
-           for key, var in leaves]
-    nnx.update(target, jax.tree_util.tree_unflatten(treedef, new))
+    nnx.update(target, tree.replace_arrays(state, {
+        key: jnp.asarray(lflat[key][0], dtype=np.asarray(tree.leaf_array(var)).dtype)
+        for key, var in tree.leaves(state)[0]}))
     return target
   _match_target(lflat, tree.flat_leaves(target), path)
   return loaded

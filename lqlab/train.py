@@ -138,6 +138,11 @@ def check_budget(cfg: TrainConfig, model, sample, num_classes, ds_stats):
                      f"coarser --granularity")
 
 
+def scale_phase_epochs(cfg: TrainConfig) -> int:
+  """The epoch at whose end the scale phase (``scale_decay_fraction`` of the run) ends."""
+  return max(1, round(cfg.scale_decay_fraction * cfg.epochs))
+
+
 def budget_schedule(cfg: TrainConfig, epoch: int, start_bits: float, target: float):
   """``(budget, coarsen_only)``: what a run projects onto at the end of `epoch` (1-based).
 
@@ -147,7 +152,7 @@ def budget_schedule(cfg: TrainConfig, epoch: int, start_bits: float, target: flo
   it is exactly `target`, both ways, and the grids freeze; after that, an epoch
   projects again where the fine-tuned weights left the target by more than 1%.
   """
-  phase = max(1, round(cfg.scale_decay_fraction * cfg.epochs))
+  phase = scale_phase_epochs(cfg)
   if epoch < phase:
     return target + (start_bits - target) * (1 - epoch / phase) ** 3, True
   return target, False
@@ -163,7 +168,7 @@ def _budget_step(cfg, state, meta, epoch, fisher_fn, target):
     return state, meta, None
   start = meta.setdefault("budget_start_bits", budget.budget_bits_of(state.params))
   goal, coarsen_only = budget_schedule(cfg, epoch, start, target)
-  phase_end = max(1, round(cfg.scale_decay_fraction * cfg.epochs))
+  phase_end = scale_phase_epochs(cfg)
   if epoch > phase_end and abs(budget.budget_bits_of(state.params) - target) <= 0.01 * target:
     return state, meta, None
   params, info = budget.project(state.params, goal, fisher_fn(state.params, state.batch_stats),
