@@ -178,7 +178,7 @@ def _save(fig, path):
 # the single-seed exploration of stabilising mechanisms (their own section below).
 SUMMARY_SKIP = ("tune_", "stability_candidates")
 
-# Issue 6's targets: (dataset, model, size field, target ratio, max points below FP32, what).
+# The size targets: (dataset, model, size field, target ratio, max points below FP32, what).
 TARGETS = [
     ("mnist", "lenet300", "compression_ratio", 16.0, 0.3, "packed file"),
     ("mnist", "lenet300", "entropy_coded_ratio", 40.0, 0.3, "entropy-coded file"),
