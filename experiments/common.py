@@ -69,7 +69,7 @@ def _fail(msg: str, code: int = 2):
 
 def run(base):
   """Runs experiment `base` (its TrainConfig) with the parsed flags; exits non-zero on bad input."""
-  from lqjax import budget
+  from lqjax import budget, rules
   from lqlab import data, train
   logging.set_verbosity(logging.WARNING)
   dataset = base.dataset
@@ -90,7 +90,8 @@ def run(base):
   try:
     res = train.train_and_evaluate(cfg, workdir, FLAGS.data_dir, progress=FLAGS.progress,
                                    after_train=after)
-  except (data.DatasetNotFoundError, budget.BudgetError) as e:  # bad input, found before compute
+  except (data.DatasetNotFoundError, budget.BudgetError, rules.QuantizeError) as e:
+    # bad input, found before compute
     _fail(str(e))
   except train.Interrupted as e:
     _fail(str(e), 130)

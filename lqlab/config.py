@@ -46,6 +46,10 @@ class TrainConfig:
   edge_bits: Optional[int] = _field(
       None, "bits of the first and last layer (the literature's 8-bit first/last setup); the "
             "rest use --bits")
+  layer_bits: Optional[str] = _field(
+      None, "per-layer bit widths 'module=bits,...' (module paths, e.g. conv1=8,fc1=2; the "
+            "layer's kernel and bias): mixed precision with fixed widths, such as the HAWQ-v2 "
+            "baseline's (scripts/hawq_bits.py); layers not named use --bits")
   init_bits: int = _field(8, "initial bit budget of free-bit scales")
   lsq_weight: float = _field(1.0, "weight of the LSQ term in rule ratio_lsq")
   relax_threshold: Optional[float] = _field(
@@ -123,6 +127,11 @@ class TrainConfig:
     self._check_budget()
     if self.edge_bits is not None and not 1 <= self.edge_bits <= 16:
       raise ValueError(f"edge_bits must be in 1..16, got {self.edge_bits}")
+    if self.layer_bits is not None:
+      if self.float_model or self.budget or self.edge_bits is not None:
+        raise ValueError("layer_bits sets each layer's width itself: not with --float, a size "
+                         "budget or --edge_bits")
+      self.layer_widths()
 
   def _check_budget(self):
     if self.budget_bits is None and self.budget_bytes is None:
@@ -142,6 +151,21 @@ class TrainConfig:
     if self.scale_stop == "val":
       raise ValueError("a size budget sets the grids itself: the validation brake "
                        "(scale_stop val) would roll them back; use scale_stop auto or none")
+
+  def layer_widths(self) -> dict:
+    """``{module path: bits}`` of :attr:`layer_bits` (empty when unset)."""
+    out = {}
+    for item in ([] if self.layer_bits is None else self.layer_bits.split(",")):
+      name, eq, bits = item.strip().rpartition("=")
+      try:
+        b = int(bits)
+      except ValueError:
+        b = None
+      if not eq or not name or b is None or not 1 <= b <= 16 or name in out:
+        raise ValueError(f"layer_bits: {item.strip()!r} is not 'module=bits' with bits in "
+                         f"1..16, once per module (got {self.layer_bits!r})")
+      out[name] = b
+    return out
 
   @property
   def budget(self) -> bool:

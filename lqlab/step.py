@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Optional
 
 import jax
@@ -44,13 +45,16 @@ class TrainState(struct.PyTreeNode):
 
 def quant_rules(cfg: TrainConfig):
   """The lqjax rules of a run: every Dense and Conv, first and last included (those two
-  at ``edge_bits`` when it is set).
+  at ``edge_bits`` when it is set; the layers ``layer_bits`` names at their widths).
 
   ``spatial`` granularity needs a conv kernel: Dense kernels under a ``spatial``
   kernel config are quantized per tensor instead.
   """
   kernel, bias = cfg.kernel_quant(), cfg.bias_quant()
   rules = []
+  for layer, bits in cfg.layer_widths().items():
+    rules.append(lqjax.Rule(re.escape(layer), dataclasses.replace(kernel, bits=bits),
+                            bias=None if bias is None else dataclasses.replace(bias, bits=bits)))
   if cfg.edge_bits is not None:
     edge = dataclasses.replace(kernel, bits=cfg.edge_bits)
     rules.append(lqjax.Rule("|".join(models.EDGE_LAYERS[cfg.model]), edge,

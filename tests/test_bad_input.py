@@ -314,3 +314,20 @@ def test_read_only_workdir_and_export_location(finished, tmp_path, read_only_dir
   assert r.returncode == 2
   _one_error_line(r, "cannot write")
   assert not list(read_only_dir.iterdir())
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--layer_bits=fc1=0"], "is not 'module=bits' with bits in 1..16"),
+    (["--layer_bits=fc1"], "is not 'module=bits'"),
+    (["--layer_bits=fc1=2,fc1=3"], "once per module"),
+    (["--layer_bits=fc1=2", "--edge_bits=8"], "not with --float, a size budget or --edge_bits"),
+    (["--layer_bits=fc9=2"], "matches no module of the model"),
+])
+def test_bad_layer_bits_are_refused_before_a_checkpoint(tmp_path, flags, needle):
+  data = _make_data(tmp_path / "data")
+  wd = tmp_path / "wd"
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=1", *TRAIN, "--rule=lsq",
+            "--bits=4", *flags], data, tmp_path / "cache")
+  assert r.returncode == 2, r.stderr[-3000:]
+  _one_error_line(r, needle)
+  assert not (wd / "checkpoints").exists()
