@@ -204,6 +204,10 @@ def family(r) -> str:
     stop = "val" if (rule or "").startswith("ratio") else None
   if rule == "ratio":
     return "stable ratio" if stop == "val" else "ratio (thesis)"
+  if rule == "lsq" and cfg.get("layer_bits"):
+    return "LSQ, HAWQ-v2 widths"
+  if rule == "lsq" and cfg.get("edge_bits"):
+    return "LSQ, first/last 8-bit" if cfg["edge_bits"] == 8 else "LSQ, first/last wider"
   return {"fixed": "fixed-bit STE", "lsq": "LSQ"}.get(rule, rule or "?")
 
 
@@ -415,8 +419,10 @@ def frontier_section(all_rows, plots_dir):
   fp32 = _fp32_reference(all_rows)
   out = ["## The low-bit frontier at equal packed size", "",
          "Budgeted runs (`--budget_bits`: average bits per quantized weight, scale storage "
-         "included) against LSQ with uniform bits and LSQ with the first and last layer at 8 "
-         "bits, same model, data and schedule. Mean ± std over seeds. *Landing*: the largest "
+         "included) against LSQ with uniform bits, LSQ with the first and last layer at 8 "
+         "bits, and LSQ with per-layer widths chosen by HAWQ-v2's Hessian-trace proxy for "
+         "the same budget (`scripts/hawq_bits.py`; docs/METHOD.md), same model, data and "
+         "schedule. Mean ± std over seeds. *Landing*: the largest "
          "distance of a seed's size from its budget. *vs best baseline*: the difference in "
          "mean test accuracy from the most accurate baseline whose file is at least as large "
          "(points; *beyond spread* when it exceeds the two standard deviations added). "

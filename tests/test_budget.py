@@ -178,3 +178,21 @@ def test_pruned_groups_share_one_step_and_round_to_zero():
   assert np.all(log_s[pruned] == budget.PRUNED_LOG_SCALE)
   q = np.asarray(quant.fake_quant(t.p, quant.scale_from_log(t.log_scale), rounding="round"))
   assert np.all(q[:, pruned] == 0)
+
+
+@pytest.mark.parametrize("module", ["experiments.mnist", "experiments.fashion_mnist",
+                                    "experiments.cifar10", "experiments.imagenette"])
+def test_every_entry_point_lands_on_its_budget(tiny_data, tmp_path, module):
+  """Each dataset's default model (LeNet-300-100, LeNet-5, ResNet-20, the Imagenette ResNet)
+  on tiny random data, 2 epochs: the run ends within 2% of a 2-bit budget, and its packed
+  file holds what the budget counts."""
+  wd = tmp_path / "wd"
+  r = subprocess.run([sys.executable, "-m", module, f"--workdir={wd}", "--epochs=2",
+                      "--batch_size=32", "--noprogress", "--budget_bits=2"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((wd / "results.json").read_text())
+  assert abs(res["budget_bits"] - 2.0) <= 0.04, res["budget_bits"]
+  variables = lqjax.load(wd / "model.lqz")
+  assert budget.budget_bits_of(variables.get("params", variables)) == \
+      pytest.approx(res["budget_bits"])

@@ -500,6 +500,18 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
   assert "| budget2 | lenet300, 10 | budgeted ratio | 3 | 0.9110 ± 0.0010 | -0.40 |" in text
   assert "| 0.20% | +0.90 vs lsq2 (beyond spread 0.30) |" in text
   assert "| 0.20% | -1.20 vs lsq2 (within spread 5.20) |" in text
+  # a HAWQ-v2 baseline (fixed per-layer widths, LSQ) and an 8-bit first/last one are named as
+  # such; the budgeted run is set against the best of them with a file at least as large:
+  # hawq (mean 0.914, 995 bytes) over lsq2, 0.30 points above budget2, spreads 0.1 + 0.1
+  hq = [f_run("hawq2", s, a, 995) for s, a in enumerate((0.913, 0.914, 0.915))]
+  for r in hq:
+    r["config"]["layer_bits"] = "fc1=1,fc2=8"
+  edge = f_run("edge", 0, 0.5, 2000)
+  edge["config"]["edge_bits"] = 8
+  assert [report.family(r) for r in (hq[0], edge)] == ["LSQ, HAWQ-v2 widths",
+                                                      "LSQ, first/last 8-bit"]
+  text = "\n".join(report.frontier_section(fr + hq + [edge, fp32], tmp_path / "plots"))
+  assert "| 0.20% | -0.30 vs hawq2 (beyond spread 0.20) |" in text
 
 
 def test_bench_derives_each_k_from_the_scale_and_weights_only_steps():
