@@ -511,7 +511,18 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
   assert [report.family(r) for r in (hq[0], edge)] == ["LSQ, HAWQ-v2 widths",
                                                       "LSQ, first/last 8-bit"]
   text = "\n".join(report.frontier_section(fr + hq + [edge, fp32], tmp_path / "plots"))
-  assert "| 0.20% | -0.30 vs hawq2 (beyond spread 0.20) |" in text
+  # nearest larger baseline for budget2 is hawq2 (995 bytes), the best larger one too
+  assert "| 0.20% | -0.30 vs hawq2 (beyond spread 0.20) | -0.30 vs hawq2 (beyond spread 0.20) " \
+         "| none |" in text
+  # a smaller, more accurate baseline is named; budget1's nearest larger file is hawq2's,
+  # lsq2 (the worst of the larger ones) is named by neither column
+  tiny = f_run("tiny", 0, 0.95, 400)
+  text = "\n".join(report.frontier_section(fr + hq + [edge, tiny, fp32], tmp_path / "plots"))
+  assert "| 0.20% | -2.40 vs hawq2 (within spread 5.10) | -2.40 vs hawq2 (within spread 5.10) " \
+         "| tiny |" in text
+  summary = "\n".join(report.frontier_summary(fr + hq + [edge, tiny, fp32]))
+  assert "| 2 | 3 | 0.9110 ± 0.0010 | 990 | -0.30 vs hawq2 (beyond spread 0.20) | -0.30 vs " \
+         "hawq2 (beyond spread 0.20) | tiny |" in summary
 
 
 def test_bench_derives_each_k_from_the_scale_and_weights_only_steps():
