@@ -9,6 +9,9 @@ Public API:
   ``quant_penalties`` and the three penalties; amortised scale updates with
   ``optim.stop_scale_gradients`` / ``optim.is_scale_step`` (Linen) or a gradient
   filter that leaves out ``ScaleParam`` (NNX)
+* mixed precision at a size (:mod:`lqjax.budget`, :mod:`lqjax.sensitivity`):
+  ``budget.project`` (move scale groups' grids onto a size budget),
+  ``sensitivity.hessian_traces`` and ``sensitivity.allocate`` (HAWQ-v2 per-layer widths)
 * size and files: ``report`` (the per-layer bits table), ``average_bits``,
   ``save`` / ``load`` (the packed ``.lqz`` file), ``export_onnx`` (integer
   weights with ``DequantizeLinear``; needs ``lqjax[export]``)
@@ -19,7 +22,7 @@ Public API:
 * single layers by hand (:mod:`lqjax.linen_quant`): ``quantized``, ``Quantizer``
 """
 
-from lqjax import optim
+from lqjax import budget, optim, sensitivity
 from lqjax.accounting import average_bits, format_table, model_report, summarize
 from lqjax.compress import CorruptFileError, load, save
 from lqjax.linen_quant import Quantizer, quantized
