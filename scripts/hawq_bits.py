@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
 import sys
 
 import jax
@@ -92,6 +93,8 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     return 2
   info["flag"] = flag(widths)
+  info["command"] = "python scripts/hawq_bits.py " + " ".join(
+      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
   if args.out:
     fileio.write_json_atomic(args.out, {"widths": widths, **info})
   print(f"# {info['bits']:.4f} bits per weight (target {args.budget_bits:g}); "
