@@ -5,10 +5,15 @@
 Loads the float run's final checkpoint and estimates each tensor's Hessian trace
 of the cross-entropy (:func:`lqjax.sensitivity.hessian_traces`: Hutchinson,
 ``--batches`` training batches of the run's batch size x ``--samples`` probes,
-evaluation mode). It then gives each layer one width in 1..8
-(:func:`lqjax.sensitivity.allocate`) so that the model's average bits per
-quantized weight, scale storage included, meet ``--budget_bits``. The scale
-groups are those of an LSQ run with the float run's granularity settings.
+evaluation mode). It then gives each layer one width in 1..8 (``--widths``
+restricts the choices; :func:`lqjax.sensitivity.allocate`) so that the model's
+average bits per quantized weight, scale storage included, meet
+``--budget_bits``. The scale groups are those of an LSQ run with the float
+run's granularity settings.
+
+A 1-bit layer has the signed grid {-s, 0}: with ReLU after it and inputs that
+are mostly positive, it can start with no positive pre-activation and never
+train (docs/METHOD.md); ``--widths=2,...,8`` keeps every layer at 2 bits or more.
 
 Prints ``--layer_bits=...`` for an LSQ run (``--rule=lsq --bits=8 --layer_bits=...``);
 ``--out`` also writes the allocation, its traces and per-layer costs as JSON.
@@ -31,7 +36,8 @@ from lqlab import data, step, train
 
 
 def allocation(workdir, budget_bits: float, *, data_dir=None, batches: int = 8,
-               samples: int = 4, seed: int = 0, limit=None):
+               samples: int = 4, seed: int = 0, limit=None,
+               widths=sensitivity.DEFAULT_CHOICES):
   """``({layer: bits}, info)`` for the float run in `workdir` at `budget_bits` (see module doc)."""
   cfg, model, state, ds_stats, num_classes = train.restore(workdir)
   if not cfg.float_model:
@@ -56,10 +62,10 @@ def allocation(workdir, budget_bits: float, *, data_dir=None, batches: int = 8,
   qparams = qmodel.init(jax.random.key(0), sample, train=False)["params"]
   qparams = tree.replace_arrays(qparams, {p: a for p, (a, _) in
                                           tree.flat_leaves(state.params).items()})
-  widths, info = sensitivity.allocate(qparams, budget_bits, traces)
+  chosen, info = sensitivity.allocate(qparams, budget_bits, traces, widths)
   info.update(workdir=str(workdir), batches=n, samples=samples, seed=seed,
               traces={"/".join(p): t for p, t in sorted(traces.items())})
-  return widths, info
+  return chosen, info
 
 
 def flag(widths) -> str:
@@ -75,6 +81,8 @@ def main(argv=None):
   ap.add_argument("--batches", type=int, default=8, help="training batches the traces average")
   ap.add_argument("--samples", type=int, default=4, help="Hutchinson probes per batch")
   ap.add_argument("--seed", type=int, default=0, help="seed of the probes")
+  ap.add_argument("--widths", default="1,2,3,4,5,6,7,8",
+                  help="the widths a layer may take (comma-separated, each in 1..16)")
   ap.add_argument("--limit", type=int, default=None, help="first N examples only (tests)")
   ap.add_argument("--out", default=None, help="write the allocation here (JSON)")
   args = ap.parse_args(argv)
@@ -86,9 +94,17 @@ def main(argv=None):
     print("error: --batches and --samples must be >= 1", file=sys.stderr)
     return 2
   try:
+    choices = tuple(sorted({int(w) for w in args.widths.split(",")}))
+  except ValueError:
+    choices = ()
+  if not choices or not all(1 <= w <= 16 for w in choices):
+    print(f"error: --widths must be comma-separated integers in 1..16, got {args.widths!r}",
+          file=sys.stderr)
+    return 2
+  try:
     widths, info = allocation(args.workdir, args.budget_bits, data_dir=args.data_dir,
                               batches=args.batches, samples=args.samples, seed=args.seed,
-                              limit=args.limit)
+                              limit=args.limit, widths=choices)
   except (FileNotFoundError, ValueError, data.DatasetNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -181,3 +181,31 @@ def test_hawq_script_refuses_a_quantized_run_and_bad_numbers(tmp_path):
   hawq = _hawq_bits()
   assert hawq.main(["--workdir", str(tmp_path), "--budget_bits", "nan"]) == 2
   assert hawq.main(["--workdir", str(tmp_path / "none"), "--budget_bits", "2"]) == 2
+
+
+def test_hawq_widths_flag_is_checked(tmp_path):
+  hawq = _hawq_bits()
+  assert hawq.main(["--workdir", str(tmp_path), "--budget_bits", "2", "--widths", "0,2"]) == 2
+  assert hawq.main(["--workdir", str(tmp_path), "--budget_bits", "2", "--widths", "two"]) == 2
+
+
+def test_a_signed_one_bit_fc1_after_lenet5s_convolutions_starts_dead(real_data_dir):
+  """The HAWQ-v2 allocation for LeNet-5 at 2 bits (fc1 at 1 bit, the rest at 8): fc1's grid
+  {-s, 0} holds no positive weight and its bias none either, and the pooled conv2 outputs
+  feeding it are mostly positive, so at initialisation no fc1 unit is active after the ReLU
+  on real MNIST images (no gradient reaches it: the runs stay at chance). With conv2 at 1
+  bit too (LSQ 1-bit, first/last at 8) the signs cancel and units are active."""
+  from lqlab import data, step
+  from lqlab.config import TrainConfig
+  ds = data.load("mnist", real_data_dir, limit=256)
+  x = data.normalize(ds.train.image[:256], ds.mean, ds.std)
+
+  def active(**kw):
+    m = step.build_model(TrainConfig(model="lenet5", rule="lsq", **kw), 10)
+    v = m.init(jax.random.key(0), x[:1], train=False)
+    _, st = m.apply(v, x, train=False, mutable=["intermediates"],
+                    capture_intermediates=lambda mdl, _: mdl.name == "fc1")
+    return float(np.mean(np.asarray(jax.tree_util.tree_leaves(st)[0]) > 0))
+
+  assert active(bits=8, layer_bits="conv1=8,conv2=8,fc1=1,fc2=8") == 0.0
+  assert active(bits=1, edge_bits=8) > 0.2
