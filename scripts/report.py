@@ -428,7 +428,7 @@ def _baseline(stats, var, nearest=False):
   """``(difference, spread, baseline, its accuracies)`` of budgeted variant `var` against a
   baseline of the same model and schedule whose file is at least as large: the most
   accurate one, or (`nearest`) the one with the smallest such file. None when there is
-  none. The spread is the two standard deviations added (0 for 1 seed)."""
+  none. The spread is the two standard deviations added (None when a side has 1 seed)."""
   _, acc, size, where = stats[var]
   base = [((sz if nearest else -statistics.mean(a)), a, v) for v, (f, a, sz, w) in stats.items()
           if not f.startswith("budgeted") and f != "fp32" and w == where and sz and size
@@ -436,7 +436,7 @@ def _baseline(stats, var, nearest=False):
   if not base:
     return None
   _, a, v = min(base)
-  spread = (statistics.stdev(acc) + statistics.stdev(a)) if len(acc) > 1 and len(a) > 1 else 0.0
+  spread = (statistics.stdev(acc) + statistics.stdev(a)) if len(acc) > 1 and len(a) > 1 else None
   return statistics.mean(acc) - statistics.mean(a), spread, v, a
 
 
@@ -452,6 +452,8 @@ def _versus(best) -> str:
   if best is None:
     return "-"
   d, spread, v = best[:3]
+  if spread is None:
+    return f"{100 * d:+.2f} vs {v} (1 seed: no spread)"
   return f"{100 * d:+.2f} vs {v} ({'beyond' if abs(d) > spread else 'within'} spread {100 * spread:.2f})"
 
 

@@ -520,6 +520,9 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
   text = "\n".join(report.frontier_section(fr + hq + [edge, tiny, fp32], tmp_path / "plots"))
   assert "| 0.20% | -2.40 vs hawq2 (within spread 5.10) | -2.40 vs hawq2 (within spread 5.10) " \
          "| tiny |" in text
+  one = [f_run("one", 0, 0.90, 995, 2.0, "ratio")]  # 1 seed: no spread to compare with
+  assert "| -0.20 vs lsq2 (1 seed: no spread) |" in "\n".join(
+      report.frontier_section(one + fr[:3], tmp_path / "plots"))
   summary = "\n".join(report.frontier_summary(fr + hq + [edge, tiny, fp32]))
   assert "| 2 | 3 | 0.9110 ± 0.0010 | 990 | -0.30 vs hawq2 (beyond spread 0.20) | -0.30 vs " \
          "hawq2 (beyond spread 0.20) | tiny |" in summary
