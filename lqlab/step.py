@@ -180,6 +180,25 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
   return train_step
 
 
+def eval_loss(cfg: TrainConfig, model, ds_stats):
+  """``loss(params, batch_stats, images, labels)``: the mean cross-entropy in evaluation
+  mode (no augmentation, running batch statistics)."""
+
+  def loss(params, batch_stats, images, labels):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits = model.apply(variables, _preprocess(cfg, ds_stats, images, None, False), train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return loss
+
+
+def first_batches(split, batch_size: int, batches: int) -> list:
+  """The first `batches` (at least one) whole batches of `split` as ``(images, labels)``."""
+  n = min(batches, max(1, len(split) // batch_size))
+  return [(split.image[i * batch_size:(i + 1) * batch_size],
+           split.label[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
+
+
 def make_ratio_stats_fn(cfg: TrainConfig, model, ds_stats):
   """Jitted ``fn(params, batch_stats, images, labels) -> {layer: r quantiles}``.
 
@@ -189,10 +208,7 @@ def make_ratio_stats_fn(cfg: TrainConfig, model, ds_stats):
   (:func:`lqjax.optim.ratio_stats`).
   """
 
-  def ce(params, batch_stats, images, labels):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    logits = model.apply(variables, _preprocess(cfg, ds_stats, images, None, False), train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  ce = eval_loss(cfg, model, ds_stats)
 
   @jax.jit
   def fn(params, batch_stats, images, labels):
@@ -207,18 +223,8 @@ def make_fisher_fn(cfg: TrainConfig, model, ds_stats, split, batches: int = 8):
   Fisher's diagonal, :func:`lqjax.budget.squared_gradients`) of the cross-entropy on
   the first `batches` batches of `split` (evaluation mode, no augmentation)."""
 
-  @jax.jit
-  def grad(params, batch_stats, images, labels):
-    def ce(p):
-      variables = {"params": p, **({"batch_stats": batch_stats} if batch_stats else {})}
-      logits = model.apply(variables, _preprocess(cfg, ds_stats, images, None, False),
-                           train=False)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return jax.grad(ce)(params)
-
-  n = min(batches, max(1, len(split) // cfg.batch_size))
-  chunks = [(split.image[i * cfg.batch_size:(i + 1) * cfg.batch_size],
-             split.label[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(n)]
+  grad = jax.jit(jax.grad(eval_loss(cfg, model, ds_stats)))
+  chunks = first_batches(split, cfg.batch_size, batches)
 
   def fn(params, batch_stats):
     return budget.squared_gradients(lambda p, b: grad(p, batch_stats, *b), params, chunks)

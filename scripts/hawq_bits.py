@@ -29,7 +29,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lqjax import budget, fileio, sensitivity, tree
 from lqlab import data, step, train
@@ -43,19 +42,10 @@ def allocation(workdir, budget_bits: float, *, data_dir=None, batches: int = 8,
   if not cfg.float_model:
     raise ValueError(f"{workdir} is a {cfg.rule} run; HAWQ widths come from a float run (--float)")
   ds = data.load(cfg.dataset, data_dir, limit=limit)
-  n = max(1, min(batches, len(ds.train.label) // cfg.batch_size))
-  chunks = [(ds.train.image[i * cfg.batch_size:(i + 1) * cfg.batch_size],
-             ds.train.label[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(n)]
-  batch_stats = state.batch_stats
-
-  def loss(params, batch):
-    images, labels = batch
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    logits = model.apply(variables, step._preprocess(cfg, ds_stats, images, None, False),
-                         train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  traces = sensitivity.hessian_traces(loss, state.params, chunks, jax.random.key(seed), samples)
+  chunks = step.first_batches(ds.train, cfg.batch_size, batches)
+  ce = step.eval_loss(cfg, model, ds_stats)
+  traces = sensitivity.hessian_traces(lambda p, b: ce(p, state.batch_stats, *b), state.params,
+                                      chunks, jax.random.key(seed), samples)
   qcfg = dataclasses.replace(cfg, float_model=False, rule="lsq", bits=8)
   qmodel = step.build_model(qcfg, num_classes)
   sample = jnp.zeros((1,) + step.INPUT_SHAPES[cfg.dataset])
@@ -63,7 +53,7 @@ def allocation(workdir, budget_bits: float, *, data_dir=None, batches: int = 8,
   qparams = tree.replace_arrays(qparams, {p: a for p, (a, _) in
                                           tree.flat_leaves(state.params).items()})
   chosen, info = sensitivity.allocate(qparams, budget_bits, traces, widths)
-  info.update(workdir=str(workdir), batches=n, samples=samples, seed=seed,
+  info.update(workdir=str(workdir), batches=len(chunks), samples=samples, seed=seed,
               traces={"/".join(p): t for p, t in sorted(traces.items())})
   return chosen, info
 
