@@ -56,7 +56,8 @@ def average_bits(params, default: Optional[types.QuantConfig] = None):
   total_bits, total_n, per = 0.0, 0, {}
   for t in tree.quantized_tensors(params, default):
     s = quant.scale_from_log(t.log_scale)
-    b = group_bits(quant.quantize_codes(t.p, s, rounding=t.config.rounding, bits=t.config.bits),
+    b = group_bits(quant.quantize_codes(t.p, s, rounding=t.config.rounding, bits=t.config.bits,
+                                        grid=t.config.grid),
                    t.log_scale.shape)
     n_group = t.p.size // t.log_scale.size
     layer_bits = jnp.sum(b) * n_group
@@ -102,20 +103,22 @@ def describe_granularity(shape, sshape) -> str:
   return "axes" + ",".join(str(i) for i in keep if sshape[i] != 1)
 
 
-@functools.partial(jax.jit, static_argnames=("rounding", "bits"))
-def _codes_and_scale(p, log_scale, rounding, bits):
+@functools.partial(jax.jit, static_argnames=("rounding", "bits", "grid"))
+def _codes_and_scale(p, log_scale, rounding, bits, grid):
   s = quant.scale_from_log(log_scale)
-  return quant.quantize_codes(p, s, rounding=rounding, bits=bits), s
+  return quant.quantize_codes(p, s, rounding=rounding, bits=bits, grid=grid), s
 
 
-def tensor_codes(p, log_scale, rounding="floor", bits=None):
+def tensor_codes(p, log_scale, rounding="floor", bits=None, grid="midtread"):
   """(codes int32 numpy, scale float32 numpy) of one quantized parameter.
+
+  The values are ``scale * (codes + o)``, o the grid's offset (0 on the midtread grid).
 
   Computed in one jitted program (exp, divide, round fused as in the model's
   Quantizer): op-by-op evaluation rounds exp(log s) differently in the last ulp,
   which flipped codes at .5 ties on a trained ResNet-20.
   """
-  codes, s = _codes_and_scale(jnp.asarray(p), jnp.asarray(log_scale), rounding, bits)
+  codes, s = _codes_and_scale(jnp.asarray(p), jnp.asarray(log_scale), rounding, bits, grid)
   return np.asarray(codes), np.asarray(s, np.float32)
 
 
@@ -140,7 +143,7 @@ def model_report(variables, default: Optional[types.QuantConfig] = None):
   """
   rows, done = [], set()
   for t in tree.quantized_tensors(variables, default):
-    codes, _ = tensor_codes(t.p, t.log_scale, t.config.rounding, t.config.bits)
+    codes, _ = tensor_codes(t.p, t.log_scale, t.config.rounding, t.config.bits, t.config.grid)
     gv = group_view(codes, t.log_scale.shape)
     span = gv.max(1).astype(np.int64) - gv.min(1).astype(np.int64) + 1
     gb = np.ceil(np.log2(span) - 1e-9).clip(min=0).astype(np.int64)

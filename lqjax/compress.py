@@ -127,7 +127,7 @@ def _encode_tensors(variables, codec):
   i32 = np.iinfo(np.int32)
   for t in tree.quantized_tensors(variables):
     cfg = t.config
-    codes, _ = accounting.tensor_codes(t.p, t.log_scale, cfg.rounding, cfg.bits)
+    codes, _ = accounting.tensor_codes(t.p, t.log_scale, cfg.rounding, cfg.bits, cfg.grid)
     if codes.size and (codes.min() <= i32.min or codes.max() >= i32.max):
       raise ValueError(f"{t.name}: codes reach the int32 limit (P/s overflows: the weights "
                        f"diverged or the scale collapsed); refusing to write a lossy file")
@@ -285,7 +285,7 @@ def _decode(header, payload, version):
       except (TypeError, ValueError) as e:
         raise CorruptFileError(f"{'/'.join(path)}: invalid config: {e}") from None
     s = np.asarray(jnp.exp(jnp.asarray(ls)))  # same op as quant.scale_from_log
-    values = (s * codes.astype(np.float32)).astype(np.float32)
+    values = (s * (codes.astype(np.float32) + np.float32(cfg.offset))).astype(np.float32)
     if not np.all(np.isfinite(values)):
       raise CorruptFileError(f"{'/'.join(path)}: decoded values are not finite")
     flat[path] = values
@@ -410,5 +410,5 @@ def read_codes(blob: bytes):
   """{path: int codes} of every quantized tensor in a file (for tests and ONNX)."""
   _, loaded = parse(blob)
   return {t.path: accounting.tensor_codes(t.p, t.log_scale, t.config.rounding,
-                                          t.config.bits)[0]
+                                          t.config.bits, t.config.grid)[0]
           for t in tree.quantized_tensors(loaded)}

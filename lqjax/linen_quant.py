@@ -66,7 +66,7 @@ class Quantizer(nn.Module):
           f"granularity {cfg.granularity!r} for a parameter of shape {p.shape} ({shape})")
     scale = quant.scale_from_log(log_scale)
     return quant.fake_quant(p, scale, rule=cfg.rule, threshold=cfg.threshold,
-                            rounding=cfg.rounding, bits=cfg.bits,
+                            rounding=cfg.rounding, bits=cfg.bits, grid=cfg.grid,
                             lsq_weight=cfg.lsq_weight, relax_threshold=cfg.relax_threshold)
 
 

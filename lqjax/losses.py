@@ -62,9 +62,9 @@ def deviation_penalty(params: Mapping[str, Any], coef: float) -> jax.Array:
 
   def dev(p, ls, cfg):
     s = quant.scale_from_log(ls)
-    q = jax.lax.stop_gradient(quant.quantize_codes(p, s, rounding=cfg.rounding, bits=cfg.bits)
-                              ).astype(p.dtype)
-    return jnp.mean(jnp.square(p - s * q))
+    q = jax.lax.stop_gradient(quant.quantize_codes(
+        p, s, rounding=cfg.rounding, bits=cfg.bits, grid=cfg.grid)).astype(p.dtype)
+    return jnp.mean(jnp.square(p - quant.dequantize(q, s, p.dtype, cfg.grid)))
 
   return coef * _mean_over_quantizers(params, dev, coef)
 

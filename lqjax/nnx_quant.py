@@ -79,6 +79,7 @@ class Quantizer(nnx.Module):
     log_scale = self.log_scale[...]
     return quant.fake_quant(p, quant.scale_from_log(log_scale), rule=cfg.rule,
                             threshold=cfg.threshold, rounding=cfg.rounding, bits=cfg.bits,
+                            grid=cfg.grid,
                             lsq_weight=cfg.lsq_weight, relax_threshold=cfg.relax_threshold)
 
 

@@ -15,6 +15,9 @@ initializer:
   - anything else (``element``, ``spatial``, several kept axes): ``DequantizeLinear``
     with scale 1 followed by a ``Mul`` with the full float scale tensor.
 
+  A ``midrise`` tensor's levels s * (q + 1/2) are stored as the odd integers 2q + 1
+  with scales s / 2: the same values, exactly.
+
 * any other array (biases left float, batch statistics): a float initializer.
 
 The weights enter the graph in the model's own layout; the layer's own
@@ -166,8 +169,12 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
   qt = {t.path: t for t in tree.quantized_tensors(variables)}
   replaced = {}
   for t in qt.values():
-    codes, scale = accounting.tensor_codes(t.p, t.log_scale, t.config.rounding, t.config.bits)
-    replaced[t.path] = (codes, scale, (scale * codes.astype(np.float32)).astype(np.float32))
+    cfg = t.config
+    codes, scale = accounting.tensor_codes(t.p, t.log_scale, cfg.rounding, cfg.bits, cfg.grid)
+    values = (scale * (codes.astype(np.float32) + np.float32(cfg.offset))).astype(np.float32)
+    if cfg.offset:  # s * (q + 1/2) = (s / 2) * (2q + 1): integer codes again, and exact
+      codes, scale = 2 * codes.astype(np.int64) + 1, scale / np.float32(2)
+    replaced[t.path] = (codes, scale, values)
   leaves, treedef = tree.leaves(variables)
   paths = [path for path, _ in leaves]
   arrays = [np.asarray(replaced[path][2] if path in replaced else tree.leaf_array(leaf))

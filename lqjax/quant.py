@@ -6,8 +6,13 @@ Stages, each usable alone:
 
 Forward (METHOD.md section 1)::
 
-    q = floor(P / s)   (or round)      integer codes, clipped to the signed
-    Q(P) = s * q                        b-bit range when ``bits`` is set
+    q = floor(P / s - o)   (or round)  integer codes, clipped to the signed
+    Q(P) = s * (q + o)                  b-bit range when ``bits`` is set
+
+o is the grid's offset (:data:`lqjax.types.GRIDS`): 0 on the ``midtread`` grid
+(zero is a level), 1/2 on the ``midrise`` grid (symmetric levels, no zero; fixed
+bits only). At 1 bit the midrise grid is the binary {-s/2, +s/2}, the midtread
+grid {-s, 0}.
 
 With ``floor``, a value within a few float32 ulps of a grid point snaps to it,
 so that ``Q(Q(P)) == Q(P)`` holds in floating point (``s*q/s`` can land one ulp
@@ -23,7 +28,8 @@ Backward (METHOD.md section 2):
 
   - ``fixed``: zero.
   - ``lsq`` (Esser et al., ICLR 2020, "Learned Step Size Quantization"):
-    dQ/ds = q - P/s inside the clip range, the clip bound (qn or qp) outside,
+    dQ/ds = q + o - P/s inside the clip range, the clip level (qn + o or qp + o)
+    outside,
     summed over the group against dL/dQ and times 1/sqrt(N * Qp), N the
     group's element count. The clip test uses the unclipped code, as PyTorch's
     ``_fake_quantize_learnable_per_tensor_affine`` does, so with
@@ -160,8 +166,19 @@ def _expand_scale(scale: jax.Array, ndim: int) -> jax.Array:
   return scale.reshape((1,) * (ndim - scale.ndim) + scale.shape)
 
 
-def _unclipped_codes(x, scale, rounding):
+def grid_offset(grid: str, bits: Optional[int]) -> float:
+  """The offset o of Q/s from the integer code q on `grid`; checks the grid's name."""
+  if grid not in types.GRIDS:
+    raise ValueError(f"unknown grid {grid!r}; expected one of {', '.join(types.GRIDS)}")
+  if grid != "midtread" and bits is None:
+    raise ValueError(f"grid {grid!r} needs fixed bits")
+  return types.GRIDS[grid]
+
+
+def _unclipped_codes(x, scale, rounding, offset=0.0):
   v = x / scale
+  if offset:
+    v = v - offset
   if rounding == "round":
     return jnp.round(v)
   if rounding == "floor":
@@ -171,8 +188,8 @@ def _unclipped_codes(x, scale, rounding):
   raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(types.ROUNDINGS)}")
 
 
-def _codes(x, scale, rounding, bits):
-  q = _unclipped_codes(x, scale, rounding)
+def _codes(x, scale, rounding, bits, offset=0.0):
+  q = _unclipped_codes(x, scale, rounding, offset)
   if bits is not None:
     qn, qp = code_range(bits)
     q = jnp.clip(q, qn, qp)
@@ -180,20 +197,24 @@ def _codes(x, scale, rounding, bits):
 
 
 def quantize_codes(x: jax.Array, scale: jax.Array, *, rounding: str = "floor",
-                   bits: Optional[int] = None) -> jax.Array:
-  """Integer codes q = floor(x / s) (or round), clipped when `bits` is set.
+                   bits: Optional[int] = None, grid: str = "midtread") -> jax.Array:
+  """Integer codes q = floor(x / s - o) (or round), clipped when `bits` is set.
 
   Returns int32 codes (saturated to the int32 range).
   """
+  offset = grid_offset(grid, bits)
   scale = _expand_scale(jnp.asarray(scale, x.dtype), x.ndim)
-  q = _codes(x, scale, rounding, bits)
+  q = _codes(x, scale, rounding, bits, offset)
   i32 = jnp.iinfo(jnp.int32)
   return jnp.clip(q, i32.min, i32.max).astype(jnp.int32)
 
 
-def dequantize(codes: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """Q = s * q."""
-  return jnp.asarray(scale, dtype) * codes.astype(dtype)
+def dequantize(codes: jax.Array, scale: jax.Array, dtype=jnp.float32,
+               grid: str = "midtread") -> jax.Array:
+  """Q = s * (q + o), o the grid's offset."""
+  offset = types.GRIDS[grid]
+  q = codes.astype(dtype)
+  return jnp.asarray(scale, dtype) * (q + offset if offset else q)
 
 
 def init_scale(x: jax.Array, granularity: types.Granularity, *,
@@ -221,12 +242,13 @@ def init_scale(x: jax.Array, granularity: types.Granularity, *,
   return jnp.maximum(s, jnp.exp(-LOG_SCALE_MAX)).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits):
-  return scale * _codes(x, scale, rounding, bits)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits, offset):
+  q = _codes(x, scale, rounding, bits, offset)
+  return scale * (q + offset if offset else q)
 
 
-def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits):
+def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits, offset):
   # symbolic_zeros=True: the differentiable inputs arrive as CustomVJPPrimal, and
   # `scale.perturbed` says (at trace time) whether the scale is differentiated. A
   # scale under stop_gradient (a weights-only step) gets no cotangent, so none of
@@ -236,7 +258,7 @@ def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits):
   # Residuals hold no new array of the parameter's size: the codes are
   # recomputed in the backward pass where a rule needs them (fused there by XLA),
   # which measured faster than storing and re-reading them.
-  out = _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits)
+  out = _fake_quant(x, scale, threshold, lsq_weight, rule, rounding, bits, offset)
   if not learn:
     return out, (x, scale, None)
   if rule not in ("ratio", "ratio_lsq"):
@@ -251,11 +273,13 @@ def _fake_quant_fwd(x, scale, threshold, lsq_weight, rule, rounding, bits):
   return out + 0.0 * jnp.minimum(x_sq, 1.0), (x, scale, (threshold, lsq_weight, x_sq))
 
 
-def _lsq_grad(g, x, scale, q_raw, bits):
+def _lsq_grad(g, x, scale, q_raw, bits, offset=0.0):
   """LSQ scale gradient, reduced to the scale's shape."""
   qn, qp = code_range(bits)
   v = x / scale
   dq_ds = jnp.where(q_raw < qn, qn, jnp.where(q_raw > qp, qp, q_raw - v))
+  if offset:  # the levels are q + o: every case of dQ/ds shifts by o
+    dq_ds = dq_ds + offset
   n = x.size // scale.size
   qmax = FREE_BITS_QP if bits is None else max(qp, 1.0)
   return _reduce_product_to(g, dq_ds, scale.shape) / jnp.sqrt(n * qmax)
@@ -300,12 +324,12 @@ def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf, x_sq=Non
   return grow + relax, r
 
 
-def _fake_quant_bwd(rule, rounding, bits, res, g):
+def _fake_quant_bwd(rule, rounding, bits, offset, res, g):
   x, scale, learn = res
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     return None, None, None, None
   needs_codes = bits is not None or (learn is not None and rule in ("lsq", "ratio_lsq"))
-  q_raw = _unclipped_codes(x, scale, rounding) if needs_codes else None
+  q_raw = _unclipped_codes(x, scale, rounding, offset) if needs_codes else None
   if bits is None:
     gx = g
   else:
@@ -315,12 +339,12 @@ def _fake_quant_bwd(rule, rounding, bits, res, g):
     return gx, None, None, None
   threshold, lsq_weight, x_sq = learn
   if rule == "lsq":
-    gs = _lsq_grad(g, x, scale, q_raw, bits)
+    gs = _lsq_grad(g, x, scale, q_raw, bits, offset)
   elif rule in ("ratio", "ratio_lsq"):
     growth, _ = ratio_growth(g, x, scale.shape, threshold[0], threshold[1], x_sq)
     gs = -growth / scale
     if rule == "ratio_lsq":
-      gs = gs + lsq_weight * _lsq_grad(g, x, scale, q_raw, bits)
+      gs = gs + lsq_weight * _lsq_grad(g, x, scale, q_raw, bits, offset)
   else:
     raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(types.RULES)}")
   assert gs.shape == scale.shape, (gs.shape, scale.shape)
@@ -332,7 +356,7 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd, symbolic_zeros=True)
 
 def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
                threshold=0.0, rounding: str = "floor", bits: Optional[int] = None,
-               lsq_weight=1.0, relax_threshold=None) -> jax.Array:
+               lsq_weight=1.0, relax_threshold=None, grid: str = "midtread") -> jax.Array:
   """Fake-quantizes `x`: returns ``scale * codes`` with the chosen gradients.
 
   Args:
@@ -344,6 +368,7 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
     threshold: lambda of the ratio rules (may be traced; no gradient).
     rounding: ``floor`` (thesis) or ``round``.
     bits: clip codes to the signed b-bit range (clipped STE); None: free.
+    grid: ``midtread`` (levels s * q) or ``midrise`` (s * (q + 1/2); needs `bits`).
     lsq_weight: weight of the LSQ term in ``ratio_lsq`` (may be traced).
     relax_threshold: lambda_hi of the ratio rules: groups with r above it get a
       finer grid (see :func:`ratio_growth`); None: never (the thesis's rule).
@@ -360,6 +385,7 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
         f"unknown rounding {rounding!r}; expected one of {', '.join(types.ROUNDINGS)}")
   if bits is not None and not 1 <= bits <= 16:
     raise ValueError(f"bits must be in 1..16 or None, got {bits}")
+  offset = grid_offset(grid, bits)
   if isinstance(threshold, (int, float)) and threshold < 0:
     raise ValueError(f"threshold must be >= 0, got {threshold}")
   scale_in = jnp.asarray(scale, x.dtype)
@@ -370,5 +396,5 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
   lam_hi = jnp.inf if relax_threshold is None else relax_threshold
   thresholds = jnp.stack([jnp.asarray(threshold, x.dtype), jnp.asarray(lam_hi, x.dtype)])
   out = _fake_quant(x, scale_full, thresholds,
-                    jnp.asarray(lsq_weight, x.dtype), rule, rounding, bits)
+                    jnp.asarray(lsq_weight, x.dtype), rule, rounding, bits, offset)
   return out

@@ -38,6 +38,11 @@ Granularity = Union[str, Tuple[int, ...]]
 GRANULARITIES = ("tensor", "row", "column", "channel", "spatial", "element")
 RULES = ("fixed", "lsq", "ratio", "ratio_lsq")
 ROUNDINGS = ("floor", "round")
+# Where a fixed-width grid puts its levels, as the offset of Q/s from an integer:
+# ``midtread`` s * q (zero is a level; the thesis's grid, and the only one for free bit
+# widths, where a one-bin group is pruned); ``midrise`` s * (q + 1/2) (symmetric, no zero:
+# at 1 bit the binary {-s/2, +s/2} of BinaryConnect-style weights).
+GRIDS = {"midtread": 0.0, "midrise": 0.5}
 
 
 def kept_axes(shape: Sequence[int], granularity: Granularity) -> Tuple[int, ...]:
@@ -153,6 +158,8 @@ class QuantConfig:
   rounding: str = "floor"
   # Clip codes to the signed b-bit range; None leaves the bit width free.
   bits: Optional[int] = None
+  # midtread (levels s * q) | midrise (s * (q + 1/2); needs bits): see GRIDS.
+  grid: str = "midtread"
   # Who shares a scale (see the module docstring).
   granularity: Granularity = "tensor"
   # Initial bit budget over the group's range, for free bit widths.
@@ -172,6 +179,11 @@ class QuantConfig:
       raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold}")
     if self.bits is not None and not 1 <= self.bits <= 16:
       raise ValueError(f"bits must be in 1..16 or None, got {self.bits}")
+    if self.grid not in GRIDS:
+      raise ValueError(f"unknown grid {self.grid!r}; expected one of {', '.join(GRIDS)}")
+    if self.grid != "midtread" and self.bits is None:
+      raise ValueError(f"grid {self.grid!r} needs fixed bits: free bit widths grow a "
+                       f"midtread grid, whose one-bin groups are pruned to zero")
     if not 1 <= self.init_bits <= 16:
       raise ValueError(f"init_bits must be in 1..16, got {self.init_bits}")
     if not math.isfinite(self.lsq_weight) or self.lsq_weight < 0:
@@ -186,9 +198,16 @@ class QuantConfig:
           f"unknown granularity {self.granularity!r}; expected one of "
           f"{', '.join(GRANULARITIES)} or a tuple of axes")
 
+  @property
+  def offset(self) -> float:
+    """Q / s - q: 0 on the midtread grid, 1/2 on the midrise grid."""
+    return GRIDS[self.grid]
+
   def to_json(self) -> dict:
     """A JSON-ready dict (a tuple granularity becomes a list)."""
     d = dataclasses.asdict(self)
+    if d["grid"] == "midtread":  # the default is left out: files stay readable where
+      del d["grid"]              # the field is unknown
     if isinstance(d["granularity"], tuple):
       d["granularity"] = list(d["granularity"])
     return d

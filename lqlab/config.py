@@ -43,9 +43,12 @@ class TrainConfig:
   rounding: str = _field("round", "round (to nearest) | floor (the thesis's; loses ~1.3 points "
                                   "val accuracy on MNIST)")
   bits: Optional[int] = _field(None, "clip codes to b bits (fixed-bit and LSQ baselines)")
+  grid: str = _field("midtread", "grid of fixed bit widths: midtread (levels s*q, zero among "
+                                 "them) | midrise (s*(q+1/2), symmetric: at 1 bit the binary "
+                                 "{-s/2, +s/2}); needs --bits")
   edge_bits: Optional[int] = _field(
-      None, "bits of the first and last layer (the literature's 8-bit first/last setup); the "
-            "rest use --bits")
+      None, "bits of the first and last layer (the literature's 8-bit first/last setup, on "
+            "the midtread grid); the rest use --bits and --grid")
   layer_bits: Optional[str] = _field(
       None, "per-layer bit widths 'module=bits,...' (module paths, e.g. conv1=8,fc1=2; the "
             "layer's kernel and bias): mixed precision with fixed widths, such as the HAWQ-v2 "
@@ -175,7 +178,7 @@ class TrainConfig:
     if self.float_model:
       return None
     return types.QuantConfig(rule=self.rule, threshold=self.threshold, rounding=self.rounding,
-                             bits=self.bits, granularity=self.granularity,
+                             bits=self.bits, grid=self.grid, granularity=self.granularity,
                              init_bits=self.init_bits, lsq_weight=self.lsq_weight,
                              relax_threshold=self.relax_threshold)
 

@@ -45,7 +45,8 @@ class TrainState(struct.PyTreeNode):
 
 def quant_rules(cfg: TrainConfig):
   """The lqjax rules of a run: every Dense and Conv, first and last included (those two
-  at ``edge_bits`` when it is set; the layers ``layer_bits`` names at their widths).
+  at ``edge_bits`` on the midtread grid when it is set; the layers ``layer_bits`` names at
+  their widths, on the run's grid).
 
   ``spatial`` granularity needs a conv kernel: Dense kernels under a ``spatial``
   kernel config are quantized per tensor instead.
@@ -55,11 +56,11 @@ def quant_rules(cfg: TrainConfig):
   for layer, bits in cfg.layer_widths().items():
     rules.append(lqjax.Rule(re.escape(layer), dataclasses.replace(kernel, bits=bits),
                             bias=None if bias is None else dataclasses.replace(bias, bits=bits)))
-  if cfg.edge_bits is not None:
-    edge = dataclasses.replace(kernel, bits=cfg.edge_bits)
-    rules.append(lqjax.Rule("|".join(models.EDGE_LAYERS[cfg.model]), edge,
-                            bias=None if bias is None else dataclasses.replace(
-                                bias, bits=cfg.edge_bits)))
+  if cfg.edge_bits is not None:  # the literature's integer grid (midtread) at edge_bits
+    edge = dict(bits=cfg.edge_bits, grid="midtread")
+    rules.append(lqjax.Rule("|".join(models.EDGE_LAYERS[cfg.model]),
+                            dataclasses.replace(kernel, **edge),
+                            bias=None if bias is None else dataclasses.replace(bias, **edge)))
   if kernel.granularity == "spatial":
     rules.append(lqjax.Rule(models.DENSE_LAYERS, dataclasses.replace(kernel, granularity="tensor"),
                             bias=bias))

@@ -204,11 +204,13 @@ def family(r) -> str:
     stop = "val" if (rule or "").startswith("ratio") else None
   if rule == "ratio":
     return "stable ratio" if stop == "val" else "ratio (thesis)"
+  # the midrise grid s*(q+1/2) (binary at 1 bit) is named; the default midtread grid is not
+  grid = " midrise" if cfg.get("grid") == "midrise" else ""
   if rule == "lsq" and cfg.get("layer_bits"):
-    return "LSQ, HAWQ-v2 widths"
+    return f"LSQ{grid}, HAWQ-v2 widths"
   if rule == "lsq" and cfg.get("edge_bits"):
-    return "LSQ, first/last 8-bit" if cfg["edge_bits"] == 8 else "LSQ, first/last wider"
-  return {"fixed": "fixed-bit STE", "lsq": "LSQ"}.get(rule, rule or "?")
+    return f"LSQ{grid}, first/last " + ("8-bit" if cfg["edge_bits"] == 8 else "wider")
+  return {"fixed": "fixed-bit STE", "lsq": "LSQ"}.get(rule, rule or "?") + grid
 
 
 def _group(rows, key):

@@ -236,7 +236,7 @@ class MixedCNN(nn.Module):
 
 MIXED_RULES = [
     lqjax.Rule("stem|head", types.QuantConfig(rule="fixed", bits=8, rounding="round"),
-               bias=types.QuantConfig(rule="fixed", bits=8, rounding="round")),
+               bias=types.QuantConfig(rule="fixed", bits=8, rounding="round", grid="midrise")),
     lqjax.Rule(".*", types.QuantConfig(rule="ratio", granularity="row", rounding="floor"),
                bias=types.QuantConfig(rule="lsq", bits=2, granularity="tensor")),
 ]
@@ -281,6 +281,7 @@ def test_mixed_configs_account_save_and_reload_exactly(tmp_path):
   header, _ = compress.read(path)
   cfgs = {"/".join(t["path"]): t.get("config") for t in header["tensors"]}
   assert cfgs["params/head/kernel"]["bits"] == 8 and cfgs["params/fc/kernel"]["rule"] == "ratio"
+  assert cfgs["params/stem/bias"]["grid"] == "midrise" and "grid" not in cfgs["params/fc/kernel"]
 
 
 def test_nnx_save_and_load_into_a_module(tmp_path):
@@ -292,13 +293,17 @@ def test_nnx_save_and_load_into_a_module(tmp_path):
     def __call__(self, x):
       return self.b(nnx.relu(self.a(x)))
 
-  rules = [lqjax.Rule("b", types.QuantConfig(rule="fixed", bits=8)), lqjax.Rule(config=CFG)]
+  binary = types.QuantConfig(rule="lsq", bits=1, grid="midrise")  # weights +-s/2
+  rules = [lqjax.Rule("b", binary), lqjax.Rule(config=CFG)]
   q = lqjax.quantize(MLP(nnx.Rngs(0)), rules)
   lqjax.save(tmp_path / "m.lqz", q)
   fresh = lqjax.quantize(MLP(nnx.Rngs(1)), rules)
   lqjax.load(tmp_path / "m.lqz", fresh)
   f = nnx.jit(lambda m, x: m(x))
   np.testing.assert_array_equal(f(fresh, X2), f(q, X2))
+  (kb,) = [t for t in tree.quantized_tensors(nnx.state(fresh)) if t.name.endswith("b/kernel")]
+  np.testing.assert_allclose(np.abs(np.asarray(kb.p)), np.broadcast_to(
+      np.exp(np.asarray(kb.log_scale)) / 2, kb.p.shape), rtol=1e-6)
   other = lqjax.quantize(
       type("Wide", (nnx.Module,), {"__init__": lambda s, r: (
           setattr(s, "a", nnx.Linear(6, 8, rngs=r)), setattr(s, "b", nnx.Linear(8, 3, rngs=r)))

@@ -324,10 +324,23 @@ def test_read_only_workdir_and_export_location(finished, tmp_path, read_only_dir
     (["--layer_bits=fc9=2"], "matches no module of the model"),
 ])
 def test_bad_layer_bits_are_refused_before_a_checkpoint(tmp_path, flags, needle):
+  _refused_before_a_checkpoint(tmp_path, ["--rule=lsq", "--bits=4", *flags], needle)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--grid=midrise"], "grid 'midrise' needs fixed bits"),
+    (["--grid=midrise", "--budget_bits=2"], "grid 'midrise' needs fixed bits"),
+    (["--grid=binary", "--bits=1"], "unknown grid 'binary'"),
+])
+def test_bad_grids_are_refused_before_a_checkpoint(tmp_path, flags, needle):
+  _refused_before_a_checkpoint(tmp_path, ["--rule=lsq", *flags], needle)
+
+
+def _refused_before_a_checkpoint(tmp_path, flags, needle):
   data = _make_data(tmp_path / "data")
   wd = tmp_path / "wd"
-  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=1", *TRAIN, "--rule=lsq",
-            "--bits=4", *flags], data, tmp_path / "cache")
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=1", *TRAIN, *flags], data,
+           tmp_path / "cache")
   assert r.returncode == 2, r.stderr[-3000:]
   _one_error_line(r, needle)
   assert not (wd / "checkpoints").exists()

@@ -42,9 +42,10 @@ def test_group_bits_hand_example():
   np.testing.assert_array_equal(accounting.group_bits(jnp.zeros((3,)), (1,)), [0.0])
 
 
-def _random_model_params(granularity, model="lenet300", dataset="mnist", bits=None, rule="ratio"):
+def _random_model_params(granularity, model="lenet300", dataset="mnist", bits=None, rule="ratio",
+                         grid="midtread"):
   cfg = train.TrainConfig(dataset=dataset, model=model, granularity=granularity, bits=bits,
-                          rule=rule, rounding="round", bias_granularity="row")
+                          rule=rule, rounding="round", bias_granularity="row", grid=grid)
   m = train.build_model(cfg, 10)
   shape = {"mnist": (2, 28, 28, 1), "cifar10": (2, 32, 32, 3)}[dataset]
   v = m.init(jax.random.key(0), jnp.zeros(shape))
@@ -87,6 +88,41 @@ def test_fixed_bits_model_is_small(tmp_path):
   assert all(r.bits_max <= 2 for r in rows if r.quantized)
   s = accounting.summarize(rows)
   assert s["ratio_accounted"] > 14  # 32 / 2 bits, less the per-group overhead
+
+
+def test_midrise_binary_model_file_and_onnx(tmp_path):
+  """A 1-bit midrise (binary) model: 1 bit per weight on disk, reloaded and exported to
+  the same logits, its ONNX codes the odd integers 2q + 1 = -1, +1."""
+  cfg, m, params, bs = _random_model_params("row", bits=1, rule="lsq", grid="midrise")
+  path = tmp_path / "m.lqz"
+  export.export(path, cfg, 10, ((0.1,), (0.3,)), params, bs)
+  for t in tree.quantized_tensors(params):
+    assert t.config.grid == "midrise"
+  rows = accounting.model_report(params)
+  assert all(r.bits_max <= 1 for r in rows if r.quantized)
+  assert accounting.summarize(rows)["ratio_accounted"] > 25  # 32 / 1 bit, less the overhead
+  model, variables, header = export.load(path)
+  x = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+  got = export.predict(model, variables, header, x)
+  ref = np.asarray(jax.jit(lambda v, x: m.apply(v, data.normalize(x, (0.1,), (0.3,))))(
+      {"params": params}, jnp.asarray(x)))
+  np.testing.assert_array_equal(got, ref)
+  # Every reloaded weight is +-s/2: no zeros.
+  for t in tree.quantized_tensors(variables["params"]):
+    s = np.exp(np.asarray(t.log_scale))
+    np.testing.assert_allclose(np.abs(np.asarray(t.p)), np.broadcast_to(s / 2, t.p.shape),
+                               rtol=1e-6)
+  pytest.importorskip("onnxruntime", reason="install lqjax[export]")
+  import onnx
+  from lqjax import onnx_export
+  onnx_path = tmp_path / "m.onnx"
+  meta = {"mean": (0.1,), "std": (0.3,)}
+  export.export_onnx(onnx_path, m, {"params": params}, meta, train.INPUT_SHAPES["mnist"])
+  np.testing.assert_allclose(onnx_export.run_onnx(onnx_path, x), ref, rtol=1e-4, atol=1e-4)
+  codes = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(onnx_path)).graph.initializer
+           if t.name.endswith("_codes")]
+  assert len(codes) == len(tree.quantized_tensors(params))
+  assert all(set(np.unique(c)) <= {-1, 1} and c.dtype == np.int8 for c in codes)
 
 
 @pytest.fixture

@@ -190,18 +190,21 @@ class GranularityTest(parameterized.TestCase):
       types.QuantConfig(rule="bogus")
 
 
-def _lsq_reference(x, s, w, qn, qp, rounding):
+def _lsq_reference(x, s, w, qn, qp, rounding, offset=0.0):
   """Numpy LSQ scale gradient, per tensor, after PyTorch's learnable fake-quant
   reference (zero point 0): clip test on the rounded code, dQ/ds = q - x/s
-  inside, the bound outside, times dY, summed, times 1/sqrt(N * Qp)."""
+  inside, the bound outside, times dY, summed, times 1/sqrt(N * max(Qp, 1)).
+
+  With `offset` o (the midrise grid, o = 1/2) the code is rounded from x/s - o and
+  the levels are q + o: dQ/ds = q + o - x/s inside, qn + o or qp + o outside."""
   x = np.asarray(x, np.float64)
   w = np.asarray(w, np.float64)
   v = x / s
-  q = np.round(v) if rounding == "round" else np.floor(v)
+  q = np.round(v - offset) if rounding == "round" else np.floor(v - offset)
   small, big = q < qn, q > qp
-  d = np.where(small, qn, np.where(big, qp, np.clip(q, qn, qp) - v))
+  d = np.where(small, qn + offset, np.where(big, qp + offset, np.clip(q, qn, qp) + offset - v))
   gx = w * (~small & ~big)
-  return gx, np.sum(d * w) / math.sqrt(x.size * qp)
+  return gx, np.sum(d * w) / math.sqrt(x.size * max(qp, 1))
 
 
 class GradientTest(chex.TestCase, parameterized.TestCase):
@@ -323,3 +326,81 @@ class GradientTest(chex.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class MidriseTest(chex.TestCase, parameterized.TestCase):
+  """The midrise grid s * (q + 1/2): symmetric levels, no zero; binary at 1 bit."""
+
+  def test_levels_by_hand(self):
+    x = jnp.array([-1.0, -0.3, -0.01, 0.02, 0.4, 2.0])
+    s = jnp.array(0.5)
+    # x/s - 1/2 = -2.5, -1.1, -0.52, -0.46, 0.3, 3.5; rounded (half to even) -2, -1, -1, 0, 0, 4.
+    codes = quant.quantize_codes(x, s, rounding="round", bits=1, grid="midrise")
+    np.testing.assert_array_equal(codes, [-1, -1, -1, 0, 0, 0])
+    np.testing.assert_array_equal(
+        quant.fake_quant(x, s, rule="fixed", rounding="round", bits=1, grid="midrise"),
+        [-0.25, -0.25, -0.25, 0.25, 0.25, 0.25])
+    np.testing.assert_array_equal(
+        quant.fake_quant(x, s, rule="fixed", rounding="round", bits=2, grid="midrise"),
+        [-0.75, -0.25, -0.25, 0.25, 0.25, 0.75])
+    # The midtread grid at 1 bit is {-s, 0}: every positive weight is pruned.
+    np.testing.assert_array_equal(
+        quant.fake_quant(x, s, rule="fixed", rounding="round", bits=1),
+        [-0.5, -0.5, 0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(quant.dequantize(codes, s, grid="midrise"),
+                                  [-0.25, -0.25, -0.25, 0.25, 0.25, 0.25])
+
+  def test_lsq_gradient_by_hand(self):
+    x = jnp.array([-1.0, -0.3, -0.01, 0.02, 0.4, 2.0])
+    w = jnp.arange(6.0)
+    gx, gs = jax.grad(lambda x, s: jnp.sum(w * quant.fake_quant(
+        x, s, rule="lsq", rounding="round", bits=1, grid="midrise")), argnums=(0, 1))(
+            x, jnp.array(0.5))
+    # dQ/ds: -1/2 (clipped below), -1 + 1/2 + 0.6, -1 + 1/2 + 0.02, 1/2 - 0.04, 1/2 - 0.8,
+    # +1/2 (clipped above); against w = 0..5: 0.1 - 0.96 + 1.38 - 1.2 + 2.5 = 1.82, over
+    # sqrt(N * max(Qp, 1)) = sqrt(6).
+    self.assertAlmostEqual(float(gs), 1.82 / math.sqrt(6), places=5)
+    np.testing.assert_array_equal(gx, [0, 1, 2, 3, 4, 0])  # clipped STE
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(rounding=ROUNDINGS, bits=(1, 2, 3))
+  def test_lsq_against_reference(self, rounding, bits):
+    x = jnp.asarray(np.linspace(-3, 3, 25), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(3).normal(size=25), jnp.float32)
+    f = self.variant(jax.grad(lambda x, s: jnp.sum(w * quant.fake_quant(
+        x, s, rule="lsq", rounding=rounding, bits=bits, grid="midrise")), argnums=(0, 1)))
+    gx, gs = f(x, jnp.array(0.6))
+    ref_gx, ref_gs = _lsq_reference(x, 0.6, w, -2 ** (bits - 1), 2 ** (bits - 1) - 1,
+                                    rounding, offset=0.5)
+    np.testing.assert_allclose(gx, ref_gx, atol=1e-7)
+    np.testing.assert_allclose(gs, ref_gs, rtol=1e-5)
+
+  @settings(max_examples=60, deadline=None)
+  @given(_x_and_scale(), st.sampled_from(ROUNDINGS), st.sampled_from([1, 2, 4]))
+  def test_invariants(self, xs, rounding, bits):
+    x, s, _ = xs
+    x, s = jnp.asarray(x), jnp.asarray(s)
+    kw = dict(rounding=rounding, bits=bits, grid="midrise")
+    codes = quant.quantize_codes(x, s, **kw)
+    q = quant.fake_quant(x, s, rule="fixed", **kw)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(s * (codes.astype(jnp.float32) + 0.5)))
+    np.testing.assert_array_equal(np.asarray(quant.fake_quant(q, s, rule="fixed", **kw)),
+                                  np.asarray(q))  # idempotent
+    self.assertTrue(np.all(codes >= -2 ** (bits - 1)) and np.all(codes <= 2 ** (bits - 1) - 1))
+    # No level at zero: |Q| >= s / 2 everywhere.
+    self.assertTrue(np.all(np.abs(np.asarray(q)) >= np.broadcast_to(np.asarray(s), q.shape) / 2
+                           * (1 - 1e-6)))
+
+  def test_invalid(self):
+    with self.assertRaisesRegex(ValueError, "needs fixed bits"):
+      quant.fake_quant(_x(), 1.0, rule="lsq", grid="midrise")
+    with self.assertRaisesRegex(ValueError, "unknown grid"):
+      quant.quantize_codes(_x(), 1.0, bits=2, grid="binary")
+    with self.assertRaisesRegex(ValueError, "needs fixed bits"):
+      types.QuantConfig(grid="midrise")
+
+  def test_config_json(self):
+    self.assertNotIn("grid", types.QuantConfig().to_json())  # readable where grid is unknown
+    cfg = types.QuantConfig(rule="lsq", bits=1, grid="midrise")
+    self.assertEqual(types.QuantConfig.from_json(cfg.to_json()), cfg)
+    self.assertEqual(cfg.offset, 0.5)

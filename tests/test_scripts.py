@@ -510,6 +510,11 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
   edge["config"]["edge_bits"] = 8
   assert [report.family(r) for r in (hq[0], edge)] == ["LSQ, HAWQ-v2 widths",
                                                       "LSQ, first/last 8-bit"]
+  binary = f_run("binary", 0, 0.5, 2000)
+  binary["config"].update(grid="midrise", edge_bits=8)
+  assert report.family(binary) == "LSQ midrise, first/last 8-bit"
+  binary["config"].pop("edge_bits")
+  assert report.family(binary) == "LSQ midrise"
   text = "\n".join(report.frontier_section(fr + hq + [edge, fp32], tmp_path / "plots"))
   # nearest larger baseline for budget2 is hawq2 (995 bytes), the best larger one too
   assert "| 0.20% | -0.30 vs hawq2 (beyond spread 0.20) | -0.30 vs hawq2 (beyond spread 0.20) " \
