@@ -72,7 +72,11 @@ def test_file_roundtrip_and_size(tmp_path, granularity, codec):
     hlen = compress._PREFIX.unpack_from(blob)[3]
     assert size == accounting.summarize(rows)["packed_bytes_accounted"] + compress._PREFIX.size \
         + hlen + 32
-  # Reload: same logits.
+  _reload_gives_the_same_logits(path, m, params)
+
+
+def _reload_gives_the_same_logits(path, m, params):
+  """(reloaded variables, test inputs, logits) after checking the reloaded file's logits."""
   model, variables, header = export.load(path)
   x = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
   got = export.predict(model, variables, header, x)
@@ -80,6 +84,7 @@ def test_file_roundtrip_and_size(tmp_path, granularity, codec):
       {"params": params}, jnp.asarray(x)))
   # Same jitted program, same codes: the reloaded model's logits are bit-identical.
   np.testing.assert_array_equal(got, ref)
+  return variables, x, ref
 
 
 def test_fixed_bits_model_is_small(tmp_path):
@@ -101,12 +106,7 @@ def test_midrise_binary_model_file_and_onnx(tmp_path):
   rows = accounting.model_report(params)
   assert all(r.bits_max <= 1 for r in rows if r.quantized)
   assert accounting.summarize(rows)["ratio_accounted"] > 25  # 32 / 1 bit, less the overhead
-  model, variables, header = export.load(path)
-  x = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
-  got = export.predict(model, variables, header, x)
-  ref = np.asarray(jax.jit(lambda v, x: m.apply(v, data.normalize(x, (0.1,), (0.3,))))(
-      {"params": params}, jnp.asarray(x)))
-  np.testing.assert_array_equal(got, ref)
+  variables, x, ref = _reload_gives_the_same_logits(path, m, params)
   # Every reloaded weight is +-s/2: no zeros.
   for t in tree.quantized_tensors(variables["params"]):
     s = np.exp(np.asarray(t.log_scale))
