@@ -80,9 +80,11 @@ def hessian_traces(loss_fn, params, batches, key, samples: int = 1) -> Dict[tree
   return {path: float(v) / count for path, (v, _) in tree.flat_leaves(total).items()}
 
 
-def grid_error(p, sshape, bits: int, rounding: str = "round") -> float:
+def grid_error(p, sshape, bits: int, rounding: str = "round", grid: str = "midtread") -> float:
   """``||Q_b(P) - P||^2``: every scale group (the scale's shape `sshape`) on its signed
-  `bits`-bit grid, with the step from :data:`CLIP_FRACTIONS` that leaves the least error."""
+  `bits`-bit grid (midtread s*q or midrise s*(q+1/2)), with the step from
+  :data:`CLIP_FRACTIONS` that leaves the least error."""
+  o = quant.grid_offset(grid, bits)
   p = np.asarray(p, np.float64)
   axes = types.shared_axes(p.shape, sshape)
   amax = np.max(np.abs(p), axis=axes, keepdims=True) if axes else np.abs(p)
@@ -91,7 +93,7 @@ def grid_error(p, sshape, bits: int, rounding: str = "round") -> float:
   best = None
   for c in CLIP_FRACTIONS:
     s = np.where(amax > 0, c * amax / 2.0 ** (bits - 1), 1.0)
-    err = (np.clip(rnd(p / s), qn, qp) * s - p) ** 2
+    err = ((np.clip(rnd(p / s - o), qn, qp) + o) * s - p) ** 2
     err = np.sum(err, axis=axes, keepdims=True) if axes else err
     best = err if best is None else np.minimum(best, err)
   return float(np.sum(best))
@@ -137,7 +139,7 @@ def allocate(params, target_bits: float, traces: Dict[tree.Path, float],
   """One bit width per layer that minimises the HAWQ-v2 cost at `target_bits` or below.
 
   Args:
-    params: a quantized tree (for each tensor's scale groups and rounding) holding
+    params: a quantized tree (for each tensor's scale groups, rounding and grid) holding
       the trained float weights (e.g. a float run's weights put in with
       :func:`lqjax.tree.replace_arrays`).
     target_bits: average bits per quantized weight, scale storage included (as
@@ -171,7 +173,8 @@ def allocate(params, target_bits: float, traces: Dict[tree.Path, float],
     lay["trace_per_weight"] += per_weight * n  # a weighted mean, finished below
     for k, b in enumerate(choices):
       lay["size"][k] += n * b + budget.OVERHEAD_BITS * groups
-      lay["cost"][k] += per_weight * grid_error(t.p, t.log_scale.shape, b, t.config.rounding)
+      lay["cost"][k] += per_weight * grid_error(t.p, t.log_scale.shape, b, t.config.rounding,
+                                                t.config.grid)
   names = sorted(layers)
   limit = int(np.floor(target_bits * n_total + 1e-9))
   got = pareto_choice([layers[n]["size"] for n in names], [layers[n]["cost"] for n in names],

@@ -11,11 +11,14 @@ average bits per quantized weight, scale storage included, meet
 ``--budget_bits``. The scale groups are those of an LSQ run with the float
 run's granularity settings.
 
-A 1-bit layer has the signed grid {-s, 0}: with ReLU after it and inputs that
-are mostly positive, it can start with no positive pre-activation and never
-train (docs/METHOD.md); ``--widths=2,...,8`` keeps every layer at 2 bits or more.
+A 1-bit layer on the default (midtread) grid is {-s, 0}: with ReLU after it and
+inputs that are mostly positive, it can start with no positive pre-activation and
+never train (docs/METHOD.md). ``--grid=midrise`` costs and trains the widths on the
+symmetric grid s*(q+1/2), binary {-s/2, +s/2} at 1 bit; ``--widths=2,...,8`` keeps
+every layer at 2 bits or more.
 
-Prints ``--layer_bits=...`` for an LSQ run (``--rule=lsq --bits=8 --layer_bits=...``);
+Prints ``--layer_bits=...`` (and ``--grid=midrise`` when chosen) for an LSQ run
+(``--rule=lsq --bits=8 --layer_bits=...``);
 ``--out`` also writes the allocation, its traces and per-layer costs as JSON.
 """
 
@@ -36,7 +39,7 @@ from lqlab import data, step, train
 
 def allocation(workdir, budget_bits: float, *, data_dir=None, batches: int = 8,
                samples: int = 4, seed: int = 0, limit=None,
-               widths=sensitivity.DEFAULT_CHOICES):
+               widths=sensitivity.DEFAULT_CHOICES, grid: str = "midtread"):
   """``({layer: bits}, info)`` for the float run in `workdir` at `budget_bits` (see module doc)."""
   cfg, model, state, ds_stats, num_classes = train.restore(workdir)
   if not cfg.float_model:
@@ -46,20 +49,21 @@ def allocation(workdir, budget_bits: float, *, data_dir=None, batches: int = 8,
   ce = step.eval_loss(cfg, model, ds_stats)
   traces = sensitivity.hessian_traces(lambda p, b: ce(p, state.batch_stats, *b), state.params,
                                       chunks, jax.random.key(seed), samples)
-  qcfg = dataclasses.replace(cfg, float_model=False, rule="lsq", bits=8)
+  qcfg = dataclasses.replace(cfg, float_model=False, rule="lsq", bits=8, grid=grid)
   qmodel = step.build_model(qcfg, num_classes)
   sample = jnp.zeros((1,) + step.INPUT_SHAPES[cfg.dataset])
   qparams = qmodel.init(jax.random.key(0), sample, train=False)["params"]
   qparams = tree.replace_arrays(qparams, {p: a for p, (a, _) in
                                           tree.flat_leaves(state.params).items()})
   chosen, info = sensitivity.allocate(qparams, budget_bits, traces, widths)
-  info.update(workdir=str(workdir), batches=len(chunks), samples=samples, seed=seed,
+  info.update(workdir=str(workdir), batches=len(chunks), samples=samples, seed=seed, grid=grid,
               traces={"/".join(p): t for p, t in sorted(traces.items())})
   return chosen, info
 
 
-def flag(widths) -> str:
-  return "--layer_bits=" + ",".join(f"{k}={v}" for k, v in widths.items())
+def flag(widths, grid="midtread") -> str:
+  return "--layer_bits=" + ",".join(f"{k}={v}" for k, v in widths.items()) + (
+      "" if grid == "midtread" else f" --grid={grid}")
 
 
 def main(argv=None):
@@ -73,6 +77,8 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0, help="seed of the probes")
   ap.add_argument("--widths", default="1,2,3,4,5,6,7,8",
                   help="the widths a layer may take (comma-separated, each in 1..16)")
+  ap.add_argument("--grid", default="midtread", choices=("midtread", "midrise"),
+                  help="the fixed-width grid the widths are costed and trained on")
   ap.add_argument("--limit", type=int, default=None, help="first N examples only (tests)")
   ap.add_argument("--out", default=None, help="write the allocation here (JSON)")
   args = ap.parse_args(argv)
@@ -94,11 +100,11 @@ def main(argv=None):
   try:
     widths, info = allocation(args.workdir, args.budget_bits, data_dir=args.data_dir,
                               batches=args.batches, samples=args.samples, seed=args.seed,
-                              limit=args.limit, widths=choices)
+                              limit=args.limit, widths=choices, grid=args.grid)
   except (FileNotFoundError, ValueError, data.DatasetNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  info["flag"] = flag(widths)
+  info["flag"] = flag(widths, args.grid)
   info["command"] = "python scripts/hawq_bits.py " + " ".join(
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
   if args.out:

@@ -65,6 +65,10 @@ def test_grid_error_by_hand():
   # per-row groups: each row's error is found apart; row 2 is exact, row 1 as above
   rows = np.array([[0.0, 0.1, 1.0], [-1.0, -0.5, 0.5]]).T  # a Dense kernel [in, out]
   assert sensitivity.grid_error(rows, (1, 2), 2) == pytest.approx(0.26)
+  # 1 bit midrise, levels +-c/2 for c in 0.025, 0.05, ..., 1: all three values go to +c/2;
+  # the squared error is least at c/2 = 1.1/3, and the nearest c gives c/2 = 0.3625
+  assert sensitivity.grid_error(p, (1,), 1, grid="midrise") == pytest.approx(
+      0.3625 ** 2 + 0.2625 ** 2 + 0.6375 ** 2)
 
 
 @settings(max_examples=30, deadline=None)
