@@ -17,8 +17,8 @@ Public API:
   weights with ``DequantizeLinear``; needs ``lqjax[export]``)
 * the quantizer (:mod:`lqjax.quant`): ``fake_quant``, ``quantize_codes``,
   ``dequantize``, ``init_scale``, ``scale_from_log``
-* granularity (:mod:`lqjax.types`): ``scale_shape``, ``kept_axes``,
-  ``GRANULARITIES``, ``RULES``
+* granularity and grids (:mod:`lqjax.types`): ``scale_shape``, ``kept_axes``,
+  ``GRANULARITIES``, ``RULES``, ``GRIDS`` (``QuantConfig(bits=1, grid="midrise")``: binary)
 * single layers by hand (:mod:`lqjax.linen_quant`): ``quantized``, ``Quantizer``
 """
 
@@ -33,7 +33,7 @@ from lqjax.quant import dequantize, fake_quant, init_scale, quantize_codes, scal
 from lqjax.interception import quantize
 from lqjax.rules import QuantizeError, Rule
 from lqjax.tree import QuantScale, quantized_tensors
-from lqjax.types import GRANULARITIES, RULES, QuantConfig, kept_axes, scale_shape
+from lqjax.types import GRANULARITIES, GRIDS, RULES, QuantConfig, kept_axes, scale_shape
 
 __version__ = "0.2.0"
 
