@@ -84,6 +84,7 @@ class TensorReport:
   rule: Optional[str] = None
   bits: Optional[int] = None
   rounding: Optional[str] = None
+  grid: Optional[str] = None
 
   @property
   def bytes(self) -> int:
@@ -154,7 +155,8 @@ def model_report(variables, default: Optional[types.QuantConfig] = None):
         elements=int(t.p.size), bits_min=int(gb.min()), bits_mean=float(gb.mean()),
         bits_max=int(gb.max()), code_bytes=int(math.ceil(int((gb * n_group).sum()) / 8)),
         overhead_bytes=gv.shape[0] * GROUP_OVERHEAD_BYTES, fp32_bytes=4 * int(t.p.size),
-        quantized=True, rule=t.config.rule, bits=t.config.bits, rounding=t.config.rounding))
+        quantized=True, rule=t.config.rule, bits=t.config.bits, rounding=t.config.rounding,
+        grid=t.config.grid))
     done.update((t.path, t.scale_path))
   for path, (v, _) in tree.flat_leaves(variables).items():
     if path in done:
@@ -184,17 +186,18 @@ def summarize(rows) -> dict:
 
 
 def format_table(rows) -> str:
-  head = f"{'layer':40s} {'shape':>18s} {'rule':>10s} {'granularity':>12s} " \
+  head = f"{'layer':40s} {'shape':>18s} {'rule':>16s} {'granularity':>12s} " \
          f"{'bits min/mean/max':>18s} {'bytes':>10s} {'ratio':>7s}"
   lines = [head, "-" * len(head)]
   for r in rows:
     bits = f"{r.bits_min}/{r.bits_mean:.2f}/{r.bits_max}"
-    rule = "float" if not r.quantized else r.rule + (f"/{r.bits}b" if r.bits else "")
-    lines.append(f"{r.path:40s} {str(r.shape):>18s} {rule:>10s} {r.granularity:>12s} "
+    rule = "float" if not r.quantized else r.rule + (f"/{r.bits}b" if r.bits else "") + (
+        f"/{r.grid}" if r.grid not in (None, "midtread") else "")
+    lines.append(f"{r.path:40s} {str(r.shape):>18s} {rule:>16s} {r.granularity:>12s} "
                  f"{bits:>18s} {r.bytes:>10d} {r.ratio:>6.1f}x")
   s = summarize(rows)
   lines.append("-" * len(head))
-  lines.append(f"{'total':40s} {'':>18s} {'':>10s} {'':>12s} {s['avg_bits']:>18.2f} "
+  lines.append(f"{'total':40s} {'':>18s} {'':>16s} {'':>12s} {s['avg_bits']:>18.2f} "
                f"{s['packed_bytes_accounted']:>10d} {s['ratio_accounted']:>6.1f}x"
                f"   (fp32 {s['fp32_bytes']} bytes)")
   return "\n".join(lines)

@@ -282,6 +282,9 @@ def test_mixed_configs_account_save_and_reload_exactly(tmp_path):
   cfgs = {"/".join(t["path"]): t.get("config") for t in header["tensors"]}
   assert cfgs["params/head/kernel"]["bits"] == 8 and cfgs["params/fc/kernel"]["rule"] == "ratio"
   assert cfgs["params/stem/bias"]["grid"] == "midrise" and "grid" not in cfgs["params/fc/kernel"]
+  table = {line.split()[0]: line[60:76].strip() for line in lqjax.report(v).splitlines()[2:-2]}
+  assert table["params/stem/bias"] == "fixed/8b/midrise" and table["params/stem/kernel"] == \
+      "fixed/8b" and table["params/fc/kernel"] == "ratio"
 
 
 def test_nnx_save_and_load_into_a_module(tmp_path):
