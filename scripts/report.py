@@ -494,7 +494,9 @@ def frontier_section(all_rows, plots_dir):
          "included) against LSQ with uniform bits, LSQ with the first and last layer at 8 "
          "bits, and LSQ with per-layer widths chosen by HAWQ-v2's Hessian-trace proxy for "
          "the same budget (`scripts/hawq_bits.py`; docs/METHOD.md), same model, data and "
-         "schedule. Mean ± std over seeds. *Landing*: the largest "
+         "schedule; each on the midtread grid s*q or, named *midrise*, on s*(q+1/2) "
+         "(`--grid=midrise`: binary {-s/2, +s/2} at 1 bit, where the midtread grid is "
+         "{-s, 0}). Mean ± std over seeds. *Landing*: the largest "
          "distance of a seed's size from its budget. *vs nearest / best larger baseline*: the "
          "difference in mean test accuracy from the baseline with the smallest file at least "
          "as large, and from the most accurate such baseline (points; *beyond spread* when it "
@@ -741,7 +743,8 @@ def main(argv=None):
       frontier = "\n".join(frontier_summary(all_rows))
       if frontier:
         headline += ("\n\nThe budgeted scheme (`--budget_bits`) against the baselines (LSQ "
-                     "uniform, LSQ with 8-bit first and last layers, LSQ with HAWQ-v2 widths) "
+                     "uniform, LSQ with 8-bit first and last layers, LSQ with HAWQ-v2 widths; "
+                     "each also on the midrise grid, binary at 1 bit) "
                      "on the same schedule: the one whose file is nearest above its own, the "
                      "most accurate one whose file is at least as large, and any smaller one "
                      "that is more accurate (mean ± std over seeds; 1 seed: no spread):\n\n"
