@@ -166,15 +166,6 @@ def _expand_scale(scale: jax.Array, ndim: int) -> jax.Array:
   return scale.reshape((1,) * (ndim - scale.ndim) + scale.shape)
 
 
-def grid_offset(grid: str, bits: Optional[int]) -> float:
-  """The offset o of Q/s from the integer code q on `grid`; checks the grid's name."""
-  if grid not in types.GRIDS:
-    raise ValueError(f"unknown grid {grid!r}; expected one of {', '.join(types.GRIDS)}")
-  if grid != "midtread" and bits is None:
-    raise ValueError(f"grid {grid!r} needs fixed bits")
-  return types.GRIDS[grid]
-
-
 def _unclipped_codes(x, scale, rounding, offset=0.0):
   v = x / scale
   if offset:
@@ -202,7 +193,7 @@ def quantize_codes(x: jax.Array, scale: jax.Array, *, rounding: str = "floor",
 
   Returns int32 codes (saturated to the int32 range).
   """
-  offset = grid_offset(grid, bits)
+  offset = types.grid_offset(grid, bits)
   scale = _expand_scale(jnp.asarray(scale, x.dtype), x.ndim)
   q = _codes(x, scale, rounding, bits, offset)
   i32 = jnp.iinfo(jnp.int32)
@@ -212,7 +203,7 @@ def quantize_codes(x: jax.Array, scale: jax.Array, *, rounding: str = "floor",
 def dequantize(codes: jax.Array, scale: jax.Array, dtype=jnp.float32,
                grid: str = "midtread") -> jax.Array:
   """Q = s * (q + o), o the grid's offset."""
-  offset = types.GRIDS[grid]
+  offset = types.grid_offset(grid, fixed=True)
   q = codes.astype(dtype)
   return jnp.asarray(scale, dtype) * (q + offset if offset else q)
 
@@ -385,7 +376,7 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
         f"unknown rounding {rounding!r}; expected one of {', '.join(types.ROUNDINGS)}")
   if bits is not None and not 1 <= bits <= 16:
     raise ValueError(f"bits must be in 1..16 or None, got {bits}")
-  offset = grid_offset(grid, bits)
+  offset = types.grid_offset(grid, bits)
   if isinstance(threshold, (int, float)) and threshold < 0:
     raise ValueError(f"threshold must be >= 0, got {threshold}")
   scale_in = jnp.asarray(scale, x.dtype)

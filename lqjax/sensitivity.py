@@ -84,7 +84,7 @@ def grid_error(p, sshape, bits: int, rounding: str = "round", grid: str = "midtr
   """``||Q_b(P) - P||^2``: every scale group (the scale's shape `sshape`) on its signed
   `bits`-bit grid (midtread s*q or midrise s*(q+1/2)), with the step from
   :data:`CLIP_FRACTIONS` that leaves the least error."""
-  o = quant.grid_offset(grid, bits)
+  o = types.grid_offset(grid, bits)
   p = np.asarray(p, np.float64)
   axes = types.shared_axes(p.shape, sshape)
   amax = np.max(np.abs(p), axis=axes, keepdims=True) if axes else np.abs(p)

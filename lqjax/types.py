@@ -45,6 +45,20 @@ ROUNDINGS = ("floor", "round")
 GRIDS = {"midtread": 0.0, "midrise": 0.5}
 
 
+def grid_offset(grid: str, bits: Optional[int] = None, *, fixed: bool = False) -> float:
+  """The offset o of Q/s from the integer code q on `grid` (:data:`GRIDS`).
+
+  Raises ValueError for an unknown name and, unless `fixed` (the width is known to be
+  fixed, e.g. when dequantizing codes), for a grid other than midtread with free bits.
+  """
+  if grid not in GRIDS:
+    raise ValueError(f"unknown grid {grid!r}; expected one of {', '.join(GRIDS)}")
+  if grid != "midtread" and bits is None and not fixed:
+    raise ValueError(f"grid {grid!r} needs fixed bits: free bit widths grow a midtread "
+                     f"grid, whose one-bin groups are pruned to zero")
+  return GRIDS[grid]
+
+
 def kept_axes(shape: Sequence[int], granularity: Granularity) -> Tuple[int, ...]:
   """Axes of a parameter of `shape` that keep their own scale.
 
@@ -179,11 +193,7 @@ class QuantConfig:
       raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold}")
     if self.bits is not None and not 1 <= self.bits <= 16:
       raise ValueError(f"bits must be in 1..16 or None, got {self.bits}")
-    if self.grid not in GRIDS:
-      raise ValueError(f"unknown grid {self.grid!r}; expected one of {', '.join(GRIDS)}")
-    if self.grid != "midtread" and self.bits is None:
-      raise ValueError(f"grid {self.grid!r} needs fixed bits: free bit widths grow a "
-                       f"midtread grid, whose one-bin groups are pruned to zero")
+    grid_offset(self.grid, self.bits)
     if not 1 <= self.init_bits <= 16:
       raise ValueError(f"init_bits must be in 1..16, got {self.init_bits}")
     if not math.isfinite(self.lsq_weight) or self.lsq_weight < 0:
