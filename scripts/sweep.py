@@ -16,20 +16,26 @@ that variant (e.g. more seeds for the pair a comparison hinges on).
 
 Every run gets its own workdir ``runs/<name>/<variant>[_<grid point>]_s<seed>``
 (checkpoints, exported files, logs: large, not in git). A run whose
-results.json exists is skipped, and an interrupted run resumes from its
-checkpoint, so re-running the same command finishes the sweep.
+results.json exists is skipped, and so is a run already in the sweep's record
+(on a new machine, where ``runs/`` is empty, the same command runs only what
+the record lacks; ``--rerun`` makes those again). An interrupted run resumes
+from its checkpoint, so re-running the same command finishes the sweep.
 
 After each run the sweep's record is updated in ``results/<name>/`` (small, and
 committed, so the evidence outlives the machine that made it):
 ``results.jsonl`` (one line per run: its results.json, run name and command)
 and ``<run>/metrics.jsonl`` (its per-epoch log). Runs already in the record
 but no longer under ``runs/`` keep their lines; a run made again replaces its own.
+The merge holds a lock on the record, so two drivers on one sweep (e.g. one per
+core, each with its own ``--only``) never drop each other's rows.
 scripts/report.py reads only this record.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import pathlib
@@ -67,13 +73,36 @@ def to_argv(flags: dict):
   return out
 
 
+@contextlib.contextmanager
+def _locked(record_dir: pathlib.Path):
+  """Holds an exclusive lock on the record for one read-merge-write."""
+  record_dir.mkdir(parents=True, exist_ok=True)
+  with open(record_dir / ".lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def recorded(record_dir: pathlib.Path) -> dict:
+  """The sweep's record, by run name ({} when there is none yet)."""
+  path = record_dir / "results.jsonl"
+  if not path.exists():
+    return {}
+  return {r["run"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
 def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
   """Merges the finished runs under out_dir into the sweep's record; returns all its rows."""
+  with _locked(record_dir):
+    return _merge(out_dir, record_dir)
+
+
+def _merge(out_dir: pathlib.Path, record_dir: pathlib.Path):
   from lqjax import fileio
   path = record_dir / "results.jsonl"
-  rows = {}
-  if path.exists():
-    rows = {r["run"]: r for r in map(json.loads, path.read_text().splitlines())}
+  rows = recorded(record_dir)
   for res in sorted(out_dir.glob("*/results.json")):
     r = json.loads(res.read_text())
     cmd = res.parent / "command.txt"
@@ -100,6 +129,8 @@ def main(argv=None):
                   help="run nothing: only merge the finished runs under runs_dir into the record")
   ap.add_argument("--only", default=None,
                   help="run only runs whose name contains one of these comma-separated strings")
+  ap.add_argument("--rerun", action="store_true",
+                  help="also make the runs already in the record (their new rows replace the old)")
   args = ap.parse_args(argv)
   try:
     cfg = json.loads(pathlib.Path(args.config).read_text())
@@ -111,12 +142,17 @@ def main(argv=None):
   record_dir = pathlib.Path(args.results_dir) / cfg["name"]
   runs = [] if args.collect else list(expand(cfg))
   only = [o for o in (args.only or "").split(",") if o]
+  done = set() if args.rerun else set(recorded(record_dir))
   failed = 0
   for i, (name, flags) in enumerate(runs):
     if only and not any(o in name for o in only):
       continue
     wd = out_dir / name
     if (wd / "results.json").exists():
+      continue
+    if name in done:
+      print(f"[{i + 1}/{len(runs)}] {name}: in the record, skipped (--rerun makes it again)",
+            flush=True)
       continue
     argv_ = [sys.executable, "-m", cfg["module"], *to_argv(flags), f"--workdir={wd}"]
     cmd = "python -m " + " ".join(shlex.quote(a) for a in argv_[2:])

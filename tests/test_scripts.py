@@ -556,3 +556,43 @@ def test_bench_derives_each_k_from_the_scale_and_weights_only_steps():
   assert "| m | lsq | row | every 4 steps (derived) | 1100.00 | 1.100 | - | - |" in text
   assert "| m | lsq | row | never (weights-only step) |" in text
   assert "updated every step: m 1.400." in text and "updated every 4 steps: m 1.100." in text
+
+
+def test_sweep_skips_runs_already_in_the_record_unless_rerun(tmp_path, capsys):
+  sweep = _load("sweep")
+  cfg = tmp_path / "c.json"
+  cfg.write_text(json.dumps({"name": "x", "module": "experiments.mnist", "base": {},
+                             "variants": {"v": {}}, "seeds": [0, 1]}))
+  record = tmp_path / "results" / "x"
+  record.mkdir(parents=True)
+  (record / "results.jsonl").write_text(json.dumps({"run": "v_s0", "test_accuracy": 0.5}) + "\n")
+  common = ["--config", str(cfg), "--runs_dir", str(tmp_path / "runs"),
+            "--results_dir", str(tmp_path / "results"), "--dry_run"]
+
+  def listed(extra):
+    assert sweep.main(common + extra) == 0
+    out = capsys.readouterr().out
+    return sorted(pathlib.Path(l.split("--workdir=")[1]).name for l in out.splitlines()
+                  if "--workdir" in l)
+
+  assert listed([]) == ["v_s1"]  # a new machine's empty runs/ does not remake v_s0
+  assert listed(["--rerun"]) == ["v_s0", "v_s1"]
+
+
+def test_sweep_record_merges_from_concurrent_drivers_lose_no_row(tmp_path):
+  import threading
+  sweep = _load("sweep")
+  record = tmp_path / "results" / "x"
+  dirs = []
+  for i in range(8):
+    run = tmp_path / f"runs{i}" / f"v_s{i}"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"test_accuracy": i / 10}))
+    dirs.append(run.parent)
+  threads = [threading.Thread(target=sweep.collect, args=(d, record)) for d in dirs]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  kept = [json.loads(x)["run"] for x in (record / "results.jsonl").read_text().splitlines()]
+  assert kept == [f"v_s{i}" for i in range(8)]
