@@ -596,3 +596,30 @@ def test_sweep_record_merges_from_concurrent_drivers_lose_no_row(tmp_path):
     t.join()
   kept = [json.loads(x)["run"] for x in (record / "results.jsonl").read_text().splitlines()]
   assert kept == [f"v_s{i}" for i in range(8)]
+
+
+def test_sweep_jobs_runs_in_parallel_and_records_every_run(tmp_path, monkeypatch, capsys):
+  sweep = _load("sweep")
+  (tmp_path / "fake_exp.py").write_text(
+      "import json, pathlib, sys, time\n"
+      "a = dict(x[2:].split('=', 1) for x in sys.argv[1:] if '=' in x)\n"
+      "wd = pathlib.Path(a['workdir'])\n"
+      "(wd / 'span').write_text(f'{time.time()} ')\n"
+      "time.sleep(1.0)\n"
+      "if a['seed'] == '3': sys.exit('error: seed 3 fails')\n"
+      "(wd / 'span').write_text((wd / 'span').read_text() + f'{time.time()}')\n"
+      "(wd / 'results.json').write_text(json.dumps({'seed': int(a['seed'])}))\n"
+      "print('done'); print('ok')\n")
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  cfg = tmp_path / "c.json"
+  cfg.write_text(json.dumps({"name": "x", "module": "fake_exp", "base": {},
+                             "variants": {"v": {}}, "seeds": [0, 1, 2, 3]}))
+  rc = sweep.main(["--config", str(cfg), "--runs_dir", str(tmp_path / "runs"),
+                   "--results_dir", str(tmp_path / "results"), "--jobs", "2"])
+  assert rc == 1 and "v_s3 failed (1): error: seed 3 fails" in capsys.readouterr().out
+  rows = [json.loads(x) for x in (tmp_path / "results/x/results.jsonl").read_text().splitlines()]
+  assert [(r["run"], r["seed"]) for r in rows] == [("v_s0", 0), ("v_s1", 1), ("v_s2", 2)]
+  spans = [tuple(map(float, (tmp_path / f"runs/x/v_s{i}/span").read_text().split()))
+           for i in range(3)]
+  assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # the first two overlapped
+  assert sweep.main(["--config", str(cfg), "--jobs", "0"]) == 2
