@@ -56,6 +56,12 @@ class DirectoryLock:
   def __init__(self, fh):
     self._fh = fh
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def close(self):
     import fcntl
     if self._fh is not None:
@@ -68,13 +74,16 @@ class LockedError(RuntimeError):
   """Another process holds the folder's lock."""
 
 
-def lock_dir(path) -> DirectoryLock:
-  """Takes ``<path>/.lock`` exclusively, or raises :class:`LockedError` naming the holder."""
+def lock_dir(path, *, wait: bool = False) -> DirectoryLock:
+  """Takes ``<path>/.lock`` exclusively, or raises :class:`LockedError` naming the holder.
+
+  With ``wait=True`` it waits for the holder to let go instead of raising.
+  """
   import fcntl
   lock_path = pathlib.Path(path) / ".lock"
   fh = open(lock_path, "a+")
   try:
-    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
   except BlockingIOError:
     fh.seek(0)
     holder = fh.read().strip() or "unknown"

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
-import fcntl
 import itertools
 import json
 import pathlib
@@ -75,18 +73,6 @@ def to_argv(flags: dict):
   return out
 
 
-@contextlib.contextmanager
-def _locked(record_dir: pathlib.Path):
-  """Holds an exclusive lock on the record for one read-merge-write."""
-  record_dir.mkdir(parents=True, exist_ok=True)
-  with open(record_dir / ".lock", "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def recorded(record_dir: pathlib.Path) -> dict:
   """The sweep's record, by run name ({} when there is none yet)."""
   path = record_dir / "results.jsonl"
@@ -97,7 +83,9 @@ def recorded(record_dir: pathlib.Path) -> dict:
 
 def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
   """Merges the finished runs under out_dir into the sweep's record; returns all its rows."""
-  with _locked(record_dir):
+  from lqjax import fileio
+  record_dir.mkdir(parents=True, exist_ok=True)
+  with fileio.lock_dir(record_dir, wait=True):
     return _merge(out_dir, record_dir)
 
 
