@@ -623,3 +623,36 @@ def test_sweep_jobs_runs_in_parallel_and_records_every_run(tmp_path, monkeypatch
            for i in range(3)]
   assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # the first two overlapped
   assert sweep.main(["--config", str(cfg), "--jobs", "0"]) == 2
+
+
+def test_dataset_parts_round_trip_and_refuse_a_missing_or_changed_part(tmp_path, capsys):
+  parts = _load("dataset_parts")
+  src = tmp_path / "src"
+  src.mkdir()
+  rng = np.random.default_rng(0)
+  blobs = {"train.npz": rng.bytes(5000), "test.npz": rng.bytes(1000), "empty": b""}
+  for name, blob in blobs.items():
+    (src / name).write_bytes(blob)
+  max_mib = 2048 / 2**20  # 2048-byte parts
+  assert parts.main(["split", str(src), str(tmp_path / "p"), "--max_mib", str(max_mib)]) == 0
+  manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+  assert [len(manifest["files"][n]["parts"]) for n in ("train.npz", "test.npz", "empty")] == [3, 1, 1]
+  assert max(p.stat().st_size for p in (tmp_path / "p").glob("*.part*")) == 2048
+  assert parts.main(["join", str(tmp_path / "p"), str(tmp_path / "out")]) == 0
+  assert {n: (tmp_path / "out" / n).read_bytes() for n in blobs} == blobs
+  capsys.readouterr()
+
+  (tmp_path / "p" / "train.npz.part01").rename(tmp_path / "held")
+  assert parts.main(["join", str(tmp_path / "p"), "--check"]) == 1
+  assert capsys.readouterr().out.strip() == "missing: train.npz.part01"
+  assert parts.main(["join", str(tmp_path / "p"), str(tmp_path / "out2")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "1 part(s) missing" in err and "train.npz.part01" in err
+  changed = bytearray((tmp_path / "held").read_bytes())
+  changed[7] ^= 1
+  (tmp_path / "p" / "train.npz.part01").write_bytes(bytes(changed))
+  assert parts.main(["join", str(tmp_path / "p"), str(tmp_path / "out2")]) == 2
+  assert "train.npz.part01 differs from the manifest" in capsys.readouterr().err
+  assert not (tmp_path / "out2" / "train.npz").exists()
+  assert parts.main(["split", str(src), str(tmp_path / "q"), "--max_mib", "0"]) == 2
+  assert parts.main(["join", str(tmp_path / "nothing"), str(tmp_path / "o")]) == 2
