@@ -605,7 +605,7 @@ def test_sweep_jobs_runs_in_parallel_and_records_every_run(tmp_path, monkeypatch
       "a = dict(x[2:].split('=', 1) for x in sys.argv[1:] if '=' in x)\n"
       "wd = pathlib.Path(a['workdir'])\n"
       "(wd / 'span').write_text(f'{time.time()} ')\n"
-      "time.sleep(1.0)\n"
+      "time.sleep(2.0)\n"
       "if a['seed'] == '3': sys.exit('error: seed 3 fails')\n"
       "(wd / 'span').write_text((wd / 'span').read_text() + f'{time.time()}')\n"
       "(wd / 'results.json').write_text(json.dumps({'seed': int(a['seed'])}))\n"
