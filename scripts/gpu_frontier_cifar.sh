@@ -5,8 +5,15 @@
 #
 #   python scripts/dataset_parts.py split $LQJAX_DATA_DIR/cifar10 .parts/cifar10 --max_mib 48
 #
-# (.parts/ is git-ignored). Then, on the device machine, one call per group of parts,
-# each carrying .parts/cifar10/manifest.json and its parts, while the machine stays warm:
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0
+#
+# (.parts/ and .whl/ are git-ignored; zstandard writes the entropy-coded file and is the
+# one package of lqjax's that the GPU image lacks). Then, on the device machine, one
+# call per part, each carrying .parts/cifar10/manifest.json and its part, in quick
+# succession so that the machine stays warm (a 48 MiB part and the 11 MB working tree
+# fit a 64 MiB call): `stash` with train.npz's part00, part01 and part02, then `run`
+# with test.npz's part00 and .whl:
 #
 #   bash scripts/gpu_frontier_cifar.sh stash       # keeps the parts in .device_data/
 #   bash scripts/gpu_frontier_cifar.sh run         # the last group: joins, checks, trains
