@@ -50,10 +50,10 @@ def split(src, dest, max_bytes: int) -> dict:
   return manifest
 
 
-def missing(parts_dir) -> list:
+def missing(parts_dir, manifest=None) -> list:
   """The parts the manifest names that are not (yet) in `parts_dir`."""
   parts_dir = pathlib.Path(parts_dir)
-  manifest = _manifest(parts_dir)
+  manifest = manifest or _manifest(parts_dir)
   return [p["name"] for f in manifest["files"].values() for p in f["parts"]
           if not (parts_dir / p["name"]).is_file()]
 
@@ -62,7 +62,7 @@ def join(parts_dir, dest) -> list:
   """Reassembles every file of the manifest into `dest`; raises ValueError on any fault."""
   parts_dir, dest = pathlib.Path(parts_dir), pathlib.Path(dest)
   manifest = _manifest(parts_dir)
-  lost = missing(parts_dir)
+  lost = missing(parts_dir, manifest)
   if lost:
     raise ValueError(f"{len(lost)} part(s) missing in {parts_dir}: {', '.join(lost)}")
   dest.mkdir(parents=True, exist_ok=True)

@@ -82,30 +82,25 @@ def recorded(record_dir: pathlib.Path) -> dict:
 
 
 def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
-  """Merges the finished runs under out_dir into the sweep's record; returns all its rows."""
+  """Merges the finished runs under out_dir into the sweep's record (under its lock);
+  returns all its rows."""
   from lqjax import fileio
   record_dir.mkdir(parents=True, exist_ok=True)
   with fileio.lock_dir(record_dir, wait=True):
-    return _merge(out_dir, record_dir)
-
-
-def _merge(out_dir: pathlib.Path, record_dir: pathlib.Path):
-  from lqjax import fileio
-  path = record_dir / "results.jsonl"
-  rows = recorded(record_dir)
-  for res in sorted(out_dir.glob("*/results.json")):
-    r = json.loads(res.read_text())
-    cmd = res.parent / "command.txt"
-    r["run"] = res.parent.name
-    r["command"] = cmd.read_text().strip() if cmd.exists() else None
-    rows[r["run"]] = r
-    metrics = res.parent / "metrics.jsonl"
-    if metrics.exists():
-      fileio.write_bytes_atomic(record_dir / r["run"] / "metrics.jsonl", metrics.read_bytes())
-  rows = [rows[k] for k in sorted(rows)]
-  if rows:
-    fileio.write_jsonl_atomic(path, rows)
-  return rows
+    rows = recorded(record_dir)
+    for res in sorted(out_dir.glob("*/results.json")):
+      r = json.loads(res.read_text())
+      cmd = res.parent / "command.txt"
+      r["run"] = res.parent.name
+      r["command"] = cmd.read_text().strip() if cmd.exists() else None
+      rows[r["run"]] = r
+      metrics = res.parent / "metrics.jsonl"
+      if metrics.exists():
+        fileio.write_bytes_atomic(record_dir / r["run"] / "metrics.jsonl", metrics.read_bytes())
+    rows = [rows[k] for k in sorted(rows)]
+    if rows:
+      fileio.write_jsonl_atomic(record_dir / "results.jsonl", rows)
+    return rows
 
 
 def main(argv=None):
