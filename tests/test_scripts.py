@@ -656,3 +656,40 @@ def test_dataset_parts_round_trip_and_refuse_a_missing_or_changed_part(tmp_path,
   assert not (tmp_path / "out2" / "train.npz").exists()
   assert parts.main(["split", str(src), str(tmp_path / "q"), "--max_mib", "0"]) == 2
   assert parts.main(["join", str(tmp_path / "nothing"), str(tmp_path / "o")]) == 2
+
+
+def test_report_schedule_length_pairs_a_long_run_with_its_recipe_on_shorter_schedules(tmp_path):
+  report = _load("report")
+
+  def run(name, sweep, acc, epochs, avg, **cfg):
+    r = _row(name, sweep, acc, 32 / avg, bits=avg,
+             scheme="float" if cfg.get("float_model") else "scale-rule")
+    r["epochs"] = epochs
+    r["config"].update(epochs=epochs, seed=0, scale_every=16 if sweep.startswith("long_") else 1,
+                       **{"float_model": False, "bits": None, **cfg})
+    return r
+
+  rows = [run("fp32_s0", "long_x", 0.99, 30, 32, float_model=True),
+          run("q_s0", "long_x", 0.985, 30, 2.0, bits=2),
+          run("fp32_s0", "base", 0.98, 10, 32, float_model=True),
+          run("q_s0", "base", 0.97, 10, 2.0, bits=2),
+          run("q_s1", "base", 0.96, 10, 2.0, bits=2),
+          run("q3_s0", "base", 0.95, 10, 3.0, bits=3)]  # another recipe: not paired
+  metrics = tmp_path / "long_x" / "q_s0" / "metrics.jsonl"
+  metrics.parent.mkdir(parents=True)
+  metrics.write_text("".join(json.dumps({"avg_bits": b, "val_accuracy": 0.9}) + "\n"
+                             for b in [4.0] * 7 + [2.5, 2.0, 2.0]))
+  text = "\n".join(report.schedules_section(rows, tmp_path))
+  # 10 epochs, 2 seeds: 0.965 vs FP32 0.98 at 10 epochs; 30 epochs: bits moved 2.5 -> 2.0
+  assert "| mnist / lenet300 | q | 10 | base / q | 2 | 0.9650 ± 0.0071 | -1.50 | 2.00 ± 0.00 |" in text
+  assert "| mnist / lenet300 | q | 30 | long_x / q | 1 | 0.9850 | -0.50 | 2.00 | 20.0% |" in text
+  assert "base / q3" not in text
+  assert "| mnist / lenet300 | fp32 | 10 | base / fp32 | 1 | 0.9800 | +0.00 |" in text
+  assert "DoReFa" not in text  # no published figure for this model
+  for r in rows:
+    r.update(dataset="cifar10", model="resnet20")
+  text = "\n".join(report.schedules_section(rows, tmp_path))
+  # 30 epochs: FP32 0.99 is 2.13 points below 92.13; the 2-bit run 0.985 against 91.05
+  assert ("| cifar10 / resnet20 | 30 | 0.9900 | +6.87 | DoReFa-Net, 2-bit weights, float "
+          "activations (Zhou et al. 2016): 0.9105 at 2 bits | long_x / q: 0.9850 | +7.45 |") in text
+  assert "| cifar10 / resnet20 | 10 | 0.9800 | +5.87 |" in text and "base / q: 0.9650 |" in text
