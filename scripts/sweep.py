@@ -163,7 +163,8 @@ def main(argv=None):
       last = (r.stderr.strip().splitlines() or ["?"])[-1]
       print(f"  {name} failed ({r.returncode}): {last}", flush=True)
     else:
-      print(f"  {name}: {r.stdout.strip().splitlines()[-2] if r.stdout.strip() else ''} "
+      lines = r.stdout.strip().splitlines()  # the summary is the line before the last
+      print(f"  {name}: {lines[-2] if len(lines) > 1 else ''.join(lines)} "
             f"[{time.time() - t0:.0f}s]", flush=True)
     collect(out_dir, record_dir)
     return r.returncode != 0

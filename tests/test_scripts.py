@@ -609,14 +609,16 @@ def test_sweep_jobs_runs_in_parallel_and_records_every_run(tmp_path, monkeypatch
       "if a['seed'] == '3': sys.exit('error: seed 3 fails')\n"
       "(wd / 'span').write_text((wd / 'span').read_text() + f'{time.time()}')\n"
       "(wd / 'results.json').write_text(json.dumps({'seed': int(a['seed'])}))\n"
-      "print('done'); print('ok')\n")
+      "print('one line') if a['seed'] == '2' else print('done\\nok')\n")
   monkeypatch.setenv("PYTHONPATH", str(tmp_path))
   cfg = tmp_path / "c.json"
   cfg.write_text(json.dumps({"name": "x", "module": "fake_exp", "base": {},
                              "variants": {"v": {}}, "seeds": [0, 1, 2, 3]}))
   rc = sweep.main(["--config", str(cfg), "--runs_dir", str(tmp_path / "runs"),
                    "--results_dir", str(tmp_path / "results"), "--jobs", "2"])
-  assert rc == 1 and "v_s3 failed (1): error: seed 3 fails" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert rc == 1 and "v_s3 failed (1): error: seed 3 fails" in out
+  assert "  v_s0: done [" in out and "  v_s2: one line [" in out  # the summary line
   rows = [json.loads(x) for x in (tmp_path / "results/x/results.jsonl").read_text().splitlines()]
   assert [(r["run"], r["seed"]) for r in rows] == [("v_s0", 0), ("v_s1", 1), ("v_s2", 2)]
   spans = [tuple(map(float, (tmp_path / f"runs/x/v_s{i}/span").read_text().split()))
