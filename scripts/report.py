@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import pathlib
 import re
@@ -22,7 +23,7 @@ import statistics
 import sys
 import types
 
-from lqlab.config import reproduce_flags
+from lqlab.config import TrainConfig, reproduce_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -600,12 +601,16 @@ SCHEDULE_FREE = ("epochs", "seed", "workdir", "scale_every", "chunk_steps", "lim
 
 
 def _recipe(r) -> dict:
-  return {k: v for k, v in r.get("config", {}).items() if k not in SCHEDULE_FREE}
+  cfg = {k: v for k, v in r.get("config", {}).items() if k not in SCHEDULE_FREE}
+  if cfg.get("scale_stop") == "auto":  # as the loop resolves it (older records name it)
+    cfg["scale_stop"] = "val" if str(cfg.get("rule")).startswith("ratio") else None
+  return cfg
 
 
 def _same_recipe(a: dict, b: dict) -> bool:
-  """Equal on every field both configs record (a field newer than a record is left out)."""
-  return all(a[k] == b[k] for k in a.keys() & b.keys())
+  """Equal on every field; a field newer than a record reads as its default."""
+  default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+  return all(a.get(k, default.get(k)) == b.get(k, default.get(k)) for k in a.keys() | b.keys())
 
 
 def schedules_section(rows, results_dir: pathlib.Path):

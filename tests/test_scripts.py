@@ -676,7 +676,10 @@ def test_report_schedule_length_pairs_a_long_run_with_its_recipe_on_shorter_sche
           run("fp32_s0", "base", 0.98, 10, 32, float_model=True),
           run("q_s0", "base", 0.97, 10, 2.0, bits=2),
           run("q_s1", "base", 0.96, 10, 2.0, bits=2),
-          run("q3_s0", "base", 0.95, 10, 3.0, bits=3)]  # another recipe: not paired
+          run("q3_s0", "base", 0.95, 10, 3.0, bits=3),  # another recipe: not paired
+          run("r_s0", "long_x", 0.97, 30, 4.0, rule="ratio", scale_stop="auto"),
+          run("r_s0", "old", 0.96, 10, 6.0, rule="ratio", scale_stop="val"),  # "auto" resolved
+          run("b_s0", "long_x", 0.97, 30, 2.0, rule="ratio", scale_stop="auto", budget_bits=2.0)]
   metrics = tmp_path / "long_x" / "q_s0" / "metrics.jsonl"
   metrics.parent.mkdir(parents=True)
   metrics.write_text("".join(json.dumps({"avg_bits": b, "val_accuracy": 0.9}) + "\n"
@@ -686,6 +689,8 @@ def test_report_schedule_length_pairs_a_long_run_with_its_recipe_on_shorter_sche
   assert "| mnist / lenet300 | q | 10 | base / q | 2 | 0.9650 ± 0.0071 | -1.50 | 2.00 ± 0.00 |" in text
   assert "| mnist / lenet300 | q | 30 | long_x / q | 1 | 0.9850 | -0.50 | 2.00 | 20.0% |" in text
   assert "base / q3" not in text
+  assert "| mnist / lenet300 | r | 10 | old / r | 1 | 0.9600 |" in text
+  assert "| b | 10 | old / r |" not in text  # a record without budget_bits has none
   assert "| mnist / lenet300 | fp32 | 10 | base / fp32 | 1 | 0.9800 | +0.00 |" in text
   assert "DoReFa" not in text  # no published figure for this model
   for r in rows:
