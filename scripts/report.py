@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import types
+from typing import Optional
 
 from lqlab.config import TrainConfig, reproduce_flags
 
@@ -190,6 +191,12 @@ TARGETS = [
 ]
 
 
+def _scale_stop(cfg, rule) -> Optional[str]:
+  """The run's validation brake; "auto" (the default) is the brake for the ratio rules."""
+  stop = cfg.get("scale_stop")
+  return ("val" if (rule or "").startswith("ratio") else None) if stop == "auto" else stop
+
+
 def family(r) -> str:
   """The scheme a run belongs to, for tables and plot colours."""
   scheme = r.get("scheme")
@@ -202,9 +209,7 @@ def family(r) -> str:
             "penalty": "penalty (scheme B)"}[scheme]
   if cfg.get("budget_bits") or cfg.get("budget_bytes"):
     return "budgeted " + (rule or "?")
-  stop = cfg.get("scale_stop")
-  if stop == "auto":  # the default: the brake for the ratio rules
-    stop = "val" if (rule or "").startswith("ratio") else None
+  stop = _scale_stop(cfg, rule)
   if rule == "ratio":
     return "stable ratio" if stop == "val" else "ratio (thesis)"
   # the midrise grid s*(q+1/2) (binary at 1 bit) is named; the default midtread grid is not
@@ -602,15 +607,17 @@ SCHEDULE_FREE = ("epochs", "seed", "workdir", "scale_every", "chunk_steps", "lim
 
 def _recipe(r) -> dict:
   cfg = {k: v for k, v in r.get("config", {}).items() if k not in SCHEDULE_FREE}
-  if cfg.get("scale_stop") == "auto":  # as the loop resolves it (older records name it)
-    cfg["scale_stop"] = "val" if str(cfg.get("rule")).startswith("ratio") else None
+  if "scale_stop" in cfg:  # "auto" as the loop resolves it (older records name it)
+    cfg["scale_stop"] = _scale_stop(cfg, cfg.get("rule"))
   return cfg
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _same_recipe(a: dict, b: dict) -> bool:
   """Equal on every field; a field newer than a record reads as its default."""
-  default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-  return all(a.get(k, default.get(k)) == b.get(k, default.get(k)) for k in a.keys() | b.keys())
+  return all(a.get(k, _DEFAULTS.get(k)) == b.get(k, _DEFAULTS.get(k)) for k in a.keys() | b.keys())
 
 
 def schedules_section(rows, results_dir: pathlib.Path):
