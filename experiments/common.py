@@ -95,6 +95,8 @@ def run(base):
     _fail(str(e))
   except train.Interrupted as e:
     _fail(str(e), 130)
+  except KeyboardInterrupt:  # a SIGINT outside the loop's own handling
+    _fail(f"interrupted; re-run the same command to resume ({workdir})", 130)
   except (train.TrainingError, ValueError, FileNotFoundError) as e:
     _fail(str(e), 1)
   except OSError as e:  # a write that failed: full disk, read-only folder

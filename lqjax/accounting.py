@@ -29,8 +29,12 @@ import numpy as np
 
 from lqjax import quant, tree, types
 
-# Per scale group: float32 scale + int32 offset + uint8 bit width.
-GROUP_OVERHEAD_BYTES = 4 + 4 + 1
+#: What the packed file stores per scale group, as three columns (one after the other, each
+#: over all of a tensor's groups): the float32 log scale, the int32 offset (the group's
+#: smallest code) and the uint8 bit width.
+GROUP_FIELDS = (("log_scale", np.dtype("<f4")), ("offset", np.dtype("<i4")),
+                ("bits", np.dtype("u1")))
+GROUP_OVERHEAD_BYTES = sum(dt.itemsize for _, dt in GROUP_FIELDS)
 
 
 def group_bits(codes: jax.Array, sshape) -> jax.Array:

@@ -140,15 +140,23 @@ def budget_bits_of(params) -> float:
   return (code + OVERHEAD_BITS * groups) / max(n, 1)
 
 
-def floor_bits(params) -> float:
-  """The least average bits a budget can ask: the scales' storage alone (every group pruned).
+def _least_code_bits(code, gs) -> int:
+  """The code bits of a model whose every learned-scale group is at its fewest bits
+  (:func:`_least`), the tensors a budget does not move counted as they are."""
+  movable = sum(int(np.sum(g.bits)) * g.n for g in gs)
+  least = sum(int(np.sum(np.minimum(g.bits, _least(g)))) * g.n for g in gs)
+  return code - movable + least
 
-  Reads shapes only, so it works on ``jax.eval_shape`` output too.
+
+def floor_bits(params) -> float:
+  """The least average bits a budget can ask of `params`, scale storage included.
+
+  Every learned-scale group at its fewest bits: 0 (pruned) under round-to-nearest, 1
+  under floor rounding (values of both signs never share a code), plus the scales' storage;
+  fixed-bit tensors count as they are.
   """
-  ts = tree.quantized_tensors(params)
-  groups = sum(int(np.prod(t.log_scale.shape)) for t in ts)
-  n = sum(int(np.prod(t.p.shape)) for t in ts)
-  return OVERHEAD_BITS * groups / max(n, 1)
+  code, n_groups, n_q = size_bits(params)
+  return (OVERHEAD_BITS * n_groups + _least_code_bits(code, _groups(params, None))) / max(n_q, 1)
 
 
 def project(params, target_bits: float, fisher=None, *, coarsen_only: bool = False):
@@ -173,18 +181,19 @@ def project(params, target_bits: float, fisher=None, *, coarsen_only: bool = Fal
     BudgetError: the target is below :func:`floor_bits`.
   """
   code, n_groups, n_q = size_bits(params)
-  floor = OVERHEAD_BITS * n_groups / max(n_q, 1)
-  if not target_bits >= floor:
-    raise BudgetError(f"a budget of {target_bits:g} bits per weight is below the "
-                      f"{floor:.3f} that the scales alone take ({n_groups} scale groups of "
-                      f"{OVERHEAD_BITS} bits over {n_q} quantized weights)")
-  before = (code + OVERHEAD_BITS * n_groups) / max(n_q, 1)
   fisher_flat = None if fisher is None else {
       path: v for path, (v, _) in tree.flat_leaves(fisher).items()}
   gs = _groups(params, fisher_flat)
   if not gs:
     raise BudgetError("no tensor with learned free-bit scales: a budget needs a learned rule "
                       "(lsq, ratio, ratio_lsq) without --bits")
+  floor = (OVERHEAD_BITS * n_groups + _least_code_bits(code, gs)) / max(n_q, 1)
+  if not target_bits >= floor:
+    raise BudgetError(f"a budget of {target_bits:g} bits per weight is below the "
+                      f"{floor:.3f} that the model's least grids take ({n_groups} scale groups "
+                      f"of {OVERHEAD_BITS} bits over {n_q} quantized weights, every learned "
+                      f"group at its fewest bits: 1 under floor rounding, 0 under round)")
+  before = (code + OVERHEAD_BITS * n_groups) / max(n_q, 1)
   movable = sum(int(np.sum(g.bits)) * g.n for g in gs)
   fixed_code = code - movable  # tensors a budget does not move
   target_code = target_bits * n_q - OVERHEAD_BITS * n_groups - fixed_code
@@ -232,7 +241,11 @@ def project(params, target_bits: float, fisher=None, *, coarsen_only: bool = Fal
     new[g.qt.scale_path] = jnp.asarray(log_s.reshape(g.qt.log_scale.shape),
                                        g.qt.log_scale.dtype)
   out = tree.replace_arrays(params, new)
-  return out, {"before": before, "after": budget_bits_of(out), "target": target_bits,
+  after = budget_bits_of(out)
+  if after > target_bits * (1 + 1e-9):
+    raise BudgetError(f"a budget of {target_bits:g} bits per weight was not met: the grids "
+                      f"reach {after:.3f} at the fewest bits the groups allow")
+  return out, {"before": before, "after": after, "target": target_bits,
                "groups_moved": len(moved)}
 
 

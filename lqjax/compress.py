@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pathlib
 import struct
 from typing import Any, Mapping, Optional
@@ -55,13 +56,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import accounting, fileio, tree, types
+from lqjax import accounting, fileio, quant, tree, types
 
 MAGIC = b"LQZ\0"
 VERSION = 2
 READS = (1, 2)
 CODEC_FIXED, CODEC_ZSTD = 0, 1
 _PREFIX = struct.Struct("<4sHHI")
+#: dtypes of the arrays stored raw (``kind: float``): numbers and booleans, nothing else.
+ARRAY_DTYPES = frozenset(("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                          "uint32", "uint64", "float16", "bfloat16", "float32", "float64"))
+#: The most elements one tensor of a file may declare (2^34, 64 GiB as float32): a
+#: quantized tensor whose groups are all 0 bits wide takes a few bytes for any size, so the
+#: payload alone does not bound what decoding it allocates.
+MAX_ELEMENTS = 2 ** 34
+#: The entropy-coded payload's code symbols by their byte width (``symbol_bytes``).
+SYMBOL_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
 class CorruptFileError(ValueError):
@@ -127,24 +137,31 @@ def _encode_tensors(variables, codec):
   i32 = np.iinfo(np.int32)
   for t in tree.quantized_tensors(variables):
     cfg = t.config
-    codes, _ = accounting.tensor_codes(t.p, t.log_scale, cfg.rounding, cfg.bits, cfg.grid)
+    _refuse_non_finite(t.name, t.p, "weights")
+    _refuse_non_finite("/".join(t.scale_path), t.log_scale, "log scales", allow_inf=True)
+    # the forward pass reads log s clipped to +-LOG_SCALE_MAX: the file stores that value
+    log_scale = np.clip(np.asarray(t.log_scale, np.float32), -quant.LOG_SCALE_MAX,
+                        quant.LOG_SCALE_MAX)
+    codes, _ = accounting.tensor_codes(t.p, log_scale, cfg.rounding, cfg.bits, cfg.grid)
     if codes.size and (codes.min() <= i32.min or codes.max() >= i32.max):
       raise ValueError(f"{t.name}: codes reach the int32 limit (P/s overflows: the weights "
                        f"diverged or the scale collapsed); refusing to write a lossy file")
-    gv, lo, widths = _group_fields(codes, t.log_scale.shape)
-    ls_np = np.asarray(t.log_scale, np.float32).reshape(-1)
-    head = ls_np.tobytes() + lo.astype(np.int32).tobytes() + widths.astype(np.uint8).tobytes()
+    gv, lo, widths = _group_fields(codes, log_scale.shape)
+    ls_np = log_scale.reshape(-1)
+    head = b"".join(np.asarray(col, dt).tobytes()
+                    for col, (_, dt) in zip((ls_np, lo, widths), accounting.GROUP_FIELDS))
     rel = gv - lo[:, None]
     if codec == CODEC_FIXED:
       body = pack_bits(rel.reshape(-1), np.repeat(widths, gv.shape[1]))
     else:
-      dt = np.uint8 if widths.max(initial=0) <= 8 else (np.uint16 if widths.max() <= 16 else np.uint32)
+      wmax = int(widths.max(initial=0))
+      dt = next(d for d in SYMBOL_DTYPES.values() if 8 * d.itemsize >= wmax)
       body = rel.astype(dt).tobytes()
     blob = head + body
     entries.append({"path": list(t.path), "kind": "quantized", "shape": list(t.p.shape),
                     "scale_shape": list(t.log_scale.shape), "config": cfg.to_json(),
                     "offset": pos, "nbytes": len(blob),
-                    "symbol_bytes": None if codec == CODEC_FIXED else int(np.dtype(dt).itemsize)})
+                    "symbol_bytes": None if codec == CODEC_FIXED else dt.itemsize})
     chunks.append(blob)
     pos += len(blob)
     done.update((t.path, t.scale_path))
@@ -152,12 +169,30 @@ def _encode_tensors(variables, codec):
     if path in done:
       continue
     arr = np.asarray(v)
+    if arr.dtype.name not in ARRAY_DTYPES:
+      raise ValueError(f"{'/'.join(path)}: dtype {arr.dtype.name} cannot be stored (the file "
+                       f"holds {', '.join(sorted(ARRAY_DTYPES))})")
+    _refuse_non_finite("/".join(path), arr, "values")
     blob = np.ascontiguousarray(arr).tobytes()
     entries.append({"path": list(path), "kind": "float", "shape": list(arr.shape),
                     "dtype": arr.dtype.name, "offset": pos, "nbytes": len(blob)})
     chunks.append(blob)
     pos += len(blob)
   return entries, b"".join(chunks)
+
+
+def _refuse_non_finite(name, x, what, allow_inf=False):
+  """Refuses a tensor that the file could not reproduce: NaN (and +-inf, unless `allow_inf`)."""
+  x = np.asarray(x)
+  if not np.issubdtype(x.dtype, np.inexact) and x.dtype.name != "bfloat16":
+    return
+  x = x.astype(np.float32)
+  bad = np.isnan(x) if allow_inf else ~np.isfinite(x)
+  if np.any(bad):
+    i = np.unravel_index(int(np.argmax(bad)), x.shape) if x.ndim else ()
+    raise ValueError(f"{name}: {int(bad.sum())} of {x.size} {what} are not finite (first at "
+                     f"index {list(map(int, i))}: {x[i]}); refusing to write a file that "
+                     f"would reload as another model")
 
 
 def to_bytes(variables, meta: Optional[Mapping[str, Any]] = None, *,
@@ -195,47 +230,92 @@ def save(path, variables, meta: Optional[Mapping[str, Any]] = None, *,
 # ------------------------------------------------------------ reading
 
 
+def _int(x) -> bool:
+  """A JSON integer (not a boolean)."""
+  return type(x) is int
+
+
+def _dtype(name, where):
+  if not isinstance(name, str) or name not in ARRAY_DTYPES:
+    raise CorruptFileError(f"{where}: unknown dtype {name!r} (expected one of "
+                           f"{', '.join(sorted(ARRAY_DTYPES))})")
+  return jnp.dtype(name)  # jnp's: it knows bfloat16
+
+
 def _check_header(header):
+  """Every field's type and range, the byte counts against the payload, and the paths.
+
+  Runs before anything of the payload is decoded or allocated.
+  """
   if not isinstance(header, dict):
     raise CorruptFileError(f"header is a JSON {type(header).__name__}, not an object")
   tensors = header.get("tensors")
   if not isinstance(tensors, list):
     raise CorruptFileError("header has no list of tensors")
   n = header.get("payload_bytes")
-  if not isinstance(n, int) or n < 0:
+  if not _int(n) or n < 0:
     raise CorruptFileError("header has no valid payload_bytes")
+  if "meta" in header and not isinstance(header["meta"], dict):
+    raise CorruptFileError("header meta is not an object")
+  paths = []
   for i, t in enumerate(tensors):
     where = f"tensor {i}"
     if not isinstance(t, dict):
       raise CorruptFileError(f"{where}: not an object")
     path = t.get("path")
-    if not isinstance(path, list) or not path or not all(isinstance(p, str) for p in path):
+    if not isinstance(path, list) or not path or not all(isinstance(p, str) and p
+                                                         for p in path):
       raise CorruptFileError(f"{where}: no valid path")
     where = "/".join(path)
     shape = t.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-      raise CorruptFileError(f"{where}: no valid shape")
+    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
+      raise CorruptFileError(f"{where}: shape {shape!r} is not a list of whole numbers >= 0")
+    size = math.prod(shape)
+    if size > MAX_ELEMENTS:
+      raise CorruptFileError(f"{where}: shape {shape} declares {size} elements, more than the "
+                             f"{MAX_ELEMENTS} a tensor may have")
     off, nb = t.get("offset"), t.get("nbytes")
-    if not (isinstance(off, int) and isinstance(nb, int) and 0 <= off and 0 <= nb
-            and off + nb <= n):
+    if not (_int(off) and _int(nb) and 0 <= off and 0 <= nb and off + nb <= n):
       raise CorruptFileError(f"{where}: offset/nbytes outside the payload")
-    if t.get("kind") == "float":
-      try:
-        dt = np.dtype(t.get("dtype", "float32"))
-      except TypeError:
-        raise CorruptFileError(f"{where}: unknown dtype {t.get('dtype')!r}") from None
-      if nb != dt.itemsize * int(np.prod(shape)):
-        raise CorruptFileError(f"{where}: nbytes {nb} does not match shape {shape}")
-    elif t.get("kind") == "quantized":
+    kind = t.get("kind")
+    if kind == "float":
+      dt = _dtype(t.get("dtype", "float32"), where)
+      if nb != dt.itemsize * size:
+        raise CorruptFileError(f"{where}: nbytes {nb} does not match shape {shape} of "
+                               f"{dt.name} ({dt.itemsize * size} bytes)")
+      paths.append(tuple(path))
+    elif kind == "quantized":
       ss = t.get("scale_shape")
       if not (isinstance(ss, list) and len(ss) == len(shape)
-              and all(isinstance(d, int) and d >= 1 and (d == 1 or d == s)
-                      for d, s in zip(ss, shape))):
+              and all(_int(d) and d >= 1 and (d == 1 or d == s) for d, s in zip(ss, shape))):
         raise CorruptFileError(f"{where}: scale_shape {ss} does not fit shape {shape}")
-      if nb < 9 * int(np.prod(ss)):
+      if nb < accounting.GROUP_OVERHEAD_BYTES * math.prod(ss):
         raise CorruptFileError(f"{where}: nbytes {nb} too small for its scale groups")
+      sb = t.get("symbol_bytes")
+      if sb is not None and sb not in SYMBOL_DTYPES:
+        raise CorruptFileError(f"{where}: symbol_bytes {sb!r} is not one of "
+                               f"{', '.join(map(str, SYMBOL_DTYPES))}")
+      cfg = t.get("config")
+      if cfg is not None and not isinstance(cfg, dict):
+        raise CorruptFileError(f"{where}: config is not an object")
+      paths += [tuple(path), tree.scale_path(tuple(path))]
     else:
-      raise CorruptFileError(f"{where}: unknown kind {t.get('kind')!r}")
+      raise CorruptFileError(f"{where}: unknown kind {kind!r}")
+  _check_paths(paths)
+
+
+def _check_paths(paths):
+  """The paths rebuild one tree: none twice, none a prefix of another."""
+  seen = set()
+  for p in paths:
+    if p in seen:
+      raise CorruptFileError(f"{'/'.join(p)}: the path is listed twice")
+    seen.add(p)
+  for p in paths:
+    for k in range(1, len(p)):
+      if p[:k] in seen:
+        raise CorruptFileError(f"{'/'.join(p[:k])}: a tensor's path is also a folder of "
+                               f"{'/'.join(p)}; the tensors do not make one tree")
 
 
 def _v1_config(header, path) -> types.QuantConfig:
@@ -250,31 +330,48 @@ def _v1_config(header, path) -> types.QuantConfig:
     raise CorruptFileError(f"version-1 header: {e}") from None
 
 
+def _group_columns(raw, g):
+  """The per-group columns (log scale, offset, bits) of a quantized tensor, and the rest."""
+  cols, pos = [], 0
+  for _, dt in accounting.GROUP_FIELDS:
+    cols.append(np.frombuffer(raw[pos:pos + dt.itemsize * g], dt))
+    pos += dt.itemsize * g
+  return cols, raw[pos:]
+
+
 def _decode(header, payload, version):
   flat = {}
   for t in header["tensors"]:
     raw = payload[t["offset"]:t["offset"] + t["nbytes"]]
     shape = tuple(t["shape"])
     path = tuple(t["path"])
+    name = "/".join(path)
     if t["kind"] == "float":
-      flat[path] = np.frombuffer(raw, np.dtype(t.get("dtype", "float32"))).reshape(shape)
+      arr = np.frombuffer(raw, _dtype(t.get("dtype", "float32"), name)).reshape(shape)
+      if np.issubdtype(arr.dtype, np.inexact) or arr.dtype.name == "bfloat16":
+        if not np.all(np.isfinite(arr.astype(np.float32))):
+          raise CorruptFileError(f"{name}: values are not finite")
+      flat[path] = arr
       continue
     sshape = tuple(t["scale_shape"])
-    g = int(np.prod(sshape))
-    n = int(np.prod(shape)) // g
-    ls = np.frombuffer(raw[:4 * g], np.float32).reshape(sshape)
-    lo = np.frombuffer(raw[4 * g:8 * g], np.int32).astype(np.int64)
-    widths = np.frombuffer(raw[8 * g:9 * g], np.uint8).astype(np.int64)
+    g = math.prod(sshape)
+    n = math.prod(shape) // g
+    (ls, lo, widths), body = _group_columns(raw, g)
+    ls, lo, widths = ls.reshape(sshape), lo.astype(np.int64), widths.astype(np.int64)
+    if not np.all(np.isfinite(ls)) or np.any(np.abs(ls) > quant.LOG_SCALE_MAX):
+      raise CorruptFileError(f"{name}: a log scale is not finite or outside "
+                             f"+-{quant.LOG_SCALE_MAX:g}")
     if np.any(widths > 32):
-      raise CorruptFileError(f"{'/'.join(path)}: a group's bit width exceeds 32")
-    body = raw[9 * g:]
-    if t.get("symbol_bytes") is None:
+      raise CorruptFileError(f"{name}: a group's bit width exceeds 32")
+    sb = t.get("symbol_bytes")
+    want = (int(widths.sum()) * n + 7) // 8 if sb is None else n * g * sb
+    if len(body) != want:  # checked before the codes are allocated
+      raise CorruptFileError(f"{name}: the codes take {len(body)} bytes, the groups' widths "
+                             f"say {want}")
+    if sb is None:
       rel = unpack_bits(body, np.repeat(widths, n)).astype(np.int64)
     else:
-      dt = {1: np.uint8, 2: np.uint16, 4: np.uint32}.get(t["symbol_bytes"])
-      if dt is None or len(body) != n * g * np.dtype(dt).itemsize:
-        raise CorruptFileError(f"{'/'.join(path)}: symbols do not match the tensor's size")
-      rel = np.frombuffer(body, dt).astype(np.int64)
+      rel = np.frombuffer(body, SYMBOL_DTYPES[sb]).astype(np.int64)
     codes = _ungroup(rel.reshape(g, n) + lo[:, None], shape, sshape)
     if version == 1:
       cfg = _v1_config(header, path)
@@ -283,24 +380,23 @@ def _decode(header, payload, version):
       try:
         cfg = types.QuantConfig.from_json(t.get("config") or {})
       except (TypeError, ValueError) as e:
-        raise CorruptFileError(f"{'/'.join(path)}: invalid config: {e}") from None
+        raise CorruptFileError(f"{name}: invalid config: {e}") from None
     s = np.asarray(jnp.exp(jnp.asarray(ls)))  # same op as quant.scale_from_log
     values = (s * (codes.astype(np.float32) + np.float32(cfg.offset))).astype(np.float32)
     if not np.all(np.isfinite(values)):
-      raise CorruptFileError(f"{'/'.join(path)}: decoded values are not finite")
+      raise CorruptFileError(f"{name}: decoded values are not finite")
     flat[path] = values
     flat[tree.scale_path(path)] = tree.QuantScale(ls, cfg)
   return flat
 
 
 def _unflatten(flat):
+  _check_paths(list(flat))
   out = {}
   for path, v in flat.items():
     node = out
     for k in path[:-1]:
       node = node.setdefault(k, {})
-      if not isinstance(node, dict):
-        raise CorruptFileError(f"{'/'.join(path)}: path runs through a tensor")
     node[path[-1]] = v
   return out
 
@@ -350,6 +446,8 @@ def read(path):
   """(header, tree) of the file at `path`; one-line errors for missing or damaged files."""
   try:
     blob = pathlib.Path(path).read_bytes()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: No such file") from None
   except IsADirectoryError:
     raise CorruptFileError(f"{path} is a directory, not a packed model") from None
   except OSError as e:

@@ -129,15 +129,18 @@ class _Interceptor:
     rule = self.matcher.match(path)
     cfgs = rule.configs() if rule is not None else {}
     object.__setattr__(mod, "_lqjax_param", True)
-    if not cfgs or isinstance(mod, FLOAT_LAYERS):
+    if not cfgs:
       return
+    keep_float = isinstance(mod, FLOAT_LAYERS)
     supported = isinstance(mod, LINEN_LAYERS)
     own_param = type(mod).param
+    matcher = self.matcher
 
     def param(name, init_fn, *init_args, **kwargs):
       value = own_param(mod, name, init_fn, *init_args, **kwargs)
+      matcher.saw_param(path, name)
       cfg = cfgs.get(name)
-      if cfg is None:
+      if cfg is None or keep_float:
         return value
       if not supported:
         raise rules_lib.unsupported(path, type(mod), name, LINEN_LAYERS)
@@ -162,7 +165,7 @@ class _QuantizedModel:
     finally:
       _ACTIVE.depth = 0
     if self.scope is not None and self.is_initializing():
-      interceptor.matcher.check_all_matched()
+      interceptor.matcher.check()
     return out
 
 

@@ -152,6 +152,9 @@ def quantize(model: nnx.Module, rules) -> nnx.Module:
              if isinstance(m, nnx.Module)]
   for path, mod in modules:
     rule = matcher.match(path)
+    for name, value in vars(mod).items():
+      if isinstance(value, nnx.Param):
+        matcher.saw_param(path, name)
     cfgs = rule.configs() if rule is not None else {}
     if not cfgs or isinstance(mod, FLOAT_LAYERS):
       continue
@@ -161,5 +164,5 @@ def quantize(model: nnx.Module, rules) -> nnx.Module:
           raise rules_lib.unsupported(path, type(mod), name, NNX_LAYERS)
       continue
     _quantize_layer(mod, cfgs, path)
-  matcher.check_all_matched()
+  matcher.check()
   return model

@@ -246,8 +246,37 @@ def export_onnx(path, fn: Callable[[Any, Any], Any], variables, example_input, *
 
   See :func:`build` for the arguments.
   """
-  model = build(fn, variables, example_input, **kwargs)
-  return fileio.write_bytes_atomic(path, model.SerializeToString())
+  return fileio.write_bytes_atomic(path, to_bytes(fn, variables, example_input, **kwargs))
+
+
+def to_bytes(fn: Callable[[Any, Any], Any], variables, example_input, **kwargs) -> bytes:
+  """The ONNX file of ``fn(variables, x)`` in memory, checked by :func:`check_loads`."""
+  blob = build(fn, variables, example_input, **kwargs).SerializeToString()
+  check_loads(blob, example_input)
+  return blob
+
+
+def check_loads(blob: bytes, example_input) -> None:
+  """Loads `blob` in onnxruntime (when it is installed) and runs it once on `example_input`.
+
+  jax2onnx can emit a graph that onnxruntime does not run (an op it lacks, a type it
+  refuses): such a file is refused here, before anything is written.
+
+  Raises:
+    ExportError: onnxruntime refused the graph (one line with its reason).
+  """
+  try:
+    import onnxruntime  # noqa: F401
+  except ImportError:
+    return
+  x = np.asarray(jax.device_get(example_input)) if not isinstance(
+      example_input, jax.ShapeDtypeStruct) else np.zeros(example_input.shape, example_input.dtype)
+  try:
+    run_onnx(blob, x)
+  except Exception as e:  # onnxruntime raises its own exception types
+    reason = " ".join(str(e).split())[:300]
+    raise ExportError(f"onnxruntime cannot run the exported graph ({type(e).__name__}: "
+                      f"{reason}); nothing was written") from None
 
 
 def run_onnx(path_or_bytes, x: np.ndarray, batch_size: int = 1000,

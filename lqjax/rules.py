@@ -14,10 +14,12 @@ Supported layers (:data:`LINEN_LAYERS`, :data:`NNX_LAYERS`): Dense,
 DenseGeneral, Conv (depthwise too), ConvTranspose, Embed, Einsum, and
 attention through its projections. Norm layers always stay float. A rule that
 matches another module that owns a parameter it names is an error (one line
-naming the module and its type), and so is a rule that matches no module
-path at all (checked when the Linen model is initialised, and when an NNX model
-is quantized): a silent no-op rule is how a user ends up with a float layer they
-believe quantized.
+naming the module and its type). So is each silent no-op rule, checked when the
+Linen model is initialised and when an NNX model is quantized: a rule that
+matches no module path, a rule shadowed by an earlier one (it matches modules, but
+an earlier rule comes first on every one of them), and a rule whose modules have
+none of the parameters it names. A silent no-op rule is how a user ends up with a
+float layer they believe quantized.
 """
 
 from __future__ import annotations
@@ -92,26 +94,58 @@ def as_rules(rules) -> Tuple[Rule, ...]:
 
 
 class Matcher:
-  """First-match lookup of module paths, remembering which rules matched something."""
+  """First-match lookup of module paths, remembering what each rule matched and decided.
+
+  After the model is walked, :meth:`check` refuses the three silent no-op rules: a rule
+  that matches no module, one whose every module an earlier rule decides first (shadowed),
+  and one whose modules have none of the parameters it names (``params=("kernal",)``).
+  """
 
   def __init__(self, rules: Sequence[Rule]):
     self.rules = tuple(rules)
-    self.matched = [False] * len(self.rules)
+    self.matched = [[] for _ in self.rules]   # module paths each rule matches
+    self.decided = [[] for _ in self.rules]   # module paths where it is the first match
+    self.owner = {}                           # module path -> index of the deciding rule
+    self.found = [set() for _ in self.rules]  # parameter names of the modules it decides
 
   def match(self, path: str) -> Optional[Rule]:
     first = None
     for i, r in enumerate(self.rules):
       if re.fullmatch(r.module_path, path):
-        self.matched[i] = True
+        self.matched[i].append(path)
         if first is None:
-          first = r
-    return first
+          first = i
+    if first is None:
+      return None
+    self.decided[first].append(path)
+    self.owner[path] = first
+    return self.rules[first]
 
-  def check_all_matched(self):
-    for i, (r, hit) in enumerate(zip(self.rules, self.matched)):
-      if not hit:
-        raise QuantizeError(f"lqjax.quantize: rule {i} (module_path={r.module_path!r}) matches "
-                            f"no module of the model")
+  def saw_param(self, module_path: str, name: str):
+    """Records that the module at `module_path` has a parameter `name`."""
+    i = self.owner.get(module_path)
+    if i is not None:
+      self.found[i].add(name)
+
+  def check(self):
+    for i, r in enumerate(self.rules):
+      what = f"lqjax.quantize: rule {i} (module_path={r.module_path!r})"
+      if not self.matched[i]:
+        raise QuantizeError(f"{what} matches no module of the model")
+      if not self.decided[i]:
+        j = self.owner[self.matched[i][0]]
+        raise QuantizeError(
+            f"{what} is shadowed: rule {j} (module_path={self.rules[j].module_path!r}) comes "
+            f"first on every module it matches ({', '.join(self.matched[i][:3])}); put rule {i} "
+            f"before rule {j}, or remove it")
+      names = set(r.configs())
+      if names and not names & self.found[i]:
+        have = sorted(self.found[i]) or ["no parameters"]
+        raise QuantizeError(
+            f"{what} names parameters {', '.join(sorted(names))}, which none of its modules "
+            f"({', '.join(self.decided[i][:3])}{', ...' if len(self.decided[i]) > 3 else ''}) "
+            f"has; they have {', '.join(have)}")
+
 
 
 def join_path(path) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 Granularity = Union[str, Tuple[int, ...]]
@@ -184,6 +185,17 @@ class QuantConfig:
   relax_threshold: Optional[float] = None
 
   def __post_init__(self):
+    for name in ("bits", "init_bits"):
+      v = getattr(self, name)
+      if v is None and name == "bits":
+        continue
+      if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {v!r}")
+      object.__setattr__(self, name, int(v))
+    for name in ("threshold", "lsq_weight", "relax_threshold"):
+      v = getattr(self, name)
+      if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+        raise ValueError(f"{name} must be a number, got {v!r}")
     if self.rule not in RULES:
       raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
     if self.rounding not in ROUNDINGS:

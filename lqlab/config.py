@@ -20,6 +20,8 @@ OPTIMIZERS = ("adam", "sgd")
 # config without the field reads as this value, and reproducing a command that did not name
 # the field needs the flag today (reproduce_flags).
 LEGACY_VALUES = {"scale_every": 1}
+# The largest seed: jax.random.key takes int64, and the loop derives seed + 1 and seed + 2.
+MAX_SEED = 2 ** 63 - 3
 
 
 def _field(default, help_text: str):
@@ -123,6 +125,8 @@ class TrainConfig:
     for name in ("epochs", "batch_size", "chunk_steps", "scale_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+      raise ValueError(f"seed must be a whole number in 0..{MAX_SEED}, got {self.seed}")
     if self.limit is not None and self.limit < 1:
       raise ValueError(f"limit must be >= 1, got {self.limit}")
     self.kernel_quant()  # validates rule, threshold, rounding, bits, granularities

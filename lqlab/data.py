@@ -11,7 +11,13 @@ Where a dataset is looked for, in order:
    an image-folder tree ``<name>/{train,test}/<class>/*`` or, for imagenette,
    ``imagenette_64/``; MNIST-format IDX files in ``<name>/``. It is converted
    once into the cache.
-4. ``tensorflow_datasets.data_source`` (no TensorFlow needed), cached as npz.
+4. ``tensorflow_datasets.data_source`` (no TensorFlow needed), cached as npz. It reads
+   ``$TFDS_DATA_DIR``, else ``<cache>/tfds``, quietly, and downloads only when
+   ``LQJAX_TFDS_DOWNLOAD=1`` (into that folder): nothing is written outside the cache
+   unless asked.
+
+Training data a classifier cannot learn from is refused when it is loaded, naming the
+file: an empty split, constant images (std 0) and fewer than 2 classes.
 
 If none works, :class:`DatasetNotFoundError` says where it looked and how to
 provide the data.
@@ -116,6 +122,23 @@ def _check_split(path, image, label):
                                  f"values such as {label.reshape(-1)[:3].tolist()}")
   if label.size and label.min() < 0:
     raise DatasetNotFoundError(f"{path}: labels must be >= 0, found {int(label.min())}")
+  if not label.size:
+    raise DatasetNotFoundError(f"{path}: the split is empty (0 examples)")
+
+
+def check_learnable(source, train_image, train_label):
+  """Refuses training data a classifier cannot learn from: constant images (their std is 0,
+  and standardising divides by it) and fewer than 2 classes."""
+  std = (train_image.reshape(-1, train_image.shape[-1]).astype(np.float64) / 255.0).std(0)
+  if not np.all(std > 0):
+    c = int(np.argmin(std))
+    raise DatasetNotFoundError(f"{source}: every training image has the same value in channel "
+                               f"{c} (its std is 0); a model cannot learn from constant inputs")
+  classes = np.unique(train_label)
+  if classes.size < 2:
+    raise DatasetNotFoundError(f"{source}: the training labels hold {classes.size} class "
+                               f"({', '.join(map(str, classes.tolist()))}); a classifier needs "
+                               f"at least 2")
 
 
 def _read_npz_dir(d: pathlib.Path):
@@ -127,6 +150,7 @@ def _read_npz_dir(d: pathlib.Path):
     out[split] = (image, label.astype(np.int32))
     if classes is not None:
       out["num_classes"] = len(classes)
+  out["source"] = d / "train.npz"
   if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
     raise DatasetNotFoundError(
         f"{d}: train images are {list(out['train'][0].shape[1:])} but test images are "
@@ -138,11 +162,28 @@ def _has_npz(d: pathlib.Path) -> bool:
   return (d / "train.npz").is_file() and (d / "test.npz").is_file()
 
 
-def _from_tfds(name: str, dest: pathlib.Path):
+def _quiet_tfds():
+  """tfds with its logging off (its lines would come before lqjax's one line)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import logging as pylogging
+
+  from absl import logging
+  logging.set_verbosity(logging.ERROR)
   import tensorflow_datasets as tfds  # heavy import, only on this path
+  pylogging.getLogger("tensorflow_datasets").setLevel(pylogging.ERROR)
+  return tfds
+
+
+def _from_tfds(name: str, dest: pathlib.Path):
+  """Reads `name` through tfds: from ``$TFDS_DATA_DIR`` when set, else from the cache's
+  ``tfds/`` folder; it downloads (into that folder) only with ``LQJAX_TFDS_DOWNLOAD=1``."""
+  tfds = _quiet_tfds()
+  tfds_dir = os.environ.get("TFDS_DATA_DIR") or str(cache_dir() / "tfds")
+  download = os.environ.get("LQJAX_TFDS_DOWNLOAD") == "1"
   out = {}
   for split, tfds_split in (("train", "train"), ("test", "test" if name != "imagenette" else "validation")):
-    src = tfds.data_source(_TFDS_NAMES[name], split=tfds_split)
+    src = tfds.data_source(_TFDS_NAMES[name], split=tfds_split, data_dir=tfds_dir,
+                           download=download)
     images, labels = [], []
     for ex in src:
       img = np.asarray(ex["image"])
@@ -154,6 +195,7 @@ def _from_tfds(name: str, dest: pathlib.Path):
     out[split] = (np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
   for split, (image, label) in out.items():
     fileio.write_npz_atomic(dest / f"{split}.npz", image=image, label=label)
+  out["source"] = f"tfds {_TFDS_NAMES[name]}"
   return out
 
 
@@ -217,6 +259,7 @@ def load(name: str, data_dir: Optional[str] = None, *, limit: Optional[int] = No
   te_x, te_y = arrays["test"]
   if limit is not None:
     tr_x, tr_y, va_x, va_y, te_x, te_y = (a[:limit] for a in (tr_x, tr_y, va_x, va_y, te_x, te_y))
+  check_learnable(arrays.get("source", name), tr_x, tr_y)
   flat = tr_x.reshape(-1, tr_x.shape[-1]).astype(np.float64) / 255.0
   mean, std = tuple(flat.mean(0).tolist()), tuple(flat.std(0).tolist())
   num_classes = int(max(tr_y.max(), te_y.max())) + 1

@@ -1,7 +1,11 @@
 """Export a trained run to the packed file (and ONNX), or verify a file.
 
-  python -m lqlab.export <workdir> --out model.lqz [--zstd] [--onnx model.onnx]
+  python -m lqlab.export <workdir> [--out model.lqz] [--zstd] [--onnx model.onnx]
   python -m lqlab.export --check model.lqz
+
+Without ``--out`` the file goes to ``<workdir>/model.lqz`` (``model.lqz.zst`` with
+``--zstd``), the names training gives them. ``--onnx`` is built from the packed bytes in
+memory, so it holds the model of the file this command wrote.
 
 ``--check`` verifies magic, version, checksum, the header and that every tensor
 decodes to finite values; it exits non-zero with one line on any fault.
@@ -26,12 +30,23 @@ from lqjax import compress
 from lqlab.config import FORMAT_META, run_meta  # noqa: F401  (re-exported)
 
 
-def export(path, cfg, num_classes, ds_stats, params, batch_stats, *,
-           codec=compress.CODEC_FIXED) -> int:
-  """Writes `cfg`'s trained model to `path`; returns the bytes written."""
+def to_bytes(cfg, num_classes, ds_stats, params, batch_stats, *,
+             codec=compress.CODEC_FIXED) -> bytes:
+  """The packed file of `cfg`'s trained model, in memory."""
   from lqlab import train
   variables = train.model_variables(jax.device_get(params), jax.device_get(batch_stats))
-  return compress.save(path, variables, run_meta(cfg, num_classes, ds_stats), codec=codec)
+  return compress.to_bytes(variables, run_meta(cfg, num_classes, ds_stats), codec=codec)
+
+
+def export(path, cfg, num_classes, ds_stats, params, batch_stats, *,
+           codec=compress.CODEC_FIXED) -> int:
+  """Writes `cfg`'s trained model to `path` (atomically); returns the bytes written."""
+  return compress.write_atomic(path, to_bytes(cfg, num_classes, ds_stats, params, batch_stats,
+                                              codec=codec))
+
+
+#: The file names a run's export gives each codec in its workdir.
+DEFAULT_NAMES = {compress.CODEC_FIXED: "model.lqz", compress.CODEC_ZSTD: "model.lqz.zst"}
 
 
 def _run_meta_of(header) -> dict:
@@ -48,8 +63,16 @@ def load(path):
     (model, variables, meta): Linen variables ``{"params", "batch_stats"?}`` and
     the file's run meta (``config``, ``num_classes``, ``mean``, ``std``).
   """
+  return _rebuild(*compress.read(path))
+
+
+def load_bytes(blob: bytes):
+  """:func:`load` of a file's bytes in memory (the very bytes an export wrote)."""
+  return _rebuild(*compress.parse(blob))
+
+
+def _rebuild(header, loaded):
   from lqlab import train
-  header, loaded = compress.read(path)
   meta = _run_meta_of(header)
   cfg = train.TrainConfig.from_json(meta["config"])
   model = train.build_model(cfg, meta["num_classes"])
@@ -83,11 +106,16 @@ def predict(model, variables, meta, images: np.ndarray, batch_size: int = 500) -
                          for i in range(0, images.shape[0], batch_size)])
 
 
-def export_onnx(path, model, variables, meta, image_shape) -> int:
+def onnx_bytes(model, variables, meta, image_shape) -> bytes:
   """The run's model as ONNX: uint8 NHWC images in (normalised in the graph), logits out."""
   from lqjax import onnx_export
-  return onnx_export.export_onnx(path, logits_fn(model, meta["mean"], meta["std"]), variables,
-                                 np.zeros((1,) + tuple(image_shape), np.uint8))
+  return onnx_export.to_bytes(logits_fn(model, meta["mean"], meta["std"]), variables,
+                              np.zeros((1,) + tuple(image_shape), np.uint8))
+
+
+def export_onnx(path, model, variables, meta, image_shape) -> int:
+  """:func:`onnx_bytes` written to `path` atomically; returns its size."""
+  return compress.write_atomic(path, onnx_bytes(model, variables, meta, image_shape))
 
 
 def export_after_training(cfg, model, state, ds, results) -> dict:
@@ -139,10 +167,21 @@ def _file_results(packed, coded, fp32, got, ref, test_y, out) -> dict:
           "packed_file": str(out / "model.lqz")}
 
 
+def _describe(header) -> str:
+  """"<model> (<dataset>), " for a run's export; "" for any other file the library wrote."""
+  meta = header.get("meta", header)
+  cfg = meta.get("config") if isinstance(meta, dict) else None
+  if not isinstance(cfg, dict):
+    return ""
+  names = [str(cfg[k]) for k in ("model", "dataset") if isinstance(cfg.get(k), (str, int))]
+  return f"{names[0]} ({names[1]}), " if len(names) == 2 else (f"{names[0]}, " if names else "")
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m lqlab.export", description=__doc__.splitlines()[0])
   ap.add_argument("workdir", nargs="?")
-  ap.add_argument("--out", help="packed file to write (default <workdir>/model.lqz)")
+  ap.add_argument("--out", help="packed file to write (default <workdir>/model.lqz, or "
+                                "model.lqz.zst with --zstd)")
   ap.add_argument("--zstd", action="store_true", help="entropy-coded variant (zstd)")
   ap.add_argument("--onnx", help="also write an ONNX model (needs lqjax[export])")
   ap.add_argument("--check", metavar="FILE", help="verify a packed file and exit")
@@ -154,14 +193,10 @@ def main(argv=None):
   if args.check:
     try:
       header, _ = compress.read(args.check)
-    except compress.CorruptFileError as e:
+    except (compress.CorruptFileError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
-    meta = header.get("meta", header)
-    cfg = meta.get("config") if isinstance(meta, dict) else None
-    what = f"{cfg['model']} ({cfg['dataset']}), " if isinstance(cfg, dict) and "model" in cfg \
-        else ""
-    print(f"ok: {args.check}: {what}{len(header['tensors'])} tensors, "
+    print(f"ok: {args.check}: {_describe(header)}{len(header['tensors'])} tensors, "
           f"{pathlib.Path(args.check).stat().st_size} bytes")
     return 0
   if not args.workdir:
@@ -177,29 +212,35 @@ def main(argv=None):
           f"step {int(state.step)}): finish it by re-running its command, or pass "
           f"--allow_partial", file=sys.stderr)
     return 2
-  out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "model.lqz")
+  codec = compress.CODEC_ZSTD if args.zstd else compress.CODEC_FIXED
+  # each codec has its own name in the workdir: results.json describes each file so named
+  out = pathlib.Path(args.out or pathlib.Path(args.workdir) / DEFAULT_NAMES[codec])
   if out.is_dir():
     print(f"error: --out {out} is a directory; give a file path", file=sys.stderr)
     return 2
-  codec = compress.CODEC_ZSTD if args.zstd else compress.CODEC_FIXED
   try:
-    n = export(out, cfg, num_classes, stats, state.params, state.batch_stats, codec=codec)
-  except OSError as e:
-    print(f"error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
-    return 2
-  except ValueError as e:  # codes that overflow their storage
+    blob = to_bytes(cfg, num_classes, stats, state.params, state.batch_stats, codec=codec)
+  except ValueError as e:  # weights or scales the file cannot reproduce
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote {out}: {n} bytes")
-  if args.onnx:
+  onnx_blob = None
+  if args.onnx:  # built from the bytes in memory, never re-read from --out
     from lqjax import onnx_export
-    m2, v2, meta = load(out)
+    m2, v2, meta = load_bytes(blob)
     try:
-      export_onnx(args.onnx, m2, v2, meta, train.INPUT_SHAPES[cfg.dataset])
+      onnx_blob = onnx_bytes(m2, v2, meta, train.INPUT_SHAPES[cfg.dataset])
     except onnx_export.ExportError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
-    print(f"wrote {args.onnx}")
+  for path, data in ((out, blob), (args.onnx and pathlib.Path(args.onnx), onnx_blob)):
+    if data is None:
+      continue
+    try:
+      compress.write_atomic(path, data)
+    except OSError as e:
+      print(f"error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+      return 2
+    print(f"wrote {path}: {len(data)} bytes")
   return 0
 
 

@@ -12,6 +12,7 @@ and :mod:`lqlab.evaluate`; their names are re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -26,7 +27,7 @@ import numpy as np
 
 from lqjax import accounting, budget, compress, fileio, optim
 
-from lqlab import data
+from lqlab import data, records
 from lqlab.config import (LEGACY_VALUES, OPTIMIZERS, TrainConfig,  # noqa: F401  (re-exported)
                           run_meta)
 from lqlab.evaluate import (collapsed, final_results, make_eval_fn, model_variables,  # noqa: F401
@@ -56,10 +57,13 @@ EXPLODE_FACTOR = 1e3
 write_json_atomic = fileio.write_json_atomic
 
 
-def _read_jsonl(path: pathlib.Path):
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _read_metrics(path: pathlib.Path):
+  """The rows of a run's metrics.jsonl; a cut-off last line (a write killed mid-line on a
+  filesystem without atomic renames, or a copy) is dropped with a warning, since the
+  checkpoint, not this log, is what a resume continues from."""
+  return records.read_jsonl(path, cut_last_line_ok=True, warn=lambda msg: print(
+      f"warning: {msg} (the log is rewritten from the checkpoint's epochs)", file=sys.stderr,
+      flush=True))
 
 
 class _SignalFlag:
@@ -83,6 +87,29 @@ class _SignalFlag:
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _stop_on_signal(when: str):
+  """SIGINT/SIGTERM raise :class:`Interrupted` at once (one line, with the resume hint)
+  while the run is at no point where a flag could be checked: loading, building and the
+  final evaluation and export. Nothing half-written stays: every write is atomic."""
+
+  def handle(signum, _frame):
+    raise Interrupted(f"{signal.Signals(signum).name} {when}; re-run the same command to "
+                      f"resume")
+
+  old = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      old[sig] = signal.signal(sig, handle)
+    except ValueError:  # not the main thread
+      pass
+  try:
+    yield
+  finally:
+    for sig, h in old.items():
+      signal.signal(sig, h)
 
 
 def _scale_stop(cfg, state, meta, val_acc, epoch):
@@ -121,8 +148,15 @@ def budget_target(cfg: TrainConfig, params, batch_stats, num_classes, ds_stats) 
   return budget.target_bits_for_bytes(variables, cfg.budget_bytes, len(blob) - payload)
 
 
+def check_model(cfg: TrainConfig, model, sample, num_classes, ds_stats):
+  """Everything about the model that can be refused before the workdir is claimed: its
+  rules and granularities (an abstract init: shapes only, no compute) and the budget."""
+  jax.eval_shape(lambda: model.init(jax.random.key(cfg.seed), sample, train=False))
+  check_budget(cfg, model, sample, num_classes, ds_stats)
+
+
 def check_budget(cfg: TrainConfig, model, sample, num_classes, ds_stats):
-  """Refuses, before any compute, a budget below what the model's scales alone take."""
+  """Refuses, before any compute, a budget below what the model's least grids take."""
   if not cfg.budget:
     return
   variables = model.init(jax.random.key(cfg.seed), sample, train=False)
@@ -133,9 +167,12 @@ def check_budget(cfg: TrainConfig, model, sample, num_classes, ds_stats):
     what = (f"--budget_bits={cfg.budget_bits:g}" if cfg.budget_bits is not None else
             f"--budget_bytes={cfg.budget_bytes} ({target:.3f} bits per weight after the header "
             f"and float tensors)")
-    raise budget.BudgetError(f"{what} is below the {floor:.3f} bits per weight that the scales alone "
-                     f"take ({cfg.model}, {cfg.granularity} scales); ask for more or use "
-                     f"coarser --granularity")
+    least = "1 bit per weight under --rounding=floor" if cfg.rounding == "floor" else \
+        "pruned groups under --rounding=round"
+    raise budget.BudgetError(f"{what} is below the {floor:.3f} bits per weight that the model's "
+                             f"least grids take ({cfg.model}, {cfg.granularity} scales, "
+                             f"{least}); ask for more, use coarser --granularity"
+                             + (" or --rounding=round" if cfg.rounding == "floor" else ""))
 
 
 def scale_phase_epochs(cfg: TrainConfig) -> int:
@@ -234,15 +271,9 @@ def _restore_verified(mngr, workdir, state):
     return None
   problems = []
   for step in steps:
-    hp = _hash_path(workdir, step)
-    try:
-      want = json.loads(hp.read_text())
-    except (OSError, ValueError):
-      want = None
-    got = fileio.tree_hashes(workdir / "checkpoints" / str(step)) if want is not None else {}
-    changed = sorted(k for k in set(want or {}) | set(got) if (want or {}).get(k) != got.get(k))
-    if changed:  # a checkpoint without recorded hashes (older lqlab) is tried unverified
-      problems.append(f"step {step}: {changed[0]} is damaged or missing")
+    problem = _verify(workdir, step)
+    if problem:
+      problems.append(f"step {step}: {problem}")
       continue
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
@@ -256,8 +287,34 @@ def _restore_verified(mngr, workdir, state):
             f"{step} (the damaged steps are moved to {workdir / 'damaged_checkpoints'})",
             file=sys.stderr, flush=True)
     return restored["state"], dict(restored["meta"])
+  if all(UNHASHED in p for p in problems):
+    # a run killed between its first checkpoint and that checkpoint's hashes: nothing
+    # verified was ever saved, so it starts again (the step is kept aside)
+    _set_aside(steps, workdir, mngr)
+    print(f"warning: {workdir / 'checkpoints'}: {'; '.join(problems)}; starting from step 0 "
+          f"(the step is moved to {workdir / 'damaged_checkpoints'})", file=sys.stderr,
+          flush=True)
+    return None
   raise TrainingError(f"no intact checkpoint in {workdir / 'checkpoints'} ({'; '.join(problems)})"
                       f"; use a new --workdir")
+
+
+UNHASHED = "has no recorded hashes (the run stopped while saving it)"
+
+
+def _verify(workdir, step) -> Optional[str]:
+  """Why checkpoint `step` cannot be trusted, or None when its files match their hashes.
+
+  A step without a hash file was cut off between its write and its hashes: its files
+  cannot be told from damaged ones, so it counts as damaged.
+  """
+  try:
+    want = json.loads(_hash_path(workdir, step).read_text())
+  except (OSError, ValueError):
+    return UNHASHED
+  got = fileio.tree_hashes(workdir / "checkpoints" / str(step))
+  changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  return f"{changed[0]} is damaged or missing" if changed else None
 
 
 def _interrupted(signame, state, workdir) -> Interrupted:
@@ -288,6 +345,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   if cfg_path.exists():
     _check_same_run(cfg, workdir)
 
+  with _stop_on_signal("while loading the data and building the model (nothing was trained "
+                       "yet in this call)"):
+    return _train(cfg, workdir, data_dir, progress, after_train, model)
+
+
+def _train(cfg, workdir, data_dir, progress, after_train, model):
   # Nothing is written until the config is valid and the data loaded.
   devices, replicated, batch_sharding = data_shardings()
   if cfg.batch_size % len(devices):
@@ -298,8 +361,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n_train} training examples")
 
-  check_budget(cfg, build_model(cfg, ds.num_classes) if model is None else model,
-               ds.train.image[:1].astype(jnp.float32), ds.num_classes, (ds.mean, ds.std))
+  check_model(cfg, build_model(cfg, ds.num_classes) if model is None else model,
+              ds.train.image[:1].astype(jnp.float32), ds.num_classes, (ds.mean, ds.std))
 
   try:
     workdir.mkdir(exist_ok=True)
@@ -334,10 +397,12 @@ def _check_same_run(cfg, workdir):
   if diff:
     raise TrainingError(f"workdir {workdir} holds a run with another config (differs in "
                         f"{', '.join(diff)}); use a new --workdir")
-  if cfg.epochs < old["epochs"]:
+  if cfg.epochs != old["epochs"]:
+    # the learning rates follow the schedule's length from the first step on: a longer or
+    # shorter schedule is another run, and its record would replace this one's
     raise TrainingError(f"workdir {workdir} holds a {old['epochs']}-epoch run; --epochs="
-                        f"{cfg.epochs} would relabel it: use a new --workdir for a shorter "
-                        f"schedule")
+                        f"{cfg.epochs} would relabel it (the schedule follows the epochs from "
+                        f"the first step): use a new --workdir for another schedule")
 
 
 def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_per_epoch,
@@ -375,7 +440,7 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
     state, meta = restored
   start_step = int(state.step)
   start_epoch = start_step // steps_per_epoch
-  rows = [r for r in _read_jsonl(workdir / "metrics.jsonl") if r["epoch"] <= start_epoch]
+  rows = [r for r in _read_metrics(workdir / "metrics.jsonl") if r["epoch"] <= start_epoch]
   total_steps = cfg.epochs * steps_per_epoch
 
   def save(state, meta):
@@ -472,6 +537,20 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
         mngr.close()
         raise _interrupted(sig.hit, state, workdir)
   mngr.close()
+  if sig.hit:
+    print(f"warning: {sig.hit} in the last epoch: the run is finishing (final evaluation and "
+          f"export); a second signal stops it, and the same command then finishes it",
+          file=sys.stderr, flush=True)
+  with _stop_on_signal(f"during the final evaluation and export (training is complete: step "
+                       f"{int(state.step)} is checkpointed)"):
+    return _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, start_step,
+                   total_steps, t_start, after_train)
+
+
+def _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, start_step,
+            total_steps, t_start, after_train):
+  """The finished run's results (and its export), written last: results.json marks a run
+  as done."""
   train_seconds = meta["train_seconds"] if start_step >= total_steps else time.time() - t_start
 
   extra = {}
@@ -526,12 +605,9 @@ def restore(workdir):
     raise FileNotFoundError(f"{workdir} holds no checkpoint")
   damaged = (f"checkpoint step {step} in {workdir / 'checkpoints'} is damaged; re-run the "
              f"training command to fall back to the step before it")
-  try:
-    want = json.loads(_hash_path(workdir, step).read_text())
-  except (OSError, ValueError):
-    want = None  # made before checkpoints had hashes: read unverified
-  if want is not None and fileio.tree_hashes(workdir / "checkpoints" / str(step)) != want:
-    raise ValueError(damaged)
+  problem = _verify(workdir, step)
+  if problem:
+    raise ValueError(f"{damaged} ({problem})")
   try:
     state = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))["state"]

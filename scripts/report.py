@@ -24,6 +24,7 @@ import sys
 import types
 from typing import Optional
 
+from lqlab import records
 from lqlab.config import TrainConfig, reproduce_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -53,12 +54,7 @@ def size_bytes(r):
 
 def load_rows(files):
   """Every run of every sweep, each tagged with its sweep name."""
-  rows = []
-  for f in files:
-    for x in f.read_text().splitlines():
-      if x.strip():
-        rows.append({**json.loads(x), "sweep": f.parent.name})
-  return rows
+  return [{**r, "sweep": f.parent.name} for f in files for r in records.read_jsonl(f)]
 
 
 def convergence(run_dir: pathlib.Path):
@@ -66,7 +62,7 @@ def convergence(run_dir: pathlib.Path):
   path = run_dir / "metrics.jsonl"
   if not path.exists():
     return None
-  rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+  rows = records.read_jsonl(path)
   if len(rows) < 2:
     return None
   n = len(rows)
@@ -767,7 +763,7 @@ def readme_headline(results_dir: pathlib.Path, sweep: str):
   f = results_dir / sweep / "results.jsonl"
   if not f.exists():
     return None
-  rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+  rows = records.read_jsonl(f)
   by_var = collections.OrderedDict()
   for r in sorted(rows, key=lambda r: r["run"]):
     by_var.setdefault(variant_of(r["run"]), []).append(r)
@@ -790,6 +786,14 @@ def unrecorded_sweeps(configs_dir: pathlib.Path, recorded) -> list:
 
 
 def main(argv=None):
+  try:
+    return _main(argv)
+  except records.RecordError as e:  # a damaged line of a committed record, named
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--results_dir", default=str(ROOT / "results"),
                   help="the sweeps' record written by scripts/sweep.py")

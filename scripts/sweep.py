@@ -26,7 +26,11 @@ After each run the sweep's record is updated in ``results/<name>/`` (small, and
 committed, so the evidence outlives the machine that made it):
 ``results.jsonl`` (one line per run: its results.json, run name and command)
 and ``<run>/metrics.jsonl`` (its per-epoch log). Runs already in the record
-but no longer under ``runs/`` keep their lines; a run made again replaces its own.
+but no longer under ``runs/`` keep their lines; a run made again replaces its own. A
+recorded run is skipped only while the sweep's flags for it are the ones it was run with:
+after the config changes, the driver refuses and names each such run and flag
+(``--rerun`` makes them again). A run whose workdir another driver holds is reported as
+running elsewhere, not as failed.
 The merge holds a lock on the record, so two drivers on one sweep (e.g. one per
 core, each with its own ``--only``) never drop each other's rows.
 scripts/report.py reads only this record.
@@ -74,11 +78,49 @@ def to_argv(flags: dict):
 
 
 def recorded(record_dir: pathlib.Path) -> dict:
-  """The sweep's record, by run name ({} when there is none yet)."""
+  """The sweep's record, by run name ({} when there is none yet).
+
+  Raises:
+    records.RecordError: a damaged line, named by file and line.
+  """
+  from lqlab import records
   path = record_dir / "results.jsonl"
-  if not path.exists():
-    return {}
-  return {r["run"]: r for r in map(json.loads, path.read_text().splitlines())}
+  rows = records.read_jsonl(path)
+  for i, r in enumerate(rows):
+    if not isinstance(r.get("run"), str):
+      raise records.RecordError(f"{path}: row {i + 1} names no run")
+  return {r["run"]: r for r in rows}
+
+
+def _flags_of(cmd: str) -> dict:
+  """``{flag: value}`` of a command line ``python -m <module> --k=v ...``, without --workdir."""
+  out = {}
+  for a in shlex.split(cmd)[3:]:
+    key, _, value = a[2:].partition("=")
+    if key != "workdir":
+      out[key] = value
+  return out
+
+
+def flag_difference(row: dict, new_argv) -> list:
+  """The flags on which a recorded run and the sweep's current command for it differ.
+
+  A flag the sweep names now that the recorded command left out is no difference when
+  the run's recorded config has that value (a default that changed since, now named).
+  A row without a command cannot be compared, and gives no difference.
+  """
+  if not row.get("command"):
+    return []
+  old = _flags_of(row["command"])
+  new = _flags_of("python -m m " + " ".join(shlex.quote(a) for a in new_argv))
+  config = row.get("config") if isinstance(row.get("config"), dict) else {}
+
+  def same(k):
+    if old.get(k) == new.get(k):
+      return True
+    return k not in old and k in config and str(config[k]) == new[k]
+
+  return sorted(k for k in set(old) | set(new) if not same(k))
 
 
 def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
@@ -123,38 +165,59 @@ def main(argv=None):
   if args.jobs < 1:
     print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
     return 2
+  from lqlab import records
+  from lqjax import fileio
   try:
     cfg = json.loads(pathlib.Path(args.config).read_text())
   except (OSError, ValueError) as e:
     print(f"error: cannot read sweep config {args.config}: {e}", file=sys.stderr)
     return 2
-  out_dir = pathlib.Path(args.runs_dir) / cfg["name"]
+  # every path once, against the folder the driver was called from (the runs run in ROOT)
+  out_dir = pathlib.Path(args.runs_dir).resolve() / cfg["name"]
+  record_dir = pathlib.Path(args.results_dir).resolve() / cfg["name"]
+  try:
+    done = {} if args.rerun else recorded(record_dir)
+  except records.RecordError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   out_dir.mkdir(parents=True, exist_ok=True)
-  record_dir = pathlib.Path(args.results_dir) / cfg["name"]
   runs = [] if args.collect else list(expand(cfg))
   only = [o for o in (args.only or "").split(",") if o]
-  done = set() if args.rerun else set(recorded(record_dir))
-  pending = []
+  pending, changed = [], []
   for i, (name, flags) in enumerate(runs):
     if only and not any(o in name for o in only):
       continue
     wd = out_dir / name
-    if (wd / "results.json").exists():
-      continue
     if name in done:
+      diff = flag_difference(done[name], to_argv(flags))
+      if diff:
+        changed.append(f"{name} ({', '.join(diff)})")
+        continue
       print(f"[{i + 1}/{len(runs)}] {name}: in the record, skipped (--rerun makes it again)",
             flush=True)
+      continue
+    if (wd / "results.json").exists():
       continue
     argv_ = [sys.executable, "-m", cfg["module"], *to_argv(flags), f"--workdir={wd}"]
     cmd = "python -m " + " ".join(shlex.quote(a) for a in argv_[2:])
     print(f"[{i + 1}/{len(runs)}] {cmd}", flush=True)
     pending.append((name, wd, argv_, cmd))
+  if changed:
+    print(f"error: {args.config} changed since these runs were recorded in "
+          f"{record_dir / 'results.jsonl'}: {'; '.join(changed)}; --rerun makes them again with "
+          f"the new flags", file=sys.stderr)
+    return 2
   if args.dry_run:
     return 0
 
   def one(run):
     name, wd, argv_, cmd = run
     wd.mkdir(exist_ok=True)
+    try:  # another driver's run in this workdir: it is not ours to report
+      fileio.lock_dir(wd).close()
+    except fileio.LockedError:
+      print(f"  {name}: running elsewhere (its workdir is locked), skipped", flush=True)
+      return False
     (wd / "command.txt").write_text(cmd + "\n")
     t0 = time.time()
     r = subprocess.run(argv_, cwd=ROOT, capture_output=True, text=True)

@@ -71,6 +71,17 @@ CASES = [
     # (name, args made from the workdir, exit code, needle)
     ("fewer epochs relabel", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}",
                                          "--epochs=1", *TRAIN], 1, "would relabel"),
+    ("more epochs relabel", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}",
+                                        "--epochs=3", *TRAIN], 1, "would relabel"),
+    ("a seed beyond int64", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}",
+                                        "--epochs=2", "--seed=99999999999999999999", *TRAIN], 2,
+     "seed must be a whole number in 0.."),
+    ("check a file with a NaN bias", lambda wd: ["-m", "lqlab.export", "--check",
+                                                 str(_nan_bias_copy(wd))], 1,
+     "fc1/bias: values are not finite"),
+    ("check a file with a duplicate path", lambda wd: ["-m", "lqlab.export", "--check",
+                                                       str(_duplicate_path_copy(wd))], 1,
+     "the path is listed twice"),
     ("another config", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2",
                                    "--threshold=0.5", *TRAIN], 1, "another config"),
     ("epochs 0", lambda wd: ["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=0",
@@ -89,6 +100,34 @@ CASES = [
     ("verify a damaged file", lambda wd: (wd / "model.lqz").write_bytes(b"LQZ\0junk") and
      ["scripts/verify_export.py", str(wd)], 2, "truncated"),
 ]
+
+
+def _rewrite(wd, change):
+  """A copy of the run's model.lqz (beside the workdir) with `change(header, payload)`
+  applied and a valid checksum: damage only the reader's own checks can find."""
+  blob = (wd / "model.lqz").read_bytes()
+  n = compress._PREFIX.unpack_from(blob)[3]
+  header = json.loads(blob[compress._PREFIX.size:compress._PREFIX.size + n])
+  payload = bytearray(blob[compress._PREFIX.size + n:-32])
+  change(header, payload)
+  h = json.dumps(header).encode()
+  body = compress._PREFIX.pack(compress.MAGIC, compress.VERSION, 0, len(h)) + h + bytes(payload)
+  out = wd.parent / "crafted.lqz"
+  out.write_bytes(body + hashlib.sha256(body).digest())
+  return out
+
+
+def _nan_bias_copy(wd):
+  def change(header, payload):
+    t = next(t for t in header["tensors"] if t["path"][-1] == "bias" and t["kind"] == "float")
+    payload[t["offset"]:t["offset"] + 4] = np.float32(np.nan).tobytes()
+  return _rewrite(wd, change)
+
+
+def _duplicate_path_copy(wd):
+  def change(header, payload):
+    header["tensors"].append(dict(header["tensors"][-1]))
+  return _rewrite(wd, change)
 
 
 @pytest.mark.parametrize("name,args,code,needle", CASES, ids=[c[0] for c in CASES])
@@ -154,7 +193,7 @@ def test_a_second_run_on_a_locked_workdir_is_refused(finished, tmp_path):
   lock = fileio.lock_dir(wd)
   try:
     before = _hashes(wd)
-    r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=3", *TRAIN], data, cache)
+    r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", *TRAIN], data, cache)
   finally:
     lock.close()
   assert r.returncode == 1
@@ -163,6 +202,12 @@ def test_a_second_run_on_a_locked_workdir_is_refused(finished, tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
+    ({"train": {"image": np.zeros((300, 28, 28, 1), np.uint8)}},
+     "train.npz: every training image has the same value in channel 0 (its std is 0)"),
+    ({"test": {"image": np.zeros((0, 28, 28, 1), np.uint8), "label": np.zeros(0, np.uint8)}},
+     "test.npz: the split is empty (0 examples)"),
+    ({"train": {"label": np.full(300, 3, np.uint8)}},
+     "train.npz: the training labels hold 1 class (3); a classifier needs at least 2"),
     ({"train": {"label": -(np.arange(300) % 10).astype(np.int8)}}, "labels must be >= 0"),
     ({"train": {"label": (np.arange(300) % 10) + 0.5}}, "whole numbers"),
     ({"test": {"image": np.zeros((60, 32, 32, 1), np.uint8)}}, "test images are"),
@@ -317,6 +362,8 @@ def test_read_only_workdir_and_export_location(finished, tmp_path, read_only_dir
 
 
 @pytest.mark.parametrize("flags,needle", [
+    (["--granularity=0,1,2"], "granularity axis 2 does not exist"),
+    (["--seed=99999999999999999999"], "seed must be a whole number"),
     (["--layer_bits=fc1=0"], "is not 'module=bits' with bits in 1..16"),
     (["--layer_bits=fc1"], "is not 'module=bits'"),
     (["--layer_bits=fc1=2,fc1=3"], "once per module"),
@@ -337,10 +384,219 @@ def test_bad_grids_are_refused_before_a_checkpoint(tmp_path, flags, needle):
 
 
 def _refused_before_a_checkpoint(tmp_path, flags, needle):
+  """Refused before the workdir is claimed: nothing is written, so the corrected command
+  on the same workdir is not 'another config'."""
   data = _make_data(tmp_path / "data")
   wd = tmp_path / "wd"
   r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=1", *TRAIN, *flags], data,
            tmp_path / "cache")
   assert r.returncode == 2, r.stderr[-3000:]
   _one_error_line(r, needle)
-  assert not (wd / "checkpoints").exists()
+  assert not wd.exists()
+
+
+def test_the_corrected_command_runs_on_the_workdir_of_a_refused_typo(tmp_path):
+  data = _make_data(tmp_path / "data")
+  wd = tmp_path / "wd"
+  base = ["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=1", "--noexport", *TRAIN,
+          "--rule=lsq", "--bits=4"]
+  r = _run(base + ["--layer_bits=fc9=2"], data, tmp_path / "cache")
+  assert r.returncode == 2 and not wd.exists()
+  r = _run(base + ["--layer_bits=fc1=2"], data, tmp_path / "cache")
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_check_accepts_any_file_the_library_writes(tmp_path):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import lqjax
+  m = lqjax.quantize(nn.Dense(3, name="fc"), lqjax.Rule())
+  params = m.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  f = tmp_path / "mine.lqz"
+  lqjax.save(f, params, meta={"config": {"model": "my_mlp"}})
+  r = _run(["-m", "lqlab.export", "--check", str(f)], tmp_path, tmp_path / "cache")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.startswith(f"ok: {f}: my_mlp, 2 tensors, ")
+
+
+def test_export_zstd_without_out_keeps_the_packed_file_it_describes(finished, tmp_path):
+  data, cache, wd = _copy(finished, tmp_path)
+  results = json.loads((wd / "results.json").read_text())
+  before = _hashes(wd)
+  r = _run(["-m", "lqlab.export", str(wd), "--zstd"], data, cache)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"wrote {wd / 'model.lqz.zst'}:" in r.stdout
+  assert _hashes(wd) == before  # the same run, the same bytes under each name
+  assert (wd / "model.lqz").stat().st_size == results["packed_bytes"]
+  assert (wd / "model.lqz.zst").stat().st_size == results["entropy_coded_bytes"]
+
+
+def test_export_builds_the_onnx_from_the_bytes_it_wrote_not_from_the_path(finished, tmp_path,
+                                                                          monkeypatch):
+  """Another process replacing --out between the write and the ONNX build changes nothing:
+  the ONNX holds this run's model."""
+  pytest.importorskip("jax2onnx")
+  pytest.importorskip("onnxruntime")
+  from lqjax import onnx_export
+  from lqlab import export
+  data, cache, wd = _copy(finished, tmp_path)
+  out, onnx = tmp_path / "same.lqz", tmp_path / "a.onnx"
+  real_write = compress.write_atomic
+
+  def write_then_replaced(path, blob):
+    n = real_write(path, blob)
+    if pathlib.Path(path) == out:  # the other process's file lands right after ours
+      pathlib.Path(path).write_bytes(b"LQZ\0 another run's file")
+    return n
+
+  monkeypatch.setattr(compress, "write_atomic", write_then_replaced)
+  assert export.main([str(wd), f"--out={out}", f"--onnx={onnx}"]) == 0
+  model, variables, meta = export.load(wd / "model.lqz")
+  x = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+  np.testing.assert_allclose(onnx_export.run_onnx(onnx, x),
+                             export.predict(model, variables, meta, x), atol=1e-4)
+
+
+def test_an_unhashed_checkpoint_is_not_trusted(finished, tmp_path):
+  """A kill between a checkpoint and its hashes leaves a step that cannot be verified: it is
+  set aside with one warning and the run resumes from the step before, to the same result."""
+  data, cache, wd = _copy(finished, tmp_path)
+  results = json.loads((wd / "results.json").read_text())
+  (wd / "results.json").unlink()
+  last = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  (wd / "checkpoint_hashes" / f"{last}.json").unlink()
+  big = max((p for p in (wd / "checkpoints" / str(last)).rglob("*") if p.is_file()),
+            key=lambda p: p.stat().st_size)
+  blob = bytearray(big.read_bytes())
+  for i in (len(blob) // 3, len(blob) // 2, 2 * len(blob) // 3):
+    blob[i] ^= 0xFF
+  big.write_bytes(bytes(blob))
+  r = _run(["-m", "lqlab.export", str(wd), f"--out={tmp_path / 'x.lqz'}", "--allow_partial"],
+           data, cache)
+  assert r.returncode == 2
+  _one_error_line(r, "has no recorded hashes")
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", *TRAIN], data, cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  warnings = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 1 and f"step {last}: has no recorded hashes" in warnings[0]
+  again = json.loads((wd / "results.json").read_text())
+  assert again["test_accuracy"] == results["test_accuracy"]
+
+
+def test_a_cut_off_last_metrics_line_does_not_block_resuming(finished, tmp_path):
+  data, cache, wd = _copy(finished, tmp_path)
+  results = json.loads((wd / "results.json").read_text())
+  (wd / "results.json").unlink()
+  m = wd / "metrics.jsonl"
+  m.write_text(m.read_text()[:-20])
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", *TRAIN], data, cache)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"warning: {m}: line 2 is cut off; it is dropped" in r.stderr
+  assert json.loads((wd / "results.json").read_text())["test_accuracy"] == \
+      results["test_accuracy"]
+  assert len(m.read_text().splitlines()) == 2  # the epoch's row written again from the run
+
+
+def test_a_damaged_metrics_line_before_the_last_is_named(finished, tmp_path):
+  data, cache, wd = _copy(finished, tmp_path)
+  (wd / "results.json").unlink()
+  m = wd / "metrics.jsonl"
+  m.write_text("<<<<<<< HEAD\n" + m.read_text())
+  before = _hashes(wd)
+  r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", *TRAIN], data, cache)
+  assert r.returncode == 1
+  _one_error_line(r, f"{m}:1: a git conflict marker")
+  assert _hashes(wd) == before
+
+
+# A run of experiments.mnist in which one function first sends the process a signal.
+_SIGNAL_DRIVER = """
+import os, signal, sys
+from experiments import common, mnist
+from lqlab import {module} as target
+real = getattr(target, {attr!r})
+calls = []
+def hooked(*a, **k):
+  calls.append(1)
+  if len(calls) == {nth}:
+    os.kill(os.getpid(), signal.{sig})
+  return real(*a, **k)
+setattr(target, {attr!r}, hooked)
+sys.argv = ["mnist"] + sys.argv[1:]
+common.main(mnist.get_config)
+"""
+
+
+def _run_with_signal(module, attr, sig, args, data, cache, nth=1):
+  code = _SIGNAL_DRIVER.format(module=module, attr=attr, sig=sig, nth=nth)
+  return _run(["-c", code, *args], data, cache)
+
+
+@pytest.mark.parametrize("module,attr,sig,when", [
+    ("data", "load", "SIGTERM", "SIGTERM while loading the data and building the model"),
+    ("step", "init_state", "SIGTERM", "SIGTERM while loading the data and building the model"),
+    ("export", "export_after_training", "SIGINT",
+     "SIGINT during the final evaluation and export (training is complete"),
+])
+def test_a_signal_outside_the_epoch_loop_stops_with_one_line(tmp_path, module, attr, sig, when):
+  data = _make_data(tmp_path / "data")
+  wd = tmp_path / "wd"
+  if module == "step":
+    module, attr = "train", "init_state"  # train imported it by name
+  args = [f"--workdir={wd}", "--epochs=1", *TRAIN]
+  r = _run_with_signal(module, attr, sig, args, data, tmp_path / "cache")
+  assert r.returncode == 130, r.stderr[-3000:]
+  _one_error_line(r, when)
+  assert "re-run the same command to resume" in r.stderr
+  assert not (wd / "results.json").exists()
+  assert not list(wd.glob("**/*.tmp")) if wd.exists() else True
+  r = _run(["-m", "experiments.mnist", *args], data, tmp_path / "cache")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (wd / "results.json").exists()
+
+
+def test_a_signal_in_the_last_chunk_of_the_last_epoch_says_the_run_is_finishing(tmp_path):
+  data = _make_data(tmp_path / "data")
+  wd = tmp_path / "wd"
+  # the signal comes while the last epoch's end is processed (its 2nd epoch-end step)
+  r = _run_with_signal("train", "_budget_step", "SIGINT",
+                       [f"--workdir={wd}", "--epochs=2", "--noexport", *TRAIN], data,
+                       tmp_path / "cache", nth=2)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "warning: SIGINT in the last epoch: the run is finishing" in r.stderr
+  assert (wd / "results.json").exists()
+
+
+def test_temporaries_of_a_killed_export_are_cleaned_by_the_next(tmp_path):
+  """A writer killed mid-write leaves .<name>.<pid>.*.tmp; the next write of that file
+  removes it (its pid is gone); a live writer's temporary is left alone."""
+  out = tmp_path / "m.lqz"
+  proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True)
+  dead = int(proc.stdout)
+  stale = tmp_path / f".m.lqz.{dead}.abc.tmp"
+  live = tmp_path / f".m.lqz.{os.getpid()}.xyz.tmp"
+  other = tmp_path / "unrelated.tmp"
+  for f in (stale, live, other):
+    f.write_bytes(b"x")
+  fileio.write_bytes_atomic(out, b"new")
+  assert not stale.exists() and live.exists() and other.exists()
+  assert out.read_bytes() == b"new"
+
+
+def test_a_missing_dataset_is_one_line_and_tfds_writes_nothing_outside_the_cache(tmp_path):
+  home = tmp_path / "home"
+  home.mkdir()
+  env_home = dict(HOME=str(home))
+  wd = tmp_path / "wd"
+  env = dict(os.environ, LQJAX_DATA_DIR=str(tmp_path / "nodata"),
+             LQJAX_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", **env_home)
+  env.pop("TFDS_DATA_DIR", None)
+  r = subprocess.run([sys.executable, "-m", "experiments.mnist", f"--workdir={wd}",
+                      "--epochs=1", *TRAIN], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 2
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  _one_error_line(r, "dataset 'mnist' not found")
+  assert not (home / "tensorflow_datasets").exists() and not wd.exists()

@@ -96,8 +96,25 @@ def test_projection_meets_any_reachable_budget_from_below(kernel, frac, granular
 
 def test_budget_below_the_scales_storage_is_refused():
   params = _model()
-  with pytest.raises(budget.BudgetError, match="below the .* that the scales alone take"):
+  with pytest.raises(budget.BudgetError, match="below the .* that the model's least grids take"):
     budget.project(params, 0.01)
+
+
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_floor_rounding_keeps_a_bit_per_weight_and_every_reachable_target_is_met(granularity):
+  """Under floor rounding values of both signs never share a code, so a group keeps >= 1 bit:
+  the floor is the scales' storage plus 1 bit per weight, every target at or above it is
+  met, and any below it is refused (4 x 64 kernel: 4 row groups or 1 tensor group)."""
+  params = _model(granularity=granularity, rounding="floor")
+  groups = 4 if granularity == "row" else 1
+  floor = budget.floor_bits(params)
+  assert floor == pytest.approx((groups * budget.OVERHEAD_BITS + 256) / 256)
+  for extra in (0.0, 0.25, 1.0):
+    out, info = budget.project(params, floor + extra)
+    assert info["after"] <= floor + extra + 1e-9
+    assert budget.budget_bits_of(out) == pytest.approx(info["after"])
+  with pytest.raises(budget.BudgetError, match="below the"):
+    budget.project(params, floor - 0.01)
 
 
 def _run(*flags, timeout=900):
@@ -111,7 +128,9 @@ def _run(*flags, timeout=900):
     (["--budget_bits=2", "--budget_bytes=10000"], "budget_bits or budget_bytes, not both"),
     # LeNet-300-100, per-unit kernel scales and per-tensor bias scales: 410 + 3 groups of
     # 72 bits over 266,610 weights = 0.1115 bits per weight
-    (["--budget_bits=0.01"], "is below the 0.112 bits per weight that the scales alone take"),
+    (["--budget_bits=0.01"], "is below the 0.112 bits per weight that the model's least grids"),
+    # under floor rounding every weight keeps at least 1 bit: 1.112 is the least
+    (["--budget_bits=0.5", "--rounding=floor"], "is below the 1.112 bits per weight"),
     (["--budget_bytes=1000"], "is below the"),
     (["--budget_bits=2", "--rule=fixed", "--bits=4"], "needs learned free-bit scales"),
     (["--budget_bits=2", "--rule=lsq", "--bits=2"], "needs learned free-bit scales"),
@@ -149,8 +168,9 @@ def test_projection_of_an_nnx_module_state():
   from flax import nnx
   m = lqjax.quantize(nnx.Linear(64, 8, rngs=nnx.Rngs(0)),
                      lqjax.Rule(config=lqjax.QuantConfig(granularity="row")))
-  # the kernel's 8 groups of 64 weights (biases stay float): 8 x 72 bits over 512 weights
-  assert budget.floor_bits(m) == pytest.approx(8 * 72 / 512)
+  # the kernel's 8 groups of 64 weights (biases stay float): 8 x 72 bits over 512 weights,
+  # and under floor rounding at least 1 bit per weight
+  assert budget.floor_bits(m) == pytest.approx(8 * 72 / 512 + 1)
   new, info = budget.project(nnx.state(m, nnx.Param), 3.0)
   nnx.update(m, new)
   assert info["after"] == pytest.approx(budget.budget_bits_of(m)) and info["after"] <= 3.0

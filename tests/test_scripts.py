@@ -700,3 +700,94 @@ def test_report_schedule_length_pairs_a_long_run_with_its_recipe_on_shorter_sche
   assert ("| cifar10 / resnet20 | 30 | 0.9900 | +6.87 | DoReFa-Net, 2-bit weights, float "
           "activations (Zhou et al. 2016): 0.9105 at 2 bits | long_x / q: 0.9850 | +7.45 |") in text
   assert "| cifar10 / resnet20 | 10 | 0.9800 | +5.87 |" in text and "base / q: 0.9650 |" in text
+
+
+def _fake_experiment(tmp_path, monkeypatch):
+  """A module that takes the sweep's flags and writes results.json in its --workdir."""
+  (tmp_path / "fake_exp.py").write_text(
+      "import json, pathlib, sys\n"
+      "a = dict(x[2:].split('=', 1) for x in sys.argv[1:] if '=' in x)\n"
+      "wd = pathlib.Path(a['workdir'])\n"
+      "(wd / 'results.json').write_text(json.dumps({'seed': int(a['seed'])}))\n"
+      "print('done\\nok')\n")
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+
+def test_sweep_refuses_a_recorded_run_whose_flags_changed_and_names_them(tmp_path, capsys):
+  sweep = _load("sweep")
+  cfg = tmp_path / "c.json"
+  cfg.write_text(json.dumps({"name": "x", "module": "experiments.mnist",
+                             "base": {"epochs": 2, "scale_every": 1}, "variants": {"v": {}},
+                             "seeds": [0, 1]}))
+  record = tmp_path / "results" / "x"
+  record.mkdir(parents=True)
+  rows = [  # v_s0 ran with epochs 1; v_s1 left scale_every out when its default was 1
+      {"run": "v_s0", "command": "python -m experiments.mnist --epochs=1 --scale_every=1 "
+                                 "--seed=0 --workdir=/elsewhere/v_s0", "config": {"epochs": 1}},
+      {"run": "v_s1", "command": "python -m experiments.mnist --epochs=2 --seed=1 "
+                                 "--workdir=/elsewhere/v_s1",
+       "config": {"epochs": 2, "scale_every": 1}}]
+  (record / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  common = ["--config", str(cfg), "--runs_dir", str(tmp_path / "runs"),
+            "--results_dir", str(tmp_path / "results"), "--dry_run"]
+  assert sweep.main(common) == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "v_s0 (epochs)" in err[0] and "v_s1" not in err[0], err
+  assert sweep.main(common + ["--rerun"]) == 0
+
+
+def test_sweep_and_report_name_a_damaged_record_line(tmp_path, capsys):
+  sweep, report = _load("sweep"), _load("report")
+  cfg = tmp_path / "c.json"
+  cfg.write_text(json.dumps({"name": "x", "module": "experiments.mnist", "base": {},
+                             "variants": {"v": {}}, "seeds": [0]}))
+  record = tmp_path / "results" / "x"
+  record.mkdir(parents=True)
+  f = record / "results.jsonl"
+  f.write_text(json.dumps({"run": "v_s0"}) + "\n<<<<<<< HEAD\n" + json.dumps({"run": "v_s1"})
+               + "\n")
+  assert sweep.main(["--config", str(cfg), "--runs_dir", str(tmp_path / "runs"),
+                     "--results_dir", str(tmp_path / "results"), "--dry_run"]) == 2
+  assert report.main(["--results_dir", str(tmp_path / "results"),
+                      "--out", str(tmp_path / "R.md")]) == 2
+  err = capsys.readouterr().err.splitlines()
+  want = f"error: {f}:2: a git conflict marker: resolve the merge"
+  assert err.count(want) == 2 and len([l for l in err if l.startswith("error:")]) == 2, err
+  assert not (tmp_path / "R.md").exists()
+
+
+def test_sweep_resolves_a_relative_runs_dir_from_where_it_is_called(tmp_path, monkeypatch,
+                                                                    capsys):
+  sweep = _load("sweep")
+  _fake_experiment(tmp_path, monkeypatch)
+  cfg = tmp_path / "c.json"
+  cfg.write_text(json.dumps({"name": "x", "module": "fake_exp", "base": {},
+                             "variants": {"v": {}}, "seeds": [0]}))
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  assert sweep.main(["--config", str(cfg), "--runs_dir", "runs", "--results_dir", "res"]) == 0
+  assert (elsewhere / "runs/x/v_s0/results.json").is_file()
+  assert json.loads((elsewhere / "res/x/results.jsonl").read_text())["seed"] == 0
+
+
+def test_sweep_says_running_elsewhere_for_a_run_another_driver_holds(tmp_path, monkeypatch,
+                                                                     capsys):
+  from lqjax import fileio
+  sweep = _load("sweep")
+  _fake_experiment(tmp_path, monkeypatch)
+  cfg = tmp_path / "c.json"
+  cfg.write_text(json.dumps({"name": "x", "module": "fake_exp", "base": {},
+                             "variants": {"v": {}}, "seeds": [0, 1]}))
+  held = tmp_path / "runs/x/v_s0"
+  held.mkdir(parents=True)
+  args = ["--config", str(cfg), "--runs_dir", str(tmp_path / "runs"),
+          "--results_dir", str(tmp_path / "results")]
+  lock = fileio.lock_dir(held)
+  try:
+    assert sweep.main(args) == 0
+  finally:
+    lock.close()
+  out = capsys.readouterr().out
+  assert "v_s0: running elsewhere" in out and "failed" not in out.replace("0 failed", "")
+  assert not (held / "results.json").exists() and (tmp_path / "runs/x/v_s1/results.json").exists()

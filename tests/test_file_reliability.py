@@ -1,0 +1,257 @@
+"""The packed file's promise, library only: what loads is exactly what was saved, or one
+``CorruptFileError`` line naming the tensor; `save` refuses what it could not reproduce;
+rules and configs that would silently do something else are refused. Imports nothing
+from the application."""
+
+import hashlib
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lqjax
+from lqjax import compress, quant, tree, types
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="head")(nn.relu(nn.Dense(4, name="fc1")(x)))
+
+
+def _params(**cfg):
+  m = lqjax.quantize(MLP(), lqjax.Rule(config=lqjax.QuantConfig(**cfg)))
+  return m, m.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+
+
+def _set(params, path, value):
+  return tree.replace_arrays(params, {path: value})
+
+
+def _file(header, payload=b""):
+  h = json.dumps(header).encode()
+  body = compress._PREFIX.pack(compress.MAGIC, compress.VERSION, 0, len(h)) + h + payload
+  return body + hashlib.sha256(body).digest()
+
+
+def _digest(path):
+  return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+# ------------------------------------------------------------ save refuses (items 1, 2)
+
+@pytest.mark.parametrize("where,value,needle", [
+    (("fc1", "kernel"), np.nan, "fc1/kernel: 1 of 20 weights are not finite"),
+    (("fc1", "kernel"), np.inf, "fc1/kernel: 1 of 20 weights are not finite"),
+    (("fc1", "kernel_quant", "log_scale"), np.nan,
+     "fc1/kernel_quant/log_scale: 1 of 1 log scales are not finite"),
+    (("fc1", "bias"), np.nan, "fc1/bias: 1 of 4 values are not finite"),
+])
+def test_save_refuses_non_finite_tensors_and_keeps_the_old_file(tmp_path, where, value, needle):
+  _, params = _params()
+  path = tmp_path / "m.lqz"
+  lqjax.save(path, params)
+  before = _digest(path)
+  arr = np.array(tree.flat_leaves(params)[where][0])
+  arr.reshape(-1)[1 if arr.size > 1 else 0] = value
+  with pytest.raises(ValueError, match=needle) as e:
+    lqjax.save(path, _set(params, where, jnp.asarray(arr)))
+  assert "\n" not in str(e.value)
+  assert _digest(path) == before
+  assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("log_s", [np.inf, 55.0, 40.5])
+def test_a_log_scale_beyond_the_clip_is_stored_as_the_forward_pass_uses_it(tmp_path, log_s):
+  """Training clips log s to +-LOG_SCALE_MAX before exp; the file stores the clipped value,
+  so the reloaded model is the one the forward pass computed."""
+  m, params = _params()
+  sp = ("fc1", "kernel_quant", "log_scale")
+  params = _set(params, sp, jnp.full((1, 1), log_s, jnp.float32))
+  x = jax.random.normal(jax.random.key(1), (7, 5))
+  want = m.apply({"params": params}, x)
+  path = tmp_path / "m.lqz"
+  lqjax.save(path, params)
+  loaded = lqjax.load(path)
+  stored = float(loaded["fc1"]["kernel_quant"]["log_scale"].value.reshape(()))
+  assert stored == float(np.clip(log_s, -quant.LOG_SCALE_MAX, quant.LOG_SCALE_MAX))
+  np.testing.assert_array_equal(m.apply({"params": loaded}, x), want)
+
+
+# ------------------------------------------------------------ the reader (items 3, 4, 5)
+
+def test_a_nan_float_tensor_is_refused_by_load_and_check(tmp_path):
+  _, params = _params()
+  blob = compress.to_bytes(params)
+  header_len = compress._PREFIX.unpack_from(blob)[3]
+  header = json.loads(blob[compress._PREFIX.size:compress._PREFIX.size + header_len])
+  payload = bytearray(blob[compress._PREFIX.size + header_len:-32])
+  bias = next(t for t in header["tensors"] if t["path"] == ["fc1", "bias"])
+  payload[bias["offset"]:bias["offset"] + 4] = np.float32(np.nan).tobytes()
+  with pytest.raises(compress.CorruptFileError, match="^fc1/bias: values are not finite$"):
+    compress.parse(_file(header, bytes(payload)))
+
+
+def _float_entry(path, shape=(2,), offset=0, **kw):
+  return {"path": path, "kind": "float", "shape": list(shape), "dtype": "float32",
+          "offset": offset, "nbytes": 4 * math.prod(shape), **kw}
+
+
+@pytest.mark.parametrize("tensors,payload,needle", [
+    # item 4: a path listed twice, a path that is a folder of another (either order)
+    ([_float_entry(["fc1", "w"]), _float_entry(["fc1", "w"], offset=8)], 16,
+     "fc1/w: the path is listed twice"),
+    ([_float_entry(["fc1", "w"]), _float_entry(["fc1"], offset=8)], 16,
+     "fc1: a tensor's path is also a folder of fc1/w"),
+    ([_float_entry(["fc1"]), _float_entry(["fc1", "w"], offset=8)], 16,
+     "fc1: a tensor's path is also a folder of fc1/w"),
+    # a float tensor where a quantized tensor's scale goes
+    ([{"path": ["k"], "kind": "quantized", "shape": [2], "scale_shape": [1], "offset": 0,
+       "nbytes": 10, "config": {}}, _float_entry(["k_quant"], offset=10)], 18,
+     "k_quant: a tensor's path is also a folder of k_quant/log_scale"),
+    # item 5: dtypes, JSON booleans, sizes beyond the payload
+    ([_float_entry(["a"], dtype="V0")], 8, "a: unknown dtype 'V0'"),
+    ([_float_entry(["a"], dtype="object")], 8, "a: unknown dtype 'object'"),
+    ([{**_float_entry(["a"]), "shape": [True, 2]}], 8, r"a: shape \[True, 2\] is not a list"),
+    ([{**_float_entry(["a"]), "offset": False}], 8, "a: offset/nbytes outside the payload"),
+    ([{**_float_entry(["a"]), "shape": [2 ** 31, 2 ** 31]}], 9, "declares 4611686018427387904"),
+    ([{**_float_entry(["a"]), "shape": [2 ** 17, 2 ** 16]}], 9, "a: nbytes 8 does not match"),
+    ([{"path": ["k"], "kind": "quantized", "shape": [2 ** 31, 2 ** 31], "scale_shape": [1, 1],
+       "offset": 0, "nbytes": 9, "config": {}}], 9, "k: shape .* declares"),
+    ([{"path": ["k"], "kind": "quantized", "shape": [2 ** 16, 2 ** 16], "scale_shape": [1, 1],
+       "offset": 0, "nbytes": 9, "config": {}, "symbol_bytes": 3}], 9,
+     "k: symbol_bytes 3 is not one of"),
+])
+def test_crafted_headers_with_valid_checksums_give_one_line(tensors, payload, needle):
+  blob = _file({"format": "lqjax-packed-model", "meta": {}, "tensors": tensors,
+                "payload_bytes": payload}, bytes(payload))
+  with pytest.raises(compress.CorruptFileError, match=needle) as e:
+    compress.parse(blob)
+  assert "\n" not in str(e.value)
+
+
+def test_codes_that_the_widths_do_not_account_for_are_refused_before_allocation():
+  """A 2^32-element tensor in one group 0 bits wide would decode from 9 bytes; its codes
+  take 0 bytes, so a body of any other length is refused before anything is allocated,
+  and one group of 1 bit over 2^32 elements needs 512 MiB of codes, not 1 byte."""
+  ls = np.float32(0).tobytes() + np.int32(0).tobytes()
+  for width, body in ((0, b"\0"), (1, b"\0")):
+    raw = ls + bytes([width]) + body
+    blob = _file({"format": "lqjax-packed-model", "meta": {}, "payload_bytes": len(raw),
+                  "tensors": [{"path": ["k"], "kind": "quantized", "shape": [2 ** 16, 2 ** 16],
+                               "scale_shape": [1, 1], "offset": 0, "nbytes": len(raw),
+                               "config": {}}]}, raw)
+    with pytest.raises(compress.CorruptFileError, match="k: the codes take 1 bytes"):
+      compress.parse(blob)
+
+
+def test_a_log_scale_outside_the_clip_in_a_file_is_refused():
+  raw = np.float32(45.0).tobytes() + np.int32(0).tobytes() + bytes([0])
+  blob = _file({"format": "lqjax-packed-model", "meta": {}, "payload_bytes": len(raw),
+                "tensors": [{"path": ["k"], "kind": "quantized", "shape": [3],
+                             "scale_shape": [1], "offset": 0, "nbytes": len(raw),
+                             "config": {}}]}, raw)
+  with pytest.raises(compress.CorruptFileError, match="k: a log scale is not finite or outside"):
+    compress.parse(blob)
+
+
+def test_every_array_dtype_round_trips(tmp_path):
+  _, params = _params()
+  extra = {"i8": jnp.arange(3, dtype=jnp.int8), "b": jnp.array([True, False]),
+           "bf": jnp.arange(4, dtype=jnp.bfloat16), "h": jnp.arange(2, dtype=jnp.float16)}
+  lqjax.save(tmp_path / "m.lqz", {**params, "extra": extra})
+  got = lqjax.load(tmp_path / "m.lqz")["extra"]
+  for k, v in extra.items():
+    assert got[k].dtype == v.dtype
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v))
+
+
+def test_a_missing_file_is_file_not_found(tmp_path):
+  with pytest.raises(FileNotFoundError, match="none.lqz: No such file"):
+    lqjax.load(tmp_path / "none.lqz")
+
+
+# ------------------------------------------------------------ ONNX (item 7)
+
+def test_export_onnx_refuses_a_graph_onnxruntime_cannot_run_and_keeps_the_old_file(tmp_path):
+  pytest.importorskip("jax2onnx")
+  pytest.importorskip("onnxruntime")
+  from lqjax import onnx_export
+  m, params = _params()
+  x = jnp.ones((2, 5))
+  path = tmp_path / "m.onnx"
+  lqjax.export_onnx(path, lambda v, x: m.apply(v, x), {"params": params}, x)
+  before = _digest(path)
+  with pytest.raises(onnx_export.ExportError) as e:
+    lqjax.export_onnx(path, lambda v, x: jnp.fft.fft(m.apply(v, x)).real, {"params": params}, x)
+  assert "\n" not in str(e.value)
+  assert _digest(path) == before
+  assert not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------------------ rules (item 8)
+
+class Two(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name="head")(nn.Dense(3, name="body")(x))
+
+
+class NTwo(nnx.Module):
+  def __init__(self):
+    self.body = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    self.head = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.head(self.body(x))
+
+
+def _quantize(kind, rules):
+  if kind == "linen":
+    lqjax.quantize(Two(), rules).init(jax.random.key(0), jnp.ones((1, 4)))
+  else:
+    lqjax.quantize(NTwo(), rules)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+@pytest.mark.parametrize("rules,needle", [
+    ([lqjax.Rule(".*", params=("kernal",))],
+     r"rule 0 \(module_path='.\*'\) names parameters kernal, which none of its modules .* "
+     r"has; they have bias, kernel"),
+    ([lqjax.Rule(".*"), lqjax.Rule("head", lqjax.QuantConfig(rule="fixed", bits=8))],
+     r"rule 1 \(module_path='head'\) is shadowed: rule 0 \(module_path='.\*'\) comes first"),
+    ([lqjax.Rule("nothing")], "rule 0 .* matches no module"),
+])
+def test_silent_no_op_rules_are_refused(kind, rules, needle):
+  with pytest.raises(lqjax.QuantizeError, match=needle) as e:
+    _quantize(kind, rules)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_rules_in_the_right_order_quantize(kind):
+  _quantize(kind, [lqjax.Rule("head", lqjax.QuantConfig(rule="fixed", bits=8)), lqjax.Rule(".*")])
+
+
+# ------------------------------------------------------------ configs (item 9)
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"bits": 2.5}, "bits must be a whole number, got 2.5"),
+    ({"bits": True}, "bits must be a whole number, got True"),
+    ({"init_bits": 2.5}, "init_bits must be a whole number, got 2.5"),
+    ({"threshold": True}, "threshold must be a number, got True"),
+    ({"threshold": "0.2"}, "threshold must be a number"),
+])
+def test_quant_config_refuses_values_it_cannot_honour(kwargs, needle):
+  with pytest.raises(ValueError, match=needle):
+    types.QuantConfig(**kwargs)
+
+
+def test_quant_config_takes_numpy_integers_as_ints():
+  cfg = types.QuantConfig(bits=np.int64(4), rule="lsq")
+  assert type(cfg.bits) is int and cfg.to_json()["bits"] == 4
