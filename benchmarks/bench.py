@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lqjax import fileio, types
+from lqlab import files
 
 from lqlab import data, export, train
 
@@ -98,7 +99,7 @@ def render_from_json(args, render) -> int:
           file=sys.stderr)
     return 2
   try:
-    doc = fileio.read_json(args.from_json)
+    doc = files.read_json(args.from_json)
     return render(pathlib.Path(args.readme), doc)
   except (OSError, ValueError, KeyError) as e:
     print(f"error: cannot render {args.from_json}: {e}", file=sys.stderr)

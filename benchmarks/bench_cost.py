@@ -48,7 +48,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (benchmarks/bench.py)
-from lqjax import fileio, quant  # noqa: E402
+from lqjax import quant  # noqa: E402
+from lqlab import files  # noqa: E402
 from lqlab import train
 
 
@@ -162,7 +163,7 @@ def main(argv=None):
   doc = dict(bench.machine_info(), model=args.model, granularity=args.granularity,
              windows=args.windows, steps=steps, rows=rows)
   out = pathlib.Path(args.out)
-  fileio.write_json_atomic(out, doc)
+  files.write_json_atomic(out, doc)
   print(f"wrote {out}")
   if args.readme:
     return bench.replace_section(pathlib.Path(args.readme), "bench-cost", readme_section(doc))

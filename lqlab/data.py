@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import fileio
+from lqlab import files
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagenette")
 _TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10",
@@ -194,7 +194,7 @@ def _from_tfds(name: str, dest: pathlib.Path):
       labels.append(int(ex["label"]))
     out[split] = (np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
   for split, (image, label) in out.items():
-    fileio.write_npz_atomic(dest / f"{split}.npz", image=image, label=label)
+    files.write_npz_atomic(dest / f"{split}.npz", image=image, label=label)
   out["source"] = f"tfds {_TFDS_NAMES[name]}"
   return out
 

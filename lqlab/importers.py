@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from lqjax import fileio
+from lqlab import files
 
 _IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -163,5 +163,5 @@ def import_dataset(src, out, *, image_size: Optional[int] = None, fmt: Optional[
                        f"image folders found")
   for split, (image, label) in arrays.items():
     extra = {"classes": np.asarray(classes)} if classes else {}
-    fileio.write_npz_atomic(out / f"{split}.npz", image=image, label=label, **extra)
+    files.write_npz_atomic(out / f"{split}.npz", image=image, label=label, **extra)
   return fmt

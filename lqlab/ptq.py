@@ -82,7 +82,7 @@ def minmax_params(float_params, template, granularity: types.Granularity, bits: 
 def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity = "row",
                  data_dir=None, export: bool = True) -> dict:
   """Min-max quantizes a finished float run; writes `workdir`/results.json (and the files)."""
-  from lqjax import fileio
+  from lqlab import files
   from lqlab import data, train
   from lqlab import export as export_lib
   from_run, workdir = pathlib.Path(from_run), pathlib.Path(workdir)
@@ -90,7 +90,7 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity
     raise ValueError(f"bits must be >= 2 for symmetric min-max quantization, got {bits}")
   if not (from_run / "results.json").is_file():
     raise FileNotFoundError(f"{from_run} holds no finished run (results.json is missing)")
-  source = fileio.read_json(from_run / "results.json")
+  source = files.read_json(from_run / "results.json")
   if source.get("scheme") != "float":
     raise ValueError(f"{from_run} is not a float run (its scheme is {source.get('scheme')!r})")
   fcfg, _, fstate, stats, num_classes = train.restore(from_run)
@@ -106,7 +106,7 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity
   ds = data.load(cfg.dataset, data_dir, limit=cfg.limit, sharding=replicated)
   evaluate = train.make_eval_fn(cfg, model, stats, batch_sharding)
   workdir.mkdir(exist_ok=True)
-  fileio.write_json_atomic(workdir / "config.json", cfg.to_json())
+  files.write_json_atomic(workdir / "config.json", cfg.to_json())
   results = train.final_results(cfg, params, batch_stats, evaluate, ds, workdir,
                                 train_seconds=source["train_seconds"], devices=devices,
                                 ptq_from=str(from_run),
@@ -115,7 +115,7 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity
   if export:
     state = pytypes.SimpleNamespace(params=params, batch_stats=batch_stats)
     results.update(export_lib.export_after_training(cfg, model, state, ds, results))
-  fileio.write_json_atomic(workdir / "results.json", results)
+  files.write_json_atomic(workdir / "results.json", results)
   return results
 
 

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import accounting, budget, compress, fileio, optim
+from lqjax import accounting, budget, compress, optim
 
-from lqlab import data, records
+from lqlab import data, files
 from lqlab.config import (LEGACY_VALUES, OPTIMIZERS, TrainConfig,  # noqa: F401  (re-exported)
                           run_meta)
 from lqlab.evaluate import (collapsed, final_results, make_eval_fn, model_variables,  # noqa: F401
@@ -54,14 +54,14 @@ MAX_BRAKES = 4
 EXPLODE_FACTOR = 1e3
 
 
-write_json_atomic = fileio.write_json_atomic
+write_json_atomic = files.write_json_atomic
 
 
 def _read_metrics(path: pathlib.Path):
   """The rows of a run's metrics.jsonl; a cut-off last line (a write killed mid-line on a
   filesystem without atomic renames, or a copy) is dropped with a warning, since the
   checkpoint, not this log, is what a resume continues from."""
-  return records.read_jsonl(path, cut_last_line_ok=True, warn=lambda msg: print(
+  return files.read_jsonl(path, cut_last_line_ok=True, warn=lambda msg: print(
       f"warning: {msg} (the log is rewritten from the checkpoint's epochs)", file=sys.stderr,
       flush=True))
 
@@ -227,8 +227,8 @@ def _hash_path(workdir, step) -> pathlib.Path:
 
 def _write_hashes(workdir, step):
   """Records the sha256 of every file of checkpoint `step` (checked before a restore)."""
-  fileio.write_json_atomic(_hash_path(workdir, step),
-                           fileio.tree_hashes(workdir / "checkpoints" / str(step)))
+  files.write_json_atomic(_hash_path(workdir, step),
+                           files.tree_hashes(workdir / "checkpoints" / str(step)))
 
 
 def _write_error(e: Exception) -> str:
@@ -312,7 +312,7 @@ def _verify(workdir, step) -> Optional[str]:
     want = json.loads(_hash_path(workdir, step).read_text())
   except (OSError, ValueError):
     return UNHASHED
-  got = fileio.tree_hashes(workdir / "checkpoints" / str(step))
+  got = files.tree_hashes(workdir / "checkpoints" / str(step))
   changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
   return f"{changed[0]} is damaged or missing" if changed else None
 
@@ -366,8 +366,8 @@ def _train(cfg, workdir, data_dir, progress, after_train, model):
 
   try:
     workdir.mkdir(exist_ok=True)
-    lock = fileio.lock_dir(workdir)
-  except fileio.LockedError as e:
+    lock = files.lock_dir(workdir)
+  except files.LockedError as e:
     raise TrainingError(f"workdir {e}") from None
   except PermissionError:
     raise TrainingError(f"workdir {workdir} is not writable; use a writable --workdir") from None
@@ -526,7 +526,7 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
              **({"scale_stop": event} if event else {}),
              **({"budget": budget_event} if budget_event else {})}
       rows.append(row)
-      fileio.write_jsonl_atomic(workdir / "metrics.jsonl", rows)
+      files.write_jsonl_atomic(workdir / "metrics.jsonl", rows)
       meta = {**meta, "loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0,
               "train_seconds": time.time() - t_start}
       save(state, meta)
@@ -564,7 +564,7 @@ def _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, star
   results_path = workdir / "results.json"
   if start_step >= total_steps and results_path.exists():
     try:
-      before = fileio.read_json(results_path)
+      before = files.read_json(results_path)
     except (OSError, ValueError):
       before = None
     if before is not None and before.get("test_accuracy") != results["test_accuracy"]:

@@ -46,7 +46,7 @@ def split(src, dest, max_bytes: int) -> dict:
       fileio.write_bytes_atomic(dest / name, chunk)
       parts.append({"name": name, "size": len(chunk), "sha256": _sha(chunk)})
     manifest["files"][f.name] = {"size": len(blob), "sha256": _sha(blob), "parts": parts}
-  fileio.write_json_atomic(dest / MANIFEST, manifest)
+  files.write_json_atomic(dest / MANIFEST, manifest)
   return manifest
 
 

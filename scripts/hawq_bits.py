@@ -33,8 +33,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from lqjax import budget, fileio, sensitivity, tree
-from lqlab import data, step, train
+from lqjax import budget, sensitivity, tree
+from lqlab import data, files, step, train
 
 
 def allocation(workdir, budget_bits: float, *, data_dir=None, batches: int = 8,
@@ -108,7 +108,7 @@ def main(argv=None):
   info["command"] = "python scripts/hawq_bits.py " + " ".join(
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
   if args.out:
-    fileio.write_json_atomic(args.out, {"widths": widths, **info})
+    files.write_json_atomic(args.out, {"widths": widths, **info})
   print(f"# {info['bits']:.4f} bits per weight (target {args.budget_bits:g}); "
         f"cost {info['cost']:.4g}", file=sys.stderr)
   print(info["flag"])

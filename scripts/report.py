@@ -24,7 +24,7 @@ import sys
 import types
 from typing import Optional
 
-from lqlab import records
+from lqlab import files
 from lqlab.config import TrainConfig, reproduce_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def size_bytes(r):
 
 def load_rows(files):
   """Every run of every sweep, each tagged with its sweep name."""
-  return [{**r, "sweep": f.parent.name} for f in files for r in records.read_jsonl(f)]
+  return [{**r, "sweep": f.parent.name} for f in files for r in files.read_jsonl(f)]
 
 
 def convergence(run_dir: pathlib.Path):
@@ -62,7 +62,7 @@ def convergence(run_dir: pathlib.Path):
   path = run_dir / "metrics.jsonl"
   if not path.exists():
     return None
-  rows = records.read_jsonl(path)
+  rows = files.read_jsonl(path)
   if len(rows) < 2:
     return None
   n = len(rows)
@@ -763,7 +763,7 @@ def readme_headline(results_dir: pathlib.Path, sweep: str):
   f = results_dir / sweep / "results.jsonl"
   if not f.exists():
     return None
-  rows = records.read_jsonl(f)
+  rows = files.read_jsonl(f)
   by_var = collections.OrderedDict()
   for r in sorted(rows, key=lambda r: r["run"]):
     by_var.setdefault(variant_of(r["run"]), []).append(r)
@@ -788,7 +788,7 @@ def unrecorded_sweeps(configs_dir: pathlib.Path, recorded) -> list:
 def main(argv=None):
   try:
     return _main(argv)
-  except records.RecordError as e:  # a damaged line of a committed record, named
+  except files.RecordError as e:  # a damaged line of a committed record, named
     print(f"error: {e}", file=sys.stderr)
     return 2
 

@@ -48,6 +48,9 @@ import subprocess
 import sys
 import time
 
+from lqjax import fileio
+from lqlab import files
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -81,14 +84,13 @@ def recorded(record_dir: pathlib.Path) -> dict:
   """The sweep's record, by run name ({} when there is none yet).
 
   Raises:
-    records.RecordError: a damaged line, named by file and line.
+    files.RecordError: a damaged line, named by file and line.
   """
-  from lqlab import records
   path = record_dir / "results.jsonl"
-  rows = records.read_jsonl(path)
+  rows = files.read_jsonl(path)
   for i, r in enumerate(rows):
     if not isinstance(r.get("run"), str):
-      raise records.RecordError(f"{path}: row {i + 1} names no run")
+      raise files.RecordError(f"{path}: row {i + 1} names no run")
   return {r["run"]: r for r in rows}
 
 
@@ -126,9 +128,8 @@ def flag_difference(row: dict, new_argv) -> list:
 def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
   """Merges the finished runs under out_dir into the sweep's record (under its lock);
   returns all its rows."""
-  from lqjax import fileio
   record_dir.mkdir(parents=True, exist_ok=True)
-  with fileio.lock_dir(record_dir, wait=True):
+  with files.lock_dir(record_dir, wait=True):
     rows = recorded(record_dir)
     for res in sorted(out_dir.glob("*/results.json")):
       r = json.loads(res.read_text())
@@ -141,7 +142,7 @@ def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
         fileio.write_bytes_atomic(record_dir / r["run"] / "metrics.jsonl", metrics.read_bytes())
     rows = [rows[k] for k in sorted(rows)]
     if rows:
-      fileio.write_jsonl_atomic(record_dir / "results.jsonl", rows)
+      files.write_jsonl_atomic(record_dir / "results.jsonl", rows)
     return rows
 
 
@@ -165,8 +166,6 @@ def main(argv=None):
   if args.jobs < 1:
     print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
     return 2
-  from lqlab import records
-  from lqjax import fileio
   try:
     cfg = json.loads(pathlib.Path(args.config).read_text())
   except (OSError, ValueError) as e:
@@ -177,7 +176,7 @@ def main(argv=None):
   record_dir = pathlib.Path(args.results_dir).resolve() / cfg["name"]
   try:
     done = {} if args.rerun else recorded(record_dir)
-  except records.RecordError as e:
+  except files.RecordError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,8 +213,8 @@ def main(argv=None):
     name, wd, argv_, cmd = run
     wd.mkdir(exist_ok=True)
     try:  # another driver's run in this workdir: it is not ours to report
-      fileio.lock_dir(wd).close()
-    except fileio.LockedError:
+      files.lock_dir(wd).close()
+    except files.LockedError:
       print(f"  {name}: running elsewhere (its workdir is locked), skipped", flush=True)
       return False
     (wd / "command.txt").write_text(cmd + "\n")

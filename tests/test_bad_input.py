@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lqjax import compress, fileio
+from lqlab import files
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRAIN = ["--model=lenet300", "--batch_size=50", "--noprogress", "--rule=ratio"]
@@ -190,7 +191,7 @@ def test_exporting_an_unfinished_run_needs_allow_partial(finished, tmp_path):
 
 def test_a_second_run_on_a_locked_workdir_is_refused(finished, tmp_path):
   data, cache, wd = _copy(finished, tmp_path)
-  lock = fileio.lock_dir(wd)
+  lock = files.lock_dir(wd)
   try:
     before = _hashes(wd)
     r = _run(["-m", "experiments.mnist", f"--workdir={wd}", "--epochs=2", *TRAIN], data, cache)

@@ -55,3 +55,23 @@ def test_no_import_cycles():
   for package in ("lqjax", "lqlab"):
     graph, _ = _imports(package)
     assert _cycle(graph) is None, (package, _cycle(graph))
+
+
+def _core_dependencies():
+  import re
+  import tomllib
+  deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+  return {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].replace("-", "_") for d in deps}
+
+
+def test_the_library_imports_only_its_core_dependencies():
+  """Every module under lqjax/, lazy imports included, imports the standard library, lqjax
+  and the core dependencies of pyproject.toml; only onnx_export may import its extra."""
+  import sys
+  allowed = _core_dependencies() | set(sys.stdlib_module_names) | {"lqjax"}
+  assert allowed >= {"jax", "flax", "optax", "numpy", "zstandard"}
+  _, foreign = _imports("lqjax")
+  export_extra = {"onnx", "onnxruntime", "jax2onnx"}
+  for name, tops in foreign.items():
+    extra = tops - allowed - (export_extra if name == "onnx_export" else set())
+    assert not extra, f"lqjax/{name}.py imports {sorted(extra)}, not core dependencies"

@@ -773,7 +773,7 @@ def test_sweep_resolves_a_relative_runs_dir_from_where_it_is_called(tmp_path, mo
 
 def test_sweep_says_running_elsewhere_for_a_run_another_driver_holds(tmp_path, monkeypatch,
                                                                      capsys):
-  from lqjax import fileio
+  from lqlab import files
   sweep = _load("sweep")
   _fake_experiment(tmp_path, monkeypatch)
   cfg = tmp_path / "c.json"
@@ -783,7 +783,7 @@ def test_sweep_says_running_elsewhere_for_a_run_another_driver_holds(tmp_path, m
   held.mkdir(parents=True)
   args = ["--config", str(cfg), "--runs_dir", str(tmp_path / "runs"),
           "--results_dir", str(tmp_path / "results")]
-  lock = fileio.lock_dir(held)
+  lock = files.lock_dir(held)
   try:
     assert sweep.main(args) == 0
   finally:
