@@ -72,7 +72,7 @@ def _span(lo, hi, s, rounding):
 
 
 def _bits_of_span(span):
-  return np.ceil(np.log2(np.maximum(span, 1)) - 1e-9).clip(min=0).astype(np.int64)
+  return accounting.code_bits(0, np.maximum(span, 1) - 1)
 
 
 def min_step(lo, hi, bits, rounding):

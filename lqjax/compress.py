@@ -116,9 +116,7 @@ def unpack_bits(buf: bytes, widths: np.ndarray) -> np.ndarray:
 def _group_fields(codes, sshape):
   gv = accounting.group_view(codes, sshape).astype(np.int64)
   lo = gv.min(1)
-  span = gv.max(1) - lo + 1
-  widths = np.ceil(np.log2(span) - 1e-9).clip(min=0).astype(np.int64)
-  return gv, lo, widths
+  return gv, lo, accounting.code_bits(lo, gv.max(1))
 
 
 def _ungroup(gv, shape, sshape):
@@ -142,7 +140,7 @@ def _encode_tensors(variables, codec):
     # the forward pass reads log s clipped to +-LOG_SCALE_MAX: the file stores that value
     log_scale = np.clip(np.asarray(t.log_scale, np.float32), -quant.LOG_SCALE_MAX,
                         quant.LOG_SCALE_MAX)
-    codes, _ = accounting.tensor_codes(t.p, log_scale, cfg.rounding, cfg.bits, cfg.grid)
+    codes, _ = quant.tensor_codes(t.p, log_scale, cfg)
     if codes.size and (codes.min() <= i32.min or codes.max() >= i32.max):
       raise ValueError(f"{t.name}: codes reach the int32 limit (P/s overflows: the weights "
                        f"diverged or the scale collapsed); refusing to write a lossy file")
@@ -381,8 +379,8 @@ def _decode(header, payload, version):
         cfg = types.QuantConfig.from_json(t.get("config") or {})
       except (TypeError, ValueError) as e:
         raise CorruptFileError(f"{name}: invalid config: {e}") from None
-    s = np.asarray(jnp.exp(jnp.asarray(ls)))  # same op as quant.scale_from_log
-    values = (s * (codes.astype(np.float32) + np.float32(cfg.offset))).astype(np.float32)
+    s = quant.scale_from_log(jnp.asarray(ls))  # |log s| <= LOG_SCALE_MAX: checked above
+    values = np.asarray(quant.dequantize(jnp.asarray(codes, jnp.int32), s, grid=cfg.grid))
     if not np.all(np.isfinite(values)):
       raise CorruptFileError(f"{name}: decoded values are not finite")
     flat[path] = values
@@ -507,6 +505,5 @@ def load(path, target=None):
 def read_codes(blob: bytes):
   """{path: int codes} of every quantized tensor in a file (for tests and ONNX)."""
   _, loaded = parse(blob)
-  return {t.path: accounting.tensor_codes(t.p, t.log_scale, t.config.rounding,
-                                          t.config.bits, t.config.grid)[0]
+  return {t.path: quant.tensor_codes(t.p, t.log_scale, t.config)[0]
           for t in tree.quantized_tensors(loaded)}

@@ -64,10 +64,7 @@ class Quantizer(nn.Module):
       raise ValueError(
           f"{self.name}: stored scale shape {log_scale.shape} does not match "
           f"granularity {cfg.granularity!r} for a parameter of shape {p.shape} ({shape})")
-    scale = quant.scale_from_log(log_scale)
-    return quant.fake_quant(p, scale, rule=cfg.rule, threshold=cfg.threshold,
-                            rounding=cfg.rounding, bits=cfg.bits, grid=cfg.grid,
-                            lsq_weight=cfg.lsq_weight, relax_threshold=cfg.relax_threshold)
+    return quant.quantize_param(p, log_scale, cfg)
 
 
 def _quantize_param(module: nn.Module, name: str, value, cfg: types.QuantConfig, path: str):

@@ -75,12 +75,7 @@ class Quantizer(nnx.Module):
         p, config.granularity, bits=config.bits, init_bits=config.init_bits)), config=config)
 
   def __call__(self, p):
-    cfg = self.config
-    log_scale = self.log_scale[...]
-    return quant.fake_quant(p, quant.scale_from_log(log_scale), rule=cfg.rule,
-                            threshold=cfg.threshold, rounding=cfg.rounding, bits=cfg.bits,
-                            grid=cfg.grid,
-                            lsq_weight=cfg.lsq_weight, relax_threshold=cfg.relax_threshold)
+    return quant.quantize_param(p, self.log_scale[...], self.config)
 
 
 def is_quantized_layer(node) -> bool:

@@ -22,7 +22,7 @@ initializer:
 
 The weights enter the graph in the model's own layout; the layer's own
 transposes (jax2onnx emits them) follow. Codes and scales are computed as the
-packed file computes them (:func:`lqjax.accounting.tensor_codes`), so the
+packed file computes them (:func:`lqjax.quant.tensor_codes`), so the
 graph's weights are the reloaded model's, bit for bit. Needs the optional extra
 ``lqjax[export]`` (onnx, onnxruntime, jax2onnx).
 
@@ -170,8 +170,8 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
   replaced = {}
   for t in qt.values():
     cfg = t.config
-    codes, scale = accounting.tensor_codes(t.p, t.log_scale, cfg.rounding, cfg.bits, cfg.grid)
-    values = (scale * (codes.astype(np.float32) + np.float32(cfg.offset))).astype(np.float32)
+    codes, scale = quant.tensor_codes(t.p, t.log_scale, cfg)
+    values = np.asarray(quant.dequantize(jnp.asarray(codes), scale, grid=cfg.grid))
     if cfg.offset:  # s * (q + 1/2) = (s / 2) * (2q + 1): integer codes again, and exact
       codes, scale = 2 * codes.astype(np.int64) + 1, scale / np.float32(2)
     replaced[t.path] = (codes, scale, values)

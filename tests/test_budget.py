@@ -57,10 +57,10 @@ def test_projection_takes_bits_from_the_least_sensitive_group_first():
   fisher = jax.tree_util.tree_map(jnp.zeros_like, params)
   fisher = {**fisher, "kernel": jnp.asarray(np.stack([np.full(64, 100.0), np.full(64, 1.0)], 1))}
   def group_bits(p):
-    codes = accounting.tensor_codes(p["kernel"], tree.quantized_tensors(p)[0].log_scale,
-                                    "round")[0]
+    codes = quant.tensor_codes(p["kernel"], tree.quantized_tensors(p)[0].log_scale,
+                               lqjax.QuantConfig(rounding="round"))[0]
     gv = accounting.group_view(codes, (1, 2))
-    return np.ceil(np.log2(gv.max(1) - gv.min(1) + 1.0)).astype(int)
+    return accounting.code_bits(gv.min(1), gv.max(1))
 
   before = group_bits(params)
   assert before[0] == before[1] >= 6  # the same range, the same grid
@@ -192,7 +192,7 @@ def test_pruned_groups_share_one_step_and_round_to_zero():
   out, info = budget.project(params, budget.floor_bits(params) + 0.5)  # most groups pruned
   t = tree.quantized_tensors(out)[0]
   log_s = np.asarray(t.log_scale).reshape(-1)
-  codes = accounting.group_view(accounting.tensor_codes(t.p, t.log_scale, "round")[0], (1, 16))
+  codes = accounting.group_view(quant.tensor_codes(t.p, t.log_scale, lqjax.QuantConfig(rounding="round"))[0], (1, 16))
   pruned = np.all(codes == 0, axis=1)
   assert 8 <= pruned.sum() < 16
   assert np.all(log_s[pruned] == budget.PRUNED_LOG_SCALE)

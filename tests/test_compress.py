@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lqjax import accounting, compress, tree
+from lqjax import accounting, compress, quant, tree, types
 
 from lqlab import data, export, train
 
@@ -34,12 +34,6 @@ def test_pack_unpack_roundtrip(d):
 def test_pack_rejects_overflow():
   with pytest.raises(ValueError, match="fit"):
     compress.pack_bits(np.array([4]), np.array([2]))
-
-
-def test_group_bits_hand_example():
-  codes = jnp.array([[0, 5], [1, -3], [3, 4]])  # per column: spans 4 and 9 -> 2 and 4 bits
-  np.testing.assert_array_equal(accounting.group_bits(codes, (1, 2)), [[2.0, 4.0]])
-  np.testing.assert_array_equal(accounting.group_bits(jnp.zeros((3,)), (1,)), [0.0])
 
 
 def _random_model_params(granularity, model="lenet300", dataset="mnist", bits=None, rule="ratio",
@@ -66,7 +60,7 @@ def test_file_roundtrip_and_size(tmp_path, granularity, codec):
   blob = path.read_bytes()
   before = {k: v for k, v in compress.read_codes(blob).items()}
   for t in tree.quantized_tensors(params):
-    np.testing.assert_array_equal(before[t.path], accounting.tensor_codes(t.p, t.log_scale, "round")[0])
+    np.testing.assert_array_equal(before[t.path], quant.tensor_codes(t.p, t.log_scale, types.QuantConfig(rounding="round"))[0])
   if codec == compress.CODEC_FIXED:
     rows = accounting.model_report(params)
     hlen = compress._PREFIX.unpack_from(blob)[3]
