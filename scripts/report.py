@@ -24,7 +24,7 @@ import sys
 import types
 from typing import Optional
 
-from lqlab import files
+from lqlab.files import RecordError, read_jsonl
 from lqlab.config import TrainConfig, reproduce_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def size_bytes(r):
 
 def load_rows(files):
   """Every run of every sweep, each tagged with its sweep name."""
-  return [{**r, "sweep": f.parent.name} for f in files for r in files.read_jsonl(f)]
+  return [{**r, "sweep": f.parent.name} for f in files for r in read_jsonl(f)]
 
 
 def convergence(run_dir: pathlib.Path):
@@ -62,7 +62,7 @@ def convergence(run_dir: pathlib.Path):
   path = run_dir / "metrics.jsonl"
   if not path.exists():
     return None
-  rows = files.read_jsonl(path)
+  rows = read_jsonl(path)
   if len(rows) < 2:
     return None
   n = len(rows)
@@ -187,10 +187,10 @@ TARGETS = [
 ]
 
 
-def _scale_stop(cfg, rule) -> Optional[str]:
-  """The run's validation brake; "auto" (the default) is the brake for the ratio rules."""
-  stop = cfg.get("scale_stop")
-  return ("val" if (rule or "").startswith("ratio") else None) if stop == "auto" else stop
+def _scale_stop(cfg) -> Optional[str]:
+  """The run's validation brake as the loop resolves it (:attr:`TrainConfig.brake`); None
+  for a record that keeps no config."""
+  return TrainConfig.from_json(cfg).brake if cfg else None
 
 
 def family(r) -> str:
@@ -205,7 +205,7 @@ def family(r) -> str:
             "penalty": "penalty (scheme B)"}[scheme]
   if cfg.get("budget_bits") or cfg.get("budget_bytes"):
     return "budgeted " + (rule or "?")
-  stop = _scale_stop(cfg, rule)
+  stop = _scale_stop(cfg)
   if rule == "ratio":
     return "stable ratio" if stop == "val" else "ratio (thesis)"
   # the midrise grid s*(q+1/2) (binary at 1 bit) is named; the default midtread grid is not
@@ -604,7 +604,7 @@ SCHEDULE_FREE = ("epochs", "seed", "workdir", "scale_every", "chunk_steps", "lim
 def _recipe(r) -> dict:
   cfg = {k: v for k, v in r.get("config", {}).items() if k not in SCHEDULE_FREE}
   if "scale_stop" in cfg:  # "auto" as the loop resolves it (older records name it)
-    cfg["scale_stop"] = _scale_stop(cfg, cfg.get("rule"))
+    cfg["scale_stop"] = _scale_stop(r.get("config", {}))
   return cfg
 
 
@@ -763,7 +763,7 @@ def readme_headline(results_dir: pathlib.Path, sweep: str):
   f = results_dir / sweep / "results.jsonl"
   if not f.exists():
     return None
-  rows = files.read_jsonl(f)
+  rows = read_jsonl(f)
   by_var = collections.OrderedDict()
   for r in sorted(rows, key=lambda r: r["run"]):
     by_var.setdefault(variant_of(r["run"]), []).append(r)
@@ -788,7 +788,7 @@ def unrecorded_sweeps(configs_dir: pathlib.Path, recorded) -> list:
 def main(argv=None):
   try:
     return _main(argv)
-  except files.RecordError as e:  # a damaged line of a committed record, named
+  except RecordError as e:  # a damaged line of a committed record, named
     print(f"error: {e}", file=sys.stderr)
     return 2
 
