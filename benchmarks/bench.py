@@ -10,7 +10,7 @@ granularities (tensor and channel/row), over timed windows (``block_until_ready`
 at each window's end) taken round-robin: each round times every configuration
 once, and a ratio quantized/float is the median of the per-round ratios, so a
 change in machine load during the run moves numerator and denominator alike.
-Steps run as in training (lqlab.train.make_chunk_runner): one jitted call per
+Steps run as in training (lqlab.step.make_chunk_runner): one jitted call per
 step, the batch gathered on the device from the resident dataset. It also times
 the same step on a constant batch (the data pipeline's cost) and the evaluation
 of a reloaded packed model against the float model.
@@ -42,7 +42,10 @@ import numpy as np
 from lqjax import fileio, types
 from lqlab import files
 
-from lqlab import data, export, train
+from lqlab import data, export
+from lqlab.config import TrainConfig
+from lqlab.files import write_json_atomic
+from lqlab.step import build_model, init_state, learns_scales, make_chunk_runner, make_optimizer, make_train_step
 
 BATCH = {"lenet300": 128, "lenet5": 128, "resnet20": 128}
 DATASET = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10"}
@@ -119,25 +122,25 @@ def median_ratio(a, b) -> float:
   return statistics.median(x / y for x, y in zip(a, b))
 
 
-def prepare_config(cfg: train.TrainConfig, images, labels, steps: int, **step_kw):
+def prepare_config(cfg: TrainConfig, images, labels, steps: int, **step_kw):
   """Compiles one configuration's step; returns ``(real, const, compile_s, holder)``.
 
   ``real()`` runs `steps` training steps as training does (batch gathered on the
   device from the resident dataset), ``const()`` the same steps on one constant
   batch; both carry the state in ``holder["s"]``.
   """
-  model = train.build_model(cfg, 10)
-  tx = train.make_optimizer(cfg, 100)
+  model = build_model(cfg, 10)
+  tx = make_optimizer(cfg, 100)
   stats = ((0.5,) * images.shape[-1], (0.25,) * images.shape[-1])
-  step_fn = train.make_train_step(cfg, model, tx, stats, **step_kw)
-  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step_fn = make_train_step(cfg, model, tx, stats, **step_kw)
+  state = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   n, bs = images.shape[0], cfg.batch_size
   rng = jax.random.key(0)
-  run_chunk = train.make_chunk_runner(cfg, step_fn, n // bs, rng)
+  run_chunk = make_chunk_runner(cfg, step_fn, n // bs, rng)
   const_batch = (images[:bs], labels[:bs])
   # compiled ahead of time: the same executable runs the constant-batch windows and is
   # the one whose kernels are counted (a weights-only configuration: its weights-only step)
-  scale_step = train.learns_scales(cfg) and cfg.scale_every < WEIGHTS_ONLY
+  scale_step = learns_scales(cfg) and cfg.scale_every < WEIGHTS_ONLY
   const_step = jax.jit(step_fn, donate_argnums=(0,), static_argnames="scale_step").lower(
       state, const_batch, rng, scale_step=scale_step).compile()
   perm = jax.random.permutation(rng, n)
@@ -234,9 +237,9 @@ def bench_eval(cfg, model, state, images, windows):
     path = pathlib.Path(d) / "m.lqz"
     export.export(path, cfg, 10, stats, state.params, state.batch_stats)
     m2, v2, h2 = export.load(path)
-  fcfg = train.TrainConfig(**{**cfg.to_json(), "float_model": True,
+  fcfg = TrainConfig(**{**cfg.to_json(), "float_model": True,
                               "granularity": "tensor", "bias_granularity": "tensor"})
-  fmodel = train.build_model(fcfg, 10)
+  fmodel = build_model(fcfg, 10)
   fvars = fmodel.init(jax.random.key(0), images[:1].astype(jnp.float32))
   fq = jax.jit(lambda x: m2.apply(v2, data.normalize(x, *stats), train=False))
   ff = jax.jit(lambda x: fmodel.apply(fvars, data.normalize(x, *stats), train=False))
@@ -289,7 +292,7 @@ def run(models, steps, windows, scale_every=(1,)):
     # control: the float configuration again, measured like the others; its ratio to the
     # first float row is the noise of one ratio in this run
     variants.append(("float", CONTROL, dict(float_model=True)))
-    cfgs = [train.TrainConfig(dataset=ds_name, model=name, batch_size=BATCH[name],
+    cfgs = [TrainConfig(dataset=ds_name, model=name, batch_size=BATCH[name],
                               optimizer="sgd" if name == "resnet20" else "adam", **kw)
             for _, _, kw in variants]
     results = bench_interleaved(cfgs, images, labels, steps[name], windows)
@@ -327,13 +330,13 @@ def cifar_epoch_seconds() -> float:
   rule, channel scales) on random data of CIFAR's shape, after compilation."""
   n, bs = 50000, 128
   images, labels = random_data(n, SHAPE["cifar10"])
-  cfg = train.TrainConfig(dataset="cifar10", model="resnet20", batch_size=bs, optimizer="sgd",
+  cfg = TrainConfig(dataset="cifar10", model="resnet20", batch_size=bs, optimizer="sgd",
                           rule="ratio", granularity="channel", rounding="round")
-  model = train.build_model(cfg, 10)
-  tx = train.make_optimizer(cfg, n // bs)
-  step_fn = train.make_train_step(cfg, model, tx, ((0.5,) * 3, (0.25,) * 3))
-  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
-  run_chunk = train.make_chunk_runner(cfg, step_fn, n // bs, jax.random.key(0))
+  model = build_model(cfg, 10)
+  tx = make_optimizer(cfg, n // bs)
+  step_fn = make_train_step(cfg, model, tx, ((0.5,) * 3, (0.25,) * 3))
+  state = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  run_chunk = make_chunk_runner(cfg, step_fn, n // bs, jax.random.key(0))
   perm = jax.random.permutation(jax.random.key(1), n)
   state, _ = run_chunk(state, perm, images, labels, 2)
   jax.block_until_ready(state.params)
@@ -440,7 +443,7 @@ def main(argv=None):
   ap.add_argument("--from_json", default=None,
                   help="measure nothing: render this benchmark JSON into --readme (e.g. "
                        "docs/bench_gpu.json, written on a GPU machine by bench_gpu.sh)")
-  ap.add_argument("--scale_every", default=f"1,{train.TrainConfig().scale_every}",
+  ap.add_argument("--scale_every", default=f"1,{TrainConfig().scale_every}",
                   help="comma-separated k: for each k > 1, a row derived from the learned "
                        "rules' scale step and weights-only step (default: the default k)")
   ap.add_argument("--cifar_epoch", action="store_true",
@@ -486,7 +489,7 @@ def main(argv=None):
     doc["cifar10_resnet20_epoch_s"] = cifar_epoch_seconds()
     print(f"CIFAR-10 ResNet-20 epoch: {doc['cifar10_resnet20_epoch_s']:.1f} s")
   out.parent.mkdir(parents=True, exist_ok=True)
-  train.write_json_atomic(out, doc)
+  write_json_atomic(out, doc)
   print(f"wrote {out}")
   if args.readme:
     return write_readme(pathlib.Path(args.readme), doc)

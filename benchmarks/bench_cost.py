@@ -3,7 +3,7 @@
   python benchmarks/bench_cost.py [--model lenet300] [--granularity row] [--windows 15]
                                [--out docs/bench_cost.json] [--readme docs/PERFORMANCE.md]
 
-Times the training step as training runs it (lqlab.train.make_chunk_runner, batch
+Times the training step as training runs it (lqlab.step.make_chunk_runner, batch
 gathered on the device) for a ladder of configurations, each adding one piece of
 the quantizer to the one before:
 
@@ -49,8 +49,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (benchmarks/bench.py)
 from lqjax import quant  # noqa: E402
-from lqlab import files  # noqa: E402
-from lqlab import train
+from lqlab.config import TrainConfig  # noqa: E402
+from lqlab.files import write_json_atomic  # noqa: E402
 
 
 def _floor_quantizer(with_sum: bool):
@@ -138,7 +138,7 @@ def main(argv=None):
   for _, _, kw, attrs in LADDER:
     if not kw.get("float_model"):
       kw = dict(kw, granularity=args.granularity, rounding="round")
-    cfg = train.TrainConfig(dataset="mnist", model=args.model,
+    cfg = TrainConfig(dataset="mnist", model=args.model,
                             batch_size=bench.BATCH[args.model], optimizer="adam", **kw)
     # the attributes are read when the step is traced, in prepare_config
     with mock.patch.multiple(quant, **attrs) if attrs else contextlib.nullcontext():
@@ -163,7 +163,7 @@ def main(argv=None):
   doc = dict(bench.machine_info(), model=args.model, granularity=args.granularity,
              windows=args.windows, steps=steps, rows=rows)
   out = pathlib.Path(args.out)
-  files.write_json_atomic(out, doc)
+  write_json_atomic(out, doc)
   print(f"wrote {out}")
   if args.readme:
     return bench.replace_section(pathlib.Path(args.readme), "bench-cost", readme_section(doc))

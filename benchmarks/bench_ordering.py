@@ -1,4 +1,4 @@
-"""Side-by-side check of lqlab.train._after_scales (one process, round-robin windows).
+"""Side-by-side check of lqlab.step._after_scales (one process, round-robin windows).
 
   python benchmarks/bench_ordering.py [--model lenet300] [--granularity row] [--windows 15]
 
@@ -17,7 +17,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (benchmarks/bench.py)
-from lqlab import train  # noqa: E402
+from lqlab.config import TrainConfig
 
 
 def main(argv=None):
@@ -33,7 +33,7 @@ def main(argv=None):
                  (f"{rule}, ordered", True, {**kw, **q})]
   consts = []
   for _, order, kw in variants:
-    cfg = train.TrainConfig(dataset="mnist", model=args.model, batch_size=128,
+    cfg = TrainConfig(dataset="mnist", model=args.model, batch_size=128,
                             optimizer="adam", **kw)
     consts.append(bench.prepare_config(cfg, images, labels, steps,
                                        order_after_scales=order)[1])

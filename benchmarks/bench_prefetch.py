@@ -1,4 +1,4 @@
-"""Side-by-side check of the training loop's batch prefetch (lqlab.train.make_chunk_runner).
+"""Side-by-side check of the training loop's batch prefetch (lqlab.step.make_chunk_runner).
 
   python benchmarks/bench_prefetch.py [--model lenet300] [--windows 24]
 
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (benchmarks/bench.py)
-from lqlab import train  # noqa: E402
+from lqlab.config import TrainConfig
+from lqlab.step import init_state, make_optimizer, make_train_step
 
 
 def gather_first(cfg, step_fn, steps_per_epoch, rng, perm, images, labels, holder, steps):
@@ -58,12 +59,12 @@ def main(argv=None):
       for rule in ("fixed", "lsq", "ratio")]
   fns = []
   for _, kw in variants:
-    cfg = train.TrainConfig(dataset="mnist", model=args.model, batch_size=bs, optimizer="adam",
+    cfg = TrainConfig(dataset="mnist", model=args.model, batch_size=bs, optimizer="adam",
                             **kw)
     real, const, _, holder = bench.prepare_config(cfg, images, labels, steps)
-    tx = train.make_optimizer(cfg, 100)  # as bench.prepare_config makes it
-    step_fn = train.make_train_step(cfg, holder["model"], tx, ((0.5,), (0.25,)))
-    holder["g"] = train.init_state(cfg, holder["model"], tx, images[:1].astype(jnp.float32), None)
+    tx = make_optimizer(cfg, 100)  # as bench.prepare_config makes it
+    step_fn = make_train_step(cfg, holder["model"], tx, ((0.5,), (0.25,)))
+    holder["g"] = init_state(cfg, holder["model"], tx, images[:1].astype(jnp.float32), None)
     first = gather_first(cfg, step_fn, n // bs, jax.random.key(0),
                          jax.random.permutation(jax.random.key(0), n), images, labels, holder,
                          steps)

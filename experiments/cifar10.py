@@ -20,12 +20,12 @@ sweeps/default_full.json``.
 """
 
 from experiments import common
+from lqlab.config import TrainConfig
 
 
 def get_config():
   """The experiment's config; flags override its fields."""
-  from lqlab import train
-  return train.TrainConfig(dataset="cifar10", model="resnet20", epochs=10, batch_size=128,
+  return TrainConfig(dataset="cifar10", model="resnet20", epochs=10, batch_size=128,
                            optimizer="sgd", lr=0.1, weight_decay=5e-4)
 
 

@@ -1,7 +1,7 @@
 """The flag set shared by every entry point, and its translation to a TrainConfig.
 
 Library code never reads FLAGS: this module builds one frozen
-:class:`lqlab.train.TrainConfig` from them and calls the library.
+:class:`lqlab.config.TrainConfig` from them and calls the library.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from lqjax import types
+from lqlab.config import TrainConfig
 
 FLAGS = flags.FLAGS
 
@@ -28,8 +29,7 @@ _ALIASES = {"float": "float_model"}
 
 def _define_config_flags():
   """One flag per TrainConfig field (default None: the experiment's config decides)."""
-  from lqlab import train
-  for f in dataclasses.fields(train.TrainConfig):
+  for f in dataclasses.fields(TrainConfig):
     if f.name == "dataset":
       continue
     name = {v: k for k, v in _ALIASES.items()}.get(f.name, f.name)
@@ -45,9 +45,8 @@ _define_config_flags()
 
 def config_from_flags(base):
   """`base` (an experiment's ``get_config()``) with the flags given on the command line."""
-  from lqlab import train
   overrides = {}
-  for f in dataclasses.fields(train.TrainConfig):
+  for f in dataclasses.fields(TrainConfig):
     if f.name == "dataset":
       continue
     name = {v: k for k, v in _ALIASES.items()}.get(f.name, f.name)

@@ -19,12 +19,12 @@ sweeps/default_fashion.json``.
 """
 
 from experiments import common
+from lqlab.config import TrainConfig
 
 
 def get_config():
   """The experiment's config; flags override its fields."""
-  from lqlab import train
-  return train.TrainConfig(dataset="fashion_mnist", model="lenet5", epochs=5, batch_size=128,
+  return TrainConfig(dataset="fashion_mnist", model="lenet5", epochs=5, batch_size=128,
                            optimizer="adam", lr=1e-3, weight_decay=0.0)
 
 

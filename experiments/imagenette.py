@@ -20,12 +20,12 @@ scripts/sweep.py --config sweeps/default_imagenette_full.json``.
 """
 
 from experiments import common
+from lqlab.config import TrainConfig
 
 
 def get_config():
   """The experiment's config; flags override its fields."""
-  from lqlab import train
-  return train.TrainConfig(dataset="imagenette", model="resnet_small", epochs=10, batch_size=64,
+  return TrainConfig(dataset="imagenette", model="resnet_small", epochs=10, batch_size=64,
                            optimizer="sgd", lr=0.05, weight_decay=5e-4)
 
 

@@ -23,12 +23,12 @@ scripts/sweep.py --config sweeps/scale_every_mnist_lenet300.json`` (and
 """
 
 from experiments import common
+from lqlab.config import TrainConfig
 
 
 def get_config():
   """The experiment's config; flags override its fields."""
-  from lqlab import train
-  return train.TrainConfig(dataset="mnist", model="lenet300", epochs=10, batch_size=128,
+  return TrainConfig(dataset="mnist", model="lenet300", epochs=10, batch_size=128,
                            optimizer="adam", lr=1e-3, weight_decay=0.0, threshold=0.15)
 
 

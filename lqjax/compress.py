@@ -216,13 +216,10 @@ def to_bytes(variables, meta: Optional[Mapping[str, Any]] = None, *,
   return body + hashlib.sha256(body).digest()
 
 
-write_atomic = fileio.write_bytes_atomic
-
-
 def save(path, variables, meta: Optional[Mapping[str, Any]] = None, *,
          codec: int = CODEC_FIXED) -> int:
   """Writes `variables` to `path` atomically; returns the bytes written."""
-  return write_atomic(path, to_bytes(variables, meta, codec=codec))
+  return fileio.write_bytes_atomic(path, to_bytes(variables, meta, codec=codec))
 
 
 # ------------------------------------------------------------ reading

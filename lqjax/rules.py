@@ -18,7 +18,7 @@ naming the module and its type). So is each silent no-op rule, checked when the
 Linen model is initialised and when an NNX model is quantized: a rule that
 matches no module path, a rule shadowed by an earlier one (it matches modules, but
 an earlier rule comes first on every one of them), and a rule whose modules have
-none of the parameters it names. A silent no-op rule is how a user ends up with a
+parameters, but none of those it names. A silent no-op rule is how a user ends up with a
 float layer they believe quantized.
 """
 
@@ -138,9 +138,11 @@ class Matcher:
             f"{what} is shadowed: rule {j} (module_path={self.rules[j].module_path!r}) comes "
             f"first on every module it matches ({', '.join(self.matched[i][:3])}); put rule {i} "
             f"before rule {j}, or remove it")
+      # modules with parameters, none of them named by the rule (a typo such as "kernal");
+      # a catch-all rule left only parameterless containers by earlier rules is fine
       names = set(r.configs())
-      if names and not names & self.found[i]:
-        have = sorted(self.found[i]) or ["no parameters"]
+      if names and self.found[i] and not names & self.found[i]:
+        have = sorted(self.found[i])
         raise QuantizeError(
             f"{what} names parameters {', '.join(sorted(names))}, which none of its modules "
             f"({', '.join(self.decided[i][:3])}{', ...' if len(self.decided[i]) > 3 else ''}) "

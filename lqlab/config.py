@@ -206,7 +206,7 @@ class TrainConfig:
 
   @property
   def use_augment(self) -> bool:
-    return self.dataset in data.AUGMENTED if self.augment is None else self.augment
+    return data.DATASET_SPECS[self.dataset].augmented if self.augment is None else self.augment
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +40,39 @@ import numpy as np
 
 from lqlab import files
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagenette")
-_TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10",
-               "imagenette": "imagenette/160px"}
-# Other folder names under data_dir that hold an importable copy.
-_ALIASES = {"imagenette": ("imagenette_64",)}
-# Datasets augmented with random crop + horizontal flip during training.
-AUGMENTED = ("cifar10", "imagenette")
+IMAGENETTE_SIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Everything the application knows of one dataset: a new dataset is one new entry."""
+
+  image_shape: Tuple[int, int, int]  # (H, W, C) the models expect
+  tfds_name: str  # its tensorflow_datasets name
+  tfds_test_split: str = "test"  # the tfds split lqlab calls test
+  augmented: bool = False  # random crop + horizontal flip while training
+  aliases: Tuple[str, ...] = ()  # other folder names under data_dir with an importable copy
+  resize: Optional[int] = None  # imported images are resized and center-cropped to this
+
+
+DATASET_SPECS = {
+    "mnist": DatasetSpec((28, 28, 1), "mnist"),
+    "fashion_mnist": DatasetSpec((28, 28, 1), "fashion_mnist"),
+    "cifar10": DatasetSpec((32, 32, 3), "cifar10", augmented=True),
+    "imagenette": DatasetSpec((IMAGENETTE_SIZE, IMAGENETTE_SIZE, 3), "imagenette/160px",
+                              "validation", augmented=True, aliases=("imagenette_64",),
+                              resize=IMAGENETTE_SIZE),
+}
+DATASETS = tuple(DATASET_SPECS)
+
+
+def image_shape(name: str) -> Tuple[int, int, int]:
+  """(H, W, C) of dataset `name`'s images."""
+  return DATASET_SPECS[name].image_shape
+
+
 VAL_SEED = 20261127
 VAL_FRACTION = 0.1
-IMAGENETTE_SIZE = 64
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -85,11 +108,6 @@ def cache_dir() -> pathlib.Path:
 def resolve_data_dir(data_dir: Optional[str]) -> Optional[pathlib.Path]:
   d = data_dir or os.environ.get("LQJAX_DATA_DIR")
   return pathlib.Path(d).expanduser() if d else None
-
-
-# Datasets whose images the models expect in a given (H, W, C).
-IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
-                "imagenette": (IMAGENETTE_SIZE, IMAGENETTE_SIZE, 3)}
 
 
 def _read_npz(path: pathlib.Path):
@@ -181,21 +199,22 @@ def _from_tfds(name: str, dest: pathlib.Path):
   tfds_dir = os.environ.get("TFDS_DATA_DIR") or str(cache_dir() / "tfds")
   download = os.environ.get("LQJAX_TFDS_DOWNLOAD") == "1"
   out = {}
-  for split, tfds_split in (("train", "train"), ("test", "test" if name != "imagenette" else "validation")):
-    src = tfds.data_source(_TFDS_NAMES[name], split=tfds_split, data_dir=tfds_dir,
+  spec = DATASET_SPECS[name]
+  for split, tfds_split in (("train", "train"), ("test", spec.tfds_test_split)):
+    src = tfds.data_source(spec.tfds_name, split=tfds_split, data_dir=tfds_dir,
                            download=download)
     images, labels = [], []
     for ex in src:
       img = np.asarray(ex["image"])
-      if name == "imagenette":
+      if spec.resize:
         from lqlab import importers
-        img = importers.resize_center_crop(img, IMAGENETTE_SIZE)
+        img = importers.resize_center_crop(img, spec.resize)
       images.append(img if img.ndim == 3 else img[..., None])
       labels.append(int(ex["label"]))
     out[split] = (np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
   for split, (image, label) in out.items():
     files.write_npz_atomic(dest / f"{split}.npz", image=image, label=label)
-  out["source"] = f"tfds {_TFDS_NAMES[name]}"
+  out["source"] = f"tfds {spec.tfds_name}"
   return out
 
 
@@ -215,11 +234,10 @@ def load_arrays(name: str, data_dir: Optional[str] = None):
     return _read_npz_dir(cached)
   if ddir is not None:
     from lqlab import importers
-    for cand in (name,) + _ALIASES.get(name, ()):
+    for cand in (name,) + DATASET_SPECS[name].aliases:
       src = ddir / cand
       if src.is_dir() and importers.detect(src) is not None:
-        size = IMAGENETTE_SIZE if name == "imagenette" else None
-        importers.import_dataset(src, cached, image_size=size)
+        importers.import_dataset(src, cached, image_size=DATASET_SPECS[name].resize)
         return _read_npz_dir(cached)
   try:
     return _from_tfds(name, cached)
@@ -252,9 +270,9 @@ def load(name: str, data_dir: Optional[str] = None, *, limit: Optional[int] = No
   """
   arrays = load_arrays(name, data_dir)
   shape = tuple(arrays["train"][0].shape[1:])
-  if shape != IMAGE_SHAPES[name]:
+  if shape != image_shape(name):
     raise DatasetNotFoundError(f"dataset {name!r} has images of shape {list(shape)}; its models "
-                               f"expect {list(IMAGE_SHAPES[name])}")
+                               f"expect {list(image_shape(name))}")
   (tr_x, tr_y), (va_x, va_y) = split_train_val(*arrays["train"])
   te_x, te_y = arrays["test"]
   if limit is not None:

@@ -10,7 +10,7 @@ memory, so it holds the model of the file this command wrote.
 ``--check`` verifies magic, version, checksum, the header and that every tensor
 decodes to finite values; it exits non-zero with one line on any fault.
 
-The functions here tie a run (its :class:`lqlab.train.TrainConfig`, dataset
+The functions here tie a run (its :class:`lqlab.config.TrainConfig`, dataset
 normalisation and model) to lqjax's generic file and ONNX exporters: the file's
 ``meta`` holds the training config, the class count and the normalisation, so
 :func:`load` rebuilds the model from the file alone.
@@ -25,23 +25,25 @@ import sys
 import jax
 import numpy as np
 
-from lqjax import compress
+from lqjax import compress, fileio
 
-from lqlab.config import FORMAT_META, run_meta  # noqa: F401  (re-exported)
+from lqlab import data
+from lqlab.config import TrainConfig, run_meta
+from lqlab.evaluate import model_variables, predict_logits
+from lqlab.step import build_model
 
 
 def to_bytes(cfg, num_classes, ds_stats, params, batch_stats, *,
              codec=compress.CODEC_FIXED) -> bytes:
   """The packed file of `cfg`'s trained model, in memory."""
-  from lqlab import train
-  variables = train.model_variables(jax.device_get(params), jax.device_get(batch_stats))
+  variables = model_variables(jax.device_get(params), jax.device_get(batch_stats))
   return compress.to_bytes(variables, run_meta(cfg, num_classes, ds_stats), codec=codec)
 
 
 def export(path, cfg, num_classes, ds_stats, params, batch_stats, *,
            codec=compress.CODEC_FIXED) -> int:
   """Writes `cfg`'s trained model to `path` (atomically); returns the bytes written."""
-  return compress.write_atomic(path, to_bytes(cfg, num_classes, ds_stats, params, batch_stats,
+  return fileio.write_bytes_atomic(path, to_bytes(cfg, num_classes, ds_stats, params, batch_stats,
                                               codec=codec))
 
 
@@ -72,10 +74,9 @@ def load_bytes(blob: bytes):
 
 
 def _rebuild(header, loaded):
-  from lqlab import train
   meta = _run_meta_of(header)
-  cfg = train.TrainConfig.from_json(meta["config"])
-  model = train.build_model(cfg, meta["num_classes"])
+  cfg = TrainConfig.from_json(meta["config"])
+  model = build_model(cfg, meta["num_classes"])
   if "params" in loaded:  # version 1
     params, stats = loaded["params"], loaded.get("batch_stats", {})
   else:
@@ -89,7 +90,6 @@ def _rebuild(header, loaded):
 
 def logits_fn(model, mean, std):
   """``fn(variables, uint8 NHWC images) -> logits``, normalisation included (jittable)."""
-  from lqlab import data
 
   def fn(variables, x):
     return model.apply(variables, data.normalize(x, mean, std), train=False)
@@ -115,7 +115,7 @@ def onnx_bytes(model, variables, meta, image_shape) -> bytes:
 
 def export_onnx(path, model, variables, meta, image_shape) -> int:
   """:func:`onnx_bytes` written to `path` atomically; returns its size."""
-  return compress.write_atomic(path, onnx_bytes(model, variables, meta, image_shape))
+  return fileio.write_bytes_atomic(path, onnx_bytes(model, variables, meta, image_shape))
 
 
 def export_after_training(cfg, model, state, ds, results) -> dict:
@@ -125,7 +125,6 @@ def export_after_training(cfg, model, state, ds, results) -> dict:
   entropy_coded_ratio, reload_test_accuracy, reload_identical_argmax (and the
   onnx_* entries when lqjax[export] is installed).
   """
-  from lqlab import train
   out = pathlib.Path(results["workdir"])
   stats = (ds.mean, ds.std)
   params, bs = jax.device_get(state.params), jax.device_get(state.batch_stats)
@@ -133,7 +132,7 @@ def export_after_training(cfg, model, state, ds, results) -> dict:
   coded = export(out / "model.lqz.zst", cfg, ds.num_classes, stats, params, bs,
                  codec=compress.CODEC_ZSTD)
   test_x, test_y = np.asarray(ds.test.image), np.asarray(ds.test.label)
-  ref = train.predict_logits(cfg, model, stats, params, bs, test_x)
+  ref = predict_logits(cfg, model, stats, params, bs, test_x)
   m2, v2, meta = load(out / "model.lqz")
   got = predict(m2, v2, meta, test_x)
   fp32 = results["fp32_bytes"]
@@ -228,19 +227,19 @@ def main(argv=None):
     from lqjax import onnx_export
     m2, v2, meta = load_bytes(blob)
     try:
-      onnx_blob = onnx_bytes(m2, v2, meta, train.INPUT_SHAPES[cfg.dataset])
+      onnx_blob = onnx_bytes(m2, v2, meta, data.image_shape(cfg.dataset))
     except onnx_export.ExportError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
-  for path, data in ((out, blob), (args.onnx and pathlib.Path(args.onnx), onnx_blob)):
-    if data is None:
+  for path, content in ((out, blob), (args.onnx and pathlib.Path(args.onnx), onnx_blob)):
+    if content is None:
       continue
     try:
-      compress.write_atomic(path, data)
+      fileio.write_bytes_atomic(path, content)
     except OSError as e:
       print(f"error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
       return 2
-    print(f"wrote {path}: {len(data)} bytes")
+    print(f"wrote {path}: {len(content)} bytes")
   return 0
 
 

@@ -2,8 +2,8 @@
 
 Plain Linen models, written the way users write theirs (``nn.Dense``,
 ``nn.Conv``, no lqjax import): the training loop quantizes them with
-``lqjax.quantize(model, rules)``. :data:`REGISTRY` maps a name to a builder; a
-new model is one new entry.
+``lqjax.quantize(model, rules)``. :data:`MODEL_SPECS` maps a name to its
+:class:`ModelSpec` (builder, edge and Dense layers); a new model is one new entry.
 
 LeNet-5 here is the Caffe variant used by Deep Compression (Han et al., 2016):
 conv 20 5x5 - pool - conv 50 5x5 - pool - fc 500 - fc 10 (431K parameters),
@@ -12,7 +12,8 @@ so its compression figures compare with theirs.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+import dataclasses
+from typing import Callable, Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -90,24 +91,32 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-REGISTRY: Dict[str, Callable[[int], nn.Module]] = {
-    "lenet300": lambda n: LeNet300100(n),
-    "lenet5": lambda n: LeNet5(n),
-    "resnet20": lambda n: ResNet((3, 3, 3), (16, 32, 64), 1, n),
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything the application knows of one model: a new model is one new entry."""
+
+  build: Callable[[int], nn.Module]  # num_classes -> the float Linen model
+  # Its first and last layer (module paths): the layers the literature keeps at 8 bits
+  # when it quantizes the rest to fewer.
+  edge_layers: Tuple[str, str]
+  # Its Dense layers (a regular expression over module paths): a `spatial` kernel config
+  # quantizes them per tensor.
+  dense_layers: str = r"fc\d+|head"
+
+
+MODEL_SPECS: Dict[str, ModelSpec] = {
+    "lenet300": ModelSpec(lambda n: LeNet300100(n), ("fc1", "fc3")),
+    "lenet5": ModelSpec(lambda n: LeNet5(n), ("conv1", "fc2")),
+    "resnet20": ModelSpec(lambda n: ResNet((3, 3, 3), (16, 32, 64), 1, n), ("stem", "head")),
     # Imagenette at 64x64: stride-2 stem, 4 stages.
-    "resnet_small": lambda n: ResNet((1, 1, 1, 1), (32, 64, 128, 256), 2, n),
+    "resnet_small": ModelSpec(lambda n: ResNet((1, 1, 1, 1), (32, 64, 128, 256), 2, n),
+                              ("stem", "head")),
 }
-MODELS = tuple(REGISTRY)
-# Dense layers of the models (a `spatial` kernel config quantizes them per tensor).
-DENSE_LAYERS = r"fc\d+|head"
-# Each model's first and last layer (module paths): the layers the literature keeps at
-# 8 bits when it quantizes the rest to fewer.
-EDGE_LAYERS = {"lenet300": ("fc1", "fc3"), "lenet5": ("conv1", "fc2"),
-               "resnet20": ("stem", "head"), "resnet_small": ("stem", "head")}
+MODELS = tuple(MODEL_SPECS)
 
 
 def make_model(name: str, num_classes: int) -> nn.Module:
-  """The float model `name` (see :data:`REGISTRY`)."""
-  if name not in REGISTRY:
+  """The float model `name` (see :data:`MODEL_SPECS`)."""
+  if name not in MODEL_SPECS:
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
-  return REGISTRY[name](num_classes)
+  return MODEL_SPECS[name].build(num_classes)

@@ -28,6 +28,9 @@ from absl import app, flags, logging
 from flax import traverse_util
 
 from lqjax import tree, types
+from lqlab.evaluate import final_results, make_eval_fn
+from lqlab.files import write_json_atomic
+from lqlab.step import build_model, data_shardings
 
 FLAGS = flags.FLAGS
 
@@ -96,18 +99,18 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity
   fcfg, _, fstate, stats, num_classes = train.restore(from_run)
   cfg = dataclasses.replace(fcfg, float_model=False, rule="fixed", bits=bits,
                             granularity=granularity, rounding="round", quantize_bias=False)
-  model = train.build_model(cfg, num_classes)
-  sample = jnp.zeros((1,) + train.INPUT_SHAPES[cfg.dataset], jnp.float32)
+  model = build_model(cfg, num_classes)
+  sample = jnp.zeros((1,) + data.image_shape(cfg.dataset), jnp.float32)
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))["params"]
   params = minmax_params(jax.device_get(fstate.params), template, granularity, bits)
   batch_stats = jax.device_get(fstate.batch_stats)
 
-  devices, replicated, batch_sharding = train.data_shardings()
+  devices, replicated, batch_sharding = data_shardings()
   ds = data.load(cfg.dataset, data_dir, limit=cfg.limit, sharding=replicated)
-  evaluate = train.make_eval_fn(cfg, model, stats, batch_sharding)
+  evaluate = make_eval_fn(cfg, model, stats, batch_sharding)
   workdir.mkdir(exist_ok=True)
-  files.write_json_atomic(workdir / "config.json", cfg.to_json())
-  results = train.final_results(cfg, params, batch_stats, evaluate, ds, workdir,
+  write_json_atomic(workdir / "config.json", cfg.to_json())
+  results = final_results(cfg, params, batch_stats, evaluate, ds, workdir,
                                 train_seconds=source["train_seconds"], devices=devices,
                                 ptq_from=str(from_run),
                                 float_test_accuracy=source["test_accuracy"])
@@ -115,7 +118,7 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity
   if export:
     state = pytypes.SimpleNamespace(params=params, batch_stats=batch_stats)
     results.update(export_lib.export_after_training(cfg, model, state, ds, results))
-  files.write_json_atomic(workdir / "results.json", results)
+  write_json_atomic(workdir / "results.json", results)
   return results
 
 

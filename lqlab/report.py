@@ -10,6 +10,7 @@ and the model's total (the same numbers as
 import sys
 
 from absl import app, logging
+from lqlab.evaluate import model_variables
 
 
 def main(argv):
@@ -26,7 +27,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 2
   import lqjax
-  print(lqjax.report(train.model_variables(jax.device_get(state.params),
+  print(lqjax.report(model_variables(jax.device_get(state.params),
                                            jax.device_get(state.batch_stats))))
   return 0
 

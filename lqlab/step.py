@@ -30,7 +30,6 @@ from lqlab import data, models
 from lqlab.config import TrainConfig
 
 # One example's (H, W, C) per dataset: the shapes models are initialised with.
-INPUT_SHAPES = data.IMAGE_SHAPES
 
 
 class TrainState(struct.PyTreeNode):
@@ -58,11 +57,12 @@ def quant_rules(cfg: TrainConfig):
                             bias=None if bias is None else dataclasses.replace(bias, bits=bits)))
   if cfg.edge_bits is not None:  # the literature's integer grid (midtread) at edge_bits
     edge = dict(bits=cfg.edge_bits, grid="midtread")
-    rules.append(lqjax.Rule("|".join(models.EDGE_LAYERS[cfg.model]),
+    rules.append(lqjax.Rule("|".join(models.MODEL_SPECS[cfg.model].edge_layers),
                             dataclasses.replace(kernel, **edge),
                             bias=None if bias is None else dataclasses.replace(bias, **edge)))
   if kernel.granularity == "spatial":
-    rules.append(lqjax.Rule(models.DENSE_LAYERS, dataclasses.replace(kernel, granularity="tensor"),
+    rules.append(lqjax.Rule(models.MODEL_SPECS[cfg.model].dense_layers,
+                            dataclasses.replace(kernel, granularity="tensor"),
                             bias=bias))
   rules.append(lqjax.Rule(".*", kernel, bias=bias))
   return rules

@@ -7,7 +7,7 @@ per workdir at a time (a lock file), guards against NaN and exploding losses,
 metrics.jsonl and results.json written atomically, the validation brake per epoch.
 
 The config, step and evaluation live in :mod:`lqlab.config`, :mod:`lqlab.step`
-and :mod:`lqlab.evaluate`; their names are re-exported here.
+and :mod:`lqlab.evaluate`.
 """
 
 from __future__ import annotations
@@ -28,15 +28,11 @@ import numpy as np
 from lqjax import accounting, budget, compress, optim
 
 from lqlab import data, files
-from lqlab.config import (LEGACY_VALUES, OPTIMIZERS, TrainConfig,  # noqa: F401  (re-exported)
-                          run_meta)
-from lqlab.evaluate import (collapsed, final_results, make_eval_fn, model_variables,  # noqa: F401
-                            predict_logits)
-from lqlab.step import (INPUT_SHAPES, TrainState, _after_scales, _preprocess,  # noqa: F401
-                        build_model, data_shardings, init_state, learns_scales,
-                        make_chunk_runner,
-                        make_fisher_fn, make_optimizer, make_ratio_stats_fn, make_train_step,
-                        param_labels, quant_rules)
+from lqlab.config import LEGACY_VALUES, TrainConfig, run_meta
+from lqlab.evaluate import final_results, make_eval_fn, model_variables
+from lqlab.step import (build_model, data_shardings, init_state, make_chunk_runner,
+                        make_fisher_fn, make_optimizer, make_ratio_stats_fn, make_train_step)
+
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, incompatible workdir)."""
@@ -52,9 +48,6 @@ MAX_BRAKES = 4
 # The run stops when a step's loss exceeds this many times the first step's (divergence
 # that has not reached inf or NaN yet).
 EXPLODE_FACTOR = 1e3
-
-
-write_json_atomic = files.write_json_atomic
 
 
 def _read_metrics(path: pathlib.Path):
@@ -411,9 +404,9 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
   from tqdm import tqdm
 
   n_train = len(ds.train)
-  write_json_atomic(workdir / "config.json", cfg.to_json())
+  files.write_json_atomic(workdir / "config.json", cfg.to_json())
   stats = (ds.mean, ds.std)
-  write_json_atomic(workdir / "data_stats.json",
+  files.write_json_atomic(workdir / "data_stats.json",
                     {"mean": ds.mean, "std": ds.std, "num_classes": ds.num_classes})
   model = build_model(cfg, ds.num_classes) if model is None else model
   tx = make_optimizer(cfg, steps_per_epoch)
@@ -574,7 +567,7 @@ def _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, star
           f"{results_path} is kept as it was")
   if after_train is not None:
     results.update(after_train(cfg, model, state, ds, results))
-  write_json_atomic(results_path, results)
+  files.write_json_atomic(results_path, results)
   return results
 
 
@@ -597,7 +590,7 @@ def restore(workdir):
     raise ValueError(f"{workdir}: config.json or data_stats.json is damaged ({e})") from None
   model = build_model(cfg, ds["num_classes"])
   tx = make_optimizer(cfg, 1)
-  sample = jnp.zeros((1,) + INPUT_SHAPES[cfg.dataset])
+  sample = jnp.zeros((1,) + data.image_shape(cfg.dataset))
   abstract = jax.eval_shape(lambda: init_state(cfg, model, tx, sample, None))
   mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute())
   step = mngr.latest_step()

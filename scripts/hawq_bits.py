@@ -33,7 +33,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from lqjax import budget, sensitivity, tree
+from lqjax import sensitivity, tree
 from lqlab import data, files, step, train
 
 
@@ -51,7 +51,7 @@ def allocation(workdir, budget_bits: float, *, data_dir=None, batches: int = 8,
                                       chunks, jax.random.key(seed), samples)
   qcfg = dataclasses.replace(cfg, float_model=False, rule="lsq", bits=8, grid=grid)
   qmodel = step.build_model(qcfg, num_classes)
-  sample = jnp.zeros((1,) + step.INPUT_SHAPES[cfg.dataset])
+  sample = jnp.zeros((1,) + data.image_shape(cfg.dataset))
   qparams = qmodel.init(jax.random.key(0), sample, train=False)["params"]
   qparams = tree.replace_arrays(qparams, {p: a for p, (a, _) in
                                           tree.flat_leaves(state.params).items()})

@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
+from lqlab.step import build_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "mnist | fashion_mnist | cifar10 | imagenette")
@@ -62,8 +63,8 @@ def run(argv):
     common._fail("qwix is not installed: pip install qwix")
   if FLAGS.bits not in QTYPES:
     common._fail(f"--bits must be one of {sorted(QTYPES)} for qwix, got {FLAGS.bits}")
-  if FLAGS.dataset not in train.INPUT_SHAPES:
-    common._fail(f"unknown --dataset {FLAGS.dataset!r}; expected one of {sorted(train.INPUT_SHAPES)}")
+  if FLAGS.dataset not in data.DATASETS:
+    common._fail(f"unknown --dataset {FLAGS.dataset!r}; expected one of {sorted(data.DATASETS)}")
   if not FLAGS.workdir:
     common._fail("--workdir is required")
   FLAGS.float = True
@@ -76,7 +77,7 @@ def run(argv):
   if not workdir.parent.is_dir():
     common._fail(f"the parent of --workdir ({workdir.parent}) does not exist")
   name = QTYPES[FLAGS.bits]
-  model = qwix.quantize_model(train.build_model(cfg, 10), qwix.QtProvider(
+  model = qwix.quantize_model(build_model(cfg, 10), qwix.QtProvider(
       [qwix.QtRule(module_path=".*", weight_qtype=getattr(jnp, name))]))
 
   def qwix_results(_cfg, _model, state, _ds, results):

@@ -15,6 +15,7 @@ import pathlib
 import sys
 
 import numpy as np
+from lqlab.evaluate import model_variables, predict_logits
 
 
 def main(argv=None):
@@ -39,7 +40,7 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     return 2
   params, bs = jax.device_get(state.params), jax.device_get(state.batch_stats)
-  ref = train.predict_logits(cfg, model, stats, params, bs, x)
+  ref = predict_logits(cfg, model, stats, params, bs, x)
   out = {"trained_test_accuracy": float(np.mean(ref.argmax(-1) == y))}
   try:
     m2, v2, h2 = export.load(run / "model.lqz")
@@ -57,7 +58,7 @@ def main(argv=None):
                onnx_identical_argmax=bool(np.array_equal(on.argmax(-1), ref.argmax(-1))),
                onnx_max_abs_logit_diff=float(np.abs(on - ref).max()),
                onnx_bytes=(run / "model.onnx").stat().st_size)
-  summ = accounting.summarize(accounting.model_report(train.model_variables(params, bs)))
+  summ = accounting.summarize(accounting.model_report(model_variables(params, bs)))
   packed = (run / "model.lqz").stat().st_size
   coded = (run / "model.lqz.zst").stat().st_size if (run / "model.lqz.zst").exists() else None
   out.update(fp32_bytes=summ["fp32_bytes"], packed_bytes=packed,

@@ -14,6 +14,7 @@ import pytest
 
 from lqjax import compress, fileio
 from lqlab import files
+from lqlab.evaluate import collapsed
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRAIN = ["--model=lenet300", "--batch_size=50", "--noprogress", "--rule=ratio"]
@@ -307,14 +308,13 @@ def test_a_full_disk_stops_with_one_line_and_no_temporary_checkpoint(tmp_path):
 
 
 def test_a_collapsed_run_says_so(tmp_path):
-  from lqlab import train
-  assert train.collapsed({"scheme": "scale-rule", "avg_bits": 0.0, "test_accuracy": 0.9,
+  assert collapsed({"scheme": "scale-rule", "avg_bits": 0.0, "test_accuracy": 0.9,
                           "num_classes": 10})
-  assert train.collapsed({"scheme": "scale-rule", "avg_bits": 3.0, "test_accuracy": 0.11,
+  assert collapsed({"scheme": "scale-rule", "avg_bits": 3.0, "test_accuracy": 0.11,
                           "num_classes": 10})
-  assert not train.collapsed({"scheme": "scale-rule", "avg_bits": 3.0, "test_accuracy": 0.98,
+  assert not collapsed({"scheme": "scale-rule", "avg_bits": 3.0, "test_accuracy": 0.98,
                               "num_classes": 10})
-  assert not train.collapsed({"scheme": "float", "avg_bits": 32.0, "test_accuracy": 0.1,
+  assert not collapsed({"scheme": "float", "avg_bits": 32.0, "test_accuracy": 0.1,
                               "num_classes": 10})
   data = _make_data(tmp_path / "data")
   wd = tmp_path / "wd"
@@ -443,7 +443,7 @@ def test_export_builds_the_onnx_from_the_bytes_it_wrote_not_from_the_path(finish
   from lqlab import export
   data, cache, wd = _copy(finished, tmp_path)
   out, onnx = tmp_path / "same.lqz", tmp_path / "a.onnx"
-  real_write = compress.write_atomic
+  real_write = fileio.write_bytes_atomic
 
   def write_then_replaced(path, blob):
     n = real_write(path, blob)
@@ -451,7 +451,7 @@ def test_export_builds_the_onnx_from_the_bytes_it_wrote_not_from_the_path(finish
       pathlib.Path(path).write_bytes(b"LQZ\0 another run's file")
     return n
 
-  monkeypatch.setattr(compress, "write_atomic", write_then_replaced)
+  monkeypatch.setattr(fileio, "write_bytes_atomic", write_then_replaced)
   assert export.main([str(wd), f"--out={out}", f"--onnx={onnx}"]) == 0
   model, variables, meta = export.load(wd / "model.lqz")
   x = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)

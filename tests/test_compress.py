@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from lqjax import accounting, compress, quant, tree, types
 
-from lqlab import data, export, train
+from lqlab import data, export
+from lqlab.config import TrainConfig
+from lqlab.step import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -38,9 +40,9 @@ def test_pack_rejects_overflow():
 
 def _random_model_params(granularity, model="lenet300", dataset="mnist", bits=None, rule="ratio",
                          grid="midtread"):
-  cfg = train.TrainConfig(dataset=dataset, model=model, granularity=granularity, bits=bits,
+  cfg = TrainConfig(dataset=dataset, model=model, granularity=granularity, bits=bits,
                           rule=rule, rounding="round", bias_granularity="row", grid=grid)
-  m = train.build_model(cfg, 10)
+  m = build_model(cfg, 10)
   shape = {"mnist": (2, 28, 28, 1), "cifar10": (2, 32, 32, 3)}[dataset]
   v = m.init(jax.random.key(0), jnp.zeros(shape))
   # Spread the scales so groups get different bit widths (and some >8 bits).
@@ -111,7 +113,7 @@ def test_midrise_binary_model_file_and_onnx(tmp_path):
   from lqjax import onnx_export
   onnx_path = tmp_path / "m.onnx"
   meta = {"mean": (0.1,), "std": (0.3,)}
-  export.export_onnx(onnx_path, m, {"params": params}, meta, train.INPUT_SHAPES["mnist"])
+  export.export_onnx(onnx_path, m, {"params": params}, meta, data.image_shape("mnist"))
   np.testing.assert_allclose(onnx_export.run_onnx(onnx_path, x), ref, rtol=1e-4, atol=1e-4)
   codes = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(onnx_path)).graph.initializer
            if t.name.endswith("_codes")]
@@ -168,7 +170,7 @@ def test_onnx_matches_jax(tmp_path, model, dataset, granularity):
   variables = {"params": params, **({"batch_stats": bs} if bs else {})}
   meta = {"mean": mean, "std": std}
   path = tmp_path / "m.onnx"
-  shape = train.INPUT_SHAPES[dataset]
+  shape = data.image_shape(dataset)
   export.export_onnx(path, m, variables, meta, shape)
   x = np.random.default_rng(1).integers(0, 256, (8,) + shape, dtype=np.uint8)
   got = onnx_export.run_onnx(path, x)

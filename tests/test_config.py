@@ -12,7 +12,8 @@ import pytest
 from absl import flags
 
 from experiments import common
-from lqlab import config, train
+from lqlab import config
+from lqlab.config import TrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FLAGS = flags.FLAGS
@@ -42,7 +43,7 @@ def test_cli_and_python_api_build_the_same_config(module):
 
 def test_library_defaults_are_the_recommended_recipe():
   """The API's TrainConfig() and the CLI agree on every field no experiment sets."""
-  base = train.TrainConfig()
+  base = TrainConfig()
   for module in EXPERIMENTS:
     cfg = importlib.import_module(f"experiments.{module}").get_config()
     differ = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base,
@@ -74,7 +75,7 @@ def test_recorded_commands_build_their_recorded_configs():
                                                     "--noexport", "--progress", "--noprogress"))]
     args += config.reproduce_flags(row["config"], row["command"])  # changed defaults
     got = _cli_config(cmd[2].split(".", 1)[1], args).resolved_json()
-    want = train.TrainConfig.from_json(row["config"]).resolved_json()
+    want = TrainConfig.from_json(row["config"]).resolved_json()
     if got != want:
       bad.append((name, {k: (want[k], got[k]) for k in want if want[k] != got[k]}))
   assert not bad, bad[:5]

@@ -11,7 +11,9 @@ import pytest
 
 from lqjax import quant
 
-from lqlab import ptq, train
+from lqlab import ptq
+from lqlab.config import TrainConfig
+from lqlab.step import build_model
 
 
 def test_importing_ptq_defines_no_flags():
@@ -34,12 +36,12 @@ def test_minmax_scale_hand_values():
 
 
 def test_minmax_params_copies_weights_and_sets_every_scale():
-  fcfg = train.TrainConfig(dataset="mnist", model="lenet5", float_model=True)
-  qcfg = train.TrainConfig(dataset="mnist", model="lenet5", rule="fixed", bits=8,
+  fcfg = TrainConfig(dataset="mnist", model="lenet5", float_model=True)
+  qcfg = TrainConfig(dataset="mnist", model="lenet5", rule="fixed", bits=8,
                            granularity="channel", quantize_bias=False)
   x = jnp.zeros((1, 28, 28, 1))
-  fparams = train.build_model(fcfg, 10).init(jax.random.key(1), x)["params"]
-  template = train.build_model(qcfg, 10).init(jax.random.key(2), x)["params"]
+  fparams = build_model(fcfg, 10).init(jax.random.key(1), x)["params"]
+  template = build_model(qcfg, 10).init(jax.random.key(2), x)["params"]
   out = ptq.minmax_params(fparams, template, "channel", 8)
   for layer, p in fparams.items():
     np.testing.assert_array_equal(out[layer]["kernel"], p["kernel"])

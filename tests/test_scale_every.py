@@ -16,6 +16,8 @@ from lqjax import optim, quant, tree
 from lqlab import train
 
 from test_train import _lenet300
+from lqlab.config import TrainConfig
+from lqlab.step import build_model, init_state, make_chunk_runner, make_optimizer, make_train_step
 
 STATS = ((0.5,), (0.25,))
 
@@ -45,10 +47,10 @@ def _ops(hlo):
 def _compiled(rule, scale_step, bits=None):
   images, labels, cfg, model = _lenet300(rule, 128, 128)
   cfg = dataclasses.replace(cfg, bits=bits)
-  model = train.build_model(cfg, 10)
-  tx = train.make_optimizer(cfg, 100)
-  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
-  step = train.make_train_step(cfg, model, tx, STATS)
+  model = build_model(cfg, 10)
+  tx = make_optimizer(cfg, 100)
+  state = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step = make_train_step(cfg, model, tx, STATS)
   return jax.jit(step, donate_argnums=(0,), static_argnames="scale_step").lower(
       state, (images, labels), jax.random.key(0), scale_step=scale_step).compile().as_text()
 
@@ -72,9 +74,9 @@ def _counts(state):
 
 def test_split_skips_the_scales_and_their_state_on_a_weights_only_update():
   images, labels, cfg, model = _lenet300("lsq", 64, 64)
-  tx = train.make_optimizer(cfg, 100)
-  s0 = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
-  step = jax.jit(train.make_train_step(cfg, model, tx, STATS), static_argnames="scale_step")
+  tx = make_optimizer(cfg, 100)
+  s0 = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step = jax.jit(make_train_step(cfg, model, tx, STATS), static_argnames="scale_step")
   on, _ = step(s0, (images, labels), jax.random.key(0), scale_step=True)
   off, _ = step(s0, (images, labels), jax.random.key(0), scale_step=False)
   lab = jax.tree_util.tree_leaves(optim.labels(s0.params))
@@ -97,14 +99,14 @@ def test_the_runner_updates_the_scales_on_every_kth_step():
   0, 4 and 8 (bitwise), and the scales' optimizer counts three updates."""
   images, labels, cfg, model = _lenet300("lsq", 320, 32, seed=2)
   cfg = dataclasses.replace(cfg, scale_every=4)
-  tx = train.make_optimizer(cfg, 10)
-  step_fn = train.make_train_step(cfg, model, tx, STATS)
+  tx = make_optimizer(cfg, 10)
+  step_fn = make_train_step(cfg, model, tx, STATS)
   key, perm = jax.random.key(5), jax.random.permutation(jax.random.key(6), 320)
-  run_chunk = train.make_chunk_runner(cfg, step_fn, 10, key)
-  s = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  run_chunk = make_chunk_runner(cfg, step_fn, 10, key)
+  s = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   s, _ = run_chunk(s, perm, images, labels, 3)
   s, _ = run_chunk(s, perm, images, labels, 7)  # a chunk that starts off the grid
-  ref = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  ref = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   step = jax.jit(step_fn, static_argnames="scale_step")
   for i in range(10):
     idx = perm[i * 32:(i + 1) * 32]
@@ -120,9 +122,9 @@ def test_the_scale_step_is_k_times_larger_and_the_schedule_counts_scale_updates(
   moves = {}
   for k in (1, 4):
     c = dataclasses.replace(cfg, scale_every=k, scale_schedule="constant")
-    tx = train.make_optimizer(c, 100)
-    s0 = train.init_state(c, model, tx, images[:1].astype(jnp.float32), None)
-    s1, _ = jax.jit(train.make_train_step(c, model, tx, STATS))(
+    tx = make_optimizer(c, 100)
+    s0 = init_state(c, model, tx, images[:1].astype(jnp.float32), None)
+    s1, _ = jax.jit(make_train_step(c, model, tx, STATS))(
         s0, (images, labels), jax.random.key(0))
     moves[k] = [b - a for a, b in zip(*(leaf for leaf in (
         [t.log_scale for t in tree.quantized_tensors(s.params)] for s in (s0, s1))))]
@@ -132,8 +134,8 @@ def test_the_scale_step_is_k_times_larger_and_the_schedule_counts_scale_updates(
   # cosine: the scales' lr reaches 0 after scale_decay_fraction (0.8) of the run's scale
   # updates: 100 steps at k=4 are 25 scale updates, the 20th is the last that moves
   c = dataclasses.replace(cfg, scale_every=4, epochs=1)
-  tx = train.make_optimizer(c, 100)
-  params = train.init_state(c, model, tx, images[:1].astype(jnp.float32), None).params
+  tx = make_optimizer(c, 100)
+  params = init_state(c, model, tx, images[:1].astype(jnp.float32), None).params
   st, ones = tx.init(params), jax.tree_util.tree_map(jnp.ones_like, params)
   sizes = []
   for _ in range(21):
@@ -156,10 +158,10 @@ def test_weights_only_optimizer_update_needs_a_python_bool():
 
 def test_config_scale_every():
   with pytest.raises(ValueError, match="scale_every must be >= 1"):
-    train.TrainConfig(scale_every=0)
-  d = train.TrainConfig().to_json()
+    TrainConfig(scale_every=0)
+  d = TrainConfig().to_json()
   del d["scale_every"]  # a record from before the field: every step
-  assert train.TrainConfig.from_json(d).scale_every == 1
+  assert TrainConfig.from_json(d).scale_every == 1
 
 
 def test_nnx_weights_only_gradient_by_filter():
@@ -180,9 +182,9 @@ def test_nnx_weights_only_gradient_by_filter():
 
 
 def test_a_workdir_from_before_scale_every_holds_a_k1_run(tmp_path):
-  d = train.TrainConfig().to_json()
+  d = TrainConfig().to_json()
   del d["scale_every"]
   (tmp_path / "config.json").write_text(__import__("json").dumps(d))
-  train._check_same_run(train.TrainConfig(scale_every=1), tmp_path)  # the same run
+  train._check_same_run(TrainConfig(scale_every=1), tmp_path)  # the same run
   with pytest.raises(train.TrainingError, match="differs in scale_every"):
-    train._check_same_run(train.TrainConfig(scale_every=16), tmp_path)
+    train._check_same_run(TrainConfig(scale_every=16), tmp_path)

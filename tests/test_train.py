@@ -21,6 +21,8 @@ from lqjax import compress, optim, tree, types
 
 from lqlab import step as step_lib
 from lqlab import train
+from lqlab.config import TrainConfig
+from lqlab.step import TrainState, _after_scales, build_model, init_state, make_chunk_runner, make_optimizer, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REQUIRED = {"dataset", "model", "scheme", "rule", "threshold", "granularity", "seed", "epochs",
@@ -75,12 +77,12 @@ def test_bad_flags_fail_fast(tiny_data, flag, needle):
     (dict(scale_stop_restore="weights"), "scale_stop_restore")])
 def test_config_validation(kw, needle):
   with pytest.raises(ValueError, match=needle):
-    train.TrainConfig(**kw)
+    TrainConfig(**kw)
 
 
 def _brake_state(params, best):
   tx = optim.split(optax.sgd(0.1), optax.sgd(0.1))
-  return train.TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), best)
+  return TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), best)
 
 
 def _brake_params(kernel, log_scale):
@@ -89,7 +91,7 @@ def _brake_params(kernel, log_scale):
 
 
 def test_validation_brake_rolls_back_and_halves():
-  cfg = train.TrainConfig(scale_stop="val")
+  cfg = TrainConfig(scale_stop="val")
   state = _brake_state(_brake_params(1.0, 0.0), _brake_params(1.0, -1.0))
   meta = {"best_val": 0.98, "best_epoch": 3, "brakes": 0, "frozen_at": None}
   mult = lambda s: float(optim.scale_mult(s.opt_state))
@@ -111,7 +113,7 @@ def test_validation_brake_rolls_back_and_halves():
 
 
 def test_validation_brake_can_restore_the_weights_too():
-  cfg = train.TrainConfig(scale_stop="val", scale_stop_restore="all")
+  cfg = TrainConfig(scale_stop="val", scale_stop_restore="all")
   best = _brake_params(2.0, -1.0)
   state = _brake_state(_brake_params(1.0, 0.0), best)
   meta = {"best_val": 0.98, "best_epoch": 3, "brakes": 0, "frozen_at": None}
@@ -135,7 +137,7 @@ def _cfg(**kw):
   base = dict(dataset="mnist", model="lenet300", epochs=2, batch_size=30, chunk_steps=2,
               rule="ratio", rounding="round", threshold=0.5)
   base.update(kw)
-  return train.TrainConfig(**base)
+  return TrainConfig(**base)
 
 
 def _params(workdir):
@@ -222,7 +224,7 @@ def test_deterministic(tiny_data, tmp_path):
 
 def test_data_parallel_matches_single_device(tiny_data, tmp_path):
   code = ("import sys, json, jax, numpy as np; from lqlab import train;"
-          "cfg = train.TrainConfig(dataset='mnist', model='lenet5', epochs=1, batch_size=40,"
+          "cfg = TrainConfig(dataset='mnist', model='lenet5', epochs=1, batch_size=40,"
           " rule='lsq', bits=4, granularity='channel', rounding='round', chunk_steps=4);"
           "r = train.train_and_evaluate(cfg, sys.argv[1], progress=False);"
           "_, _, s, _, _ = train.restore(sys.argv[1]);"
@@ -273,26 +275,26 @@ def _lenet300(rule, n, batch_size, seed=0, granularity="row"):
   rng = np.random.default_rng(seed)
   images = jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
   labels = jnp.asarray(rng.integers(0, 10, n, dtype=np.int32))
-  cfg = train.TrainConfig(dataset="mnist", model="lenet300", batch_size=batch_size,
+  cfg = TrainConfig(dataset="mnist", model="lenet300", batch_size=batch_size,
                           optimizer="adam", rule=rule, granularity=granularity, rounding="round",
                           bits=4 if rule == "lsq" else None)
-  return images, labels, cfg, train.build_model(cfg, 10)
+  return images, labels, cfg, build_model(cfg, 10)
 
 
 @pytest.mark.parametrize("rule", ["lsq", "ratio"])
 def test_weight_after_scale_ordering_changes_no_value(rule, monkeypatch):
-  """train._after_scales only orders the update (it lets XLA drop the copy of each
+  """_after_scales only orders the update (it lets XLA drop the copy of each
   quantized weight): 20 steps with and without it give bitwise equal parameters."""
   images, labels, cfg, model = _lenet300(rule, 256, 64)
-  tx = train.make_optimizer(cfg, 100)
+  tx = make_optimizer(cfg, 100)
   calls = []
-  real = train._after_scales
+  real = _after_scales
   monkeypatch.setattr(step_lib, "_after_scales", lambda p: calls.append(1) or real(p))
   out = []
   for order in (True, False):
-    step = jax.jit(train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)),
+    step = jax.jit(make_train_step(cfg, model, tx, ((0.5,), (0.25,)),
                                          order_after_scales=order))
-    s = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+    s = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
     for i in range(20):
       sl = slice((i % 4) * 64, (i % 4 + 1) * 64)
       s, _ = step(s, (images[sl], labels[sl]), jax.random.fold_in(jax.random.key(0), i))
@@ -306,15 +308,15 @@ def test_chunk_runner_prefetch_trains_on_the_permuted_batches():
   """make_chunk_runner gathers each step's batch one call ahead: two chunks of it
   give bitwise the parameters of stepping through perm's batches one by one."""
   images, labels, cfg, model = _lenet300("lsq", 256, 32, seed=1)
-  tx = train.make_optimizer(cfg, 8)
-  step_fn = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
+  tx = make_optimizer(cfg, 8)
+  step_fn = make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
   key = jax.random.key(3)
   perm = jax.random.permutation(jax.random.key(4), 256)
-  run_chunk = train.make_chunk_runner(cfg, step_fn, 8, key)
-  s = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  run_chunk = make_chunk_runner(cfg, step_fn, 8, key)
+  s = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   s, m1 = run_chunk(s, perm, images, labels, 3)
   s, m2 = run_chunk(s, perm, images, labels, 5)  # to the epoch's end
-  ref = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  ref = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
   step = jax.jit(step_fn, static_argnames="scale_step")
   losses = []
   for i in range(8):
@@ -332,9 +334,9 @@ def test_chunk_runner_prefetch_trains_on_the_permuted_batches():
 def _compiled_step_hlo(rule, granularity="row"):
   """The compiled, donated LeNet-300-100 train step of `rule` (batch 128), as HLO text."""
   images, labels, cfg, model = _lenet300(rule, 128, 128, granularity=granularity)
-  tx = train.make_optimizer(cfg, 100)
-  state = train.init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
-  step = train.make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
+  tx = make_optimizer(cfg, 100)
+  state = init_state(cfg, model, tx, images[:1].astype(jnp.float32), None)
+  step = make_train_step(cfg, model, tx, ((0.5,), (0.25,)))
   return jax.jit(step, donate_argnums=(0,)).lower(
       state, (images, labels), jax.random.key(0)).compile().as_text()
 
