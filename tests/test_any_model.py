@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import lqjax
-from lqjax import compress, linen_quant, nnx_quant, optim, quant, tree, types
+from lqjax import accounting, compress, linen_quant, nnx_quant, optim, quant, tree, types
 
 CFG = types.QuantConfig(rule="lsq", bits=4, granularity="row", rounding="round")
 BIAS = types.QuantConfig(rule="ratio", threshold=0.3, granularity="tensor")
@@ -357,7 +357,15 @@ def test_own_loop_pieces_on_linen_params():
                             params["fc"]["kernel_quant"]["log_scale"].value)
   stats = optim.ratio_stats(params, g)
   assert set(stats) == {t.name for t in tree.quantized_tensors(params)}
-  assert all(0 <= float(s["frac_below"]) <= 1 for s in stats.values())
+  gflat = tree.flat_leaves(g)
+  for t in tree.quantized_tensors(params):  # r_G = ||g||_G / ||P||_G by hand, per group
+    gv = accounting.group_view(np.asarray(gflat[t.path][0], np.float64), t.log_scale.shape)
+    pv = accounting.group_view(np.asarray(t.p, np.float64), t.log_scale.shape)
+    r = np.linalg.norm(gv, axis=1) / (np.linalg.norm(pv, axis=1) + 1e-12)
+    got = stats[t.name]
+    np.testing.assert_allclose(float(got["frac_below"]), np.mean(r < t.config.threshold))
+    for q in (10, 50, 90):
+      np.testing.assert_allclose(float(got[f"p{q}"]), np.percentile(r, q), rtol=1e-4)
   # The brake: a drop rolls the scales back and halves their step.
   brake = optim.Brake(tolerance=0.01)
   bs = optim.brake_init(params)

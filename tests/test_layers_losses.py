@@ -99,7 +99,16 @@ class PenaltiesTest(absltest.TestCase):
   def test_sum_and_zero(self):
     total, terms = losses.quant_penalties(self.params(), inverse_scale=0.1, bin_count=0.3,
                                           deviation=2.0, target_bits=1)
-    self.assertAlmostEqual(float(total), float(sum(terms.values())), places=6)
+    # each term by hand (the three tests above), and the total as their sum
+    q = np.array([[0.0, 2.0], [1.0, -2.0]])
+    p = np.array([[0.2, 3.0], [1.3, -1.0]])
+    hand = {"inverse_scale": 0.1 * (2.0 + 0.5) / 2,
+            "bin_count": 0.3 * (max(math.log2(3.2) - 1, 0) + max(math.log2(3.0) - 1, 0)) / 2,
+            "deviation": 2.0 * np.mean((p - q) ** 2)}
+    self.assertEqual(set(terms), set(hand))
+    for k, v in hand.items():
+      self.assertAlmostEqual(float(terms[k]), v, places=6, msg=k)
+    self.assertAlmostEqual(float(total), sum(hand.values()), places=6)
     total0, _ = losses.quant_penalties(self.params())
     self.assertEqual(float(total0), 0.0)
     with self.assertRaisesRegex(ValueError, "coefficient"):
