@@ -1,4 +1,4 @@
-"""Side-by-side check of lqlab.step._after_scales (one process, round-robin windows).
+"""Side-by-side check of lqjax.optim.apply_updates' ordering (one process, round-robin windows).
 
   python benchmarks/bench_ordering.py [--model lenet300] [--granularity row] [--windows 15]
 

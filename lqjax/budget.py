@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +248,84 @@ def project(params, target_bits: float, fisher=None, *, coarsen_only: bool = Fal
                       f"reach {after:.3f} at the fewest bits the groups allow")
   return out, {"before": before, "after": after, "target": target_bits,
                "groups_moved": len(moved)}
+
+
+class ScheduleState(NamedTuple):
+  """What a :class:`Schedule` carries between epochs (keep it in your checkpoint)."""
+
+  start_bits: float  # the model's budget bits when the schedule began
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A size budget in your own training loop: call :meth:`update` at each epoch's end.
+
+  Over the scale phase (epochs 1..`phase_epochs`) the grids are projected
+  (:func:`project`) onto a budget that falls from the model's size to `target_bits` as
+  ``target + (start - target) * (1 - e/E)^3``, coarsening only, so the learned rule may
+  stay below it; at the phase's last epoch exactly onto `target_bits`, both ways, and the
+  scales freeze (their step multiplier in a :func:`lqjax.optim.split` state is set to 0).
+  After the phase, an epoch projects again only where the fine-tuned weights moved the
+  size more than `tolerance` (relative) off the target.
+
+  Example::
+
+      sched = lqjax.budget.Schedule(target_bits=2.0, phase_epochs=8)
+      bstate = sched.init(params)
+      # at the end of each epoch (1-based):
+      params, opt_state, info = sched.update(bstate, epoch, params, opt_state, fisher)
+  """
+
+  target_bits: float
+  phase_epochs: int
+  tolerance: float = 0.01
+
+  def __post_init__(self):
+    if not (isinstance(self.target_bits, (int, float)) and np.isfinite(self.target_bits)
+            and self.target_bits > 0):
+      raise BudgetError(f"target_bits must be a finite number > 0, got {self.target_bits}")
+    if isinstance(self.phase_epochs, bool) or not isinstance(self.phase_epochs, int) \
+        or self.phase_epochs < 1:
+      raise BudgetError(f"phase_epochs must be a whole number >= 1, got {self.phase_epochs}")
+
+  def init(self, params) -> ScheduleState:
+    return ScheduleState(budget_bits_of(params))
+
+  def budget(self, epoch: int, start_bits: float):
+    """``(bits, coarsen_only)``: what the end of `epoch` (1-based) projects onto."""
+    if epoch < self.phase_epochs:
+      frac = (1 - epoch / self.phase_epochs) ** 3
+      return self.target_bits + (start_bits - self.target_bits) * frac, True
+    return self.target_bits, False
+
+  def update(self, state: ScheduleState, epoch: int, params, opt_state=None, fisher=None):
+    """Projects `params` at the end of `epoch` (1-based).
+
+    Args:
+      state: from :meth:`init`.
+      epoch: the epoch that just ended, 1-based.
+      params: the quantized tree (Linen params or ``nnx.State``).
+      opt_state: a :func:`lqjax.optim.split` state, whose scales are frozen at the
+        phase's end; None: freezing is left to you (``info["freeze"]`` says when).
+      fisher: squared gradients like `params` (:func:`squared_gradients`), or a
+        function of no arguments that returns them (called only when the epoch
+        projects); None: every weight counts alike.
+
+    Returns:
+      ``(params, opt_state, info)``; `info` is None for an epoch that does not project,
+      else ``{"budget", "before", "after", "groups_moved", "freeze"}``.
+    """
+    goal, coarsen_only = self.budget(epoch, state.start_bits)
+    if epoch > self.phase_epochs and \
+        abs(budget_bits_of(params) - self.target_bits) <= self.tolerance * self.target_bits:
+      return params, opt_state, None
+    f = fisher() if callable(fisher) else fisher
+    new, info = project(params, goal, f, coarsen_only=coarsen_only)
+    freeze = epoch == self.phase_epochs
+    if freeze and opt_state is not None:
+      from lqjax import optim
+      opt_state = optim.set_scale_mult(opt_state, 0.0)
+    return new, opt_state, {"budget": goal, **info, "freeze": freeze}
 
 
 def target_bits_for_bytes(variables, budget_bytes: int, overhead_bytes: int = 0) -> float:

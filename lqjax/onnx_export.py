@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import accounting, fileio, quant, tree
+from lqjax import fileio, quant, tree
 
 OPSET = 23
 

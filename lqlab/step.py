@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct, traverse_util
+from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lqjax
-from lqjax import budget, losses, optim, tree
+from lqjax import budget, losses, optim
 
 from lqlab import data, models
 from lqlab.config import TrainConfig
@@ -105,32 +105,6 @@ def _preprocess(cfg, ds_stats, images, rng, train):
   return data.normalize(images, *ds_stats)
 
 
-_ORDER_AFTER_SCALES = ("lsq",)
-
-
-def _after_scales(params):
-  """Orders each quantized parameter's update after its scale's update, exactly.
-
-  The donated step updates a weight in place. Its scale's gradient reads the old
-  weight in a fusion that the weight's own update does not depend on, so XLA
-  copies every quantized weight at the start of the step to keep that read
-  valid (about 1 MB per step for LeNet-300-100's first layer). Adding
-  ``0.0 * new_log_scale[0]`` makes the weight's update depend on the scale's,
-  which XLA then schedules first, and the copies go. The values do not change:
-  a finite log scale times 0.0 is 0.0. (``lax.optimization_barrier`` does not
-  help here: XLA:CPU removes it before fusion.)
-
-  By default applied for the rules in ``_ORDER_AFTER_SCALES`` only, as measured
-  side by side by ``benchmarks/bench_ordering.py`` on LeNet-300-100 (2-core CPU,
-  quantized/float step time, weights copied -> ordered, three runs): lsq 1.36-1.40
-  -> 1.18-1.23, but ratio 1.09-1.10 -> 1.16-1.23, so ratio is left as it was.
-  """
-  flat = traverse_util.flatten_dict(params)
-  for t in tree.quantized_tensors(params):
-    flat[t.path] = flat[t.path] + 0.0 * t.log_scale.reshape(-1)[0]
-  return traverse_util.unflatten_dict(flat)
-
-
 def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
                     order_after_scales: Optional[bool] = None):
   """Returns the pure ``train_step(state, batch, rng, scale_step=True) -> (state, metrics)``.
@@ -141,12 +115,9 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
   scales and their optimizer state stay as they are. The forward quantization
   is the same.
 
-  `order_after_scales`: apply :func:`_after_scales` (same values, scheduling only);
-  None: for the rules in ``_ORDER_AFTER_SCALES``.
+  `order_after_scales`: the `order` of :func:`lqjax.optim.apply_updates` (same values,
+  scheduling only); None: by each tensor's rule.
   """
-  if order_after_scales is None:
-    order_after_scales = cfg.rule in _ORDER_AFTER_SCALES
-  order_after_scales = order_after_scales and not cfg.float_model
 
   def loss_fn(params, batch_stats, images, labels, scale_step):
     if not scale_step:
@@ -171,9 +142,8 @@ def make_train_step(cfg: TrainConfig, model, tx, ds_stats,
     grads, (bs, ce, acc) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, images, labels, scale_step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, scale_step=scale_step)
-    params = optax.apply_updates(state.params, updates)
-    if order_after_scales and scale_step:
-      params = _after_scales(params)
+    params = optim.apply_updates(state.params, updates, scale_step=scale_step,
+                                 order=order_after_scales)
     metrics = {"loss": ce, "accuracy": acc}
     return state.replace(step=state.step + 1, params=params, batch_stats=bs,
                          opt_state=opt_state), metrics

@@ -173,44 +173,23 @@ def scale_phase_epochs(cfg: TrainConfig) -> int:
   return max(1, round(cfg.scale_decay_fraction * cfg.epochs))
 
 
-def budget_schedule(cfg: TrainConfig, epoch: int, start_bits: float, target: float):
-  """``(budget, coarsen_only)``: what a run projects onto at the end of `epoch` (1-based).
-
-  Over the scale phase (the first ``scale_decay_fraction`` of the epochs) it falls
-  from `start_bits` to `target` as ``target + (start - target) * (1 - e/E)^3``
-  (coarsening only: the learned rule may be below it); at the phase's last epoch
-  it is exactly `target`, both ways, and the grids freeze; after that, an epoch
-  projects again where the fine-tuned weights left the target by more than 1%.
-  """
-  phase = scale_phase_epochs(cfg)
-  if epoch < phase:
-    return target + (start_bits - target) * (1 - epoch / phase) ** 3, True
-  return target, False
-
-
 def _budget_step(cfg, state, meta, epoch, fisher_fn, target):
-  """Projects the grids onto the epoch's budget (:func:`budget_schedule`).
-
-  Returns ``(state, meta, event)``; the grids freeze (scale step x0) at the
-  scale phase's end.
-  """
+  """The run's size budget at the end of `epoch`: :class:`lqjax.budget.Schedule` over the
+  scale phase. Returns ``(state, meta, event)``."""
   if not cfg.budget:
     return state, meta, None
+  sched = budget.Schedule(target, scale_phase_epochs(cfg))
   start = meta.setdefault("budget_start_bits", budget.budget_bits_of(state.params))
-  goal, coarsen_only = budget_schedule(cfg, epoch, start, target)
-  phase_end = scale_phase_epochs(cfg)
-  if epoch > phase_end and abs(budget.budget_bits_of(state.params) - target) <= 0.01 * target:
+  params, opt_state, info = sched.update(
+      budget.ScheduleState(start), epoch, state.params, state.opt_state,
+      lambda: fisher_fn(state.params, state.batch_stats))
+  if info is None:
     return state, meta, None
-  params, info = budget.project(state.params, goal, fisher_fn(state.params, state.batch_stats),
-                                coarsen_only=coarsen_only)
   params = jax.device_put(params, jax.tree_util.tree_leaves(state.params)[0].sharding)
-  opt_state = state.opt_state
-  if epoch == phase_end:
-    opt_state = optim.set_scale_mult(opt_state, 0.0)
+  if info["freeze"]:
     meta = dict(meta, frozen_at=epoch)
-  event = (f"budget {goal:.3f} bits: {info['before']:.3f} -> {info['after']:.3f} "
-           f"({info['groups_moved']} groups moved)"
-           + ("; grids frozen" if epoch == phase_end else ""))
+  event = (f"budget {info['budget']:.3f} bits: {info['before']:.3f} -> {info['after']:.3f} "
+           f"({info['groups_moved']} groups moved)" + ("; grids frozen" if info["freeze"] else ""))
   return state.replace(params=params, opt_state=opt_state), meta, event
 
 

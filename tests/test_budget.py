@@ -177,13 +177,37 @@ def test_projection_of_an_nnx_module_state():
 
 
 def test_budget_schedule_falls_cubically_then_holds():
-  from lqlab.config import TrainConfig
-  cfg = TrainConfig(epochs=10, budget_bits=2.0)  # scale phase: 8 epochs
-  from lqlab import train
+  sched = budget.Schedule(target_bits=2.0, phase_epochs=8)
   # epoch 4 of 8: 2 + (8 - 2) * (1 - 4/8)^3 = 2.75, coarsening only
-  assert train.budget_schedule(cfg, 4, 8.0, 2.0) == (pytest.approx(2.75), True)
-  assert train.budget_schedule(cfg, 8, 8.0, 2.0) == (2.0, False)  # exact, both ways
-  assert train.budget_schedule(cfg, 10, 8.0, 2.0) == (2.0, False)
+  assert sched.budget(4, 8.0) == (pytest.approx(2.75), True)
+  assert sched.budget(8, 8.0) == (2.0, False)  # exact, both ways
+  assert sched.budget(10, 8.0) == (2.0, False)
+  for bad in (dict(target_bits=0.0, phase_epochs=8), dict(target_bits=2.0, phase_epochs=0),
+              dict(target_bits=float("nan"), phase_epochs=8)):
+    with pytest.raises(budget.BudgetError):
+      budget.Schedule(**bad)
+
+
+def test_budget_schedule_in_an_own_loop_lands_on_the_target_and_freezes_the_scales():
+  """The library piece alone (no lqlab): three epochs of a 3-epoch phase on a Dense layer
+  whose scales an optimizer would move; the last projects exactly and freezes them."""
+  import optax
+  params = _model(rows=8, cols=64, granularity="row")
+  tx = lqjax.optim.split(optax.adam(1e-3), optax.sgd(0.02))
+  opt_state = tx.init(params)
+  sched = budget.Schedule(target_bits=3.0, phase_epochs=3)
+  state = sched.init(params)
+  assert state.start_bits == pytest.approx(budget.budget_bits_of(params)) and state.start_bits > 3.5
+  calls = []
+  for epoch in (1, 2, 3):
+    params, opt_state, info = sched.update(state, epoch, params, opt_state,
+                                           lambda: calls.append(epoch))
+    assert info["after"] <= info["budget"] + 1e-9 and info["freeze"] == (epoch == 3)
+  assert calls == [1, 2, 3] and info["budget"] == 3.0
+  assert float(lqjax.optim.scale_mult(opt_state)) == 0.0
+  # after the phase an epoch on target does nothing (and computes no Fisher)
+  out, opt2, info = sched.update(state, 4, params, opt_state, lambda: calls.append(4))
+  assert info is None and calls == [1, 2, 3] and out is params
 
 
 def test_pruned_groups_share_one_step_and_round_to_zero():

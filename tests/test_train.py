@@ -22,7 +22,7 @@ from lqjax import compress, optim, tree, types
 from lqlab import step as step_lib
 from lqlab import train
 from lqlab.config import TrainConfig
-from lqlab.step import TrainState, _after_scales, build_model, init_state, make_chunk_runner, make_optimizer, make_train_step
+from lqlab.step import TrainState, build_model, init_state, make_chunk_runner, make_optimizer, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REQUIRED = {"dataset", "model", "scheme", "rule", "threshold", "granularity", "seed", "epochs",
@@ -283,13 +283,13 @@ def _lenet300(rule, n, batch_size, seed=0, granularity="row"):
 
 @pytest.mark.parametrize("rule", ["lsq", "ratio"])
 def test_weight_after_scale_ordering_changes_no_value(rule, monkeypatch):
-  """_after_scales only orders the update (it lets XLA drop the copy of each
+  """lqjax.optim.apply_updates only orders the update (it lets XLA drop the copy of each
   quantized weight): 20 steps with and without it give bitwise equal parameters."""
   images, labels, cfg, model = _lenet300(rule, 256, 64)
   tx = make_optimizer(cfg, 100)
   calls = []
-  real = _after_scales
-  monkeypatch.setattr(step_lib, "_after_scales", lambda p: calls.append(1) or real(p))
+  real = tree.replace_arrays
+  monkeypatch.setattr(tree, "replace_arrays", lambda *a: calls.append(1) or real(*a))
   out = []
   for order in (True, False):
     step = jax.jit(make_train_step(cfg, model, tx, ((0.5,), (0.25,)),
@@ -345,7 +345,7 @@ def _compiled_step_hlo(rule, granularity="row"):
 @pytest.mark.parametrize("rule", ["lsq", "ratio"])
 def test_compiled_step_copies_no_quantized_weight(rule):
   """The donated step updates each weight in place; neither rule's scale gradient may
-  read the old weight where XLA must copy it first (lsq: _after_scales orders the
+  read the old weight where XLA must copy it first (lsq: optim.apply_updates orders the
   update; ratio: ||P|| is taken in the forward pass)."""
   hlo = _compiled_step_hlo(rule)
   entry = hlo[hlo.index("ENTRY"):]
