@@ -63,6 +63,7 @@ VERSION = 2
 READS = (1, 2)
 CODEC_FIXED, CODEC_ZSTD = 0, 1
 _PREFIX = struct.Struct("<4sHHI")
+CHECKSUM_BYTES = 32  # SHA-256 of everything before it
 #: dtypes of the arrays stored raw (``kind: float``): numbers and booleans, nothing else.
 ARRAY_DTYPES = frozenset(("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
                           "uint32", "uint64", "float16", "bfloat16", "float32", "float64"))
@@ -128,8 +129,12 @@ def _ungroup(gv, shape, sshape):
 # ------------------------------------------------------------ writing
 
 
-def _encode_tensors(variables, codec):
-  """(tensor entries for the header, payload bytes)."""
+def _encode_tensors(variables, codec, pack: bool = True):
+  """(tensor entries for the header, payload bytes).
+
+  ``pack=False`` (the fixed-width codec only) computes the entries, byte counts included,
+  without writing the payload: b"" in its place.
+  """
   entries, chunks, done = [], [], set()
   pos = 0
   i32 = np.iinfo(np.int32)
@@ -150,18 +155,20 @@ def _encode_tensors(variables, codec):
                     for col, (_, dt) in zip((ls_np, lo, widths), accounting.GROUP_FIELDS))
     rel = gv - lo[:, None]
     if codec == CODEC_FIXED:
-      body = pack_bits(rel.reshape(-1), np.repeat(widths, gv.shape[1]))
+      body = pack_bits(rel.reshape(-1), np.repeat(widths, gv.shape[1])) if pack else b""
+      nbytes = len(head) + (int(widths.sum()) * gv.shape[1] + 7) // 8
     else:
       wmax = int(widths.max(initial=0))
       dt = next(d for d in SYMBOL_DTYPES.values() if 8 * d.itemsize >= wmax)
       body = rel.astype(dt).tobytes()
-    blob = head + body
+      nbytes = len(head) + len(body)
     entries.append({"path": list(t.path), "kind": "quantized", "shape": list(t.p.shape),
                     "scale_shape": list(t.log_scale.shape), "config": cfg.to_json(),
-                    "offset": pos, "nbytes": len(blob),
+                    "offset": pos, "nbytes": nbytes,
                     "symbol_bytes": None if codec == CODEC_FIXED else dt.itemsize})
-    chunks.append(blob)
-    pos += len(blob)
+    if pack:
+      chunks.append(head + body)
+    pos += nbytes
     done.update((t.path, t.scale_path))
   for path, (v, _) in tree.flat_leaves(variables).items():
     if path in done:
@@ -171,12 +178,27 @@ def _encode_tensors(variables, codec):
       raise ValueError(f"{'/'.join(path)}: dtype {arr.dtype.name} cannot be stored (the file "
                        f"holds {', '.join(sorted(ARRAY_DTYPES))})")
     _refuse_non_finite("/".join(path), arr, "values")
-    blob = np.ascontiguousarray(arr).tobytes()
     entries.append({"path": list(path), "kind": "float", "shape": list(arr.shape),
-                    "dtype": arr.dtype.name, "offset": pos, "nbytes": len(blob)})
-    chunks.append(blob)
-    pos += len(blob)
+                    "dtype": arr.dtype.name, "offset": pos, "nbytes": arr.nbytes})
+    if pack:
+      chunks.append(np.ascontiguousarray(arr).tobytes())
+    pos += arr.nbytes
   return entries, b"".join(chunks)
+
+
+def _header(entries, meta, payload_bytes) -> bytes:
+  return json.dumps({"format": "lqjax-packed-model", "meta": dict(meta or {}),
+                     "tensors": entries, "payload_bytes": payload_bytes},
+                    sort_keys=True).encode()
+
+
+def overhead_bytes(variables, meta: Optional[Mapping[str, Any]] = None) -> int:
+  """What the bit-packed file of `variables` adds to its payload: the prefix, the header
+  and the checksum. Computed without packing the codes (for size budgets in bytes)."""
+  entries, _ = _encode_tensors(jax.device_get(tree._as_tree(variables)), CODEC_FIXED,
+                               pack=False)
+  payload = sum(e["nbytes"] for e in entries)
+  return _PREFIX.size + len(_header(entries, meta, payload)) + CHECKSUM_BYTES
 
 
 def _refuse_non_finite(name, x, what, allow_inf=False):
@@ -206,9 +228,7 @@ def to_bytes(variables, meta: Optional[Mapping[str, Any]] = None, *,
   if codec not in (CODEC_FIXED, CODEC_ZSTD):
     raise ValueError(f"unknown codec {codec}")
   entries, payload = _encode_tensors(jax.device_get(tree._as_tree(variables)), codec)
-  header = json.dumps({"format": "lqjax-packed-model", "meta": dict(meta or {}),
-                       "tensors": entries, "payload_bytes": len(payload)},
-                      sort_keys=True).encode()
+  header = _header(entries, meta, len(payload))
   if codec == CODEC_ZSTD:
     import zstandard
     payload = zstandard.ZstdCompressor(level=19).compress(payload)
@@ -407,7 +427,7 @@ def parse(blob: bytes):
     CorruptFileError: truncated, damaged, of an unknown version, or a header
       that does not describe its payload (one line that says which).
   """
-  if len(blob) < _PREFIX.size + 32:
+  if len(blob) < _PREFIX.size + CHECKSUM_BYTES:
     raise CorruptFileError(f"file is truncated ({len(blob)} bytes)")
   magic, version, codec, hlen = _PREFIX.unpack_from(blob)
   if magic != MAGIC:
@@ -415,7 +435,7 @@ def parse(blob: bytes):
   if version not in READS:
     raise CorruptFileError(f"unsupported format version {version} (this lqjax reads "
                            f"{', '.join(map(str, READS))})")
-  if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+  if hashlib.sha256(blob[:-CHECKSUM_BYTES]).digest() != blob[-CHECKSUM_BYTES:]:
     raise CorruptFileError("checksum mismatch: the file is truncated or corrupted")
   if codec not in (CODEC_FIXED, CODEC_ZSTD):
     raise CorruptFileError(f"unknown codec {codec}")
@@ -424,7 +444,7 @@ def parse(blob: bytes):
   except ValueError as e:
     raise CorruptFileError(f"unreadable header: {e}") from None
   _check_header(header)
-  payload = blob[_PREFIX.size + hlen:-32]
+  payload = blob[_PREFIX.size + hlen:-CHECKSUM_BYTES]
   if codec == CODEC_ZSTD:
     import zstandard
     try:

@@ -130,15 +130,14 @@ def _scale_stop(cfg, state, meta, val_acc, epoch):
 def budget_target(cfg: TrainConfig, params, batch_stats, num_classes, ds_stats) -> float:
   """The run's budget in average bits per quantized weight, scale storage included.
 
-  ``budget_bytes`` is converted with the file's own overhead (header and checksum,
-  measured by serialising `params`) and its float tensors at 32 bits.
+  ``budget_bytes`` is converted with the file's own overhead (prefix, header and checksum:
+  :func:`lqjax.compress.overhead_bytes`) and its float tensors at their size.
   """
   if cfg.budget_bits is not None:
     return float(cfg.budget_bits)
   variables = model_variables(jax.device_get(params), jax.device_get(batch_stats))
-  blob = compress.to_bytes(variables, run_meta(cfg, num_classes, ds_stats))
-  payload = accounting.summarize(accounting.model_report(variables))["packed_bytes_accounted"]
-  return budget.target_bits_for_bytes(variables, cfg.budget_bytes, len(blob) - payload)
+  return budget.target_bits_for_bytes(variables, cfg.budget_bytes, compress.overhead_bytes(
+      variables, run_meta(cfg, num_classes, ds_stats)))
 
 
 def check_model(cfg: TrainConfig, model, sample, num_classes, ds_stats):

@@ -255,3 +255,15 @@ def test_quant_config_refuses_values_it_cannot_honour(kwargs, needle):
 def test_quant_config_takes_numpy_integers_as_ints():
   cfg = types.QuantConfig(bits=np.int64(4), rule="lsq")
   assert type(cfg.bits) is int and cfg.to_json()["bits"] == 4
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(granularity="row", rounding="round"),
+                                 dict(rule="lsq", bits=3, granularity="row")])
+def test_overhead_bytes_is_the_file_less_its_payload(cfg):
+  """overhead_bytes computes the prefix, header and checksum without packing the codes."""
+  _, params = _params(**cfg)
+  meta = {"config": {"model": "mlp", "note": "x" * 37}}
+  blob = compress.to_bytes(params, meta)
+  header = json.loads(blob[compress._PREFIX.size:compress._PREFIX.size
+                           + compress._PREFIX.unpack_from(blob)[3]])
+  assert compress.overhead_bytes(params, meta) == len(blob) - header["payload_bytes"]
