@@ -25,6 +25,7 @@ float layer they believe quantized.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from typing import Optional, Sequence, Tuple
 
@@ -107,8 +108,11 @@ class Matcher:
     self.decided = [[] for _ in self.rules]   # module paths where it is the first match
     self.owner = {}                           # module path -> index of the deciding rule
     self.found = [set() for _ in self.rules]  # parameter names of the modules it decides
+    self.paths = []                           # every module path walked, in order
 
   def match(self, path: str) -> Optional[Rule]:
+    if path not in self.paths:
+      self.paths.append(path)
     first = None
     for i, r in enumerate(self.rules):
       if re.fullmatch(r.module_path, path):
@@ -127,11 +131,20 @@ class Matcher:
     if i is not None:
       self.found[i].add(name)
 
+  def _suggest(self, rule: Rule) -> str:
+    """The closest module paths to a rule that matched none, and how many there are."""
+    paths = [p for p in self.paths if p]
+    close = difflib.get_close_matches(rule.module_path, paths, n=3, cutoff=0.3)
+    listed = close or paths[:6]
+    return (f"{'closest' if close else 'its modules include'}: "
+            f"{', '.join(repr(p) for p in listed) or 'none'} ({len(paths)} module paths; "
+            f"Flax names unnamed layers Dense_0, Dense_1, ... and nn.Sequential's layers_0, ...)")
+
   def check(self):
     for i, r in enumerate(self.rules):
       what = f"lqjax.quantize: rule {i} (module_path={r.module_path!r})"
       if not self.matched[i]:
-        raise QuantizeError(f"{what} matches no module of the model")
+        raise QuantizeError(f"{what} matches no module of the model; {self._suggest(r)}")
       if not self.decided[i]:
         j = self.owner[self.matched[i][0]]
         raise QuantizeError(

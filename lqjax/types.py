@@ -158,6 +158,18 @@ def parse_granularity(text: str) -> Granularity:
     ) from None
 
 
+class _Unset:
+  """The default of ``QuantConfig.bits``: "not given" (None is "free", said explicitly)."""
+
+  def __repr__(self):
+    return "<bits not given>"
+
+
+_UNSET = _Unset()
+#: Rules whose ``bits`` must be given: a fixed width is what they are used for.
+FIXED_WIDTH_RULES = ("fixed", "lsq")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
   """How one parameter is quantized (one nested quantizer module).
@@ -171,8 +183,9 @@ class QuantConfig:
   threshold: float = 0.2
   # floor (thesis default) or round (round-to-nearest).
   rounding: str = "floor"
-  # Clip codes to the signed b-bit range; None leaves the bit width free.
-  bits: Optional[int] = None
+  # Clip codes to the signed b-bit range; None leaves the bit width free. The rules
+  # ``fixed`` and ``lsq`` need it given (an int, or None said explicitly).
+  bits: Optional[int] = _UNSET  # type: ignore[assignment]
   # midtread (levels s * q) | midrise (s * (q + 1/2); needs bits): see GRIDS.
   grid: str = "midtread"
   # Who shares a scale (see the module docstring).
@@ -185,6 +198,11 @@ class QuantConfig:
   relax_threshold: Optional[float] = None
 
   def __post_init__(self):
+    if self.bits is _UNSET:
+      if self.rule in FIXED_WIDTH_RULES:
+        raise ValueError(f"rule {self.rule!r} needs bits (1..16): it learns or keeps a step for "
+                         f"a fixed code range; pass bits=None explicitly to leave the width free")
+      object.__setattr__(self, "bits", None)
     for name in ("bits", "init_bits"):
       v = getattr(self, name)
       if v is None and name == "bits":

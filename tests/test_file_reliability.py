@@ -226,6 +226,7 @@ def _quantize(kind, rules):
     ([lqjax.Rule(".*"), lqjax.Rule("head", lqjax.QuantConfig(rule="fixed", bits=8))],
      r"rule 1 \(module_path='head'\) is shadowed: rule 0 \(module_path='.\*'\) comes first"),
     ([lqjax.Rule("nothing")], "rule 0 .* matches no module"),
+    ([lqjax.Rule("haed")], r"matches no module of the model; closest: 'head'"),
 ])
 def test_silent_no_op_rules_are_refused(kind, rules, needle):
   with pytest.raises(lqjax.QuantizeError, match=needle) as e:
@@ -236,6 +237,15 @@ def test_silent_no_op_rules_are_refused(kind, rules, needle):
 @pytest.mark.parametrize("kind", ["linen", "nnx"])
 def test_rules_in_the_right_order_quantize(kind):
   _quantize(kind, [lqjax.Rule("head", lqjax.QuantConfig(rule="fixed", bits=8)), lqjax.Rule(".*")])
+  # a catch-all left only parameterless containers by the rules before it is no typo
+  _quantize(kind, [lqjax.Rule("head"), lqjax.Rule("body"), lqjax.Rule(".*")])
+
+
+def test_a_rule_that_matches_nothing_names_the_paths_a_sequential_model_has():
+  seq = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+  with pytest.raises(lqjax.QuantizeError, match="closest: 'layers_0', 'layers_2'") as e:
+    lqjax.quantize(seq, lqjax.Rule("layer0")).init(jax.random.key(0), jnp.ones((1, 4)))
+  assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------ configs (item 9)
@@ -246,10 +256,20 @@ def test_rules_in_the_right_order_quantize(kind):
     ({"init_bits": 2.5}, "init_bits must be a whole number, got 2.5"),
     ({"threshold": True}, "threshold must be a number, got True"),
     ({"threshold": "0.2"}, "threshold must be a number"),
+    ({"rule": "lsq"}, "rule 'lsq' needs bits"),
+    ({"rule": "fixed"}, "rule 'fixed' needs bits"),
 ])
 def test_quant_config_refuses_values_it_cannot_honour(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
     types.QuantConfig(**kwargs)
+
+
+def test_free_widths_for_lsq_and_fixed_are_said_explicitly():
+  import dataclasses
+  cfg = types.QuantConfig(rule="lsq", bits=None)
+  assert cfg.bits is None and types.QuantConfig.from_json(cfg.to_json()) == cfg
+  assert dataclasses.replace(cfg, granularity="row").bits is None
+  assert types.QuantConfig().bits is None  # the ratio rules' width is free by default
 
 
 def test_quant_config_takes_numpy_integers_as_ints():

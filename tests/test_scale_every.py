@@ -168,7 +168,7 @@ def test_nnx_weights_only_gradient_by_filter():
   """In NNX, differentiating the weights only (nnx.DiffState with a filter that leaves
   out lqjax's ScaleParam) is the weights-only step: no scale gradient, same weights'."""
   m = lqjax.quantize(nnx.Linear(5, 3, rngs=nnx.Rngs(0)),
-                     lqjax.Rule(config=lqjax.QuantConfig(rule="lsq", rounding="round")))
+                     lqjax.Rule(config=lqjax.QuantConfig(rule="lsq", bits=None, rounding="round")))
   x = jax.random.normal(jax.random.key(1), (4, 5))
   loss = lambda m: jnp.sum(m(x) ** 2)
   full = nnx.grad(loss)(m)
