@@ -484,6 +484,18 @@ def _match_target(loaded_flat, target_flat, path):
     if a != b:
       raise CorruptFileError(f"{path}: tensor {name} has shape {list(a)} in the file, "
                              f"{list(b)} in the model")
+    ca, cb = loaded_flat[k][1], target_flat[k][1]
+    if ca is not None and cb is not None and ca.to_json() != cb.to_json():
+      name = "/".join(k[:-2] + (k[-2][:-len(tree.QUANT_SUFFIX)],))  # the tensor, not its scale
+      raise CorruptFileError(f"{path}: {name} was saved with the recipe {_recipe(ca)}, the "
+                             f"model quantizes it with {_recipe(cb)}; quantize the model with "
+                             f"the file's rules, or load without a target to get the file's")
+
+
+def _recipe(cfg: types.QuantConfig) -> str:
+  d, default = cfg.to_json(), types.QuantConfig(bits=None).to_json()
+  return "(" + ", ".join(f"{k}={v!r}" for k, v in d.items() if k == "rule" or v != default.get(k)) \
+      + ")"
 
 
 def load(path, target=None):
@@ -493,12 +505,15 @@ def load(path, target=None):
     path: the ``.lqz`` file.
     target: None: return the tree as saved. An ``nnx.Module``: load into it (in
       place) and return it. Any other tree (e.g. Linen variables from
-      ``model.init``): check that every tensor is there with the same shape, and
-      return the loaded tree.
+      ``model.init``): check that every tensor is there with the same shape and
+      recipe, and return the loaded tree. Either way a target whose recipe for a
+      tensor differs from the file's is refused: the model would compute another
+      function of the same weights.
 
   Raises:
-    CorruptFileError: a missing or damaged file, or a tensor that the target
-      lacks or holds in another shape (one line naming the tensor).
+    FileNotFoundError: no file at `path`.
+    CorruptFileError: a damaged file, or a tensor that the target lacks, holds in
+      another shape or quantizes with another recipe (one line naming the tensor).
   """
   _, loaded = read(path)
   if target is None:

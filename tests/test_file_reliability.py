@@ -287,3 +287,26 @@ def test_overhead_bytes_is_the_file_less_its_payload(cfg):
   header = json.loads(blob[compress._PREFIX.size:compress._PREFIX.size
                            + compress._PREFIX.unpack_from(blob)[3]])
   assert compress.overhead_bytes(params, meta) == len(blob) - header["payload_bytes"]
+
+
+def test_loading_a_file_into_a_model_with_another_recipe_is_refused_on_linen_and_nnx(tmp_path):
+  """An lsq-4 file into a fixed-8 model: the model would compute another function of the
+  same weights, so both APIs refuse with one line naming the tensor and both recipes."""
+  lsq4 = lqjax.Rule(config=lqjax.QuantConfig(rule="lsq", bits=4))
+  fixed8 = lqjax.Rule(config=lqjax.QuantConfig(rule="fixed", bits=8))
+  x = jnp.ones((1, 4))
+  for kind in ("linen", "nnx"):
+    if kind == "linen":
+      saved = lqjax.quantize(Two(), lsq4).init(jax.random.key(0), x)["params"]
+      target = lqjax.quantize(Two(), fixed8).init(jax.random.key(0), x)["params"]
+      same = lqjax.quantize(Two(), lsq4).init(jax.random.key(1), x)["params"]
+    else:
+      saved, target, same = (lqjax.quantize(NTwo(), r) for r in (lsq4, fixed8, lsq4))
+    path = tmp_path / f"{kind}.lqz"
+    lqjax.save(path, saved)
+    with pytest.raises(compress.CorruptFileError,
+                       match=r"body/kernel was saved with the recipe \(rule='lsq', bits=4\), the "
+                             r"model quantizes it with \(rule='fixed', bits=8\)") as e:
+      lqjax.load(path, target)
+    assert "\n" not in str(e.value)
+    lqjax.load(path, same)  # the same recipe loads
