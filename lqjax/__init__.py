@@ -38,13 +38,18 @@ from lqjax.types import GRANULARITIES, GRIDS, RULES, QuantConfig, kept_axes, sca
 __version__ = "0.2.0"
 
 
-def report(variables) -> str:
-  """The per-layer table of a quantized tree: shape, rule, granularity, bits, bytes, ratio.
+def report(variables, meta=None) -> str:
+  """The per-tensor table of a quantized tree: shape, the recipe asked (rule, width,
+  granularity), the code bits learned, bytes and ratio; the averages over the quantized
+  weights and over all weights; and the size of the file ``save(path, variables, meta)``
+  writes (payload, header and checksum).
 
   `variables` is what the model needs to run (Linen variables, an ``nnx.State``
-  or an ``nnx.Module``); the totals line is the packed file's payload size.
+  or an ``nnx.Module``).
   """
-  return format_table(model_report(variables))
+  from lqjax import compress as _compress
+  return format_table(model_report(variables),
+                      file_bytes=_compress.file_bytes(variables, meta))
 
 
 def export_onnx(path, fn, variables, example_input, **kwargs) -> int:

@@ -113,13 +113,11 @@ class TensorReport:
     return self.fp32_bytes / max(self.bytes, 1)
 
 
-def describe_granularity(shape, sshape) -> str:
-  keep = tuple(i for i, (a, b) in enumerate(zip(shape, sshape)) if b != 1 or a == 1)
-  if all(b == 1 for b in sshape):
-    return "tensor"
-  if len(keep) == len(shape):
-    return "element"
-  return "axes" + ",".join(str(i) for i in keep if sshape[i] != 1)
+def describe_granularity(granularity: types.Granularity) -> str:
+  """The granularity as the recipe asked for it: a name, or ``axes(0,2)``."""
+  if isinstance(granularity, str):
+    return granularity
+  return "axes(" + ",".join(str(a) for a in granularity) + ")"
 
 
 def group_view(codes: np.ndarray, sshape) -> np.ndarray:
@@ -149,7 +147,7 @@ def model_report(variables, default: Optional[types.QuantConfig] = None):
     n_group = gv.shape[1]
     rows.append(TensorReport(
         path=t.name, shape=tuple(t.p.shape),
-        granularity=describe_granularity(t.p.shape, t.log_scale.shape), groups=gv.shape[0],
+        granularity=describe_granularity(t.config.granularity), groups=gv.shape[0],
         elements=int(t.p.size), bits_min=int(gb.min()), bits_mean=float(gb.mean()),
         bits_max=int(gb.max()), code_bytes=int(math.ceil(int((gb * n_group).sum()) / 8)),
         overhead_bytes=gv.shape[0] * GROUP_OVERHEAD_BYTES, fp32_bytes=4 * int(t.p.size),
@@ -170,32 +168,48 @@ def model_report(variables, default: Optional[types.QuantConfig] = None):
 def summarize(rows) -> dict:
   """Totals: fp32 bytes (float model), packed bytes, average bits of quantized weights."""
   q = [r for r in rows if r.quantized]
-  fp32 = sum(r.fp32_bytes for r in rows if not r.path.endswith(tree.SCALE_NAME))
+  weights = [r for r in rows if not r.path.endswith(tree.SCALE_NAME)]
+  n_all = sum(r.elements for r in weights)
+  fp32 = sum(r.fp32_bytes for r in weights)
   packed = sum(r.bytes for r in rows)
   n_q = sum(r.elements for r in q)
   return {
       "fp32_bytes": int(fp32),
       "packed_bytes_accounted": int(packed),
       "avg_bits": float(sum(r.bits_mean * r.elements for r in q) / n_q) if n_q else 32.0,
+      # over every weight, the float ones at 32 bits (what the model is on average)
+      "avg_bits_all": float(sum(r.bits_mean * r.elements for r in weights) / n_all)
+                      if n_all else 32.0,
       "quantized_bits_per_layer": {r.path: r.bits_mean for r in q},
       "quantized_elements": int(n_q),
       "ratio_accounted": fp32 / max(packed, 1),
   }
 
 
-def format_table(rows) -> str:
-  head = f"{'layer':40s} {'shape':>18s} {'rule':>16s} {'granularity':>12s} " \
-         f"{'bits min/mean/max':>18s} {'bytes':>10s} {'ratio':>7s}"
+def format_table(rows, file_bytes: Optional[int] = None) -> str:
+  """The per-tensor table: the recipe as asked (rule, width, granularity) beside what was
+  learned (the bits each group's codes need), the totals over the quantized weights and
+  over all of them, and, given `file_bytes`, the packed file's real size."""
+  head = f"{'tensor':40s} {'shape':>18s} {'rule':>16s} {'granularity':>12s} " \
+         f"{'code bits min/mean/max':>22s} {'bytes':>10s} {'ratio':>7s}"
   lines = [head, "-" * len(head)]
   for r in rows:
     bits = f"{r.bits_min}/{r.bits_mean:.2f}/{r.bits_max}"
-    rule = "float" if not r.quantized else r.rule + (f"/{r.bits}b" if r.bits else "") + (
+    rule = "float" if not r.quantized else r.rule + (f"/{r.bits}b" if r.bits else "/free") + (
         f"/{r.grid}" if r.grid not in (None, "midtread") else "")
     lines.append(f"{r.path:40s} {str(r.shape):>18s} {rule:>16s} {r.granularity:>12s} "
-                 f"{bits:>18s} {r.bytes:>10d} {r.ratio:>6.1f}x")
+                 f"{bits:>22s} {r.bytes:>10d} {r.ratio:>6.1f}x")
   s = summarize(rows)
   lines.append("-" * len(head))
-  lines.append(f"{'total':40s} {'':>18s} {'':>16s} {'':>12s} {s['avg_bits']:>18.2f} "
+  lines.append(f"{'total (payload)':40s} {'':>18s} {'':>16s} {'':>12s} {s['avg_bits']:>22.2f} "
                f"{s['packed_bytes_accounted']:>10d} {s['ratio_accounted']:>6.1f}x"
                f"   (fp32 {s['fp32_bytes']} bytes)")
+  lines.append(f"code bits: what each scale group's codes need (at most the rule's width); "
+               f"{s['avg_bits']:.2f} on average over the {s['quantized_elements']} quantized "
+               f"weights, {s['avg_bits_all']:.2f} over all weights (float ones at 32)")
+  if file_bytes is not None:
+    lines.append(f"packed file (lqjax.save): {file_bytes} bytes = payload "
+                 f"{s['packed_bytes_accounted']} + header and checksum "
+                 f"{file_bytes - s['packed_bytes_accounted']}; "
+                 f"{s['fp32_bytes'] / file_bytes:.1f}x smaller than fp32")
   return "\n".join(lines)

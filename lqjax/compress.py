@@ -192,13 +192,22 @@ def _header(entries, meta, payload_bytes) -> bytes:
                     sort_keys=True).encode()
 
 
-def overhead_bytes(variables, meta: Optional[Mapping[str, Any]] = None) -> int:
-  """What the bit-packed file of `variables` adds to its payload: the prefix, the header
-  and the checksum. Computed without packing the codes (for size budgets in bytes)."""
+def _sizes(variables, meta):
   entries, _ = _encode_tensors(jax.device_get(tree._as_tree(variables)), CODEC_FIXED,
                                pack=False)
   payload = sum(e["nbytes"] for e in entries)
-  return _PREFIX.size + len(_header(entries, meta, payload)) + CHECKSUM_BYTES
+  return payload, _PREFIX.size + len(_header(entries, meta, payload)) + CHECKSUM_BYTES
+
+
+def overhead_bytes(variables, meta: Optional[Mapping[str, Any]] = None) -> int:
+  """What the bit-packed file of `variables` adds to its payload: the prefix, the header
+  and the checksum. Computed without packing the codes (for size budgets in bytes)."""
+  return _sizes(variables, meta)[1]
+
+
+def file_bytes(variables, meta: Optional[Mapping[str, Any]] = None) -> int:
+  """The size of the file ``save(path, variables, meta)`` writes, without writing it."""
+  return sum(_sizes(variables, meta))
 
 
 def _refuse_non_finite(name, x, what, allow_inf=False):

@@ -2,9 +2,10 @@
 
   python -m lqlab.report <workdir>
 
-Prints layer, shape, granularity, bits min/mean/max, bytes, ratio per tensor
-and the model's total (the same numbers as
-:func:`lqjax.accounting.model_report`).
+Prints :func:`lqjax.report` of the run's final checkpoint: per tensor the recipe
+asked (rule, width, granularity), the code bits learned, bytes and ratio; the
+averages over the quantized weights and over all weights; and the size of the
+run's packed file (its header holds the run's config).
 """
 
 import sys
@@ -22,13 +23,15 @@ def main(argv):
   from lqlab import train
   logging.set_verbosity(logging.WARNING)
   try:
-    cfg, _, state, _, _ = train.restore(argv[1])
+    cfg, _, state, stats, num_classes = train.restore(argv[1])
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   import lqjax
+  from lqlab.config import run_meta
   print(lqjax.report(model_variables(jax.device_get(state.params),
-                                           jax.device_get(state.batch_stats))))
+                                     jax.device_get(state.batch_stats)),
+                     meta=run_meta(cfg, num_classes, stats)))
   return 0
 
 

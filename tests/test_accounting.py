@@ -3,6 +3,7 @@ integer bit length, in numpy and in jax, over the whole int32 code range."""
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,3 +38,34 @@ def test_group_bits_hand_example():
   codes = jnp.array([[0, 5], [1, -3], [3, 4]])  # per column: spans 4 and 9 -> 2 and 4 bits
   np.testing.assert_array_equal(accounting.group_bits(codes, (1, 2)), [[2.0, 4.0]])
   np.testing.assert_array_equal(accounting.group_bits(jnp.zeros((3,), jnp.int32), (1,)), [0.0])
+
+
+def test_report_shows_the_recipe_asked_the_bits_learned_both_averages_and_the_file(tmp_path):
+  import flax.linen as nn
+  import jax
+  import re
+  import lqjax
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10, name="head")(nn.relu(nn.Dense(64, name="fc1")(x)))
+
+  m = lqjax.quantize(MLP(), [lqjax.Rule("head", lqjax.QuantConfig(rule="fixed", bits=8)),
+                             lqjax.Rule(".*", lqjax.QuantConfig(granularity="row"))])
+  v = m.init(jax.random.key(0), jnp.ones((1, 32)))
+  meta = {"config": {"model": "mine"}}
+  text = lqjax.report(v, meta)
+  rows = {line.split()[0]: line.split() for line in text.splitlines()[2:6]}
+  assert rows["params/fc1/kernel"][3:5] == ["ratio/free", "row"]  # as asked, not "axes1"
+  assert rows["params/head/kernel"][3:5] == ["fixed/8b", "tensor"]
+  head_bits = int(rows["params/head/kernel"][5].split("/")[0])
+  assert head_bits <= 8  # the bits its codes need, at most the width asked
+  # averages: 64*32 + 10*64 quantized weights, 64 + 10 float biases at 32 bits
+  s = lqjax.summarize(lqjax.model_report(v))
+  n_q, n_f = 32 * 64 + 64 * 10, 64 + 10
+  assert s["avg_bits_all"] == pytest.approx((s["avg_bits"] * n_q + 32 * n_f) / (n_q + n_f))
+  assert f"{s['avg_bits']:.2f} on average over the {n_q} quantized weights, " \
+         f"{s['avg_bits_all']:.2f} over all weights" in text
+  stated = int(re.search(r"packed file \(lqjax.save\): (\d+) bytes", text).group(1))
+  assert lqjax.save(tmp_path / "m.lqz", v, meta) == stated == (tmp_path / "m.lqz").stat().st_size
