@@ -31,7 +31,7 @@ from lqjax.losses import (bin_count_penalty, deviation_penalty, inverse_scale_pe
                           quant_penalties)
 from lqjax.quant import dequantize, fake_quant, init_scale, quantize_codes, scale_from_log
 from lqjax.interception import quantize
-from lqjax.rules import QuantizeError, Rule
+from lqjax.rules import QuantizeError, Rule, register_layer
 from lqjax.tree import QuantScale, quantized_tensors
 from lqjax.types import GRANULARITIES, GRIDS, RULES, QuantConfig, kept_axes, scale_shape
 

@@ -129,7 +129,6 @@ class _Interceptor:
     if not cfgs:
       return
     keep_float = isinstance(mod, FLOAT_LAYERS)
-    supported = isinstance(mod, LINEN_LAYERS)
     own_param = type(mod).param
     matcher = self.matcher
 
@@ -139,8 +138,9 @@ class _Interceptor:
       cfg = cfgs.get(name)
       if cfg is None or keep_float:
         return value
-      if not supported:
-        raise rules_lib.unsupported(path, type(mod), name, LINEN_LAYERS)
+      if not rules_lib.supports(mod, cfg, LINEN_LAYERS):
+        own = type(mod).__bases__[-1] if isinstance(mod, _QuantizedModel) else type(mod)
+        raise rules_lib.unsupported(path, own, name, LINEN_LAYERS)
       return _quantize_param(mod, name, value, cfg, path)
 
     object.__setattr__(mod, "param", param)

@@ -153,11 +153,10 @@ def quantize(model: nnx.Module, rules) -> nnx.Module:
     cfgs = rule.configs() if rule is not None else {}
     if not cfgs or isinstance(mod, FLOAT_LAYERS):
       continue
-    if not isinstance(mod, NNX_LAYERS):
-      for name in cfgs:
-        if isinstance(vars(mod).get(name), nnx.Param):
-          raise rules_lib.unsupported(path, type(mod), name, NNX_LAYERS)
-      continue
+    for name, cfg in cfgs.items():
+      if isinstance(vars(mod).get(name), nnx.Param) and \
+          not rules_lib.supports(mod, cfg, NNX_LAYERS):
+        raise rules_lib.unsupported(path, type(mod), name, NNX_LAYERS)
     _quantize_layer(mod, cfgs, path)
   matcher.check()
   return model

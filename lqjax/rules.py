@@ -167,12 +167,41 @@ def join_path(path) -> str:
   return "/".join(str(p) for p in path)
 
 
+#: Layer types registered by :func:`register_layer` (any Linen or NNX module class).
+REGISTERED = []
+
+
+def register_layer(cls: type) -> type:
+  """Lets rules quantize the parameters of `cls` (your own layer) with any granularity.
+
+  ``row``, ``channel`` and ``column`` then mean the parameter's last and second-to-last
+  axis, as for Flax's kernels (see :mod:`lqjax.types`): register a layer whose kernels are
+  laid out so. Usable as a class decorator; returns `cls`.
+  """
+  if not isinstance(cls, type):
+    raise QuantizeError(f"register_layer takes a module class, got {type(cls).__name__}")
+  if cls not in REGISTERED:
+    REGISTERED.append(cls)
+  return cls
+
+
+def supports(module, cfg: types.QuantConfig, builtin) -> bool:
+  """Whether a rule's `cfg` may quantize a parameter of `module`: a layer lqjax knows
+  (`builtin`) or one registered (:func:`register_layer`), or any module when the rule
+  gives its axes explicitly (a tuple granularity: it says itself which axes keep a scale,
+  ``()`` for one scale over the tensor)."""
+  return (isinstance(module, builtin) or isinstance(module, tuple(REGISTERED))
+          or not isinstance(cfg.granularity, str))
+
+
 def unsupported(path: str, layer_type: type, pname: str, supported) -> QuantizeError:
   names = ", ".join(sorted({c.__name__ for c in supported}))
   return QuantizeError(
-      f"lqjax.quantize: module {path or '<root>'!r} is a {layer_type.__name__}, which lqjax does "
-      f"not quantize (its parameter {pname!r} matched a rule); supported: {names}. Keep it float "
-      f"with Rule(module_path={path!r}, config=None) placed before the rule")
+      f"lqjax.quantize: module {path or '<root>'!r} is a {layer_type.__name__}, whose "
+      f"parameter {pname!r} matched a rule; lqjax knows the layout of {names}. To quantize "
+      f"it, give the rule explicit axes (granularity=(-1,) keeps the last axis, () shares one "
+      f"scale) or call lqjax.register_layer({layer_type.__name__}); to keep it float, put "
+      f"Rule(module_path={path!r}, config=None) before the rule")
 
 
 def tensor_error(path: str, e: Exception) -> QuantizeError:

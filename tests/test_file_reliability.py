@@ -310,3 +310,75 @@ def test_loading_a_file_into_a_model_with_another_recipe_is_refused_on_linen_and
       lqjax.load(path, target)
     assert "\n" not in str(e.value)
     lqjax.load(path, same)  # the same recipe loads
+
+
+# ------------------------------------------------------------ custom layers
+
+class OwnDense(nn.Module):
+  """A user's layer: its own param and jnp.dot, nothing lqjax knows."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.dot(x, self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 3)))
+
+
+class OwnNNX(nnx.Module):
+  def __init__(self):
+    self.kernel = nnx.Param(jax.random.normal(jax.random.key(0), (4, 3)))
+
+  def __call__(self, x):
+    return x @ self.kernel[...]
+
+
+def test_a_custom_layer_is_refused_with_the_way_to_opt_in():
+  for make in (lambda: lqjax.quantize(OwnDense()).init(jax.random.key(0), jnp.ones((1, 4))),
+               lambda: lqjax.quantize(OwnNNX())):
+    with pytest.raises(lqjax.QuantizeError, match=r"granularity=\(-1,\) keeps the last axis.*"
+                                                  r"lqjax.register_layer\(Own") as e:
+      make()
+    assert "\n" not in str(e.value)
+
+
+def _fake_quantized(p, log_scale, cfg):
+  return np.asarray(quant.quantize_param(jnp.asarray(p), jnp.asarray(log_scale), cfg))
+
+
+def test_explicit_axes_quantize_a_custom_layer_on_linen_and_nnx():
+  """With granularity=(-1,) the layer's kernel gets one scale per output column, and the
+  layer computes with Q(kernel): the output is x @ Q(P), by hand."""
+  cfg = lqjax.QuantConfig(granularity=(-1,), rounding="round")
+  x = jax.random.normal(jax.random.key(2), (5, 4))
+  m = lqjax.quantize(OwnDense(), lqjax.Rule(config=cfg))
+  v = m.init(jax.random.key(0), x)
+  (t,) = tree.quantized_tensors(v)
+  assert t.log_scale.shape == (1, 3)
+  np.testing.assert_allclose(m.apply(v, x), x @ _fake_quantized(t.p, t.log_scale, cfg),
+                             rtol=1e-6)
+  n = lqjax.quantize(OwnNNX(), lqjax.Rule(config=cfg))
+  (t,) = tree.quantized_tensors(nnx.state(n))
+  assert t.log_scale.shape == (1, 3)
+  np.testing.assert_allclose(n(x), x @ _fake_quantized(t.p, t.log_scale, cfg), rtol=1e-6)
+
+
+def test_a_registered_layer_takes_named_granularities():
+  @lqjax.register_layer
+  class Registered(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jnp.dot(x, self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 3)))
+
+  v = lqjax.quantize(Registered(), lqjax.Rule(config=lqjax.QuantConfig(granularity="row"))).init(
+      jax.random.key(0), jnp.ones((1, 4)))
+  assert tree.quantized_tensors(v)[0].log_scale.shape == (1, 3)
+
+
+def test_flax_lstm_cell_quantizes_with_explicit_axes():
+  cell = nn.OptimizedLSTMCell(8)
+  q = lqjax.quantize(cell, lqjax.Rule(config=lqjax.QuantConfig(granularity=(-1,))))
+  x = jnp.ones((2, 5))
+  carry = cell.initialize_carry(jax.random.key(0), x.shape)
+  v = q.init(jax.random.key(1), carry, x)
+  names = [t.name for t in tree.quantized_tensors(v)]
+  assert names and all(n.endswith("kernel") for n in names)
+  (c, h), y = q.apply(v, carry, x)
+  assert y.shape == (2, 8) and np.all(np.isfinite(np.asarray(y)))
