@@ -52,6 +52,19 @@ def size_bytes(r):
   return r.get("packed_bytes") or r.get("nominal_bytes")
 
 
+# Modules that moved since runs were recorded: a recorded command names the old one.
+MOVED_MODULES = {"lqjax.ptq": "lqlab.ptq"}
+
+
+def command_today(cmd: str) -> str:
+  """A recorded command as it runs today, from the repository: the module where it lives
+  now, and its workdir relative to the repository (`runs/<sweep>/<run>`), not the path of
+  the machine it ran on."""
+  for old, new in MOVED_MODULES.items():
+    cmd = cmd.replace(f"-m {old} ", f"-m {new} ")
+  return re.sub(r"--workdir=\S*?/(runs/\S+)", r"--workdir=\1", cmd)
+
+
 def load_rows(files):
   """Every run of every sweep, each tagged with its sweep name."""
   return [{**r, "sweep": f.parent.name} for f in files for r in read_jsonl(f)]
@@ -103,7 +116,7 @@ def sweep_section(name, rows, results_dir, plots_dir):
   for var, rs in by_var.items():
     if rs[0].get("command"):
       again = reproduce_flags(rs[0]["config"], rs[0]["command"]) if "config" in rs[0] else []
-      out.append(f"- {var}: `{rs[0]['command']}`" + (
+      out.append(f"- {var}: `{command_today(rs[0]['command'])}`" + (
           f" (today: add `{' '.join(again)}`, the default when it ran)" if again else ""))
   png = pareto_plot(name, by_var, plots_dir)
   if png:

@@ -43,6 +43,7 @@ import concurrent.futures
 import itertools
 import json
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -125,9 +126,24 @@ def flag_difference(row: dict, new_argv) -> list:
   return sorted(k for k in set(old) | set(new) if not same(k))
 
 
+def portable(row: dict, sweep: str) -> dict:
+  """A record's row with no path of the machine it ran on: its workdir is
+  ``runs/<sweep>/<run>`` (where the driver puts it, relative to the repository), in its
+  command, ``workdir`` and ``packed_file``."""
+  rel = f"runs/{sweep}/{row['run']}"
+  out = dict(row)
+  if out.get("command"):
+    out["command"] = re.sub(r"--workdir=\S+", f"--workdir={rel}", out["command"])
+  if out.get("workdir"):
+    out["workdir"] = rel
+  if out.get("packed_file"):
+    out["packed_file"] = f"{rel}/{pathlib.PurePath(out['packed_file']).name}"
+  return out
+
+
 def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
   """Merges the finished runs under out_dir into the sweep's record (under its lock);
-  returns all its rows."""
+  returns all its rows, each :func:`portable`."""
   record_dir.mkdir(parents=True, exist_ok=True)
   with files.lock_dir(record_dir, wait=True):
     rows = recorded(record_dir)
@@ -140,7 +156,7 @@ def collect(out_dir: pathlib.Path, record_dir: pathlib.Path):
       metrics = res.parent / "metrics.jsonl"
       if metrics.exists():
         fileio.write_bytes_atomic(record_dir / r["run"] / "metrics.jsonl", metrics.read_bytes())
-    rows = [rows[k] for k in sorted(rows)]
+    rows = [portable(rows[k], record_dir.name) for k in sorted(rows)]
     if rows:
       files.write_jsonl_atomic(record_dir / "results.jsonl", rows)
     return rows

@@ -791,3 +791,29 @@ def test_sweep_says_running_elsewhere_for_a_run_another_driver_holds(tmp_path, m
   out = capsys.readouterr().out
   assert "v_s0: running elsewhere" in out and "failed" not in out.replace("0 failed", "")
   assert not (held / "results.json").exists() and (tmp_path / "runs/x/v_s1/results.json").exists()
+
+
+ABSOLUTE = re.compile(r"(?<![\w.])/(?:work|root|home|tmp|mnt|content|Users)/")
+
+
+def test_the_record_and_the_report_name_no_machine_path(tmp_path):
+  """Runs recorded from absolute workdirs come out as runs/<sweep>/<run>, in the record
+  (sweep.portable, applied at every collect) and in the report; the committed record,
+  RESULTS.md and the README hold no absolute path."""
+  sweep, report = _load("sweep"), _load("report")
+  runs, record = tmp_path / "runs" / "x", tmp_path / "results" / "x"
+  (runs / "v_s0").mkdir(parents=True)
+  (runs / "v_s0" / "results.json").write_text(json.dumps({
+      "test_accuracy": 0.9, "workdir": str(runs / "v_s0"),
+      "packed_file": str(runs / "v_s0" / "model.lqz"), "dataset": "mnist", "model": "lenet300",
+      "epochs": 1, "avg_bits": 3.0, "config": {"rule": "ratio"}}))
+  (runs / "v_s0" / "command.txt").write_text(
+      f"python -m lqjax.ptq --bits=4 --workdir={runs / 'v_s0'}\n")
+  row = sweep.collect(runs, record)[0]
+  assert row["workdir"] == "runs/x/v_s0" and row["packed_file"] == "runs/x/v_s0/model.lqz"
+  assert row["command"] == "python -m lqjax.ptq --bits=4 --workdir=runs/x/v_s0"
+  assert report.command_today(row["command"]) == "python -m lqlab.ptq --bits=4 --workdir=runs/x/v_s0"
+  for f in [*ROOT.glob("results/*/results.jsonl"), ROOT / "docs/RESULTS.md", ROOT / "README.md"]:
+    hits = ABSOLUTE.findall(f.read_text())
+    assert not hits, (f, hits[:3])
+  assert "-m lqjax.ptq" not in (ROOT / "docs/RESULTS.md").read_text()
