@@ -140,7 +140,7 @@ def off_cpu_runs(rows) -> list:
   runs = [r for r in rows if r.get("platform", "cpu") != "cpu"]
   if not runs:
     return []
-  return [f"Made on a {p.upper()} (a lent machine; same commands, their `platform` field "
+  return [f"Made on a {p.upper()} (same commands, their `platform` field "
           f"says so): {', '.join(r['sweep'] + ' / ' + r['run'] for r in g)}."
           for p, g in _group(runs, lambda r: r["platform"]).items()] + [""]
 
