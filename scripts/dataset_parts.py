@@ -3,8 +3,8 @@
   python scripts/dataset_parts.py split ../shared/datasets/cifar10 .parts/cifar10 --max_mib 48
   python scripts/dataset_parts.py join .parts/cifar10 /tmp/data/cifar10
 
-For a machine that a copy can reach only in limited pieces (a device machine takes at
-most 64 MiB a call, the working tree included): ``split`` cuts each file of the folder
+Moving a dataset in hashed parts, to a machine reached by transfers of limited size (a
+device machine takes at most 64 MiB a call, the working tree included): ``split`` cuts each file of the folder
 into parts of at most ``--max_mib`` MiB and writes ``manifest.json`` (each file's size
 and sha256, and each part's). The parts travel over several calls; ``join`` checks each
 part's hash, writes each file atomically and checks the whole file's hash, and exits

@@ -1,11 +1,11 @@
 """Resumable sweep driver: runs a grid of experiment flags and collects results.
 
-  python scripts/sweep.py --config sweeps/lenet300_stability.json [--dry_run] [--collect]
+  python scripts/sweep.py --config sweeps/stability.json [--dry_run] [--collect]
 
 A config (JSON) names the entry point, the flags every run shares, named
 variants (each a set of flags), and seeds::
 
-  {"name": "lenet300_stability", "module": "experiments.mnist",
+  {"name": "stability", "module": "experiments.mnist",
    "base": {"epochs": 10, "progress": false},
    "variants": {"ratio": {"rule": "ratio"}, "hybrid": {"rule": "ratio_lsq"}},
    "grid": {"threshold": [0.1, 0.2]},          # optional: crossed with variants

@@ -75,3 +75,39 @@ def test_the_library_imports_only_its_core_dependencies():
   for name, tops in foreign.items():
     extra = tops - allowed - (export_extra if name == "onnx_export" else set())
     assert not extra, f"lqjax/{name}.py imports {sorted(extra)}, not core dependencies"
+
+
+_PATH = None
+
+
+def _named_paths(text):
+  """(path, name) pairs: repository paths a text names, and the name after ``path.py:``."""
+  import re
+  global _PATH
+  _PATH = _PATH or re.compile(
+      r"(?<![\w/.-])((?:lqjax|lqlab|scripts|benchmarks|experiments|examples|sweeps|tests|docs|"
+      r"results|notebooks)/[\w./<>*-]*[\w>*])(?:`?:\s*`?([A-Za-z_]\w*))?")
+  for m in _PATH.finditer(text):
+    yield m.group(1), m.group(2)
+
+
+def test_every_repository_path_the_docs_name_exists():
+  """README, docs and the modules' docstrings name files that exist (a <placeholder>
+  matches any name), and a ``file.py: name`` reference names something in that file."""
+  import glob
+  import re
+  texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+  for folder in ("lqjax", "lqlab", "scripts", "benchmarks", "experiments", "examples"):
+    texts += sorted((ROOT / folder).glob("*.py"))
+  missing = []
+  for f in texts:
+    for path, name in _named_paths(f.read_text()):
+      pattern = re.sub(r"<[^>]*>", "*", path)
+      hits = glob.glob(str(ROOT / pattern)) if "*" in pattern else (
+          [str(ROOT / pattern)] if (ROOT / pattern).exists() else [])
+      if not hits and not path.endswith("_"):  # an f-string's fragment (docs/bench_{...})
+        missing.append(f"{f.relative_to(ROOT)}: {path}")
+      elif name and path.endswith(".py") and not (any if "*" in pattern else all)(
+          re.search(rf"\b{name}\b", pathlib.Path(h).read_text()) for h in hits):
+        missing.append(f"{f.relative_to(ROOT)}: {path}: {name}")
+  assert not missing, missing
