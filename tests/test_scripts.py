@@ -817,3 +817,35 @@ def test_the_record_and_the_report_name_no_machine_path(tmp_path):
     hits = ABSOLUTE.findall(f.read_text())
     assert not hits, (f, hits[:3])
   assert "-m lqjax.ptq" not in (ROOT / "docs/RESULTS.md").read_text()
+
+
+def test_frontier_plot_is_readable(tmp_path, monkeypatch):
+  """One line per scheme through its sizes, FP32 dashed, a log x-axis labelled in ratios,
+  the y-axis zoomed to the competitive range and the collapsed run named in a note."""
+  report = _load("report")
+  figs = []
+  monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or path)
+
+  def run(var, seed, acc, ratio, rule="lsq", scheme="scale-rule"):
+    return {"sweep": "s", "run": f"{var}_s{seed}", "test_accuracy": acc, "scheme": scheme,
+            "compression_ratio": ratio, "config": {"rule": rule, "bits": 2}}
+
+  variants = {}
+  for var, accs, ratio, rule, scheme in (
+      ("fp32", (0.91, 0.912), 1.0, "ratio", "float"), ("lsq_2bit", (0.905, 0.903), 15.0, "lsq", "scale-rule"),
+      ("lsq_3bit", (0.908, 0.909), 10.0, "lsq", "scale-rule"),
+      ("lsq_1bit", (0.70, 0.74), 28.0, "lsq", "scale-rule")):
+    variants[("s", var)] = [run(var, i, a, ratio, rule, scheme) for i, a in enumerate(accs)]
+  assert report.frontier_plot("s", variants, tmp_path, "t", "p.png") == tmp_path / "p.png"
+  (fig,) = figs
+  ax = fig.axes[0]
+  assert ax.get_xscale() == "log" and ax.get_title() == "t"
+  assert all(t.get_text().endswith("x") for t in ax.get_xticklabels() if t.get_text())
+  lo, hi = ax.get_ylim()
+  assert 0.911 - 0.03 <= lo < 0.903 and hi > 0.911
+  dashed = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
+  assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(0.911)  # its mean
+  lsq = [c for c in ax.containers if c.get_label() == "LSQ"]
+  assert len(lsq) == 1 and list(lsq[0].lines[0].get_xdata()) == [10.0, 15.0]  # through sizes
+  assert lsq[0].lines[0].get_linestyle() == "-"
+  assert any("lsq_1bit 0.720 at 28.0x" in t.get_text() for t in fig.texts)
