@@ -111,3 +111,14 @@ def test_every_repository_path_the_docs_name_exists():
           re.search(rf"\b{name}\b", pathlib.Path(h).read_text()) for h in hits):
         missing.append(f"{f.relative_to(ROOT)}: {path}: {name}")
   assert not missing, missing
+
+
+def test_the_public_surface_is_all_and_only_all():
+  import lqjax
+  assert all(hasattr(lqjax, n) for n in lqjax.__all__)
+  for internal in ("init_scale", "scale_from_log", "format_table", "kept_axes", "QuantScale",
+                   "Quantizer"):
+    assert internal not in lqjax.__all__ and not hasattr(lqjax, internal), internal
+  from lqjax import compress, quant, tree, types
+  assert (quant.init_scale, quant.scale_from_log, types.kept_axes, tree.QuantScale)
+  assert {lqjax.CODEC_FIXED, lqjax.CODEC_ZSTD} == {compress.CODEC_FIXED, compress.CODEC_ZSTD}
