@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import fileio, types
+from lqjax import fileio, qconfig
 from lqlab import files
 
 from lqlab import data, export
@@ -84,7 +84,7 @@ def lenet_step_args(doc: str, argv=None, windows: int = 15, out: Optional[str] =
   (default `out`) and --readme."""
   ap = argparse.ArgumentParser(description=doc.splitlines()[0])
   ap.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5"])
-  ap.add_argument("--granularity", default="row", choices=list(types.GRANULARITIES))
+  ap.add_argument("--granularity", default="row", choices=list(qconfig.GRANULARITIES))
   ap.add_argument("--windows", type=int, default=windows)
   if out is not None:
     ap.add_argument("--out", default=out)

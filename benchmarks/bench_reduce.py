@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402  (benchmarks/bench.py)
-from lqjax import quant, types  # noqa: E402
+from lqjax import qconfig, quant  # noqa: E402
 
 # (model, kernel shape, granularity): the largest quantized kernels of each model.
 SHAPES = [("lenet300", (784, 300), "row"), ("lenet300", (300, 100), "row"),
@@ -50,7 +50,7 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   print(f"{jax.default_backend()}, {args.windows} windows of {CALLS} calls")
   for model, shape, gran in SHAPES:
-    sshape = types.scale_shape(shape, gran)
+    sshape = qconfig.scale_shape(shape, gran)
     g = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
     x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
     s = jnp.full(sshape, 0.3, jnp.float32)

@@ -22,8 +22,6 @@ import pathlib
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lqjax import types
+from lqjax import qconfig
 from lqlab.config import TrainConfig
 
 FLAGS = flags.FLAGS
@@ -54,7 +54,7 @@ def config_from_flags(base):
     if value is None:
       continue
     if f.name in ("granularity", "bias_granularity"):
-      value = types.parse_granularity(value)
+      value = qconfig.parse_granularity(value)
     if f.name == "scale_stop" and value == "none":
       value = None
     overrides[f.name] = value

@@ -34,10 +34,10 @@ from lqjax.nnx_quant import ScaleParam
 from lqjax.quant import dequantize, fake_quant, quantize_codes, quantize_param
 from lqjax.rules import QuantizeError, Rule, register_layer
 from lqjax.tree import quantized_tensors
-from lqjax.types import GRANULARITIES, GRIDS, RULES, QuantConfig, scale_shape
+from lqjax.qconfig import GRANULARITIES, GRIDS, RULES, QuantConfig, scale_shape
 
 # The public surface. Internals stay importable from their modules (lqjax.quant.init_scale,
-# lqjax.quant.scale_from_log, lqjax.types.kept_axes, lqjax.tree.QuantScale,
+# lqjax.quant.scale_from_log, lqjax.qconfig.kept_axes, lqjax.tree.QuantScale,
 # lqjax.accounting.format_table, lqjax.linen_quant.Quantizer): a user's model and loop need
 # none of them. model_report and summarize stay: the report's numbers as data.
 __all__ = [

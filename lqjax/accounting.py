@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import quant, tree, types
+from lqjax import qconfig, quant, tree
 
 #: What the packed file stores per scale group, as three columns (one after the other, each
 #: over all of a tensor's groups): the float32 log scale, the int32 offset (the group's
@@ -54,13 +54,13 @@ def code_bits(lo, hi):
 
 def group_bits(codes: jax.Array, sshape) -> jax.Array:
   """:func:`code_bits` per group, of the scale's shape, as float32 (jittable)."""
-  axes = types.shared_axes(codes.shape, sshape)
+  axes = qconfig.shared_axes(codes.shape, sshape)
   hi = jnp.max(codes, axis=axes, keepdims=True) if axes else codes
   lo = jnp.min(codes, axis=axes, keepdims=True) if axes else codes
   return code_bits(jnp.asarray(lo), jnp.asarray(hi)).astype(jnp.float32)
 
 
-def average_bits(params, default: Optional[types.QuantConfig] = None):
+def average_bits(params, default: Optional[qconfig.QuantConfig] = None):
   """Element-weighted average code bits over all quantized parameters (jittable).
 
   Args:
@@ -113,7 +113,7 @@ class TensorReport:
     return self.fp32_bytes / max(self.bytes, 1)
 
 
-def describe_granularity(granularity: types.Granularity) -> str:
+def describe_granularity(granularity: qconfig.Granularity) -> str:
   """The granularity as the recipe asked for it: a name, or ``axes(0,2)``."""
   if isinstance(granularity, str):
     return granularity
@@ -123,10 +123,10 @@ def describe_granularity(granularity: types.Granularity) -> str:
 def group_view(codes: np.ndarray, sshape) -> np.ndarray:
   """Codes as (groups, elements per group), groups in the scale's C order."""
   g = int(np.prod(sshape)) if len(sshape) else 1
-  return np.transpose(codes, types.group_permutation(codes.shape, sshape)).reshape(g, -1)
+  return np.transpose(codes, qconfig.group_permutation(codes.shape, sshape)).reshape(g, -1)
 
 
-def model_report(variables, default: Optional[types.QuantConfig] = None):
+def model_report(variables, default: Optional[qconfig.QuantConfig] = None):
   """Per-tensor accounting of a model.
 
   Args:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import accounting, quant, tree, types
+from lqjax import accounting, qconfig, quant, tree
 
 OVERHEAD_BITS = 8 * accounting.GROUP_OVERHEAD_BYTES
 # The widest grid a refinement gives a group.
@@ -103,7 +103,7 @@ def _groups(params, fisher_flat) -> list:
       continue
     p = np.asarray(t.p, np.float64)
     sshape = t.log_scale.shape
-    axes = types.shared_axes(p.shape, sshape)
+    axes = qconfig.shared_axes(p.shape, sshape)
     red = (lambda f, x: f(x, axis=axes, keepdims=True).reshape(-1)) if axes else \
         (lambda f, x: x.reshape(-1))
     f2 = fisher_flat.get(t.path) if fisher_flat is not None else None

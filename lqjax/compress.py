@@ -19,7 +19,7 @@ Layout (all integers little-endian)::
 
 Each entry of ``tensors`` records the tensor's path, kind, shape, dtype, offset
 and byte count, and for a quantized tensor its scale shape and its own
-:class:`~lqjax.types.QuantConfig` (``config``: rule, rounding, bits,
+:class:`~lqjax.qconfig.QuantConfig` (``config``: rule, rounding, bits,
 granularity, ...). Version 1 files (one model-wide ``rounding``/``bits`` in the
 header, the recipe of the training config) are read too.
 
@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import accounting, fileio, quant, tree, types
+from lqjax import accounting, fileio, qconfig, quant, tree
 
 MAGIC = b"LQZ\0"
 VERSION = 2
@@ -121,7 +121,7 @@ def _group_fields(codes, sshape):
 
 
 def _ungroup(gv, shape, sshape):
-  perm = types.group_permutation(shape, sshape)
+  perm = qconfig.group_permutation(shape, sshape)
   arr = gv.reshape([shape[i] for i in perm])
   return np.transpose(arr, np.argsort(perm))
 
@@ -342,12 +342,12 @@ def _check_paths(paths):
                                f"{'/'.join(p)}; the tensors do not make one tree")
 
 
-def _v1_config(header, path) -> types.QuantConfig:
+def _v1_config(header, path) -> qconfig.QuantConfig:
   """The recipe of a version-1 tensor: the file's model-wide rounding and bits."""
   cfg = header.get("config") or {}
   gran = cfg.get("bias_granularity" if path[-1] == "bias" else "granularity", "tensor")
   try:
-    return types.QuantConfig(rule=cfg.get("rule", "ratio"), threshold=cfg.get("threshold", 0.2),
+    return qconfig.QuantConfig(rule=cfg.get("rule", "ratio"), threshold=cfg.get("threshold", 0.2),
                              rounding=header.get("rounding", "floor"), bits=header.get("bits"),
                              granularity=tuple(gran) if isinstance(gran, list) else gran)
   except ValueError as e:
@@ -402,7 +402,7 @@ def _decode(header, payload, version):
       path = ("params",) + path
     else:
       try:
-        cfg = types.QuantConfig.from_json(t.get("config") or {})
+        cfg = qconfig.QuantConfig.from_json(t.get("config") or {})
       except (TypeError, ValueError) as e:
         raise CorruptFileError(f"{name}: invalid config: {e}") from None
     s = quant.scale_from_log(jnp.asarray(ls))  # |log s| <= LOG_SCALE_MAX: checked above
@@ -501,8 +501,8 @@ def _match_target(loaded_flat, target_flat, path):
                              f"the file's rules, or load without a target to get the file's")
 
 
-def _recipe(cfg: types.QuantConfig) -> str:
-  d, default = cfg.to_json(), types.QuantConfig(bits=None).to_json()
+def _recipe(cfg: qconfig.QuantConfig) -> str:
+  d, default = cfg.to_json(), qconfig.QuantConfig(bits=None).to_json()
   return "(" + ", ".join(f"{k}={v!r}" for k, v in d.items() if k == "rule" or v != default.get(k)) \
       + ")"
 

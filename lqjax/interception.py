@@ -17,7 +17,7 @@ def quantize(model, rules=None):
       is not touched.
     rules: a :class:`~lqjax.rules.Rule`, a sequence of them (first match wins), or None for
       ``Rule()`` (every supported layer's kernels and embeddings with the default
-      :class:`~lqjax.types.QuantConfig`).
+      :class:`~lqjax.qconfig.QuantConfig`).
 
   Returns:
     Linen: a module of a subclass of the model's class, with the same fields and

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Type
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lqjax import quant, rules as rules_lib, tree, types
+from lqjax import qconfig, quant, rules as rules_lib, tree
 
 #: Layers whose parameters a rule may quantize (subclasses included).
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Embed, nn.Einsum)
@@ -47,15 +47,15 @@ class Quantizer(nn.Module):
   """Nested quantizer: owns ``log_scale`` and returns Q(P).
 
   Attributes:
-    config: the :class:`lqjax.types.QuantConfig` of this parameter.
+    config: the :class:`lqjax.qconfig.QuantConfig` of this parameter.
   """
 
-  config: types.QuantConfig
+  config: qconfig.QuantConfig
 
   @nn.compact
   def __call__(self, p):
     cfg = self.config
-    shape = types.scale_shape(p.shape, cfg.granularity)
+    shape = qconfig.scale_shape(p.shape, cfg.granularity)
     log_scale = self.param(
         tree.SCALE_NAME,
         lambda _rng: tree.QuantScale(jnp.log(quant.init_scale(
@@ -67,9 +67,9 @@ class Quantizer(nn.Module):
     return quant.quantize_param(p, log_scale, cfg)
 
 
-def _quantize_param(module: nn.Module, name: str, value, cfg: types.QuantConfig, path: str):
+def _quantize_param(module: nn.Module, name: str, value, cfg: qconfig.QuantConfig, path: str):
   try:
-    types.scale_shape(value.shape, cfg.granularity)
+    qconfig.scale_shape(value.shape, cfg.granularity)
   except ValueError as e:
     raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
   return Quantizer(cfg, name=name + tree.QUANT_SUFFIX, parent=module)(value)
@@ -80,7 +80,7 @@ def quantized(layer_cls: Type[nn.Module]) -> Type[nn.Module]:
 
   The subclass takes one extra attribute, ``quant``: a mapping from parameter
   name (``"kernel"``, ``"bias"``, ``"embedding"``, ...) to a
-  :class:`~lqjax.types.QuantConfig`; parameters not named stay float.
+  :class:`~lqjax.qconfig.QuantConfig`; parameters not named stay float.
   :func:`lqjax.quantize` does the same for a whole model without naming classes.
 
   Example::
@@ -90,7 +90,7 @@ def quantized(layer_cls: Type[nn.Module]) -> Type[nn.Module]:
   """
 
   class _Quantized(layer_cls):
-    quant: Optional[Mapping[str, types.QuantConfig]] = None
+    quant: Optional[Mapping[str, qconfig.QuantConfig]] = None
 
     def param(self, name: str, init_fn: Callable[..., Any], *init_args, **kwargs):
       value = super().param(name, init_fn, *init_args, **kwargs)

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from lqjax import quant, tree, types
+from lqjax import qconfig, quant, tree
 
 
 def _mean_over_quantizers(params, fn, coef=1.0):
@@ -42,7 +42,7 @@ def inverse_scale_penalty(params: Mapping[str, Any], coef: float) -> jax.Array:
 
 def group_bins(p: jax.Array, log_scale: jax.Array) -> jax.Array:
   """bins_G = (max P_G - min P_G) / s_G + 1, of the scale's shape."""
-  axes = types.shared_axes(p.shape, log_scale.shape)
+  axes = qconfig.shared_axes(p.shape, log_scale.shape)
   hi = jnp.max(p, axis=axes, keepdims=True) if axes else p
   lo = jnp.min(p, axis=axes, keepdims=True) if axes else p
   return (hi - lo) / quant.scale_from_log(log_scale) + 1.0

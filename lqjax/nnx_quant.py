@@ -32,7 +32,7 @@ import threading
 import jax.numpy as jnp
 from flax import nnx
 
-from lqjax import quant, rules as rules_lib, tree, types
+from lqjax import qconfig, quant, rules as rules_lib, tree
 
 #: Layers whose parameters a rule may quantize (subclasses included).
 NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Embed, nnx.Einsum)
@@ -43,7 +43,7 @@ _METHODS = ("__call__", "attend")
 
 
 class ScaleParam(nnx.Param):
-  """A log scale; its metadata ``config`` is its tensor's :class:`~lqjax.types.QuantConfig`."""
+  """A log scale; its metadata ``config`` is its tensor's :class:`~lqjax.qconfig.QuantConfig`."""
 
 
 _LOCAL = threading.local()
@@ -69,7 +69,7 @@ class QuantizedParam(nnx.Param):
 class Quantizer(nnx.Module):
   """Owns ``log_scale`` (a :class:`ScaleParam`) and maps P -> Q(P)."""
 
-  def __init__(self, p, config: types.QuantConfig):
+  def __init__(self, p, config: qconfig.QuantConfig):
     self.config = config
     self.log_scale = ScaleParam(jnp.log(quant.init_scale(
         p, config.granularity, bits=config.bits, init_bits=config.init_bits)), config=config)
@@ -122,7 +122,7 @@ def _quantize_layer(layer, cfgs: dict, path: str):
       continue
     value = var.get_value()
     try:
-      types.scale_shape(value.shape, cfg.granularity)
+      qconfig.scale_shape(value.shape, cfg.granularity)
     except ValueError as e:
       raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
     setattr(layer, name, QuantizedParam(value, **{k: v for k, v in var.get_metadata().items()

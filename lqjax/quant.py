@@ -9,7 +9,7 @@ Forward (METHOD.md section 1)::
     q = floor(P / s - o)   (or round)  integer codes, clipped to the signed
     Q(P) = s * (q + o)                  b-bit range when ``bits`` is set
 
-o is the grid's offset (:data:`lqjax.types.GRIDS`): 0 on the ``midtread`` grid
+o is the grid's offset (:data:`lqjax.qconfig.GRIDS`): 0 on the ``midtread`` grid
 (zero is a level), 1/2 on the ``midrise`` grid (symmetric levels, no zero; fixed
 bits only). At 1 bit the midrise grid is the binary {-s/2, +s/2}, the midtread
 grid {-s, 0}.
@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import types
+from lqjax import qconfig
 
 # log s is clipped to [-LOG_SCALE_MAX, LOG_SCALE_MAX]: exp stays positive and
 # finite in float32 (exp(40) ~ 2.4e17, exp(-40) ~ 4.2e-18).
@@ -107,7 +107,7 @@ def code_range(bits: Optional[int]) -> tuple[float, float]:
 
 def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Sums `x` over the axes along which `shape` (same ndim) broadcasts."""
-  axes = types.shared_axes(x.shape, shape)
+  axes = qconfig.shared_axes(x.shape, shape)
   out = jnp.sum(x, axis=axes, keepdims=True) if axes else x
   assert out.shape == tuple(shape), (out.shape, shape)
   return out
@@ -135,7 +135,7 @@ def _reduce_to_mv(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   (via :func:`_reduce_product_to`), where it was not measured. ``HIGHEST``
   precision: a float32 sum on every backend.
   """
-  axes = types.shared_axes(x.shape, shape)
+  axes = qconfig.shared_axes(x.shape, shape)
   k = len(axes)
   if not axes or x.ndim == 1:
     return _reduce_to(x, shape)
@@ -177,7 +177,7 @@ def _unclipped_codes(x, scale, rounding, offset=0.0):
     r = jnp.round(v)
     near = jnp.abs(v - r) <= _SNAP * jnp.maximum(1.0, jnp.abs(r))
     return jnp.where(near, r, jnp.floor(v))
-  raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(types.ROUNDINGS)}")
+  raise ValueError(f"unknown rounding {rounding!r}; expected one of {', '.join(qconfig.ROUNDINGS)}")
 
 
 def _codes(x, scale, rounding, bits, offset=0.0):
@@ -194,7 +194,7 @@ def quantize_codes(x: jax.Array, scale: jax.Array, *, rounding: str = "floor",
 
   Returns int32 codes (saturated to the int32 range).
   """
-  offset = types.grid_offset(grid, bits)
+  offset = qconfig.grid_offset(grid, bits)
   scale = _expand_scale(jnp.asarray(scale, x.dtype), x.ndim)
   q = _codes(x, scale, rounding, bits, offset)
   i32 = jnp.iinfo(jnp.int32)
@@ -204,12 +204,12 @@ def quantize_codes(x: jax.Array, scale: jax.Array, *, rounding: str = "floor",
 def dequantize(codes: jax.Array, scale: jax.Array, dtype=jnp.float32,
                grid: str = "midtread") -> jax.Array:
   """Q = s * (q + o), o the grid's offset."""
-  offset = types.grid_offset(grid, fixed=True)
+  offset = qconfig.grid_offset(grid, fixed=True)
   q = codes.astype(dtype)
   return jnp.asarray(scale, dtype) * (q + offset if offset else q)
 
 
-def init_scale(x: jax.Array, granularity: types.Granularity, *,
+def init_scale(x: jax.Array, granularity: qconfig.Granularity, *,
                bits: Optional[int] = None, init_bits: int = 8) -> jax.Array:
   """Initial scale for parameter `x`, one per group.
 
@@ -220,7 +220,7 @@ def init_scale(x: jax.Array, granularity: types.Granularity, *,
 
   Always strictly positive.
   """
-  axes = types.reduced_axes(x.shape, granularity)
+  axes = qconfig.reduced_axes(x.shape, granularity)
   x = jax.lax.stop_gradient(x)
   if bits is not None:
     qp = max(2.0 ** (bits - 1) - 1, 1.0)
@@ -230,7 +230,7 @@ def init_scale(x: jax.Array, granularity: types.Granularity, *,
     rng = jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes, keepdims=True)
     rng = jnp.where(rng > 0, rng, 1.0)
     s = rng / (2.0 ** init_bits - 1)
-  s = jnp.broadcast_to(s, types.scale_shape(x.shape, granularity))
+  s = jnp.broadcast_to(s, qconfig.scale_shape(x.shape, granularity))
   return jnp.maximum(s, jnp.exp(-LOG_SCALE_MAX)).astype(x.dtype)
 
 
@@ -338,7 +338,7 @@ def _fake_quant_bwd(rule, rounding, bits, offset, res, g):
     if rule == "ratio_lsq":
       gs = gs + lsq_weight * _lsq_grad(g, x, scale, q_raw, bits, offset)
   else:
-    raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(types.RULES)}")
+    raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(qconfig.RULES)}")
   assert gs.shape == scale.shape, (gs.shape, scale.shape)
   return gx, gs.astype(scale.dtype), None, None
 
@@ -354,7 +354,7 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
   Args:
     x: the parameter P.
     scale: positive scale broadcastable to `x` (e.g. from
-      :func:`lqjax.types.scale_shape`). Its cotangent has its exact shape.
+      :func:`lqjax.qconfig.scale_shape`). Its cotangent has its exact shape.
     rule: scale-gradient rule, one of ``fixed``, ``lsq``, ``ratio``,
       ``ratio_lsq`` (module docstring).
     threshold: lambda of the ratio rules (may be traced; no gradient).
@@ -368,16 +368,16 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
   Returns:
     Q(P), same shape and dtype as `x`.
   """
-  if rule not in types.RULES:
-    raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(types.RULES)}")
+  if rule not in qconfig.RULES:
+    raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(qconfig.RULES)}")
   if _PASSTHROUGH.get():
     return x
-  if rounding not in types.ROUNDINGS:
+  if rounding not in qconfig.ROUNDINGS:
     raise ValueError(
-        f"unknown rounding {rounding!r}; expected one of {', '.join(types.ROUNDINGS)}")
+        f"unknown rounding {rounding!r}; expected one of {', '.join(qconfig.ROUNDINGS)}")
   if bits is not None and not 1 <= bits <= 16:
     raise ValueError(f"bits must be in 1..16 or None, got {bits}")
-  offset = types.grid_offset(grid, bits)
+  offset = qconfig.grid_offset(grid, bits)
   if isinstance(threshold, (int, float)) and threshold < 0:
     raise ValueError(f"threshold must be >= 0, got {threshold}")
   scale_in = jnp.asarray(scale, x.dtype)
@@ -392,13 +392,13 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
   return out
 
 
-def quantize_param(p: jax.Array, log_scale: jax.Array, config: types.QuantConfig) -> jax.Array:
+def quantize_param(p: jax.Array, log_scale: jax.Array, config: qconfig.QuantConfig) -> jax.Array:
   """Q(P) of a parameter under its recipe: the quantizer's one entry point for layers.
 
   Args:
     p: the latent parameter P.
     log_scale: its log scale (the shape from ``config.granularity``).
-    config: the tensor's :class:`~lqjax.types.QuantConfig`.
+    config: the tensor's :class:`~lqjax.qconfig.QuantConfig`.
   """
   return fake_quant(p, scale_from_log(log_scale), rule=config.rule, threshold=config.threshold,
                     rounding=config.rounding, bits=config.bits, grid=config.grid,
@@ -411,7 +411,7 @@ def _codes_and_scale(p, log_scale, rounding, bits, grid):
   return quantize_codes(p, s, rounding=rounding, bits=bits, grid=grid), s
 
 
-def tensor_codes(p, log_scale, config: types.QuantConfig):
+def tensor_codes(p, log_scale, config: qconfig.QuantConfig):
   """(codes int32 numpy, scale float32 numpy) of one quantized parameter under `config`.
 
   The values are ``dequantize(codes, scale, grid=config.grid)``.

@@ -29,7 +29,7 @@ import difflib
 import re
 from typing import Optional, Sequence, Tuple
 
-from lqjax import types
+from lqjax import qconfig
 
 DEFAULT_PARAMS = ("kernel", "embedding")
 
@@ -51,9 +51,9 @@ class Rule:
   """
 
   module_path: str = ".*"
-  config: Optional[types.QuantConfig] = types.QuantConfig()
+  config: Optional[qconfig.QuantConfig] = qconfig.QuantConfig()
   params: Tuple[str, ...] = DEFAULT_PARAMS
-  bias: Optional[types.QuantConfig] = None
+  bias: Optional[qconfig.QuantConfig] = None
 
   def __post_init__(self):
     try:
@@ -65,7 +65,7 @@ class Rule:
       object.__setattr__(self, "params", (self.params,))
     object.__setattr__(self, "params", tuple(self.params))
     for name, cfg in (("config", self.config), ("bias", self.bias)):
-      if cfg is not None and not isinstance(cfg, types.QuantConfig):
+      if cfg is not None and not isinstance(cfg, qconfig.QuantConfig):
         raise QuantizeError(f"Rule {name} must be a lqjax.QuantConfig or None, got "
                             f"{type(cfg).__name__}")
 
@@ -175,7 +175,7 @@ def register_layer(cls: type) -> type:
   """Lets rules quantize the parameters of `cls` (your own layer) with any granularity.
 
   ``row``, ``channel`` and ``column`` then mean the parameter's last and second-to-last
-  axis, as for Flax's kernels (see :mod:`lqjax.types`): register a layer whose kernels are
+  axis, as for Flax's kernels (see :mod:`lqjax.qconfig`): register a layer whose kernels are
   laid out so. Usable as a class decorator; returns `cls`.
   """
   if not isinstance(cls, type):
@@ -185,7 +185,7 @@ def register_layer(cls: type) -> type:
   return cls
 
 
-def supports(module, cfg: types.QuantConfig, builtin) -> bool:
+def supports(module, cfg: qconfig.QuantConfig, builtin) -> bool:
   """Whether a rule's `cfg` may quantize a parameter of `module`: a layer lqjax knows
   (`builtin`) or one registered (:func:`register_layer`), or any module when the rule
   gives its axes explicitly (a tuple granularity: it says itself which axes keep a scale,

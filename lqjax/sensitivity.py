@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import budget, quant, tree, types
+from lqjax import budget, qconfig, quant, tree
 
 # Clipping ranges searched per group: the step is c * max|W_G| / 2^(b-1), c in (0, 1].
 CLIP_FRACTIONS = np.linspace(0.025, 1.0, 40)
@@ -84,9 +84,9 @@ def grid_error(p, sshape, bits: int, rounding: str = "round", grid: str = "midtr
   """``||Q_b(P) - P||^2``: every scale group (the scale's shape `sshape`) on its signed
   `bits`-bit grid (midtread s*q or midrise s*(q+1/2)), with the step from
   :data:`CLIP_FRACTIONS` that leaves the least error."""
-  o = types.grid_offset(grid, bits)
+  o = qconfig.grid_offset(grid, bits)
   p = np.asarray(p, np.float64)
-  axes = types.shared_axes(p.shape, sshape)
+  axes = qconfig.shared_axes(p.shape, sshape)
   amax = np.max(np.abs(p), axis=axes, keepdims=True) if axes else np.abs(p)
   qn, qp = quant.code_range(bits)
   rnd = np.floor if rounding == "floor" else np.round

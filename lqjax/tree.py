@@ -2,7 +2,7 @@
 
 A quantized parameter ``P`` at path ``.../kernel`` has its log scale at
 ``.../kernel_quant/log_scale``. The log scale leaf carries the tensor's
-:class:`~lqjax.types.QuantConfig` (rule, rounding, bits, granularity) as static
+:class:`~lqjax.qconfig.QuantConfig` (rule, rounding, bits, granularity) as static
 metadata, so every later stage (accounting, penalties, the packed file, ONNX,
 reports) reads each tensor's own recipe from the tree alone:
 
@@ -27,7 +27,7 @@ import jax
 from flax import struct
 from flax.linen import meta
 
-from lqjax import types
+from lqjax import qconfig
 
 QUANT_SUFFIX = "_quant"
 SCALE_NAME = "log_scale"
@@ -39,7 +39,7 @@ class QuantScale(struct.PyTreeNode, meta.AxisMetadata):
   """A Linen log-scale leaf boxed with its tensor's config (static metadata)."""
 
   value: Any
-  config: types.QuantConfig = struct.field(pytree_node=False)
+  config: qconfig.QuantConfig = struct.field(pytree_node=False)
 
   def unbox(self):
     return self.value
@@ -61,7 +61,7 @@ class QTensor:
   path: Path
   p: jax.Array
   log_scale: jax.Array
-  config: types.QuantConfig
+  config: qconfig.QuantConfig
 
   @property
   def name(self) -> str:
@@ -96,9 +96,9 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _variable_config(var) -> Optional[types.QuantConfig]:
+def _variable_config(var) -> Optional[qconfig.QuantConfig]:
   cfg = var.get_metadata().get("config") if hasattr(var, "get_metadata") else None
-  return cfg if isinstance(cfg, types.QuantConfig) else None
+  return cfg if isinstance(cfg, qconfig.QuantConfig) else None
 
 
 def _as_tree(tree):
@@ -146,7 +146,7 @@ def with_array(leaf, array):
   return array
 
 
-def flat_leaves(tree) -> Dict[Path, Tuple[Any, Optional[types.QuantConfig]]]:
+def flat_leaves(tree) -> Dict[Path, Tuple[Any, Optional[qconfig.QuantConfig]]]:
   """``{path: (array, config or None)}`` of every array leaf of `tree`.
 
   `tree` is a Linen variables/params dict, an ``nnx.State`` or an ``nnx.Module``.
@@ -160,7 +160,7 @@ def flat_leaves(tree) -> Dict[Path, Tuple[Any, Optional[types.QuantConfig]]]:
   return out
 
 
-def quantized_tensors(tree, default: Optional[types.QuantConfig] = None) -> list:
+def quantized_tensors(tree, default: Optional[qconfig.QuantConfig] = None) -> list:
   """One :class:`QTensor` per quantized parameter of `tree`, in path order.
 
   Args:

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from lqjax import types
+from lqjax import qconfig
 
 from lqlab import data, models
 
@@ -38,9 +38,9 @@ class TrainConfig:
   float_model: bool = _field(False, "FP32 baseline: no quantizers at all")
   rule: str = _field("ratio", "scale-gradient rule: fixed | lsq | ratio | ratio_lsq")
   threshold: float = _field(0.2, "lambda of the ratio rules: groups with r < lambda coarsen")
-  granularity: types.Granularity = _field(
+  granularity: qconfig.Granularity = _field(
       "row", "kernel granularity: tensor|row|column|channel|spatial|element or axes '0,1'")
-  bias_granularity: types.Granularity = _field("tensor", "bias granularity (same names)")
+  bias_granularity: qconfig.Granularity = _field("tensor", "bias granularity (same names)")
   quantize_bias: bool = _field(True, "quantize biases too")
   rounding: str = _field("round", "round (to nearest) | floor (the thesis's; loses ~1.3 points "
                                   "val accuracy on MNIST)")
@@ -178,15 +178,15 @@ class TrainConfig:
   def budget(self) -> bool:
     return self.budget_bits is not None or self.budget_bytes is not None
 
-  def kernel_quant(self) -> Optional[types.QuantConfig]:
+  def kernel_quant(self) -> Optional[qconfig.QuantConfig]:
     if self.float_model:
       return None
-    return types.QuantConfig(rule=self.rule, threshold=self.threshold, rounding=self.rounding,
+    return qconfig.QuantConfig(rule=self.rule, threshold=self.threshold, rounding=self.rounding,
                              bits=self.bits, grid=self.grid, granularity=self.granularity,
                              init_bits=self.init_bits, lsq_weight=self.lsq_weight,
                              relax_threshold=self.relax_threshold)
 
-  def bias_quant(self) -> Optional[types.QuantConfig]:
+  def bias_quant(self) -> Optional[qconfig.QuantConfig]:
     if self.float_model or not self.quantize_bias:
       return None
     return dataclasses.replace(self.kernel_quant(), granularity=self.bias_granularity)

@@ -31,7 +31,7 @@ _IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
-class ImportError_(ValueError):
+class DatasetImportError(ValueError):
   """A source folder that cannot be converted."""
 
 
@@ -59,12 +59,12 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
   with opener(path, "rb") as f:
     raw = f.read()
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-    raise ImportError_(f"{path}: not an unsigned-byte IDX file")
+    raise DatasetImportError(f"{path}: not an unsigned-byte IDX file")
   ndim = raw[3]
   dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
   body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
   if body.size != int(np.prod(dims)):
-    raise ImportError_(f"{path}: header says {dims} but holds {body.size} bytes")
+    raise DatasetImportError(f"{path}: header says {dims} but holds {body.size} bytes")
   return body.reshape(dims)
 
 
@@ -125,7 +125,7 @@ def _import_folder(src, image_size):
     xs, ys = [], []
     for cdir in sorted(p for p in (src / folder).iterdir() if p.is_dir()):
       if cdir.name not in index:
-        raise ImportError_(f"{cdir}: class {cdir.name!r} is not in the training classes")
+        raise DatasetImportError(f"{cdir}: class {cdir.name!r} is not in the training classes")
       for f in sorted(cdir.iterdir()):
         if f.suffix.lower() not in _IMAGE_SUFFIXES:
           continue
@@ -136,10 +136,10 @@ def _import_folder(src, image_size):
         xs.append(arr)
         ys.append(index[cdir.name])
     if not xs:
-      raise ImportError_(f"{src / folder}: no images found")
+      raise DatasetImportError(f"{src / folder}: no images found")
     shapes = {x.shape for x in xs}
     if len(shapes) != 1:
-      raise ImportError_(f"{src / folder}: images differ in size {sorted(shapes)[:3]}; "
+      raise DatasetImportError(f"{src / folder}: images differ in size {sorted(shapes)[:3]}; "
                          f"pass image_size to resize")
     out[split] = (np.stack(xs), np.asarray(ys, np.uint8))
   return out, classes
@@ -159,7 +159,7 @@ def import_dataset(src, out, *, image_size: Optional[int] = None, fmt: Optional[
   elif fmt == "folder":
     arrays, classes = _import_folder(src, image_size)
   else:
-    raise ImportError_(f"{src}: no IDX files, CIFAR-10 python batches or train/ + test/ "
+    raise DatasetImportError(f"{src}: no IDX files, CIFAR-10 python batches or train/ + test/ "
                        f"image folders found")
   for split, (image, label) in arrays.items():
     extra = {"classes": np.asarray(classes)} if classes else {}

@@ -20,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
-import types as pytypes
+import types
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import traverse_util
 
-from lqjax import tree, types
+from lqjax import qconfig, tree
 from lqlab.evaluate import final_results, make_eval_fn
 from lqlab.files import write_json_atomic
 from lqlab.step import build_model, data_shardings
@@ -47,19 +47,19 @@ def define_flags():
   flags.DEFINE_bool("export", True, "write model.lqz / model.lqz.zst / model.onnx and check the reload")
 
 
-def minmax_log_scale(p: jax.Array, granularity: types.Granularity, bits: int) -> jax.Array:
+def minmax_log_scale(p: jax.Array, granularity: qconfig.Granularity, bits: int) -> jax.Array:
   """log of the symmetric min-max scale max|P_G| / (2^(b-1) - 1) for every group G.
 
   An all-zero group gets scale 1 (its codes are all 0 whatever the scale).
   """
   qp = 2.0 ** (bits - 1) - 1
-  axes = types.reduced_axes(p.shape, granularity)
+  axes = qconfig.reduced_axes(p.shape, granularity)
   amax = jnp.max(jnp.abs(p), axis=axes, keepdims=True) if axes else jnp.abs(p)
-  amax = amax.reshape(types.scale_shape(p.shape, granularity))
+  amax = amax.reshape(qconfig.scale_shape(p.shape, granularity))
   return jnp.log(jnp.where(amax > 0, amax / qp, 1.0))
 
 
-def minmax_params(float_params, template, granularity: types.Granularity, bits: int):
+def minmax_params(float_params, template, granularity: qconfig.Granularity, bits: int):
   """The params of a quantized model (tree `template`) from a float model's params.
 
   Every weight is copied from `float_params`; every ``<name>_quant/log_scale``
@@ -82,7 +82,7 @@ def minmax_params(float_params, template, granularity: types.Granularity, bits: 
   return traverse_util.unflatten_dict(out)
 
 
-def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity = "row",
+def quantize_run(from_run, workdir, *, bits: int, granularity: qconfig.Granularity = "row",
                  data_dir=None, export: bool = True) -> dict:
   """Min-max quantizes a finished float run; writes `workdir`/results.json (and the files)."""
   from lqlab import files
@@ -116,7 +116,7 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: types.Granularity
                                 float_test_accuracy=source["test_accuracy"])
   results["scheme"] = "ptq"
   if export:
-    state = pytypes.SimpleNamespace(params=params, batch_stats=batch_stats)
+    state = types.SimpleNamespace(params=params, batch_stats=batch_stats)
     results.update(export_lib.export_after_training(cfg, model, state, ds, results))
   write_json_atomic(workdir / "results.json", results)
   return results
@@ -133,7 +133,7 @@ def main(argv):
   if not workdir.parent.is_dir():
     _fail(f"the parent of --workdir ({workdir.parent}) does not exist")
   try:
-    gran = types.parse_granularity(FLAGS.granularity)
+    gran = qconfig.parse_granularity(FLAGS.granularity)
     res = quantize_run(FLAGS.from_run.format(seed=FLAGS.seed), workdir, bits=FLAGS.bits,
                        granularity=gran, data_dir=FLAGS.data_dir, export=FLAGS.export)
   except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as e:

@@ -27,7 +27,7 @@ def main(argv=None):
   from lqlab import importers
   try:
     fmt = importers.import_dataset(args.src, args.out, image_size=args.image_size)
-  except (importers.ImportError_, OSError) as e:
+  except (importers.DatasetImportError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for split in ("train", "test"):

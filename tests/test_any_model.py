@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 import lqjax
-from lqjax import accounting, compress, linen_quant, nnx_quant, optim, quant, tree, types
+from lqjax import accounting, compress, linen_quant, nnx_quant, optim, qconfig, quant, tree
 
-CFG = types.QuantConfig(rule="lsq", bits=4, granularity="row", rounding="round")
-BIAS = types.QuantConfig(rule="ratio", threshold=0.3, granularity="tensor")
+CFG = qconfig.QuantConfig(rule="lsq", bits=4, granularity="row", rounding="round")
+BIAS = qconfig.QuantConfig(rule="ratio", threshold=0.3, granularity="tensor")
 X2 = jax.random.normal(jax.random.key(7), (3, 6))
 X4 = jax.random.normal(jax.random.key(8), (2, 5, 5, 4))
 IDS = jnp.array([[0, 3, 5], [7, 1, 2]])
@@ -235,10 +235,10 @@ class MixedCNN(nn.Module):
 
 
 MIXED_RULES = [
-    lqjax.Rule("stem|head", types.QuantConfig(rule="fixed", bits=8, rounding="round"),
-               bias=types.QuantConfig(rule="fixed", bits=8, rounding="round", grid="midrise")),
-    lqjax.Rule(".*", types.QuantConfig(rule="ratio", granularity="row", rounding="floor"),
-               bias=types.QuantConfig(rule="lsq", bits=2, granularity="tensor")),
+    lqjax.Rule("stem|head", qconfig.QuantConfig(rule="fixed", bits=8, rounding="round"),
+               bias=qconfig.QuantConfig(rule="fixed", bits=8, rounding="round", grid="midrise")),
+    lqjax.Rule(".*", qconfig.QuantConfig(rule="ratio", granularity="row", rounding="floor"),
+               bias=qconfig.QuantConfig(rule="lsq", bits=2, granularity="tensor")),
 ]
 
 
@@ -296,7 +296,7 @@ def test_nnx_save_and_load_into_a_module(tmp_path):
     def __call__(self, x):
       return self.b(nnx.relu(self.a(x)))
 
-  binary = types.QuantConfig(rule="lsq", bits=1, grid="midrise")  # weights +-s/2
+  binary = qconfig.QuantConfig(rule="lsq", bits=1, grid="midrise")  # weights +-s/2
   rules = [lqjax.Rule("b", binary), lqjax.Rule(config=CFG)]
   q = lqjax.quantize(MLP(nnx.Rngs(0)), rules)
   lqjax.save(tmp_path / "m.lqz", q)
@@ -384,7 +384,7 @@ def test_own_loop_pieces_on_linen_params():
     (lambda: lqjax.quantize(MixedCNN(), [lqjax.Rule("nope", CFG)]).init(
         jax.random.key(0), jnp.zeros((1, 12, 12, 1))), "rule 0 (module_path='nope') matches no"),
     (lambda: lqjax.quantize(lqjax.quantize(MixedCNN())), "quantized already"),
-    (lambda: lqjax.quantize(MixedCNN(), lqjax.Rule(config=CFG, bias=types.QuantConfig(
+    (lambda: lqjax.quantize(MixedCNN(), lqjax.Rule(config=CFG, bias=qconfig.QuantConfig(
         granularity="column"))).init(jax.random.key(0), jnp.zeros((1, 12, 12, 1))),
      "stem/bias: granularity 'column' needs"),
     (lambda: lqjax.quantize(MixedCNN(), [lqjax.Rule("(", CFG)]), "not a regular expression"),

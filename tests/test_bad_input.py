@@ -330,9 +330,9 @@ def test_a_collapsed_run_says_so(tmp_path):
 
 def test_codes_that_overflow_int32_are_refused_not_written(tmp_path):
   import jax.numpy as jnp
-  from lqjax import tree, types
+  from lqjax import qconfig, tree
   params = {"fc": {"kernel": jnp.full((2, 2), 3e30), "kernel_quant": {"log_scale": tree.QuantScale(
-      jnp.full((1, 1), -40.0), types.QuantConfig())}}}
+      jnp.full((1, 1), -40.0), qconfig.QuantConfig())}}}
   with pytest.raises(ValueError, match="fc/kernel: codes reach the int32 limit"):
     compress.save(tmp_path / "x.lqz", params)
   assert not (tmp_path / "x.lqz").exists()

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lqjax import accounting, compress, quant, tree, types
+from lqjax import accounting, compress, qconfig, quant, tree
 
 from lqlab import data, export
 from lqlab.config import TrainConfig
@@ -63,7 +63,7 @@ def test_file_roundtrip_and_size(tmp_path, granularity, codec):
   blob = path.read_bytes()
   before = {k: v for k, v in compress.read_codes(blob).items()}
   for t in tree.quantized_tensors(params):
-    np.testing.assert_array_equal(before[t.path], quant.tensor_codes(t.p, t.log_scale, types.QuantConfig(rounding="round"))[0])
+    np.testing.assert_array_equal(before[t.path], quant.tensor_codes(t.p, t.log_scale, qconfig.QuantConfig(rounding="round"))[0])
   if codec == compress.CODEC_FIXED:
     rows = accounting.model_report(params)
     hlen = compress._PREFIX.unpack_from(blob)[3]

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import lqjax
-from lqjax import compress, quant, tree, types
+from lqjax import compress, qconfig, quant, tree
 
 
 class MLP(nn.Module):
@@ -261,19 +261,19 @@ def test_a_rule_that_matches_nothing_names_the_paths_a_sequential_model_has():
 ])
 def test_quant_config_refuses_values_it_cannot_honour(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
-    types.QuantConfig(**kwargs)
+    qconfig.QuantConfig(**kwargs)
 
 
 def test_free_widths_for_lsq_and_fixed_are_said_explicitly():
   import dataclasses
-  cfg = types.QuantConfig(rule="lsq", bits=None)
-  assert cfg.bits is None and types.QuantConfig.from_json(cfg.to_json()) == cfg
+  cfg = qconfig.QuantConfig(rule="lsq", bits=None)
+  assert cfg.bits is None and qconfig.QuantConfig.from_json(cfg.to_json()) == cfg
   assert dataclasses.replace(cfg, granularity="row").bits is None
-  assert types.QuantConfig().bits is None  # the ratio rules' width is free by default
+  assert qconfig.QuantConfig().bits is None  # the ratio rules' width is free by default
 
 
 def test_quant_config_takes_numpy_integers_as_ints():
-  cfg = types.QuantConfig(bits=np.int64(4), rule="lsq")
+  cfg = qconfig.QuantConfig(bits=np.int64(4), rule="lsq")
   assert type(cfg.bits) is int and cfg.to_json()["bits"] == 4
 
 

@@ -9,19 +9,19 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-from lqjax import linen_quant as layers, losses, quant, optim, tree, types
+from lqjax import linen_quant as layers, losses, optim, qconfig, quant, tree
 
 
 class LayersTest(parameterized.TestCase):
 
   @parameterized.parameters("tensor", "row", "column", "element")
   def test_dense_param_layout_and_forward(self, gran):
-    cfg = types.QuantConfig(granularity=gran, rule="lsq", bits=4)
-    m = layers.QuantDense(5, quant={"kernel": cfg, "bias": types.QuantConfig(granularity="tensor")})
+    cfg = qconfig.QuantConfig(granularity=gran, rule="lsq", bits=4)
+    m = layers.QuantDense(5, quant={"kernel": cfg, "bias": qconfig.QuantConfig(granularity="tensor")})
     x = jnp.ones((2, 3))
     v = m.init(jax.random.key(0), x)
     p = tree.unbox(v["params"])
-    self.assertEqual(p["kernel_quant"]["log_scale"].shape, types.scale_shape((3, 5), gran))
+    self.assertEqual(p["kernel_quant"]["log_scale"].shape, qconfig.scale_shape((3, 5), gran))
     self.assertEqual(p["bias_quant"]["log_scale"].shape, (1,))
     s_k = quant.scale_from_log(p["kernel_quant"]["log_scale"])
     s_b = quant.scale_from_log(p["bias_quant"]["log_scale"])
@@ -30,7 +30,7 @@ class LayersTest(parameterized.TestCase):
     np.testing.assert_allclose(m.apply(v, x), x @ qk + qb, rtol=1e-6)
 
   def test_conv_spatial_and_depthwise(self):
-    cfg = types.QuantConfig(granularity="spatial")
+    cfg = qconfig.QuantConfig(granularity="spatial")
     m = layers.QuantConv(4, (3, 3), feature_group_count=4, quant={"kernel": cfg})
     v = tree.unbox(m.init(jax.random.key(0), jnp.ones((1, 6, 6, 4))))
     self.assertEqual(v["params"]["kernel"].shape, (3, 3, 1, 4))
@@ -38,7 +38,7 @@ class LayersTest(parameterized.TestCase):
     self.assertNotIn("bias_quant", v["params"])
 
   def test_generic_wrapper_on_embed(self):
-    cfg = types.QuantConfig(granularity="row", rounding="round")
+    cfg = qconfig.QuantConfig(granularity="row", rounding="round")
     m = layers.QuantEmbed(num_embeddings=6, features=3, quant={"embedding": cfg})
     ids = jnp.array([0, 5, 2])
     v = m.init(jax.random.key(1), ids)
@@ -56,7 +56,7 @@ class LayersTest(parameterized.TestCase):
     np.testing.assert_allclose(m.apply(v, x), nn.Dense(3).apply(v, x))
 
   def test_quantized_tensors_carry_their_configs(self):
-    kcfg, bcfg = types.QuantConfig(rule="lsq", bits=3), types.QuantConfig(granularity="row")
+    kcfg, bcfg = qconfig.QuantConfig(rule="lsq", bits=3), qconfig.QuantConfig(granularity="row")
     m = layers.QuantDense(3, quant={"kernel": kcfg, "bias": bcfg})
     v = m.init(jax.random.key(0), jnp.ones((1, 2)))
     found = {t.path: (t.p.shape, t.log_scale.shape, t.config)
@@ -64,7 +64,7 @@ class LayersTest(parameterized.TestCase):
     self.assertEqual(found, {("kernel",): ((2, 3), (1, 1), kcfg), ("bias",): ((3,), (3,), bcfg)})
 
   def test_bad_granularity_raises(self):
-    m = layers.QuantDense(3, quant={"bias": types.QuantConfig(granularity="column")})
+    m = layers.QuantDense(3, quant={"bias": qconfig.QuantConfig(granularity="column")})
     with self.assertRaisesRegex(ValueError, "column"):
       m.init(jax.random.key(0), jnp.ones((1, 2)))
 
@@ -75,7 +75,7 @@ class PenaltiesTest(absltest.TestCase):
     # One quantizer: P (2, 2), per-column scales (keep last axis) 0.5 and 2.
     return {"layer": {"kernel": jnp.array([[0.2, 3.0], [1.3, -1.0]]),
                       "kernel_quant": {"log_scale": tree.QuantScale(
-                          jnp.log(jnp.array([[0.5, 2.0]])), types.QuantConfig())}}}
+                          jnp.log(jnp.array([[0.5, 2.0]])), qconfig.QuantConfig())}}}
 
   def test_inverse_scale(self):
     self.assertAlmostEqual(float(losses.inverse_scale_penalty(self.params(), 0.1)),
@@ -124,7 +124,7 @@ class RatioEndToEndTest(parameterized.TestCase):
   insensitive groups grow, sensitive ones stay; threshold 0 moves nothing."""
 
   def _train(self, threshold, steps=40):
-    cfg = types.QuantConfig(rule="ratio", threshold=threshold, granularity="row")
+    cfg = qconfig.QuantConfig(rule="ratio", threshold=threshold, granularity="row")
     model = layers.QuantDense(2, use_bias=False, quant={"kernel": cfg})
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)

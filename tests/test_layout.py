@@ -119,6 +119,6 @@ def test_the_public_surface_is_all_and_only_all():
   for internal in ("init_scale", "scale_from_log", "format_table", "kept_axes", "QuantScale",
                    "Quantizer"):
     assert internal not in lqjax.__all__ and not hasattr(lqjax, internal), internal
-  from lqjax import compress, quant, tree, types
-  assert (quant.init_scale, quant.scale_from_log, types.kept_axes, tree.QuantScale)
+  from lqjax import compress, qconfig, quant, tree
+  assert all((quant.init_scale, quant.scale_from_log, qconfig.kept_axes, tree.QuantScale))
   assert {lqjax.CODEC_FIXED, lqjax.CODEC_ZSTD} == {compress.CODEC_FIXED, compress.CODEC_ZSTD}

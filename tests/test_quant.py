@@ -11,12 +11,12 @@ from absl.testing import absltest, parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lqjax import quant, types
+from lqjax import qconfig, quant
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-RULES = types.RULES
-ROUNDINGS = types.ROUNDINGS
+RULES = qconfig.RULES
+ROUNDINGS = qconfig.ROUNDINGS
 
 
 def _x(shape=(5, 4), seed=0):
@@ -98,7 +98,7 @@ def _x_and_scale(draw):
   x = draw(hnp.arrays(np.float32, shape, elements=st.floats(-100, 100, width=32)))
   gran = draw(st.sampled_from(["tensor", "row", "element"] + (["column"] if len(shape) >= 2 else [])
                               + (["spatial"] if len(shape) >= 3 else [])))
-  sshape = types.scale_shape(shape, gran)
+  sshape = qconfig.scale_shape(shape, gran)
   s = draw(hnp.arrays(np.float32, sshape, elements=st.floats(0.0009765625, 10.0, width=32)))
   return x, s, gran
 
@@ -136,12 +136,12 @@ class PropertyTest(absltest.TestCase):
     x, _, gran = xs
     if x.ndim >= 3:  # also channel (leading axes reduced) and kept axes (0, 2) (mixed)
       gran = data.draw(st.sampled_from([gran, "channel", (0, 2)]))
-    sshape = types.scale_shape(x.shape, gran)
+    sshape = qconfig.scale_shape(x.shape, gran)
     a, b = jnp.asarray(x), jnp.asarray(np.cos(x))
     got = quant._reduce_product_to(a, b, sshape)
     self.assertEqual(got.shape, tuple(sshape))
     want = np.sum(np.asarray(x, np.float64) * np.cos(np.asarray(x, np.float64)),
-                  axis=types.shared_axes(x.shape, sshape), keepdims=True)
+                  axis=qconfig.shared_axes(x.shape, sshape), keepdims=True)
     np.testing.assert_allclose(got, want.reshape(sshape), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(got, quant._reduce_to(a * b, sshape), rtol=1e-5, atol=1e-3)
 
@@ -167,27 +167,27 @@ class GranularityTest(parameterized.TestCase):
       ((4,), "element", (4,)), ((2, 2, 3, 4), (0, -1), (2, 1, 1, 4)),
   )
   def test_scale_shape(self, shape, gran, expected):
-    self.assertEqual(types.scale_shape(shape, gran), expected)
+    self.assertEqual(qconfig.scale_shape(shape, gran), expected)
 
   @parameterized.parameters(((4,), "column"), ((3, 4), "spatial"), ((3, 4), "diagonal"),
                             ((3, 4), (2,)), ((3, 4), (0, 0)))
   def test_bad_granularity(self, shape, gran):
     with self.assertRaises(ValueError):
-      types.scale_shape(shape, gran)
+      qconfig.scale_shape(shape, gran)
 
   def test_parse(self):
-    self.assertEqual(types.parse_granularity("row"), "row")
-    self.assertEqual(types.parse_granularity("0,1"), (0, 1))
+    self.assertEqual(qconfig.parse_granularity("row"), "row")
+    self.assertEqual(qconfig.parse_granularity("0,1"), (0, 1))
     with self.assertRaisesRegex(ValueError, "unknown granularity"):
-      types.parse_granularity("rows")
+      qconfig.parse_granularity("rows")
 
   def test_config_validation(self):
     with self.assertRaisesRegex(ValueError, "threshold"):
-      types.QuantConfig(threshold=-0.1)
+      qconfig.QuantConfig(threshold=-0.1)
     with self.assertRaisesRegex(ValueError, "granularity"):
-      types.QuantConfig(granularity="bogus")
+      qconfig.QuantConfig(granularity="bogus")
     with self.assertRaisesRegex(ValueError, "rule"):
-      types.QuantConfig(rule="bogus")
+      qconfig.QuantConfig(rule="bogus")
 
 
 def _lsq_reference(x, s, w, qn, qp, rounding, offset=0.0):
@@ -314,14 +314,14 @@ class GradientTest(chex.TestCase, parameterized.TestCase):
       if gran == "spatial" and len(shape) < 3:
         continue
       x = _x(shape, seed=9)
-      s = jnp.full(types.scale_shape(shape, gran), 0.2)
+      s = jnp.full(qconfig.scale_shape(shape, gran), 0.2)
       for rule in RULES:
         gs = jax.grad(lambda s: jnp.sum(quant.fake_quant(x, s, rule=rule, threshold=1.0) ** 2))(s)
         self.assertEqual(gs.shape, s.shape)
 
   def test_spatial_cotangent_shape(self):
     x = _x((3, 3, 2, 4))
-    s = jnp.full(types.scale_shape(x.shape, "spatial"), 0.2)
+    s = jnp.full(qconfig.scale_shape(x.shape, "spatial"), 0.2)
     gs = jax.grad(lambda s: jnp.sum(quant.fake_quant(x, s, rule="lsq") ** 2))(s)
     self.assertEqual(gs.shape, (3, 3, 1, 1))
 
@@ -396,12 +396,12 @@ class MidriseTest(chex.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "unknown grid"):
       quant.quantize_codes(_x(), 1.0, bits=2, grid="binary")
     with self.assertRaisesRegex(ValueError, "needs fixed bits"):
-      types.QuantConfig(grid="midrise")
+      qconfig.QuantConfig(grid="midrise")
 
   def test_config_json(self):
-    self.assertNotIn("grid", types.QuantConfig().to_json())  # readable where grid is unknown
-    cfg = types.QuantConfig(rule="lsq", bits=1, grid="midrise")
-    self.assertEqual(types.QuantConfig.from_json(cfg.to_json()), cfg)
+    self.assertNotIn("grid", qconfig.QuantConfig().to_json())  # readable where grid is unknown
+    cfg = qconfig.QuantConfig(rule="lsq", bits=1, grid="midrise")
+    self.assertEqual(qconfig.QuantConfig.from_json(cfg.to_json()), cfg)
     self.assertEqual(cfg.offset, 0.5)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 import optax
 
-from lqjax import compress, optim, tree, types
+from lqjax import compress, optim, qconfig, tree
 
 from lqlab import step as step_lib
 from lqlab import train
@@ -87,7 +87,7 @@ def _brake_state(params, best):
 
 def _brake_params(kernel, log_scale):
   return {"fc": {"kernel": jnp.full((2, 2), kernel), "kernel_quant": {
-      "log_scale": tree.QuantScale(jnp.full((1, 2), log_scale), types.QuantConfig())}}}
+      "log_scale": tree.QuantScale(jnp.full((1, 2), log_scale), qconfig.QuantConfig())}}}
 
 
 def test_validation_brake_rolls_back_and_halves():
