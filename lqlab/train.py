@@ -27,7 +27,7 @@ import numpy as np
 
 from lqjax import accounting, budget, compress, optim
 
-from lqlab import data, files
+from lqlab import checkpoints, data, files
 from lqlab.config import LEGACY_VALUES, TrainConfig, run_meta
 from lqlab.evaluate import final_results, make_eval_fn, model_variables
 from lqlab.step import (build_model, data_shardings, init_state, make_chunk_runner,
@@ -192,102 +192,6 @@ def _budget_step(cfg, state, meta, epoch, fisher_fn, target):
   return state.replace(params=params, opt_state=opt_state), meta, event
 
 
-def _hash_path(workdir, step) -> pathlib.Path:
-  return workdir / "checkpoint_hashes" / f"{step}.json"
-
-
-def _write_hashes(workdir, step):
-  """Records the sha256 of every file of checkpoint `step` (checked before a restore)."""
-  files.write_json_atomic(_hash_path(workdir, step),
-                           files.tree_hashes(workdir / "checkpoints" / str(step)))
-
-
-def _write_error(e: Exception) -> str:
-  """The operating system's reason in a failed write's message (tensorstore or Python)."""
-  import re
-  if isinstance(e, OSError) and e.strerror:
-    return e.strerror
-  m = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='?(\d+)", str(e))
-  if m:
-    return m.group(1)
-  return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-
-
-def _clean_tmp(workdir):
-  import shutil
-  for tmp in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _set_aside(steps, workdir, mngr):
-  """Moves damaged checkpoint steps out of orbax's folder (kept, never deleted)."""
-  dest = workdir / "damaged_checkpoints"
-  dest.mkdir(exist_ok=True)
-  for step in steps:
-    (workdir / "checkpoints" / str(step)).rename(dest / f"{step}_{int(time.time())}")
-    _hash_path(workdir, step).unlink(missing_ok=True)
-  mngr.reload()
-
-
-def _restore_verified(mngr, workdir, state):
-  """(state, meta) of the newest intact checkpoint, or None when there is none at all.
-
-  Each checkpoint's files are checked against the hashes recorded when it was
-  saved; a damaged or unreadable step is reported and the one before it is used.
-  No intact step left: TrainingError.
-  """
-  import orbax.checkpoint as ocp
-  steps = sorted(mngr.all_steps(), reverse=True)
-  if not steps:
-    return None
-  problems = []
-  for step in steps:
-    problem = _verify(workdir, step)
-    if problem:
-      problems.append(f"step {step}: {problem}")
-      continue
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many kinds for a bad checkpoint
-      problems.append(f"step {step}: unreadable ({type(e).__name__})")
-      continue
-    if problems:
-      _set_aside([s for s in steps if s > step], workdir, mngr)
-      print(f"warning: {workdir / 'checkpoints'}: {'; '.join(problems)}; resuming from step "
-            f"{step} (the damaged steps are moved to {workdir / 'damaged_checkpoints'})",
-            file=sys.stderr, flush=True)
-    return restored["state"], dict(restored["meta"])
-  if all(UNHASHED in p for p in problems):
-    # a run killed between its first checkpoint and that checkpoint's hashes: nothing
-    # verified was ever saved, so it starts again (the step is kept aside)
-    _set_aside(steps, workdir, mngr)
-    print(f"warning: {workdir / 'checkpoints'}: {'; '.join(problems)}; starting from step 0 "
-          f"(the step is moved to {workdir / 'damaged_checkpoints'})", file=sys.stderr,
-          flush=True)
-    return None
-  raise TrainingError(f"no intact checkpoint in {workdir / 'checkpoints'} ({'; '.join(problems)})"
-                      f"; use a new --workdir")
-
-
-UNHASHED = "has no recorded hashes (the run stopped while saving it)"
-
-
-def _verify(workdir, step) -> Optional[str]:
-  """Why checkpoint `step` cannot be trusted, or None when its files match their hashes.
-
-  A step without a hash file was cut off between its write and its hashes: its files
-  cannot be told from damaged ones, so it counts as damaged.
-  """
-  try:
-    want = json.loads(_hash_path(workdir, step).read_text())
-  except (OSError, ValueError):
-    return UNHASHED
-  got = files.tree_hashes(workdir / "checkpoints" / str(step))
-  changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-  return f"{changed[0]} is damaged or missing" if changed else None
-
-
 def _interrupted(signame, state, workdir) -> Interrupted:
   return Interrupted(f"{signame} at step {int(state.step)}: checkpoint saved in "
                      f"{workdir / 'checkpoints'}; re-run the same command to resume")
@@ -406,7 +310,10 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
   meta = {"loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0, "train_seconds": 0.0,
           "best_val": -1.0, "best_epoch": 0, "brakes": 0, "frozen_at": None}
-  restored = _restore_verified(mngr, workdir, state)
+  try:
+    restored = checkpoints.restore_verified(mngr, workdir, state)
+  except checkpoints.CheckpointError as e:
+    raise TrainingError(str(e)) from None
   if restored is not None:
     state, meta = restored
   start_step = int(state.step)
@@ -421,9 +328,9 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
       mngr.save(int(state.step), args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
       mngr.wait_until_finished()
-      _write_hashes(workdir, int(state.step))
+      checkpoints.write_hashes(workdir, int(state.step))
     except Exception as e:  # OSError from Python, ValueError from tensorstore
-      _clean_tmp(workdir)
+      checkpoints.clean_tmp(workdir)
       kept = (f"step {mngr.latest_step()}, the last complete checkpoint, is kept"
               if mngr.latest_step() is not None else "no checkpoint was complete yet")
       try:
@@ -431,7 +338,7 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
       except Exception:  # the manager may be as broken as the write
         pass
       raise TrainingError(f"cannot write a checkpoint in {workdir / 'checkpoints'} "
-                          f"({_write_error(e)}); {kept}") from None
+                          f"({checkpoints.write_error(e)}); {kept}") from None
     finally:
       pylogging.disable(pylogging.NOTSET)
 
@@ -576,7 +483,7 @@ def restore(workdir):
     raise FileNotFoundError(f"{workdir} holds no checkpoint")
   damaged = (f"checkpoint step {step} in {workdir / 'checkpoints'} is damaged; re-run the "
              f"training command to fall back to the step before it")
-  problem = _verify(workdir, step)
+  problem = checkpoints.verify(workdir, step)
   if problem:
     raise ValueError(f"{damaged} ({problem})")
   try:

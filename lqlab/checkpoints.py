@@ -1,0 +1,117 @@
+"""Checkpoint integrity of a run's workdir: each orbax step's files hashed when saved,
+verified before a restore; a damaged or unverifiable step set aside (moved, never deleted)
+and the step before it used.
+
+A step without a hash file was cut off between its write and its hashes: its files cannot
+be told from damaged ones, so it counts as damaged (:data:`UNHASHED`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Optional
+
+from lqlab import files
+
+
+class CheckpointError(RuntimeError):
+  """No intact checkpoint is left in a workdir."""
+
+
+def hash_path(workdir, step) -> pathlib.Path:
+  return workdir / "checkpoint_hashes" / f"{step}.json"
+
+
+def write_hashes(workdir, step):
+  """Records the sha256 of every file of checkpoint `step` (checked before a restore)."""
+  files.write_json_atomic(hash_path(workdir, step),
+                           files.tree_hashes(workdir / "checkpoints" / str(step)))
+
+
+def write_error(e: Exception) -> str:
+  """The operating system's reason in a failed write's message (tensorstore or Python)."""
+  import re
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  m = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='?(\d+)", str(e))
+  if m:
+    return m.group(1)
+  return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def clean_tmp(workdir):
+  import shutil
+  for tmp in (workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_aside(steps, workdir, mngr):
+  """Moves damaged checkpoint steps out of orbax's folder (kept, never deleted)."""
+  dest = workdir / "damaged_checkpoints"
+  dest.mkdir(exist_ok=True)
+  for step in steps:
+    (workdir / "checkpoints" / str(step)).rename(dest / f"{step}_{int(time.time())}")
+    hash_path(workdir, step).unlink(missing_ok=True)
+  mngr.reload()
+
+
+def restore_verified(mngr, workdir, state):
+  """(state, meta) of the newest intact checkpoint, or None when there is none at all.
+
+  Each checkpoint's files are checked against the hashes recorded when it was
+  saved; a damaged or unreadable step is reported and the one before it is used.
+  No intact step left: CheckpointError.
+  """
+  import orbax.checkpoint as ocp
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  problems = []
+  for step in steps:
+    problem = verify(workdir, step)
+    if problem:
+      problems.append(f"step {step}: {problem}")
+      continue
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many kinds for a bad checkpoint
+      problems.append(f"step {step}: unreadable ({type(e).__name__})")
+      continue
+    if problems:
+      set_aside([s for s in steps if s > step], workdir, mngr)
+      print(f"warning: {workdir / 'checkpoints'}: {'; '.join(problems)}; resuming from step "
+            f"{step} (the damaged steps are moved to {workdir / 'damaged_checkpoints'})",
+            file=sys.stderr, flush=True)
+    return restored["state"], dict(restored["meta"])
+  if all(UNHASHED in p for p in problems):
+    # a run killed between its first checkpoint and that checkpoint's hashes: nothing
+    # verified was ever saved, so it starts again (the step is kept aside)
+    set_aside(steps, workdir, mngr)
+    print(f"warning: {workdir / 'checkpoints'}: {'; '.join(problems)}; starting from step 0 "
+          f"(the step is moved to {workdir / 'damaged_checkpoints'})", file=sys.stderr,
+          flush=True)
+    return None
+  raise CheckpointError(f"no intact checkpoint in {workdir / 'checkpoints'} ({'; '.join(problems)})"
+                      f"; use a new --workdir")
+
+
+UNHASHED = "has no recorded hashes (the run stopped while saving it)"
+
+
+def verify(workdir, step) -> Optional[str]:
+  """Why checkpoint `step` cannot be trusted, or None when its files match their hashes.
+
+  A step without a hash file was cut off between its write and its hashes: its files
+  cannot be told from damaged ones, so it counts as damaged.
+  """
+  try:
+    want = json.loads(hash_path(workdir, step).read_text())
+  except (OSError, ValueError):
+    return UNHASHED
+  got = files.tree_hashes(workdir / "checkpoints" / str(step))
+  changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  return f"{changed[0]} is damaged or missing" if changed else None
