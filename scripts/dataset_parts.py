@@ -21,6 +21,7 @@ import pathlib
 import sys
 
 from lqjax import fileio
+from lqlab.files import write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -46,7 +47,7 @@ def split(src, dest, max_bytes: int) -> dict:
       fileio.write_bytes_atomic(dest / name, chunk)
       parts.append({"name": name, "size": len(chunk), "sha256": _sha(chunk)})
     manifest["files"][f.name] = {"size": len(blob), "sha256": _sha(blob), "parts": parts}
-  files.write_json_atomic(dest / MANIFEST, manifest)
+  write_json_atomic(dest / MANIFEST, manifest)
   return manifest
 
 

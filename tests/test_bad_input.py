@@ -80,7 +80,7 @@ CASES = [
      "seed must be a whole number in 0.."),
     ("check a file with a NaN bias", lambda wd: ["-m", "lqlab.export", "--check",
                                                  str(_nan_bias_copy(wd))], 1,
-     "fc1/bias: values are not finite"),
+     "crafted.lqz: bias: values are not finite"),
     ("check a file with a duplicate path", lambda wd: ["-m", "lqlab.export", "--check",
                                                        str(_duplicate_path_copy(wd))], 1,
      "the path is listed twice"),
@@ -104,26 +104,37 @@ CASES = [
 ]
 
 
-def _rewrite(wd, change):
-  """A copy of the run's model.lqz (beside the workdir) with `change(header, payload)`
-  applied and a valid checksum: damage only the reader's own checks can find."""
-  blob = (wd / "model.lqz").read_bytes()
+def _rewrite(src, change):
+  """A copy of the packed file `src` (a workdir: its model.lqz), written beside the
+  workdir, with `change(header, payload)` applied and a valid checksum: damage only the
+  reader's own checks can find."""
+  out = src.parent / "crafted.lqz"
+  src = src / "model.lqz" if src.is_dir() else src
+  blob = src.read_bytes()
   n = compress._PREFIX.unpack_from(blob)[3]
   header = json.loads(blob[compress._PREFIX.size:compress._PREFIX.size + n])
   payload = bytearray(blob[compress._PREFIX.size + n:-32])
   change(header, payload)
   h = json.dumps(header).encode()
   body = compress._PREFIX.pack(compress.MAGIC, compress.VERSION, 0, len(h)) + h + bytes(payload)
-  out = wd.parent / "crafted.lqz"
   out.write_bytes(body + hashlib.sha256(body).digest())
   return out
 
 
 def _nan_bias_copy(wd):
+  """A library-written file whose float bias holds a NaN (the runs here quantize biases)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import lqjax
+  params = lqjax.quantize(nn.Dense(3, name="fc1"), lqjax.Rule()).init(
+      jax.random.key(0), jnp.ones((1, 4)))["params"]
+  lqjax.save(wd.parent / "lib.lqz", params)
+
   def change(header, payload):
     t = next(t for t in header["tensors"] if t["path"][-1] == "bias" and t["kind"] == "float")
     payload[t["offset"]:t["offset"] + 4] = np.float32(np.nan).tobytes()
-  return _rewrite(wd, change)
+  return _rewrite(wd.parent / "lib.lqz", change)
 
 
 def _duplicate_path_copy(wd):

@@ -224,6 +224,7 @@ def test_deterministic(tiny_data, tmp_path):
 
 def test_data_parallel_matches_single_device(tiny_data, tmp_path):
   code = ("import sys, json, jax, numpy as np; from lqlab import train;"
+          "from lqlab.config import TrainConfig;"
           "cfg = TrainConfig(dataset='mnist', model='lenet5', epochs=1, batch_size=40,"
           " rule='lsq', bits=4, granularity='channel', rounding='round', chunk_steps=4);"
           "r = train.train_and_evaluate(cfg, sys.argv[1], progress=False);"
