@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lqlab.results import cli, plots, records, sections
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -44,7 +46,6 @@ def test_sweep_expand_and_argv():
 
 
 def test_report_tables(tmp_path):
-  report = _load("report")
   sweep_dir = tmp_path / "results" / "demo"
   rows = []
   for seed, acc, bits in ((0, 0.9, 2.0), (1, 0.8, 4.0)):
@@ -58,7 +59,7 @@ def test_report_tables(tmp_path):
                  "train_seconds": 5.0, "command": f"python -m x --seed={seed}"})
   (sweep_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "R.md"
-  assert report.main(["--results_dir", str(tmp_path / "results"), "--out", str(out)]) == 0
+  assert cli.main(["--results_dir", str(tmp_path / "results"), "--out", str(out)]) == 0
   text = out.read_text()
   assert "| v | 2 | 4 | 0.8500 ± 0.0707 | 3.00 ± 1.41 |" in text
   # Convergence: last 20% of 4 epochs is one epoch: no change; final == best.
@@ -77,7 +78,6 @@ def _row(run, sweep, acc, ratio, scheme="scale-rule", rule="lsq", ecr=None, thre
 
 
 def test_report_summary_targets_and_threshold_ranges(tmp_path):
-  report = _load("report")
   rows = [_row("fp32_s0", "base", 0.980, 1.0, scheme="float", rule=None),
           _row("fp32_s1", "base", 0.982, 1.0, scheme="float", rule=None),
           _row("lsq_s0", "base", 0.979, 15.0),        # 0.2 points below FP32's 0.981: counts
@@ -87,18 +87,18 @@ def test_report_summary_targets_and_threshold_ranges(tmp_path):
           _row("qwix_s0", "peers", 0.981, None, scheme="qwix", rule="qwix_int4", bits=4)]
   rows[-1].update(compression_ratio=None, packed_bytes=None, nominal_bytes=7,
                   compression_ratio_nominal=8.0)
-  text = "\n".join(report.dataset_summary(rows, tmp_path / "plots"))
+  text = "\n".join(sections.dataset_summary(rows, tmp_path / "plots"))
   assert "| qwix QAT | peers / qwix | 1 | 0.9810 | 4.00 | 7 \\* | 8.0 |" in text
   assert "| stable ratio | threshold_x / ratio |" in text
   assert "| ratio + penalty (A+B) | combo / combo | 1 | 0.9800 |" in text
   assert (tmp_path / "plots" / "pareto_mnist_lenet300_e10.png").stat().st_size > 1000
-  targets = "\n".join(report.targets_section(rows))
+  targets = "\n".join(sections.targets_section(rows))
   # Packed 16x within 0.3 points: lsq at 15x is the best -> 93.8%; entropy-coded 40x:
   # ratio at 41x is 0.25 points below 0.981 -> reached; the 45x run is too inaccurate.
   assert "| base / lsq | 10 | 0.9790 (0.9810) | 15.00x | 93.8% of the target |" in targets
   assert "| threshold_x / ratio | 10 | 0.9785 (0.9810) | 41.00x | reached |" in targets
   assert "no FP32 run on any schedule yet" in targets  # lenet5, resnet20
-  vs = "\n".join(report.versus_lsq_section(rows))
+  vs = "\n".join(sections.versus_lsq_section(rows))
   # lsq at 15x: ratio_s0 (12x) is more than 5% larger, so no candidate.
   assert "| mnist / lenet300 | 10 | 0.001 | base / lsq | 0.9790 | 15.0x | - |" in vs
   # a small, accurate ratio run trained with another weights' lr is no candidate
@@ -109,10 +109,10 @@ def test_report_summary_targets_and_threshold_ranges(tmp_path):
   # validation accuracy is not picked
   rows.append({**_row("ratio4_s0", "threshold_x", 0.9900, 15.0, rule="ratio", threshold=0.5),
                "val_accuracy": 0.9700})
-  vs = "\n".join(report.versus_lsq_section(rows))
+  vs = "\n".join(sections.versus_lsq_section(rows))
   assert "| threshold_x / ratio2 | 0.9795 | 14.5x | +0.05 | ratio wins |" in vs
   del rows[-3:]
-  lam = "\n".join(report.threshold_section(rows))
+  lam = "\n".join(sections.threshold_section(rows))
   assert "| 0.3 | 1 | 0.9785 | 0.9785 | 2.67 | 2.00 | 4.00 |" in lam
 
 
@@ -143,12 +143,11 @@ def test_qwix_reference_runs_on_tiny_data(tmp_path, tiny_data, cache):
 
 
 def test_report_tuning_picks_fewest_bits_above_the_val_bar():
-  report = _load("report")
   sweep = "tune_default_lenet300"
   rows = [_row("a_s0", sweep, 0.985, 8.0), _row("a_s1", sweep, 0.983, 8.0),    # 4 bits, ok
           _row("b_s0", sweep, 0.981, 16.0), _row("b_s1", sweep, 0.978, 16.0),  # 2 bits, 0.9795
           _row("c_s0", sweep, 0.990, 4.0)]                                     # 8 bits, ok
-  text = "\n".join(report.tuning_section(rows))
+  text = "\n".join(sections.tuning_section(rows))
   assert "Chosen: **a**" in text and "| b | 2 | 0.9795 ± 0.0021 | 2.00 ± 0.00 |  |" in text
 
 
@@ -221,10 +220,9 @@ def test_sweep_record_keeps_runs_lost_from_runs_dir_and_takes_remade_ones(tmp_pa
 
 
 def test_report_names_configured_sweeps_without_a_record(tmp_path):
-  report = _load("report")
   for name in ("a", "b", "c"):
     (tmp_path / f"{name}.json").write_text(json.dumps({"name": f"sweep_{name}"}))
-  assert report.unrecorded_sweeps(tmp_path, {"sweep_b", "other"}) == ["sweep_a", "sweep_c"]
+  assert records.unrecorded_sweeps(tmp_path, {"sweep_b", "other"}) == ["sweep_a", "sweep_c"]
 
 
 def test_compare_reports_flags_a_changed_accuracy_not_a_changed_file_size():
@@ -249,11 +247,10 @@ def test_compare_reports_flags_a_changed_accuracy_not_a_changed_file_size():
 
 
 def test_report_tuning_of_fp32_picks_the_best_val_accuracy():
-  report = _load("report")
   sweep = "tune_lr_fp32_lenet300"
   rows = [_row("fp32_lr0.001_s0", sweep, 0.980, 1.0), _row("fp32_lr0.001_s1", sweep, 0.982, 1.0),
           _row("fp32_lr0.003_s0", sweep, 0.983, 1.0), _row("fp32_lr0.003_s1", sweep, 0.9826, 1.0)]
-  text = "\n".join(report.tuning_section(rows))
+  text = "\n".join(sections.tuning_section(rows))
   assert "best mean validation accuracy" in text and "Chosen: **fp32_lr0.003**" in text
 
 
@@ -294,25 +291,23 @@ def test_bench_readme_names_the_control_row_as_noise_not_the_worst_ratio():
 
 
 def test_report_targets_name_the_closest_run_when_none_is_within_tolerance():
-  report = _load("report")
   rows = [_row("fp32_s0", "b", 0.855, 1.0, scheme="float", rule=None),
           _row("q_s0", "b", 0.8408, 8.6, rule="ratio"), _row("p_s0", "b", 0.80, 12.0, rule="ratio")]
   for r in rows:
     r.update(dataset="cifar10", model="resnet20")
-  text = "\n".join(report.targets_section(rows))
+  text = "\n".join(sections.targets_section(rows))
   assert "| b / q | 10 | 0.8408 (0.8550) | 8.60x | none within the tolerance: the most accurate " \
          "is 1.42 points below FP32 |" in text
 
 
 def test_report_targets_say_where_the_named_run_was_made():
-  report = _load("report")
   rows = [_row("fp32_s0", "b", 0.855, 1.0, scheme="float", rule=None),
           _row("q_s0", "b", 0.850, 7.6, rule="ratio")]
   rows[1]["platform"] = "gpu"
   for r in rows:
     r.update(dataset="cifar10", model="resnet20")
   assert "| b / q (made on gpu) | 10 | 0.8500 (0.8550) | 7.60x |" in "\n".join(
-      report.targets_section(rows))
+      sections.targets_section(rows))
 
 
 def test_shipped_sweep_configs_name_only_real_flags():
@@ -358,13 +353,12 @@ def test_bench_renders_a_gpu_json_into_its_own_readme_markers(tmp_path):
 
 
 def test_report_splits_train_time_by_platform_and_names_off_cpu_runs():
-  report = _load("report")
   cpu = [{"sweep": "s", "run": f"v_s{i}", "train_seconds": t} for i, t in ((0, 200), (1, 220))]
-  assert report._train_time(cpu) == "210 ± 14"  # runs without a platform field: the CPU
-  assert report.off_cpu_runs(cpu) == []
+  assert records.train_time(cpu) == "210 ± 14"  # runs without a platform field: the CPU
+  assert sections.off_cpu_runs(cpu) == []
   mixed = cpu + [{"sweep": "s", "run": "v_s2", "train_seconds": 13, "platform": "gpu"}]
-  assert report._train_time(mixed) == "210 ± 14 (cpu, 2 runs); 13 (gpu, 1 run)"
-  line = report.off_cpu_runs(mixed)
+  assert records.train_time(mixed) == "210 ± 14 (cpu, 2 runs); 13 (gpu, 1 run)"
+  line = sections.off_cpu_runs(mixed)
   assert line[0].startswith("Made on a GPU") and "s / v_s2" in line[0] and "v_s0" not in line[0]
 
 
@@ -460,11 +454,10 @@ def test_benchmarks_have_one_entry_point_with_subcommands():
 
 
 def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
-  report = _load("report")
   rows = [_row("fp32_s0", "base", 0.980, 1.0, scheme="float", rule=None),
           _row("lsq_s0", "base", 0.978, 15.0, ecr=20.0),   # 0.2 points below: within 0.3
           _row("big_s0", "base", 0.972, 30.0, ecr=45.0)]   # 0.8 below: within 1 only
-  head = "\n".join(report.headline_section(rows))
+  head = "\n".join(sections.headline_section(rows))
   assert "up to 30.0x (packed file) on mnist" in head
   assert "| mnist | 0.3 points | 15.0x | [base / lsq](#base) (lenet300, 10 epochs, 1 seed, " \
          "0.9780 vs FP32 0.9800) | 20.0x |" in head
@@ -479,7 +472,7 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
   ks = [k_run(1, 0, 0.979, 2.9), k_run(1, 1, 0.980, 3.0), k_run(1, 2, 0.981, 3.1),
         k_run(4, 0, 0.9785, 2.9), k_run(4, 1, 0.9795, 3.0), k_run(4, 2, 0.9805, 3.1),
         k_run(16, 0, 0.975, 3.4), k_run(16, 1, 0.976, 3.5), k_run(16, 2, 0.977, 3.6)]
-  text = "\n".join(report.scale_every_section(ks))
+  text = "\n".join(sections.scale_every_section(ks))
   assert "| mnist / lenet300 | 10 | default | 4 | 3 | 0.9795 ± 0.0010 | 3.00 ± 0.10 | yes, yes |" \
       in text
   assert "| 16 | 3 | 0.9760 ± 0.0010 | 3.50 ± 0.10 | no, no |" in text
@@ -494,7 +487,7 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
        [f_run("budget2", s, a, 990, 2.0, "ratio") for s, a in enumerate((0.910, 0.911, 0.912))] + \
        [f_run("budget1", s, a, 500, 1.0, "ratio") for s, a in enumerate((0.84, 0.89, 0.94))]
   fp32 = _row("fp32_s0", "other", 0.915, 1.0, scheme="float", rule=None)
-  text = "\n".join(report.frontier_section(fr + [fp32], tmp_path / "plots"))
+  text = "\n".join(sections.frontier_section(fr + [fp32], tmp_path / "plots"))
   # budget2: 0.4 points below FP32's 0.915; +0.90 points over lsq2 (mean 0.902), spreads
   # 0.2 + 0.1 points: beyond
   assert "| budget2 | lenet300, 10 | budgeted ratio | 3 | 0.9110 ± 0.0010 | -0.40 |" in text
@@ -508,27 +501,27 @@ def test_report_headline_scale_every_agreement_and_frontier_verdicts(tmp_path):
     r["config"]["layer_bits"] = "fc1=1,fc2=8"
   edge = f_run("edge", 0, 0.5, 2000)
   edge["config"]["edge_bits"] = 8
-  assert [report.family(r) for r in (hq[0], edge)] == ["LSQ, HAWQ-v2 widths",
+  assert [records.family(r) for r in (hq[0], edge)] == ["LSQ, HAWQ-v2 widths",
                                                       "LSQ, first/last 8-bit"]
   binary = f_run("binary", 0, 0.5, 2000)
   binary["config"].update(grid="midrise", edge_bits=8)
-  assert report.family(binary) == "LSQ midrise, first/last 8-bit"
+  assert records.family(binary) == "LSQ midrise, first/last 8-bit"
   binary["config"].pop("edge_bits")
-  assert report.family(binary) == "LSQ midrise"
-  text = "\n".join(report.frontier_section(fr + hq + [edge, fp32], tmp_path / "plots"))
+  assert records.family(binary) == "LSQ midrise"
+  text = "\n".join(sections.frontier_section(fr + hq + [edge, fp32], tmp_path / "plots"))
   # nearest larger baseline for budget2 is hawq2 (995 bytes), the best larger one too
   assert "| 0.20% | -0.30 vs hawq2 (beyond spread 0.20) | -0.30 vs hawq2 (beyond spread 0.20) " \
          "| none |" in text
   # a smaller, more accurate baseline is named; budget1's nearest larger file is hawq2's,
   # lsq2 (the worst of the larger ones) is named by neither column
   tiny = f_run("tiny", 0, 0.95, 400)
-  text = "\n".join(report.frontier_section(fr + hq + [edge, tiny, fp32], tmp_path / "plots"))
+  text = "\n".join(sections.frontier_section(fr + hq + [edge, tiny, fp32], tmp_path / "plots"))
   assert "| 0.20% | -2.40 vs hawq2 (within spread 5.10) | -2.40 vs hawq2 (within spread 5.10) " \
          "| tiny |" in text
   one = [f_run("one", 0, 0.90, 995, 2.0, "ratio")]  # 1 seed: no spread to compare with
   assert "| -0.20 vs lsq2 (1 seed: no spread) |" in "\n".join(
-      report.frontier_section(one + fr[:3], tmp_path / "plots"))
-  summary = "\n".join(report.frontier_summary(fr + hq + [edge, tiny, fp32]))
+      sections.frontier_section(one + fr[:3], tmp_path / "plots"))
+  summary = "\n".join(sections.frontier_summary(fr + hq + [edge, tiny, fp32]))
   assert "| 2 | 3 | 0.9110 ± 0.0010 | 990 | -0.30 vs hawq2 (beyond spread 0.20) | -0.30 vs " \
          "hawq2 (beyond spread 0.20) | tiny |" in summary
 
@@ -661,7 +654,6 @@ def test_dataset_parts_round_trip_and_refuse_a_missing_or_changed_part(tmp_path,
 
 
 def test_report_schedule_length_pairs_a_long_run_with_its_recipe_on_shorter_schedules(tmp_path):
-  report = _load("report")
 
   def run(name, sweep, acc, epochs, avg, **cfg):
     r = _row(name, sweep, acc, 32 / avg, bits=avg,
@@ -684,7 +676,7 @@ def test_report_schedule_length_pairs_a_long_run_with_its_recipe_on_shorter_sche
   metrics.parent.mkdir(parents=True)
   metrics.write_text("".join(json.dumps({"avg_bits": b, "val_accuracy": 0.9}) + "\n"
                              for b in [4.0] * 7 + [2.5, 2.0, 2.0]))
-  text = "\n".join(report.schedules_section(rows, tmp_path))
+  text = "\n".join(sections.schedules_section(rows, tmp_path))
   # 10 epochs, 2 seeds: 0.965 vs FP32 0.98 at 10 epochs; 30 epochs: bits moved 2.5 -> 2.0
   assert "| mnist / lenet300 | q | 10 | base / q | 2 | 0.9650 ± 0.0071 | -1.50 | 2.00 ± 0.00 |" in text
   assert "| mnist / lenet300 | q | 30 | long_x / q | 1 | 0.9850 | -0.50 | 2.00 | 20.0% |" in text
@@ -695,7 +687,7 @@ def test_report_schedule_length_pairs_a_long_run_with_its_recipe_on_shorter_sche
   assert "DoReFa" not in text  # no published figure for this model
   for r in rows:
     r.update(dataset="cifar10", model="resnet20")
-  text = "\n".join(report.schedules_section(rows, tmp_path))
+  text = "\n".join(sections.schedules_section(rows, tmp_path))
   # 30 epochs: FP32 0.99 is 2.13 points below 92.13; the 2-bit run 0.985 against 91.05
   assert ("| cifar10 / resnet20 | 30 | 0.9900 | +6.87 | DoReFa-Net, 2-bit weights, float "
           "activations (Zhou et al. 2016): 0.9105 at 2 bits | long_x / q: 0.9850 | +7.45 |") in text
@@ -737,7 +729,7 @@ def test_sweep_refuses_a_recorded_run_whose_flags_changed_and_names_them(tmp_pat
 
 
 def test_sweep_and_report_name_a_damaged_record_line(tmp_path, capsys):
-  sweep, report = _load("sweep"), _load("report")
+  sweep = _load("sweep")
   cfg = tmp_path / "c.json"
   cfg.write_text(json.dumps({"name": "x", "module": "experiments.mnist", "base": {},
                              "variants": {"v": {}}, "seeds": [0]}))
@@ -748,7 +740,7 @@ def test_sweep_and_report_name_a_damaged_record_line(tmp_path, capsys):
                + "\n")
   assert sweep.main(["--config", str(cfg), "--runs_dir", str(tmp_path / "runs"),
                      "--results_dir", str(tmp_path / "results"), "--dry_run"]) == 2
-  assert report.main(["--results_dir", str(tmp_path / "results"),
+  assert cli.main(["--results_dir", str(tmp_path / "results"),
                       "--out", str(tmp_path / "R.md")]) == 2
   err = capsys.readouterr().err.splitlines()
   want = f"error: {f}:2: a git conflict marker: resolve the merge"
@@ -800,7 +792,7 @@ def test_the_record_and_the_report_name_no_machine_path(tmp_path):
   """Runs recorded from absolute workdirs come out as runs/<sweep>/<run>, in the record
   (sweep.portable, applied at every collect) and in the report; the committed record,
   RESULTS.md and the README hold no absolute path."""
-  sweep, report = _load("sweep"), _load("report")
+  sweep = _load("sweep")
   runs, record = tmp_path / "runs" / "x", tmp_path / "results" / "x"
   (runs / "v_s0").mkdir(parents=True)
   (runs / "v_s0" / "results.json").write_text(json.dumps({
@@ -812,7 +804,7 @@ def test_the_record_and_the_report_name_no_machine_path(tmp_path):
   row = sweep.collect(runs, record)[0]
   assert row["workdir"] == "runs/x/v_s0" and row["packed_file"] == "runs/x/v_s0/model.lqz"
   assert row["command"] == "python -m lqjax.ptq --bits=4 --workdir=runs/x/v_s0"
-  assert report.command_today(row["command"]) == "python -m lqlab.ptq --bits=4 --workdir=runs/x/v_s0"
+  assert records.command_today(row["command"]) == "python -m lqlab.ptq --bits=4 --workdir=runs/x/v_s0"
   for f in [*ROOT.glob("results/*/results.jsonl"), ROOT / "docs/RESULTS.md", ROOT / "README.md"]:
     hits = ABSOLUTE.findall(f.read_text())
     assert not hits, (f, hits[:3])
@@ -822,9 +814,8 @@ def test_the_record_and_the_report_name_no_machine_path(tmp_path):
 def test_frontier_plot_is_readable(tmp_path, monkeypatch):
   """One line per scheme through its sizes, FP32 dashed, a log x-axis labelled in ratios,
   the y-axis zoomed to the competitive range and the collapsed run named in a note."""
-  report = _load("report")
   figs = []
-  monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or path)
+  monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
 
   def run(var, seed, acc, ratio, rule="lsq", scheme="scale-rule"):
     return {"sweep": "s", "run": f"{var}_s{seed}", "test_accuracy": acc, "scheme": scheme,
@@ -836,7 +827,7 @@ def test_frontier_plot_is_readable(tmp_path, monkeypatch):
       ("lsq_3bit", (0.908, 0.909), 10.0, "lsq", "scale-rule"),
       ("lsq_1bit", (0.70, 0.74), 28.0, "lsq", "scale-rule")):
     variants[("s", var)] = [run(var, i, a, ratio, rule, scheme) for i, a in enumerate(accs)]
-  assert report.frontier_plot("s", variants, tmp_path, "t", "p.png") == tmp_path / "p.png"
+  assert plots.frontier_plot("s", variants, tmp_path, "t", "p.png") == tmp_path / "p.png"
   (fig,) = figs
   ax = fig.axes[0]
   assert ax.get_xscale() == "log" and ax.get_title() == "t"
