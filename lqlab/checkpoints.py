@@ -115,3 +115,30 @@ def verify(workdir, step) -> Optional[str]:
   got = files.tree_hashes(workdir / "checkpoints" / str(step))
   changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
   return f"{changed[0]} is damaged or missing" if changed else None
+
+
+def save(mngr, workdir, state, meta):
+  """Saves checkpoint ``state.step`` (the train state and the loop's JSON meta) and records
+  its files' hashes. A failed write (full disk, read-only folder) leaves no temporary step
+  and raises :class:`CheckpointError` naming the reason and the step that is kept."""
+  import logging as pylogging
+
+  import orbax.checkpoint as ocp
+  pylogging.disable(pylogging.ERROR)  # orbax logs a failed write's traceback; we say it once
+  try:
+    mngr.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+    write_hashes(workdir, int(state.step))
+  except Exception as e:  # OSError from Python, ValueError from tensorstore
+    clean_tmp(workdir)
+    kept = (f"step {mngr.latest_step()}, the last complete checkpoint, is kept"
+            if mngr.latest_step() is not None else "no checkpoint was complete yet")
+    try:
+      mngr.close()
+    except Exception:  # the manager may be as broken as the write
+      pass
+    raise CheckpointError(f"cannot write a checkpoint in {workdir / 'checkpoints'} "
+                          f"({write_error(e)}); {kept}") from None
+  finally:
+    pylogging.disable(pylogging.NOTSET)

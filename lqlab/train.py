@@ -192,6 +192,50 @@ def _budget_step(cfg, state, meta, epoch, fisher_fn, target):
   return state.replace(params=params, opt_state=opt_state), meta, event
 
 
+def _end_epoch(cfg, ds, state, meta, epoch, evaluate, bits_fn, ratio_fn, fisher_fn, t_start):
+  """An epoch's end (1-based `epoch`): the size budget's projection, the validation
+  accuracy, bits and r statistics, the brake. Returns ``(state, meta, metrics row)``."""
+  stats = (ds.mean, ds.std)
+  state, meta, budget_event = _budget_step(
+      cfg, state, meta, epoch, fisher_fn,
+      budget_target(cfg, state.params, state.batch_stats, ds.num_classes, stats)
+      if cfg.budget else None)
+  val_acc, val_loss = evaluate(state.params, state.batch_stats, ds.val)
+  avg, per_layer = bits_fn(state.params) if not cfg.float_model else (32.0, {})
+  r_stats = {} if cfg.float_model else jax.tree_util.tree_map(float, ratio_fn(
+      state.params, state.batch_stats, ds.val.image[:500], ds.val.label[:500]))
+  state, meta, event = _scale_stop(cfg, state, meta, val_acc, epoch)
+  row = {"epoch": epoch, "step": int(state.step),
+         "train_loss": meta["loss_sum"] / max(meta["steps_in_epoch"], 1),
+         "train_accuracy": meta["acc_sum"] / max(meta["steps_in_epoch"], 1),
+         "val_accuracy": val_acc, "val_loss": val_loss, "avg_bits": float(avg),
+         "bits_per_layer": {k: float(v) for k, v in per_layer.items()},
+         "ratio_r": r_stats, "scale_mult": float(optim.scale_mult(state.opt_state)),
+         "seconds": time.time() - t_start,
+         **({"scale_stop": event} if event else {}),
+         **({"budget": budget_event} if budget_event else {})}
+  return state, meta, row
+
+
+def _check_losses(loss, step0, epoch, first, mngr, workdir):
+  """Stops the run at a chunk's first non-finite or exploding loss (EXPLODE_FACTOR times
+  the first step's), saying which checkpoint is kept."""
+  limit = max(EXPLODE_FACTOR * abs(first), EXPLODE_FACTOR)
+  bad_mask = ~np.isfinite(loss) | (np.abs(loss) > limit)
+  if not np.any(bad_mask):
+    return
+  bad = step0 + int(np.argmax(bad_mask))
+  value = loss[bad - step0]
+  what = f"became {value}" if not np.isfinite(value) else \
+      f"exploded to {value:.3g} (it started at {first:.3g})"
+  kept = (f"the checkpoint of step {mngr.latest_step()} in {workdir / 'checkpoints'} is kept"
+          if mngr.latest_step() is not None else
+          "no checkpoint was saved yet (the first is written at the end of epoch 1)")
+  mngr.close()
+  raise TrainingError(f"loss {what} at step {bad} (epoch {epoch + 1}); stopped, {kept}: "
+                      f"lower --lr or --scale_lr")
+
+
 def _interrupted(signame, state, workdir) -> Interrupted:
   return Interrupted(f"{signame} at step {int(state.step)}: checkpoint saved in "
                      f"{workdir / 'checkpoints'}; re-run the same command to resume")
@@ -322,25 +366,10 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
   total_steps = cfg.epochs * steps_per_epoch
 
   def save(state, meta):
-    import logging as pylogging
-    pylogging.disable(pylogging.ERROR)  # orbax logs a failed write's traceback; we say it once
     try:
-      mngr.save(int(state.step), args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-      mngr.wait_until_finished()
-      checkpoints.write_hashes(workdir, int(state.step))
-    except Exception as e:  # OSError from Python, ValueError from tensorstore
-      checkpoints.clean_tmp(workdir)
-      kept = (f"step {mngr.latest_step()}, the last complete checkpoint, is kept"
-              if mngr.latest_step() is not None else "no checkpoint was complete yet")
-      try:
-        mngr.close()
-      except Exception:  # the manager may be as broken as the write
-        pass
-      raise TrainingError(f"cannot write a checkpoint in {workdir / 'checkpoints'} "
-                          f"({checkpoints.write_error(e)}); {kept}") from None
-    finally:
-      pylogging.disable(pylogging.NOTSET)
+      checkpoints.save(mngr, workdir, state, meta)
+    except checkpoints.CheckpointError as e:
+      raise TrainingError(str(e)) from None
 
   t_start = time.time() - meta["train_seconds"]
   with _SignalFlag() as sig:
@@ -355,20 +384,7 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
         loss = np.asarray(m["loss"])
         if step0 == 0:
           meta["first_loss"] = float(loss[0])
-        first = meta.get("first_loss", float(loss[0]))
-        limit = max(EXPLODE_FACTOR * abs(first), EXPLODE_FACTOR)
-        bad_mask = ~np.isfinite(loss) | (np.abs(loss) > limit)
-        if np.any(bad_mask):
-          bad = step0 + int(np.argmax(bad_mask))
-          value = loss[bad - step0]
-          what = f"became {value}" if not np.isfinite(value) else \
-              f"exploded to {value:.3g} (it started at {first:.3g})"
-          kept = (f"the checkpoint of step {mngr.latest_step()} in {workdir / 'checkpoints'} is "
-                  f"kept" if mngr.latest_step() is not None else
-                  "no checkpoint was saved yet (the first is written at the end of epoch 1)")
-          mngr.close()
-          raise TrainingError(f"loss {what} at step {bad} (epoch {epoch + 1}); stopped, {kept}: "
-                              f"lower --lr or --scale_lr")
+        _check_losses(loss, step0, epoch, meta.get("first_loss", float(loss[0])), mngr, workdir)
         state = new_state
         meta["loss_sum"] += float(loss.sum())
         meta["acc_sum"] += float(np.asarray(m["accuracy"]).sum())
@@ -385,31 +401,15 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
           bar.close()
           raise _interrupted(sig.hit, state, workdir)
       bar.close()
-      state, meta, budget_event = _budget_step(
-          cfg, state, meta, epoch + 1, fisher_fn,
-          budget_target(cfg, state.params, state.batch_stats, ds.num_classes, stats)
-          if cfg.budget else None)
-      val_acc, val_loss = evaluate(state.params, state.batch_stats, ds.val)
-      avg, per_layer = bits_fn(state.params) if not cfg.float_model else (32.0, {})
-      r_stats = {} if cfg.float_model else jax.tree_util.tree_map(float, ratio_fn(
-          state.params, state.batch_stats, ds.val.image[:500], ds.val.label[:500]))
-      state, meta, event = _scale_stop(cfg, state, meta, val_acc, epoch + 1)
-      row = {"epoch": epoch + 1, "step": int(state.step),
-             "train_loss": meta["loss_sum"] / max(meta["steps_in_epoch"], 1),
-             "train_accuracy": meta["acc_sum"] / max(meta["steps_in_epoch"], 1),
-             "val_accuracy": val_acc, "val_loss": val_loss, "avg_bits": float(avg),
-             "bits_per_layer": {k: float(v) for k, v in per_layer.items()},
-             "ratio_r": r_stats, "scale_mult": float(optim.scale_mult(state.opt_state)),
-             "seconds": time.time() - t_start,
-             **({"scale_stop": event} if event else {}),
-             **({"budget": budget_event} if budget_event else {})}
+      state, meta, row = _end_epoch(cfg, ds, state, meta, epoch + 1, evaluate, bits_fn,
+                                    ratio_fn, fisher_fn, t_start)
       rows.append(row)
       files.write_jsonl_atomic(workdir / "metrics.jsonl", rows)
       meta = {**meta, "loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0,
               "train_seconds": time.time() - t_start}
       save(state, meta)
       if progress:
-        print(f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f} val_acc {val_acc:.4f} "
+        print(f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
               f"avg_bits {row['avg_bits']:.2f} ({row['seconds']:.0f}s)", flush=True)
       if sig.hit and epoch + 1 < cfg.epochs:  # the epoch's checkpoint is saved
         mngr.close()
