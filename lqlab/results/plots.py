@@ -92,3 +92,8 @@ def _save(fig, path):
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def image(png, plots_dir, alt: str) -> list:
+  """The Markdown lines that show a plot in RESULTS.md (which sits beside `plots_dir`)."""
+  return ["", f"![{alt}]({png.relative_to(plots_dir.parent).as_posix()})"]

@@ -8,7 +8,7 @@ import re
 import statistics
 
 from lqlab.config import reproduce_flags
-from lqlab.results.plots import frontier_plot, pareto_plot
+from lqlab.results.plots import frontier_plot, image, pareto_plot
 from lqlab.results.records import (accounted_mark, by_schedule, command_today, convergence,
                                    DATASET_NAMES, family, fp32_reference, group_by, mean_of,
                                    mean_std, PUBLISHED, recipe_of, same_recipe, size_bytes,
@@ -51,7 +51,7 @@ def sweep_section(name, rows, results_dir, plots_dir):
           f" (today: add `{' '.join(again)}`, the default when it ran)" if again else ""))
   png = pareto_plot(name, by_var, plots_dir)
   if png:
-    out += ["", f"![{name}]({png.relative_to(plots_dir.parent).as_posix()})"]
+    out += image(png, plots_dir, f"{name}")
   return out + [""]
 
 
@@ -88,7 +88,7 @@ def dataset_summary(rows, plots_dir):
                         f"{DATASET_NAMES.get(ds, ds)}, {model}, {epochs} epochs: every scheme",
                         f"pareto_{ds}_{model}_e{epochs}.png")
     if png:
-      out += ["", f"![{ds} {model} {epochs} epochs]({png.relative_to(plots_dir.parent).as_posix()})"]
+      out += image(png, plots_dir, f"{ds} {model} {epochs} epochs")
     out.append("")
   return out
 
@@ -326,7 +326,7 @@ def frontier_section(all_rows, plots_dir):
                         f"{first['model']}, {first['epochs']} epochs: the low-bit frontier",
                         f"pareto_{sweep}.png")
     if png:
-      out += ["", f"![{sweep}]({png.relative_to(plots_dir.parent).as_posix()})"]
+      out += image(png, plots_dir, f"{sweep}")
     out.append("")
   return out
 
