@@ -22,20 +22,22 @@ def test_readme_is_short_with_its_two_commands_and_the_own_model_example_first()
   assert "pip install -e" in bash[0] and "pytest" in bash[1]
   first_python = next(i for i, line in enumerate(lines) if line.startswith("```python"))
   assert first_python < 40 and "lqjax.budget.Schedule" in BLOCKS[0]
-  assert len(BLOCKS) >= 2 and "nnx" in BLOCKS[1] and "nnx.merge" in BLOCKS[1]
+  assert len(BLOCKS) >= 3 and "nnx" in BLOCKS[1] and "nnx.merge" in BLOCKS[2]
+  assert len(BLOCKS[2].strip().splitlines()) == 2  # ONNX of an NNX model in two lines
 
 
-def _run(i, tmp_path, monkeypatch, capsys):
+def _run(blocks, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   ns = {"__name__": "__readme__"}
-  exec(compile(BLOCKS[i], f"README block {i}", "exec"), ns)
+  for i in blocks:  # a block after the NNX one continues it
+    exec(compile(BLOCKS[i], f"README block {i}", "exec"), ns)
   return ns, capsys.readouterr().out
 
 
 def test_linen_block_file_is_the_reported_size_and_reloads_to_the_same_model(
     tmp_path, monkeypatch, capsys):
   import lqjax
-  ns, out = _run(0, tmp_path, monkeypatch, capsys)
+  ns, out = _run([0], tmp_path, monkeypatch, capsys)
   stated = int(re.search(r"packed file \(lqjax.save\): (\d+) bytes", out).group(1))
   assert (tmp_path / "mlp.lqz").stat().st_size == stated
   trained = ns["params"]  # the block reloads into `params`; compare with a fresh reload
@@ -53,7 +55,7 @@ def test_nnx_block_reloads_in_place_and_exports_onnx(tmp_path, monkeypatch, caps
   import lqjax
   from flax import nnx
   from lqjax import onnx_export
-  ns, _ = _run(1, tmp_path, monkeypatch, capsys)
+  ns, _ = _run([1, 2], tmp_path, monkeypatch, capsys)
   model, x = ns["model"], np.asarray(jax.random.normal(jax.random.key(3), (5, 784)))
   fresh = lqjax.quantize(ns["Net"](nnx.Rngs(1)), lqjax.Rule(config=lqjax.QuantConfig(
       granularity="row")))
