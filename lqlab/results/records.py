@@ -56,12 +56,11 @@ def size_bytes(r):
 
 
 def command_today(cmd: str) -> str:
-  """A recorded command as it runs today, from the repository: the module where it lives
-  now, and its workdir relative to the repository (`runs/<sweep>/<run>`), not the path of
-  the machine it ran on."""
+  """A recorded command as it runs today: the module where it lives now. (Its workdir is
+  already relative to the repository: the sweep driver records rows portable.)"""
   for old, new in MOVED_MODULES.items():
     cmd = cmd.replace(f"-m {old} ", f"-m {new} ")
-  return re.sub(r"--workdir=\S*?/(runs/\S+)", r"--workdir=\1", cmd)
+  return cmd
 
 
 def load_rows(files):
