@@ -54,10 +54,12 @@ def code_bits(lo, hi):
 
 def group_bits(codes: jax.Array, sshape) -> jax.Array:
   """:func:`code_bits` per group, of the scale's shape, as float32 (jittable)."""
-  axes = qconfig.shared_axes(codes.shape, sshape)
+  cshape, vshape = qconfig.grouped_shapes(codes.shape, sshape)
+  codes = jnp.reshape(codes, cshape)
+  axes = qconfig.shared_axes(codes.shape, vshape)
   hi = jnp.max(codes, axis=axes, keepdims=True) if axes else codes
   lo = jnp.min(codes, axis=axes, keepdims=True) if axes else codes
-  return code_bits(jnp.asarray(lo), jnp.asarray(hi)).astype(jnp.float32)
+  return code_bits(jnp.asarray(lo), jnp.asarray(hi)).astype(jnp.float32).reshape(sshape)
 
 
 def average_bits(params, default: Optional[qconfig.QuantConfig] = None):
@@ -73,10 +75,7 @@ def average_bits(params, default: Optional[qconfig.QuantConfig] = None):
   """
   total_bits, total_n, per = 0.0, 0, {}
   for t in tree.quantized_tensors(params, default):
-    s = quant.scale_from_log(t.log_scale)
-    b = group_bits(quant.quantize_codes(t.p, s, rounding=t.config.rounding, bits=t.config.bits,
-                                        grid=t.config.grid),
-                   t.log_scale.shape)
+    b = group_bits(quant.codes_of(t.p, t.log_scale, t.config), t.log_scale.shape)
     n_group = t.p.size // t.log_scale.size
     layer_bits = jnp.sum(b) * n_group
     per[t.name] = layer_bits / t.p.size
@@ -123,7 +122,9 @@ def describe_granularity(granularity: qconfig.Granularity) -> str:
 def group_view(codes: np.ndarray, sshape) -> np.ndarray:
   """Codes as (groups, elements per group), groups in the scale's C order."""
   g = int(np.prod(sshape)) if len(sshape) else 1
-  return np.transpose(codes, qconfig.group_permutation(codes.shape, sshape)).reshape(g, -1)
+  cshape, vshape = qconfig.grouped_shapes(codes.shape, sshape)
+  codes = np.reshape(codes, cshape)
+  return np.transpose(codes, qconfig.group_permutation(cshape, vshape)).reshape(g, -1)
 
 
 def model_report(variables, default: Optional[qconfig.QuantConfig] = None):

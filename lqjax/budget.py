@@ -101,13 +101,13 @@ def _groups(params, fisher_flat) -> list:
   for t in tree.quantized_tensors(params):
     if t.config.bits is not None or t.config.rule == "fixed":
       continue
-    p = np.asarray(t.p, np.float64)
-    sshape = t.log_scale.shape
-    axes = qconfig.shared_axes(p.shape, sshape)
+    pshape, sshape = qconfig.grouped_shapes(t.p.shape, t.log_scale.shape)
+    p = np.asarray(t.p, np.float64).reshape(pshape)
+    axes = qconfig.shared_axes(pshape, sshape)
     red = (lambda f, x: f(x, axis=axes, keepdims=True).reshape(-1)) if axes else \
         (lambda f, x: x.reshape(-1))
     f2 = fisher_flat.get(t.path) if fisher_flat is not None else None
-    f2 = np.ones_like(p) if f2 is None else np.asarray(f2, np.float64)
+    f2 = np.ones_like(p) if f2 is None else np.asarray(f2, np.float64).reshape(pshape)
     s = np.asarray(quant.scale_from_log(t.log_scale), np.float64).reshape(-1)
     lo, hi = red(np.min, p), red(np.max, p)
     out.append(_Groups(t, lo, hi, p.size // max(s.size, 1), red(np.sum, f2),

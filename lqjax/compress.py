@@ -121,9 +121,10 @@ def _group_fields(codes, sshape):
 
 
 def _ungroup(gv, shape, sshape):
-  perm = qconfig.group_permutation(shape, sshape)
-  arr = gv.reshape([shape[i] for i in perm])
-  return np.transpose(arr, np.argsort(perm))
+  vshape, vs = qconfig.grouped_shapes(shape, sshape)
+  perm = qconfig.group_permutation(vshape, vs)
+  arr = gv.reshape([vshape[i] for i in perm])
+  return np.transpose(arr, np.argsort(perm)).reshape(shape)
 
 
 # ------------------------------------------------------------ writing
@@ -311,7 +312,7 @@ def _check_header(header):
     elif kind == "quantized":
       ss = t.get("scale_shape")
       if not (isinstance(ss, list) and len(ss) == len(shape)
-              and all(_int(d) and d >= 1 and (d == 1 or d == s) for d, s in zip(ss, shape))):
+              and all(_int(d) and d >= 1 and s % d == 0 for d, s in zip(ss, shape))):
         raise CorruptFileError(f"{where}: scale_shape {ss} does not fit shape {shape}")
       if nb < accounting.GROUP_OVERHEAD_BYTES * math.prod(ss):
         raise CorruptFileError(f"{where}: nbytes {nb} too small for its scale groups")
@@ -405,8 +406,8 @@ def _decode(header, payload, version):
         cfg = qconfig.QuantConfig.from_json(t.get("config") or {})
       except (TypeError, ValueError) as e:
         raise CorruptFileError(f"{name}: invalid config: {e}") from None
-    s = quant.scale_from_log(jnp.asarray(ls))  # |log s| <= LOG_SCALE_MAX: checked above
-    values = np.asarray(quant.dequantize(jnp.asarray(codes, jnp.int32), s, grid=cfg.grid))
+    # |log s| <= LOG_SCALE_MAX: checked above
+    values = np.asarray(quant.dequantize_as(jnp.asarray(codes, jnp.int32), ls, cfg.grid))
     if not np.all(np.isfinite(values)):
       raise CorruptFileError(f"{name}: decoded values are not finite")
     flat[path] = values

@@ -48,18 +48,20 @@ class Quantizer(nn.Module):
 
   Attributes:
     config: the :class:`lqjax.qconfig.QuantConfig` of this parameter.
+    layout: the parameter's input and output axes (:class:`lqjax.qconfig.Layout`);
+      None: the default (last axis out, the one before it in).
   """
 
   config: qconfig.QuantConfig
+  layout: Optional[qconfig.Layout] = None
 
   @nn.compact
   def __call__(self, p):
     cfg = self.config
-    shape = qconfig.scale_shape(p.shape, cfg.granularity)
+    shape = qconfig.config_scale_shape(p.shape, cfg, self.layout)
     log_scale = self.param(
         tree.SCALE_NAME,
-        lambda _rng: tree.QuantScale(jnp.log(quant.init_scale(
-            p, cfg.granularity, bits=cfg.bits, init_bits=cfg.init_bits)), cfg))
+        lambda _rng: tree.QuantScale(quant.init_log_scale(p, cfg, self.layout), cfg))
     if log_scale.shape != shape:
       raise ValueError(
           f"{self.name}: stored scale shape {log_scale.shape} does not match "
@@ -67,12 +69,29 @@ class Quantizer(nn.Module):
     return quant.quantize_param(p, log_scale, cfg)
 
 
+def _count(x) -> int:
+  return len(x) if isinstance(x, (tuple, list)) else 1
+
+
+def layout(module: nn.Module, name: str, ndim: int) -> qconfig.Layout:
+  """The input and output axes of `module`'s parameter `name` (see :mod:`lqjax.qconfig`)."""
+  if isinstance(module, nn.DenseGeneral):
+    n_out = _count(module.features)
+    if name == "kernel":
+      return qconfig.Layout.of(ndim, _count(module.axis), n_out)
+    return qconfig.Layout.of(ndim, 0, n_out)
+  if isinstance(module, nn.Embed) and name == "embedding":
+    return qconfig.Layout((1,), (0,))
+  return qconfig.Layout.default(ndim)
+
+
 def _quantize_param(module: nn.Module, name: str, value, cfg: qconfig.QuantConfig, path: str):
+  lay = layout(module, name, value.ndim)
   try:
-    qconfig.scale_shape(value.shape, cfg.granularity)
+    qconfig.config_scale_shape(value.shape, cfg, lay)
   except ValueError as e:
     raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
-  return Quantizer(cfg, name=name + tree.QUANT_SUFFIX, parent=module)(value)
+  return Quantizer(cfg, lay, name=name + tree.QUANT_SUFFIX, parent=module)(value)
 
 
 def quantized(layer_cls: Type[nn.Module]) -> Type[nn.Module]:

@@ -42,10 +42,13 @@ def inverse_scale_penalty(params: Mapping[str, Any], coef: float) -> jax.Array:
 
 def group_bins(p: jax.Array, log_scale: jax.Array) -> jax.Array:
   """bins_G = (max P_G - min P_G) / s_G + 1, of the scale's shape."""
-  axes = qconfig.shared_axes(p.shape, log_scale.shape)
+  pshape, sshape = qconfig.grouped_shapes(p.shape, log_scale.shape)
+  p = p.reshape(pshape)
+  axes = qconfig.shared_axes(pshape, sshape)
   hi = jnp.max(p, axis=axes, keepdims=True) if axes else p
   lo = jnp.min(p, axis=axes, keepdims=True) if axes else p
-  return (hi - lo) / quant.scale_from_log(log_scale) + 1.0
+  return ((hi - lo) / quant.scale_from_log(log_scale.reshape(sshape)) + 1.0).reshape(
+      log_scale.shape)
 
 
 def bin_count_penalty(params: Mapping[str, Any], coef: float,
@@ -61,10 +64,8 @@ def deviation_penalty(params: Mapping[str, Any], coef: float) -> jax.Array:
   """gamma * mean((P - Q(P))^2), Q with each tensor's own rounding and bits."""
 
   def dev(p, ls, cfg):
-    s = quant.scale_from_log(ls)
-    q = jax.lax.stop_gradient(quant.quantize_codes(
-        p, s, rounding=cfg.rounding, bits=cfg.bits, grid=cfg.grid)).astype(p.dtype)
-    return jnp.mean(jnp.square(p - quant.dequantize(q, s, p.dtype, cfg.grid)))
+    q = jax.lax.stop_gradient(quant.codes_of(p, ls, cfg))
+    return jnp.mean(jnp.square(p - quant.dequantize_as(q, ls, cfg.grid, p.dtype)))
 
   return coef * _mean_over_quantizers(params, dev, coef)
 

@@ -19,8 +19,12 @@ that closes over it. The state layout is the model's own plus a sibling per
 quantized parameter (``fc1/kernel``, ``fc1/kernel_quant/log_scale``), as in
 Linen.
 
-Layers stacked by ``nnx.vmap`` (for ``nnx.scan`` over layers): quantize the
-layer inside the vmapped constructor, so its scales get the stacked axis too.
+Layers stacked by ``nnx.vmap`` (for ``nnx.scan`` over layers) may be quantized
+from outside, after the stack is built: a parameter with more leading axes than
+its layer declares (a Linear kernel of shape (layers, in, out)) is a stack, and
+its scales keep the stack's axes under every granularity, so that ``nnx.scan``
+slices each layer's scales with its weights. Quantizing inside the vmapped
+constructor works too and gives the same scales.
 """
 
 from __future__ import annotations
@@ -69,10 +73,9 @@ class QuantizedParam(nnx.Param):
 class Quantizer(nnx.Module):
   """Owns ``log_scale`` (a :class:`ScaleParam`) and maps P -> Q(P)."""
 
-  def __init__(self, p, config: qconfig.QuantConfig):
+  def __init__(self, p, config: qconfig.QuantConfig, layout: qconfig.Layout | None = None):
     self.config = config
-    self.log_scale = ScaleParam(jnp.log(quant.init_scale(
-        p, config.granularity, bits=config.bits, init_bits=config.init_bits)), config=config)
+    self.log_scale = ScaleParam(quant.init_log_scale(p, config, layout), config=config)
 
   def __call__(self, p):
     return quant.quantize_param(p, self.log_scale[...], self.config)
@@ -114,6 +117,46 @@ def _quantized_class(cls):
   return type("Quantized" + cls.__name__, (cls,), ns)
 
 
+def _declared(layer, name: str):
+  """(input axes, output axes) that `layer` declares for its parameter `name`, or None."""
+  if isinstance(layer, nnx.LinearGeneral):
+    n_out = len(layer.out_features)
+    n_in = len(layer.batch_axis) + len(layer.in_features)
+    return (n_in, n_out) if name == "kernel" else (0, len(layer.batch_axis) + n_out)
+  if isinstance(layer, nnx.Embed) and name == "embedding":
+    return "embed"
+  if isinstance(layer, (nnx.Linear, nnx.Conv, nnx.ConvTranspose)):
+    if name == "bias":
+      return (0, 1)
+    return (len(getattr(layer, "kernel_size", ())) + 1, 1)  # spatial axes count as inputs
+  if isinstance(layer, nnx.Einsum):
+    shape = layer.kernel_shape if name == "kernel" else (layer.bias_shape or ())
+    return (max(len(shape) - 1, 0), min(len(shape), 1))
+  return None
+
+
+def layout(layer, name: str, ndim: int) -> qconfig.Layout:
+  """The input, output and stack axes of `layer`'s parameter `name` (see
+  :mod:`lqjax.qconfig`): leading axes beyond what the layer declares are a stack's
+  (``nnx.vmap``)."""
+  d = _declared(layer, name)
+  if d is None:
+    return qconfig.Layout.default(ndim)
+  if d == "embed":
+    st = ndim - 2
+    return qconfig.Layout((st + 1,), (st,), tuple(range(st)))
+  n_in, n_out = d
+  stacked = ndim - n_in - n_out
+  if stacked < 0:
+    return qconfig.Layout.default(ndim)
+  if isinstance(layer, nnx.LinearGeneral):
+    # its own batch axes lead, like a stack's: both keep their scales
+    return qconfig.Layout.of(ndim, len(layer.in_features) if name == "kernel" else 0, n_out)
+  base = qconfig.Layout.default(ndim - stacked)
+  shift = lambda axes: tuple(a + stacked for a in axes)  # noqa: E731
+  return qconfig.Layout(shift(base.inputs), shift(base.outputs), tuple(range(stacked)))
+
+
 def _quantize_layer(layer, cfgs: dict, path: str):
   names = []
   for name, cfg in cfgs.items():
@@ -121,13 +164,14 @@ def _quantize_layer(layer, cfgs: dict, path: str):
     if not isinstance(var, nnx.Param):
       continue
     value = var.get_value()
+    lay = layout(layer, name, value.ndim)
     try:
-      qconfig.scale_shape(value.shape, cfg.granularity)
+      qconfig.config_scale_shape(value.shape, cfg, lay)
     except ValueError as e:
       raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
     setattr(layer, name, QuantizedParam(value, **{k: v for k, v in var.get_metadata().items()
                                                   if k != "on_get_value"}))
-    setattr(layer, name + tree.QUANT_SUFFIX, Quantizer(value, cfg))
+    setattr(layer, name + tree.QUANT_SUFFIX, Quantizer(value, cfg, lay))
     names.append(name)
   if names:
     layer.__class__ = _quantized_class(type(layer))

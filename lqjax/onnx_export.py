@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqjax import fileio, quant, tree
+from lqjax import fileio, qconfig, quant, tree
 
 OPSET = 23
 
@@ -61,6 +61,16 @@ def _int_dtype(codes: np.ndarray):
 
 def _dequant_nodes(helper, numpy_helper, name, codes, scale):
   """(initializers, nodes) that compute tensor `name` from integer codes and scales."""
+  if qconfig.is_blocked(codes.shape, scale.shape):  # codes in the grouped view, then reshaped
+    vshape, vs = qconfig.grouped_shapes(codes.shape, scale.shape)
+    q = numpy_helper.from_array(codes.reshape(vshape).astype(_int_dtype(codes)), name + "_codes")
+    one = numpy_helper.from_array(np.float32(1.0), name + "_one")
+    s = numpy_helper.from_array(scale.reshape(vs).astype(np.float32), name + "_scale")
+    shape = numpy_helper.from_array(np.asarray(codes.shape, np.int64), name + "_shape")
+    return [q, one, s, shape], [
+        helper.make_node("DequantizeLinear", [q.name, one.name], [name + "_int"]),
+        helper.make_node("Mul", [name + "_int", s.name], [name + "_grouped"]),
+        helper.make_node("Reshape", [name + "_grouped", shape.name], [name])]
   q = numpy_helper.from_array(codes.astype(_int_dtype(codes)), name + "_codes")
   kept = [i for i, d in enumerate(scale.shape) if d != 1]
   if not kept:
@@ -171,7 +181,7 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
   for t in qt.values():
     cfg = t.config
     codes, scale = quant.tensor_codes(t.p, t.log_scale, cfg)
-    values = np.asarray(quant.dequantize(jnp.asarray(codes), scale, grid=cfg.grid))
+    values = np.asarray(quant.dequantize_as(jnp.asarray(codes), t.log_scale, cfg.grid))
     if cfg.offset:  # s * (q + 1/2) = (s / 2) * (2q + 1): integer codes again, and exact
       codes, scale = 2 * codes.astype(np.int64) + 1, scale / np.float32(2)
     replaced[t.path] = (codes, scale, values)

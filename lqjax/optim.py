@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lqjax import quant, tree
+from lqjax import qconfig, quant, tree
 
 WEIGHT, SCALE = "weight", "scale"
 
@@ -296,7 +296,9 @@ def ratio_stats(params, grads, threshold: Optional[float] = None):
   out = {}
   for t in tree.quantized_tensors(params):
     lam = t.config.threshold if threshold is None else threshold
-    _, r = quant.ratio_growth(gflat[t.path][0], t.p, t.log_scale.shape, lam)
+    pshape, sshape = qconfig.grouped_shapes(t.p.shape, t.log_scale.shape)
+    _, r = quant.ratio_growth(jnp.reshape(gflat[t.path][0], pshape), jnp.reshape(t.p, pshape),
+                              sshape, lam)
     r = r.reshape(-1)
     out[t.name] = {"p10": jnp.percentile(r, 10), "p50": jnp.percentile(r, 50),
                    "p90": jnp.percentile(r, 90), "frac_below": jnp.mean(r < lam)}

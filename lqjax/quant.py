@@ -392,29 +392,68 @@ def fake_quant(x: jax.Array, scale: jax.Array, *, rule: str = "ratio",
   return out
 
 
+def _grouped(p, log_scale):
+  """`p` and `log_scale` reshaped so that the scale broadcasts (a block scale's blocked axes
+  split, :func:`lqjax.qconfig.grouped_shapes`); unchanged without blocks."""
+  pshape, sshape = qconfig.grouped_shapes(p.shape, log_scale.shape)
+  return p.reshape(pshape), log_scale.reshape(sshape)
+
+
 def quantize_param(p: jax.Array, log_scale: jax.Array, config: qconfig.QuantConfig) -> jax.Array:
   """Q(P) of a parameter under its recipe: the quantizer's one entry point for layers.
 
   Args:
     p: the latent parameter P.
-    log_scale: its log scale (the shape from ``config.granularity``).
+    log_scale: its log scale (the shape from ``config.granularity``; a block scale has
+      the number of blocks along the blocked axes).
     config: the tensor's :class:`~lqjax.qconfig.QuantConfig`.
   """
-  return fake_quant(p, scale_from_log(log_scale), rule=config.rule, threshold=config.threshold,
-                    rounding=config.rounding, bits=config.bits, grid=config.grid,
-                    lsq_weight=config.lsq_weight, relax_threshold=config.relax_threshold)
+  pv, lv = _grouped(p, log_scale)
+  out = fake_quant(pv, scale_from_log(lv), rule=config.rule, threshold=config.threshold,
+                   rounding=config.rounding, bits=config.bits, grid=config.grid,
+                   lsq_weight=config.lsq_weight, relax_threshold=config.relax_threshold)
+  return out.reshape(p.shape)
+
+
+def init_log_scale(p: jax.Array, config: qconfig.QuantConfig,
+                   layout: Optional[qconfig.Layout] = None) -> jax.Array:
+  """The initial log scale of parameter `p` under `config` (:func:`init_scale`'s rule, per
+  group, block groups included), of :func:`lqjax.qconfig.config_scale_shape`'s shape."""
+  sshape = qconfig.config_scale_shape(p.shape, config, layout)
+  pshape, sv = qconfig.grouped_shapes(p.shape, sshape)
+  pv = p.reshape(pshape)
+  keep = tuple(i for i, d in enumerate(sv) if d != 1 or pv.shape[i] == 1)
+  s = init_scale(pv, keep, bits=config.bits, init_bits=config.init_bits)
+  return jnp.log(s).reshape(sshape)
+
+
+def codes_of(p, log_scale, config: qconfig.QuantConfig) -> jax.Array:
+  """The int32 codes of `p` under its log scale and recipe, in `p`'s shape (jittable)."""
+  pv, lv = _grouped(jnp.asarray(p), jnp.asarray(log_scale))
+  codes = quantize_codes(pv, scale_from_log(lv), rounding=config.rounding, bits=config.bits,
+                         grid=config.grid)
+  return codes.reshape(jnp.shape(p))
+
+
+def dequantize_as(codes, log_scale, grid: str = "midtread", dtype=jnp.float32) -> jax.Array:
+  """:func:`dequantize` of codes under a stored log scale, block scales included."""
+  cv, lv = _grouped(jnp.asarray(codes), jnp.asarray(log_scale))
+  return dequantize(cv, scale_from_log(lv), dtype, grid).reshape(jnp.shape(codes))
 
 
 @functools.partial(jax.jit, static_argnames=("rounding", "bits", "grid"))
 def _codes_and_scale(p, log_scale, rounding, bits, grid):
-  s = scale_from_log(log_scale)
-  return quantize_codes(p, s, rounding=rounding, bits=bits, grid=grid), s
+  pv, lv = _grouped(p, log_scale)
+  s = scale_from_log(lv)
+  codes = quantize_codes(pv, s, rounding=rounding, bits=bits, grid=grid)
+  return codes.reshape(p.shape), s.reshape(log_scale.shape)
 
 
 def tensor_codes(p, log_scale, config: qconfig.QuantConfig):
   """(codes int32 numpy, scale float32 numpy) of one quantized parameter under `config`.
 
-  The values are ``dequantize(codes, scale, grid=config.grid)``.
+  The codes have `p`'s shape, the scale the log scale's; the values are
+  ``dequantize_as(codes, log_scale, config.grid)``.
 
   Computed in one jitted program (exp, divide, round fused as in the model's
   quantizer): op-by-op evaluation rounds exp(log s) differently in the last ulp,

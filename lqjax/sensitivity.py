@@ -85,7 +85,8 @@ def grid_error(p, sshape, bits: int, rounding: str = "round", grid: str = "midtr
   `bits`-bit grid (midtread s*q or midrise s*(q+1/2)), with the step from
   :data:`CLIP_FRACTIONS` that leaves the least error."""
   o = qconfig.grid_offset(grid, bits)
-  p = np.asarray(p, np.float64)
+  pshape, sshape = qconfig.grouped_shapes(np.shape(p), sshape)
+  p = np.asarray(p, np.float64).reshape(pshape)
   axes = qconfig.shared_axes(p.shape, sshape)
   amax = np.max(np.abs(p), axis=axes, keepdims=True) if axes else np.abs(p)
   qn, qp = quant.code_range(bits)

@@ -39,7 +39,10 @@ class TrainConfig:
   rule: str = _field("ratio", "scale-gradient rule: fixed | lsq | ratio | ratio_lsq")
   threshold: float = _field(0.2, "lambda of the ratio rules: groups with r < lambda coarsen")
   granularity: qconfig.Granularity = _field(
-      "row", "kernel granularity: tensor|row|column|channel|spatial|element or axes '0,1'")
+      "row", "kernel granularity: tensor|row|column|channel|spatial|element|head|block or axes "
+             "'0,1'")
+  block_size: Optional[int] = _field(
+      None, "elements per scale group along a kernel's input axes, with --granularity=block")
   bias_granularity: qconfig.Granularity = _field("tensor", "bias granularity (same names)")
   quantize_bias: bool = _field(True, "quantize biases too")
   rounding: str = _field("round", "round (to nearest) | floor (the thesis's; loses ~1.3 points "
@@ -183,13 +186,14 @@ class TrainConfig:
       return None
     return qconfig.QuantConfig(rule=self.rule, threshold=self.threshold, rounding=self.rounding,
                              bits=self.bits, grid=self.grid, granularity=self.granularity,
-                             init_bits=self.init_bits, lsq_weight=self.lsq_weight,
+                             block_size=self.block_size, init_bits=self.init_bits, lsq_weight=self.lsq_weight,
                              relax_threshold=self.relax_threshold)
 
   def bias_quant(self) -> Optional[qconfig.QuantConfig]:
     if self.float_model or not self.quantize_bias:
       return None
-    return dataclasses.replace(self.kernel_quant(), granularity=self.bias_granularity)
+    return dataclasses.replace(self.kernel_quant(), granularity=self.bias_granularity,
+                               block_size=None)
 
   @property
   def brake(self) -> Optional[str]:

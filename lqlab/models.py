@@ -18,6 +18,8 @@ from typing import Callable, Dict, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lqlab import transformers
+
 
 class LeNet300100(nn.Module):
   """MLP 784-300-100-10 (LeCun et al., 1998)."""
@@ -111,6 +113,11 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
     # Imagenette at 64x64: stride-2 stem, 4 stages.
     "resnet_small": ModelSpec(lambda n: ResNet((1, 1, 1, 1), (32, 64, 128, 256), 2, n),
                               ("stem", "head")),
+    # CIFAR-10 ViT sized for an hour of a 2-core CPU (lqlab.transformers.ViT): patch 4,
+    # width 128, 4 blocks of 4 heads, MLP 256.
+    "vit": ModelSpec(lambda n: transformers.ViT(n, patch=4, width=128, depth=4, heads=4,
+                                                mlp=256),
+                     ("patch_embed", "head"), dense_layers=r"head|.*/(fc\d+|attn/\w+)"),
 }
 MODELS = tuple(MODEL_SPECS)
 

@@ -48,7 +48,8 @@ def quant_rules(cfg: TrainConfig):
   their widths, on the run's grid).
 
   ``spatial`` granularity needs a conv kernel: Dense kernels under a ``spatial``
-  kernel config are quantized per tensor instead.
+  kernel config are quantized per tensor instead. Under ``block`` the first layer, whose
+  input is the image's few channels, is quantized per row.
   """
   kernel, bias = cfg.kernel_quant(), cfg.bias_quant()
   rules = []
@@ -60,6 +61,10 @@ def quant_rules(cfg: TrainConfig):
     rules.append(lqjax.Rule("|".join(models.MODEL_SPECS[cfg.model].edge_layers),
                             dataclasses.replace(kernel, **edge),
                             bias=None if bias is None else dataclasses.replace(bias, **edge)))
+  if kernel.granularity == "block":  # the image's few input channels make no whole blocks
+    first = models.MODEL_SPECS[cfg.model].edge_layers[0]
+    rules.append(lqjax.Rule(re.escape(first), dataclasses.replace(
+        kernel, granularity="row", block_size=None), bias=bias))
   if kernel.granularity == "spatial":
     rules.append(lqjax.Rule(models.MODEL_SPECS[cfg.model].dense_layers,
                             dataclasses.replace(kernel, granularity="tensor"),

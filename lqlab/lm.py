@@ -1,0 +1,465 @@
+"""Character-level language modelling on Tiny Shakespeare with a quantized GPT (NNX).
+
+The loop follows nanoGPT's ``train.py`` (Karpathy): random windows of ``context``
+characters, AdamW (betas 0.9/0.99, weight decay 0.1 on matrices, gradient
+clipping at 1.0), a linear warmup then cosine decay of the learning rate to
+``min_lr`` over ``iters`` steps. Its defaults are nanoGPT's CPU configuration for
+Shakespeare-char: 4 layers, 4 heads, width 128, context 64, batch 12, 2000
+iterations, lr 1e-3, no dropout (nanoGPT's README reports a validation loss of
+about 1.88 for it).
+
+Data (nanoGPT's split): the first 90% of the characters train, the last 10% are the
+validation split every number is reported on. The last :data:`TUNE_FRACTION` of
+all characters before the validation split are held out of training as the tuning
+split: the brake and any choice of settings look only at it.
+
+The quantization (``lqjax.quantize`` by rules, from outside the scanned stack):
+every matrix, the attention q/k/v/out projections, the MLP and the token and
+position embeddings (the head is tied to the token embedding); the LayerNorms stay
+float. The scales train with :func:`lqjax.optim.split`, every ``scale_every``
+steps, with the ratio rules' validation brake on the tuning split's loss and the
+size budget's schedule applied at each evaluation (an "epoch" of
+:class:`lqjax.budget.Schedule` is one evaluation interval).
+
+A run writes, like the image experiments, ``metrics.jsonl`` (one row per evaluation),
+``results.json``, orbax checkpoints at each evaluation (a killed run resumes from
+the last one) and the packed ``model.lqz``, whose reload is checked to give the same
+logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import lqjax
+from lqjax import qconfig
+from lqlab import checkpoints, data, files, transformers
+
+DATASET = "tinyshakespeare"
+TRAIN_FRACTION = 0.9  # nanoGPT's split: the rest is the validation split
+TUNE_FRACTION = 0.05  # of all characters, held out from the end of the training part
+EVAL_BATCH = 128
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  vocab: str  # the characters, in id order
+  train: np.ndarray  # int32 ids
+  tune: np.ndarray
+  val: np.ndarray
+
+
+def text_path(data_dir: Optional[str]) -> pathlib.Path:
+  """``<data_dir>/tinyshakespeare/input.txt`` (data_dir, else $LQJAX_DATA_DIR), else the
+  per-user cache; one-line DatasetNotFoundError when neither has it."""
+  looked = []
+  d = data.resolve_data_dir(data_dir)
+  for root in ([d] if d else []) + [data.cache_dir()]:
+    p = root / DATASET / "input.txt"
+    looked.append(str(p))
+    if p.is_file():
+      return p
+  raise data.DatasetNotFoundError(
+      f"dataset {DATASET!r} not found: looked for {' and '.join(looked)}; set --data_dir or "
+      f"LQJAX_DATA_DIR to a folder with {DATASET}/input.txt (char-rnn's Tiny Shakespeare)")
+
+
+def load_text(data_dir: Optional[str] = None, limit: Optional[int] = None) -> Text:
+  """The corpus split as nanoGPT splits it, plus the tuning slice (module docstring).
+  `limit` keeps the first `limit` characters of each split (smoke tests)."""
+  path = text_path(data_dir)
+  try:
+    text = path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise data.DatasetNotFoundError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+  if len(text) < 1000:
+    raise data.DatasetNotFoundError(f"{path}: {len(text)} characters; a language model needs "
+                                    f"a corpus of at least 1000")
+  vocab = "".join(sorted(set(text)))
+  ids = np.frombuffer(text.encode("utf-32-le"), np.uint32).astype(np.int64)
+  lut = np.zeros(max(map(ord, vocab)) + 1, np.int32)
+  lut[[ord(c) for c in vocab]] = np.arange(len(vocab), dtype=np.int32)
+  ids = lut[ids]
+  n = len(ids)
+  n_train = int(n * TRAIN_FRACTION)
+  n_tune = int(n * TUNE_FRACTION)
+  parts = ids[:n_train - n_tune], ids[n_train - n_tune:n_train], ids[n_train:]
+  if limit is not None:
+    parts = tuple(p[:limit] for p in parts)
+  return Text(vocab, *parts)
+
+
+def windows(ids: np.ndarray, context: int):
+  """Every non-overlapping window of the split: (inputs, next-character targets)."""
+  n = (len(ids) - 1) // context
+  x = ids[:n * context].reshape(n, context)
+  y = ids[1:n * context + 1].reshape(n, context)
+  return x, y
+
+
+def sample_batch(train: jax.Array, key, batch: int, context: int):
+  """nanoGPT's ``get_batch``: `batch` windows at uniformly random offsets."""
+  ix = jax.random.randint(key, (batch,), 0, train.shape[0] - context - 1)
+  take = jax.vmap(lambda i: jax.lax.dynamic_slice(train, (i,), (context + 1,)))(ix)
+  return take[:, :-1], take[:, 1:]
+
+
+# ------------------------------------------------------------------ config
+
+RULES = ("ratio", "lsq", "fixed")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMConfig:
+  """Everything that defines a language-model run (the flags of experiments.shakespeare)."""
+
+  layers: int = 4
+  heads: int = 4
+  width: int = 128
+  context: int = 64
+  iters: int = 2000
+  batch_size: int = 12
+  lr: float = 1e-3
+  min_lr: float = 1e-4
+  warmup: int = 100
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  eval_every: int = 250
+  seed: int = 0
+  float_model: bool = False
+  rule: str = "ratio"
+  threshold: float = 0.2
+  granularity: qconfig.Granularity = "row"
+  block_size: Optional[int] = None
+  bits: Optional[int] = None
+  rounding: str = "round"
+  edge_bits: Optional[int] = None  # the embeddings (and so the tied head) at this width
+  init_bits: int = 8
+  scale_lr: float = 0.02
+  scale_every: int = 16
+  scale_decay_fraction: float = 0.8
+  brake_tolerance: float = 0.01  # nats of tuning loss above the best before a brake
+  budget_bits: Optional[float] = None
+  limit: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("layers", "heads", "width", "context", "iters", "batch_size", "eval_every",
+                 "scale_every"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+    if self.width % self.heads:
+      raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "scale_lr", "brake_tolerance",
+                 "threshold"):
+      v = getattr(self, name)
+      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if self.lr == 0:
+      raise ValueError("lr must be > 0")
+    if not 0 < self.scale_decay_fraction <= 1:
+      raise ValueError(f"scale_decay_fraction must be in (0, 1], got {self.scale_decay_fraction}")
+    if self.rule not in RULES:
+      raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
+    if self.budget_bits is not None:
+      if self.rule != "ratio" or self.float_model:
+        raise ValueError("budget_bits needs the learned rule (--rule=ratio, free bit widths)")
+      if not (math.isfinite(self.budget_bits) and self.budget_bits > 0):
+        raise ValueError(f"budget_bits must be a finite number > 0, got {self.budget_bits}")
+    if self.limit is not None and self.limit < 1:
+      raise ValueError(f"limit must be >= 1, got {self.limit}")
+    self.rules()  # validates the quantization settings
+
+  def weights_config(self) -> qconfig.QuantConfig:
+    bits = self.bits if self.rule != "ratio" else None
+    if self.rule != "ratio" and bits is None:
+      raise ValueError(f"rule {self.rule!r} needs --bits")
+    if self.rule == "ratio" and self.bits is not None:
+      raise ValueError("rule 'ratio' learns the bit widths: leave --bits out")
+    return qconfig.QuantConfig(rule=self.rule, threshold=self.threshold, rounding=self.rounding,
+                               bits=bits, granularity=self.granularity,
+                               block_size=self.block_size, init_bits=self.init_bits)
+
+  def rules(self):
+    """The rules: attention projections with the granularity asked for; with ``head``, the
+    MLP and embeddings (which have no heads axis) per row; the embeddings at `edge_bits`
+    (LSQ) when that is set."""
+    if self.float_model:
+      return None
+    cfg = self.weights_config()
+    rest = dataclasses.replace(cfg, granularity="row") if cfg.granularity == "head" else cfg
+    rules = []
+    if self.edge_bits is not None:
+      rules.append(lqjax.Rule("wte|wpe", qconfig.QuantConfig(
+          rule="lsq", bits=self.edge_bits, rounding="round", granularity="row")))
+    rules += [lqjax.Rule("blocks/attn/(query|key|value|out)", cfg),
+              lqjax.Rule("blocks/(fc|proj)" + ("" if self.edge_bits is not None else "|wte|wpe"),
+                         rest)]
+    return rules
+
+  @property
+  def tag(self) -> str:
+    return "float" if self.float_model else self.rule
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    if isinstance(d["granularity"], tuple):
+      d["granularity"] = list(d["granularity"])
+    return d
+
+
+def build(cfg: LMConfig, vocab_size: int):
+  """The float GPT and, unless `cfg.float_model`, the model quantized by `cfg.rules()`."""
+  model = transformers.GPT(transformers.GPTConfig(vocab_size, cfg.context, cfg.layers,
+                                                  cfg.heads, cfg.width),
+                           rngs=nnx.Rngs(cfg.seed))
+  return model if cfg.float_model else lqjax.quantize(model, cfg.rules())
+
+
+# ------------------------------------------------------------------ training
+
+
+def lr_schedule(cfg: LMConfig):
+  """nanoGPT's: linear warmup to lr, cosine to min_lr at `iters`."""
+  warm = min(cfg.warmup, cfg.iters // 2)  # tiny runs keep a decay phase
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warm, cfg.iters, cfg.min_lr)
+
+
+def make_optimizer(cfg: LMConfig):
+  decay = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731  matrices only
+  weights = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                        optax.adamw(lr_schedule(cfg), b1=0.9, b2=0.99,
+                                    weight_decay=cfg.weight_decay, mask=decay))
+  if cfg.float_model:
+    return weights
+  stop = max(int(cfg.iters * cfg.scale_decay_fraction), 1)
+  scales = optax.sgd(optax.cosine_decay_schedule(cfg.scale_lr * cfg.scale_every, stop))
+  return lqjax.optim.split(weights, scales)
+
+
+def _loss(graphdef, params, rest, x, y):
+  logits = nnx.merge(graphdef, params, rest)(x)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  return ce.mean(), jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+def make_step(cfg: LMConfig, graphdef, tx):
+  @functools.partial(jax.jit, static_argnames="scale_step", donate_argnums=(0, 1))
+  def step(params, opt_state, rest, train, key, scale_step=True):
+    x, y = sample_batch(train, key, cfg.batch_size, cfg.context)
+
+    def loss(p):
+      if not cfg.float_model and not scale_step:
+        p = lqjax.optim.stop_scale_gradients(p)
+      return _loss(graphdef, p, rest, x, y)[0]
+
+    value, grads = jax.value_and_grad(loss)(params)
+    if cfg.float_model:
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, value
+    updates, opt_state = tx.update(grads, opt_state, params, scale_step=scale_step)
+    return lqjax.optim.apply_updates(params, updates, scale_step=scale_step), opt_state, value
+
+  return step
+
+
+def make_eval(graphdef):
+  @jax.jit
+  def batch_sums(params, rest, x, y):
+    logits = nnx.merge(graphdef, params, rest)(x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(ce), jnp.sum(jnp.argmax(logits, -1) == y)
+
+  def evaluate(params, rest, split: np.ndarray, context: int):
+    """(mean loss in nats per character, next-character accuracy) over every window."""
+    x, y = windows(split, context)
+    loss = acc = 0.0
+    for i in range(0, len(x), EVAL_BATCH):
+      lsum, asum = batch_sums(params, rest, x[i:i + EVAL_BATCH], y[i:i + EVAL_BATCH])
+      loss, acc = loss + float(lsum), acc + float(asum)
+    return loss / y.size, acc / y.size
+
+  return evaluate
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class State:
+  step: jax.Array
+  params: object
+  opt_state: object
+  best_params: object  # the brake's best (the scales are rolled back to it)
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+def _same_run(cfg: LMConfig, workdir: pathlib.Path):
+  path = workdir / "config.json"
+  if path.exists():
+    before = files.read_json(path)
+    if before != cfg.to_json():
+      changed = sorted(k for k in set(before) | set(cfg.to_json())
+                       if before.get(k) != cfg.to_json().get(k))
+      raise TrainingError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
+                          f"use a new --workdir, or the same flags to resume it")
+  else:
+    files.write_json_atomic(path, cfg.to_json())
+
+
+def train(cfg: LMConfig, workdir, data_dir: Optional[str] = None, *, progress: bool = True,
+          export: bool = True) -> dict:
+  """Trains (or resumes) one run in `workdir`; returns and writes ``results.json``."""
+  import orbax.checkpoint as ocp
+  workdir = pathlib.Path(workdir).resolve()
+  text = load_text(data_dir, cfg.limit)  # bad data: one line, before compute
+  if len(text.train) <= cfg.context + 1:
+    raise data.DatasetNotFoundError(f"the training split has {len(text.train)} characters, "
+                                    f"fewer than a window of {cfg.context + 1}")
+  model = build(cfg, len(text.vocab))
+  workdir.mkdir(parents=True, exist_ok=True)
+  with files.lock_dir(workdir):
+    _same_run(cfg, workdir)
+    return _train(cfg, workdir, text, model, progress, export, ocp)
+
+
+def _train(cfg, workdir, text, model, progress, export, ocp):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = make_optimizer(cfg)
+  brake = None if cfg.float_model or cfg.rule != "ratio" else lqjax.optim.Brake(
+      tolerance=cfg.brake_tolerance)
+  best = jax.tree.map(jnp.copy, params) if brake is not None else {}
+  state = State(jnp.zeros((), jnp.int32), params, tx.init(params), best)
+  mngr = ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+  meta = {"evals": [], "brakes": 0, "best": None, "start_bits": None, "seconds": 0.0}
+  restored = checkpoints.restore_verified(mngr, workdir, state)
+  if restored is not None:
+    state, meta = restored
+  step_fn, evaluate = make_step(cfg, graphdef, tx), make_eval(graphdef)
+  train_ids = jnp.asarray(text.train)
+  key = jax.random.key(cfg.seed + 1)
+  n_evals = math.ceil(cfg.iters / cfg.eval_every)
+  phase = max(1, round(n_evals * cfg.scale_decay_fraction))
+  sched = lqjax.budget.Schedule(cfg.budget_bits, phase) if cfg.budget_bits else None
+  if sched is not None and meta["start_bits"] is None:
+    meta["start_bits"] = sched.init(state.params).start_bits
+  metrics_path = workdir / "metrics.jsonl"
+  rows = [r for r in (files.read_jsonl(metrics_path) if metrics_path.exists() else [])
+          if r["step"] <= int(state.step)]
+  t0 = time.time() - meta["seconds"]
+  step = int(state.step)
+  bar = None
+  if progress and sys.stderr.isatty():
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.iters, initial=step, desc=f"{DATASET} gpt {cfg.tag}", leave=False)
+  params, opt_state = state.params, state.opt_state
+  best_params = state.best_params
+  while step < cfg.iters:
+    end = min(cfg.iters, (step // cfg.eval_every + 1) * cfg.eval_every)
+    losses = []
+    for i in range(step, end):
+      scale_step = cfg.float_model or lqjax.optim.is_scale_step(i, cfg.scale_every)
+      params, opt_state, loss = step_fn(params, opt_state, rest, train_ids,
+                                        jax.random.fold_in(key, i), scale_step=scale_step)
+      losses.append(loss)
+      if bar is not None:
+        bar.update(1)
+    train_loss = float(jnp.mean(jnp.stack(losses)))
+    if not math.isfinite(train_loss):
+      raise TrainingError(f"the training loss is {train_loss} between steps {step} and {end}; "
+                          f"the last checkpoint in {workdir / 'checkpoints'} is kept: lower "
+                          f"--lr or --scale_lr and use a new --workdir")
+    step = end
+    epoch = math.ceil(step / cfg.eval_every)
+    row = {"step": step, "train_loss": train_loss}
+    tune_loss, tune_acc = evaluate(params, rest, text.tune, cfg.context)
+    row.update(tune_loss=tune_loss, tune_accuracy=tune_acc)
+    if not cfg.float_model:
+      if brake is not None:
+        bstate = lqjax.optim.BrakeState(
+            -meta["best"] if meta["best"] is not None else -float("inf"),
+            meta.get("best_step", 0), meta["brakes"], best_params)
+        bstate, params, opt_state, event = lqjax.optim.brake_update(
+            brake, bstate, params, opt_state, -tune_loss, step)
+        best_params = bstate.best_params
+        meta.update(best=-bstate.best, best_step=bstate.best_step, brakes=bstate.brakes)
+        if event:
+          row["brake"] = event.replace("val accuracy", "minus tuning loss")
+      if sched is not None:
+        params, opt_state, info = sched.update(
+            lqjax.budget.ScheduleState(meta["start_bits"]), epoch, params, opt_state)
+        if info is not None:
+          row["budget"] = float(info["budget"])
+      row["avg_bits"] = float(lqjax.accounting.average_bits(params)[0])
+    row["seconds"] = time.time() - t0
+    rows.append(row)
+    meta["seconds"] = row["seconds"]
+    state = State(jnp.asarray(step, jnp.int32), params, opt_state, best_params)
+    checkpoints.save(mngr, workdir, state, meta)
+    files.write_jsonl_atomic(metrics_path, rows)
+    if progress:
+      bits = f" avg_bits {row['avg_bits']:.2f}" if "avg_bits" in row else ""
+      print(f"step {step}: train_loss {train_loss:.4f} tune_loss {tune_loss:.4f}{bits}",
+            flush=True)
+  if bar is not None:
+    bar.close()
+  mngr.close()
+  return _finish(cfg, workdir, text, graphdef, params, rest, rows, meta, export)
+
+
+def _finish(cfg, workdir, text, graphdef, params, rest, rows, meta, export):
+  evaluate = make_eval(graphdef)
+  val_loss, val_acc = evaluate(params, rest, text.val, cfg.context)
+  tune_loss, _ = evaluate(params, rest, text.tune, cfg.context)
+  res = {"dataset": DATASET, "model": "gpt", "rule": cfg.tag, "seed": cfg.seed,
+         "config": cfg.to_json(), "steps": cfg.iters, "val_loss": val_loss,
+         "val_bpc": val_loss / math.log(2), "val_accuracy": val_acc, "tune_loss": tune_loss,
+         "train_seconds": meta["seconds"], "vocab": text.vocab,
+         "parameters": transformers.count_params(params)}
+  res["fp32_bytes"] = 4 * res["parameters"]
+  if not cfg.float_model:
+    res["avg_bits"] = float(lqjax.accounting.average_bits(params)[0])
+    res["brakes"] = meta["brakes"]
+  if export:
+    res.update(_export(cfg, workdir, text, graphdef, params, rest))
+  files.write_json_atomic(workdir / "results.json", res)
+  return res
+
+
+def _export(cfg, workdir, text, graphdef, params, rest) -> dict:
+  """Writes model.lqz and checks that its reload computes the same logits."""
+  state = nnx.merge_state(params, rest) if len(jax.tree.leaves(rest)) else params
+  meta = {"model": "gpt", "dataset": DATASET, "vocab": text.vocab,
+          "gpt": dataclasses.asdict(transformers.GPTConfig(
+              len(text.vocab), cfg.context, cfg.layers, cfg.heads, cfg.width))}
+  path = workdir / "model.lqz"
+  lqjax.save(path, state, meta)
+  model = nnx.merge(graphdef, params, rest)
+  x, _ = windows(text.val, cfg.context)
+  before = np.asarray(model(jnp.asarray(x[:8])))
+  lqjax.load(path, target=model)
+  after = np.asarray(model(jnp.asarray(x[:8])))
+  if not np.array_equal(before, after):
+    raise TrainingError(f"{path}: the reloaded model's logits differ from the trained "
+                        f"model's (largest difference {np.abs(before - after).max():.3g})")
+  blob = path.read_bytes()
+  coded = lqjax.save(workdir / "model.lqz.zst", state, meta, codec=lqjax.compress.CODEC_ZSTD)
+  return {"packed_file": str(path), "packed_bytes": len(blob), "entropy_coded_bytes": coded}
