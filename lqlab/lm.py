@@ -150,6 +150,7 @@ class LMConfig:
   rounding: str = "round"
   edge_bits: Optional[int] = None  # the embeddings (and so the tied head) at this width
   init_bits: int = 8
+  scale_optimizer: str = "sgd"  # the log scales' optimizer: sgd | adam
   scale_lr: float = 0.02
   scale_every: int = 16
   scale_decay_fraction: float = 0.8
@@ -174,6 +175,8 @@ class LMConfig:
       raise ValueError("lr must be > 0")
     if not 0 < self.scale_decay_fraction <= 1:
       raise ValueError(f"scale_decay_fraction must be in (0, 1], got {self.scale_decay_fraction}")
+    if self.scale_optimizer not in ("sgd", "adam"):
+      raise ValueError(f"unknown scale_optimizer {self.scale_optimizer!r}; expected sgd or adam")
     if self.rule not in RULES:
       raise ValueError(f"unknown rule {self.rule!r}; expected one of {', '.join(RULES)}")
     if self.budget_bits is not None:
@@ -248,7 +251,8 @@ def make_optimizer(cfg: LMConfig):
   if cfg.float_model:
     return weights
   stop = max(int(cfg.iters * cfg.scale_decay_fraction), 1)
-  scales = optax.sgd(optax.cosine_decay_schedule(cfg.scale_lr * cfg.scale_every, stop))
+  lr = optax.cosine_decay_schedule(cfg.scale_lr * cfg.scale_every, stop)
+  scales = optax.adam(lr) if cfg.scale_optimizer == "adam" else optax.sgd(lr)
   return lqjax.optim.split(weights, scales)
 
 
@@ -297,6 +301,18 @@ def make_eval(graphdef):
   return evaluate
 
 
+def make_fisher(graphdef, rest, train: np.ndarray, context: int, batches: int = 8,
+                batch: int = 32):
+  """``fisher(params)``: the squared gradients summed over `batches` fixed training batches
+  (:func:`lqjax.budget.squared_gradients`), which weight the budget's choice of groups."""
+  x, y = windows(train, context)
+  stride = max(len(x) // (batches * batch), 1)
+  idx = np.arange(batches * batch) * stride % len(x)
+  data = [(x[idx[i::batches]], y[idx[i::batches]]) for i in range(batches)]
+  grad = jax.jit(jax.grad(lambda p, b: _loss(graphdef, p, rest, *b)[0]))
+  return lambda params: lqjax.budget.squared_gradients(grad, params, data)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class State:
@@ -342,8 +358,9 @@ def train(cfg: LMConfig, workdir, data_dir: Optional[str] = None, *, progress: b
 def _train(cfg, workdir, text, model, progress, export, ocp):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(cfg)
-  brake = None if cfg.float_model or cfg.rule != "ratio" else lqjax.optim.Brake(
-      tolerance=cfg.brake_tolerance)
+  # the brake of the ratio rule; a size budget sets the scales itself (as in lqlab.train)
+  brake = None if cfg.float_model or cfg.rule != "ratio" or cfg.budget_bits else \
+      lqjax.optim.Brake(tolerance=cfg.brake_tolerance)
   best = jax.tree.map(jnp.copy, params) if brake is not None else {}
   state = State(jnp.zeros((), jnp.int32), params, tx.init(params), best)
   mngr = ocp.CheckpointManager(
@@ -361,6 +378,7 @@ def _train(cfg, workdir, text, model, progress, export, ocp):
   sched = lqjax.budget.Schedule(cfg.budget_bits, phase) if cfg.budget_bits else None
   if sched is not None and meta["start_bits"] is None:
     meta["start_bits"] = sched.init(state.params).start_bits
+  fisher = make_fisher(graphdef, rest, text.train, cfg.context)
   metrics_path = workdir / "metrics.jsonl"
   rows = [r for r in (files.read_jsonl(metrics_path) if metrics_path.exists() else [])
           if r["step"] <= int(state.step)]
@@ -405,7 +423,8 @@ def _train(cfg, workdir, text, model, progress, export, ocp):
           row["brake"] = event.replace("val accuracy", "minus tuning loss")
       if sched is not None:
         params, opt_state, info = sched.update(
-            lqjax.budget.ScheduleState(meta["start_bits"]), epoch, params, opt_state)
+            lqjax.budget.ScheduleState(meta["start_bits"]), epoch, params, opt_state,
+            functools.partial(fisher, params))
         if info is not None:
           row["budget"] = float(info["budget"])
       row["avg_bits"] = float(lqjax.accounting.average_bits(params)[0])
@@ -437,11 +456,25 @@ def _finish(cfg, workdir, text, graphdef, params, rest, rows, meta, export):
   res["fp32_bytes"] = 4 * res["parameters"]
   if not cfg.float_model:
     res["avg_bits"] = float(lqjax.accounting.average_bits(params)[0])
+    res["bits_per_tensor"] = bits_per_layer(params)
     res["brakes"] = meta["brakes"]
   if export:
     res.update(_export(cfg, workdir, text, graphdef, params, rest))
   files.write_json_atomic(workdir / "results.json", res)
   return res
+
+
+def bits_per_layer(params) -> dict:
+  """``{tensor: average code bits}``; a tensor of the scanned stack gets a list, one entry
+  per block (where do the bits go: early or late blocks)."""
+  from lqjax import quant, tree
+  out = {}
+  for t in tree.quantized_tensors(params):
+    b = np.asarray(lqjax.accounting.group_bits(quant.codes_of(t.p, t.log_scale, t.config),
+                                               t.log_scale.shape))
+    stacked = t.path[0] == "blocks"
+    out[t.name] = b.reshape(b.shape[0], -1).mean(1).tolist() if stacked else float(b.mean())
+  return out
 
 
 def _export(cfg, workdir, text, graphdef, params, rest) -> dict:

@@ -45,8 +45,9 @@ class LayersTest(parameterized.TestCase):
     e = v["params"]["embedding"]
     s = quant.scale_from_log(v["params"]["embedding_quant"]["log_scale"].value)
     np.testing.assert_allclose(m.apply(v, ids), (s * quant.quantize_codes(e, s, rounding="round"))[ids])
-    # Init rule: 8 bits over each group's range.
-    np.testing.assert_allclose(s[0], (e.max(0) - e.min(0)) / 255, rtol=1e-5)
+    # Init rule: 8 bits over each group's range; a row of the table (one token) is a group.
+    self.assertEqual(s.shape, (6, 1))
+    np.testing.assert_allclose(s[:, 0], (e.max(1) - e.min(1)) / 255, rtol=1e-5)
 
   def test_unquantized_layer_unchanged(self):
     m = layers.QuantDense(3)

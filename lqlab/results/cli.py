@@ -9,6 +9,7 @@ import pathlib
 import sys
 
 from lqlab.files import RecordError
+from lqlab.results.language import is_language, language_sections
 from lqlab.results.plots import _WRITTEN
 from lqlab.results.readme import readme_headline
 from lqlab.results.records import load_rows, unrecorded_sweeps
@@ -54,6 +55,8 @@ def _main(argv=None):
            "validation split.", ""]
   plots_dir = pathlib.Path(args.out).parent / "plots"
   all_rows = load_rows(files)
+  lm_rows = [r for r in all_rows if is_language(r)]
+  all_rows = [r for r in all_rows if not is_language(r)]
   missing = unrecorded_sweeps(ROOT / "sweeps", {f.parent.name for f in files})
   if missing and not args.sweeps:
     print(f"note: no record yet of sweep(s) {', '.join(missing)}: the report leaves them out "
@@ -74,6 +77,8 @@ def _main(argv=None):
   lines += dataset_summary(all_rows, plots_dir) + targets_section(all_rows)
   lines += versus_lsq_section(all_rows)
   lines += threshold_section(all_rows) + tuning_section(all_rows)
+  if lm_rows:
+    lines += ["# Language models", ""] + language_sections(lm_rows, plots_dir)
   lines += ["# Per sweep", ""]
   for f in files:
     rows = [r for r in all_rows if r["sweep"] == f.parent.name]

@@ -1,0 +1,171 @@
+"""The language-model sections of docs/RESULTS.md: Tiny Shakespeare with the character-level
+GPT (records of ``experiments.shakespeare``, whose rows carry ``val_loss``)."""
+
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+
+from lqlab.results.plots import _save, image
+from lqlab.results.records import _CONSTANTS, command_today, mean_std, variant_of
+
+#: nanoGPT's published validation losses on Shakespeare-char (nats per character).
+NANOGPT = {tuple(k["config"]): (k["loss"], k["what"]) for k in _CONSTANTS["nanogpt"]}
+
+
+def is_language(r) -> bool:
+  return "val_loss" in r and "test_accuracy" not in r
+
+
+def _model_key(r):
+  c = r["config"]
+  return (c["layers"], c["heads"], c["width"], c["context"], c["batch_size"], c["iters"])
+
+
+def _variants(rows):
+  by = collections.OrderedDict()
+  for r in sorted(rows, key=lambda r: r["run"]):
+    by.setdefault(variant_of(r["run"]), []).append(r)
+  return by
+
+
+def _mean(xs):
+  xs = [x for x in xs if x is not None]
+  return statistics.mean(xs) if xs else None
+
+
+def language_sections(rows, plots_dir) -> list:
+  """Every language-model sweep: its table, its plot, the targets and where the bits go."""
+  out = []
+  for sweep in sorted({r["sweep"] for r in rows}):
+    out += _sweep(sweep, [r for r in rows if r["sweep"] == sweep], plots_dir)
+  return out
+
+
+def _sweep(name, rows, plots_dir):
+  by = _variants(rows)
+  fp32 = by.get("fp32")
+  ref = _mean([r["val_loss"] for r in fp32]) if fp32 else None
+  fp32_bytes = rows[0]["fp32_bytes"]
+  out = [f"## {name}: character-level GPT on Tiny Shakespeare", "",
+         "Validation loss on nanoGPT's split (the last 10% of the characters), in nats per "
+         "character (bits per character beside it), mean ± std over seeds. The tuning split "
+         "(5% of the characters before it, held out of training) chose every setting. "
+         f"Ratios are against the FP32 parameters ({fp32_bytes:,} B).", "",
+         "| variant | seeds | val loss | bits/char | vs FP32 | avg bits | packed bytes | ratio "
+         "| zstd bytes | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for var, rs in by.items():
+    loss = [r["val_loss"] for r in rs]
+    rel = "-" if ref is None or var == "fp32" else f"{100 * (_mean(loss) / ref - 1):+.2f}%"
+    packed = [r.get("packed_bytes") for r in rs]
+    out.append(
+        f"| {var} | {len(rs)} | {mean_std(loss)} | "
+        f"{mean_std([x / math.log(2) for x in loss], '{:.3f}')} | {rel} | "
+        f"{mean_std([r.get('avg_bits') for r in rs], '{:.2f}')} | "
+        f"{mean_std(packed, '{:.0f}')} | "
+        f"{mean_std([fp32_bytes / p for p in packed if p], '{:.1f}')} | "
+        f"{mean_std([r.get('entropy_coded_bytes') for r in rs], '{:.0f}')} | "
+        f"{mean_std([r['train_seconds'] for r in rs], '{:.0f}')} |")
+  if fp32:
+    key = _model_key(fp32[0])
+    pub = NANOGPT.get(key)
+    if pub:
+      out += ["", f"FP32 against nanoGPT ({pub[1]}): {mean_std([r['val_loss'] for r in fp32])} "
+              f"here, {pub[0]:.2f} published, a distance of {_mean([r['val_loss'] for r in fp32]) - pub[0]:+.3f} "
+              f"nats ({100 * (_mean([r['val_loss'] for r in fp32]) / pub[0] - 1):+.1f}%)."]
+  out += _targets(by, ref, fp32_bytes)
+  out += _where_bits_go(by)
+  png = _plot(name, by, ref, fp32_bytes, plots_dir)
+  if png:
+    out += image(png, plots_dir, name)
+  out += ["", "Commands (one run per variant; the seed varies):", ""]
+  for var, rs in by.items():
+    if rs[0].get("command"):
+      out.append(f"- {var}: `{command_today(rs[0]['command'])}`")
+  return out + [""]
+
+
+def _targets(by, ref, fp32_bytes):
+  if ref is None:
+    return []
+  out = ["", "Targets (distances; the runs do not stop at them):", ""]
+  four = [v for v in by if v.startswith("lsq_4bit")]
+  for v in four:
+    d = 100 * (_mean([r["val_loss"] for r in by[v]]) / ref - 1)
+    out.append(f"- 4 bits within +1% of FP32's loss: {v} is at {d:+.2f}% "
+               f"({'met' if d <= 1 else 'not met'}).")
+  best = None
+  for v, rs in by.items():
+    if v == "fp32" or not all(r.get("packed_bytes") for r in rs):
+      continue
+    d = 100 * (_mean([r["val_loss"] for r in rs]) / ref - 1)
+    ratio = fp32_bytes / _mean([r["packed_bytes"] for r in rs])
+    if d <= 2 and (best is None or ratio > best[1]):
+      best = (v, ratio, d)
+  out.append("- A packed file >= 12x smaller than FP32 within +2% loss: " + (
+      f"the smallest within +2% is {best[0]}, {best[1]:.1f}x at {best[2]:+.2f}% "
+      f"({'met' if best[1] >= 12 else 'not met'})." if best else "no variant is within +2%."))
+  b2, l2 = by.get("budget_2bit"), by.get("lsq_2bit")
+  if b2 and l2:
+    lb, ll = [r["val_loss"] for r in b2], [r["val_loss"] for r in l2]
+    sb, sl = _mean([r["packed_bytes"] for r in b2]), _mean([r["packed_bytes"] for r in l2])
+    spread = max(statistics.stdev(lb) if len(lb) > 1 else 0, statistics.stdev(ll) if len(ll) > 1 else 0)
+    gap = _mean(ll) - _mean(lb)
+    out.append(f"- The 2-bit budget against uniform LSQ 2-bit: loss {mean_std(lb)} at "
+               f"{sb:,.0f} B against {mean_std(ll)} at {sl:,.0f} B; the budget is "
+               f"{gap:+.4f} nats better, the larger seed spread is {spread:.4f} "
+               f"({'met' if gap > spread and sb <= sl else 'not met'}: better by more than "
+               f"the spread at equal or smaller size).")
+  return out
+
+
+def _where_bits_go(by):
+  out = []
+  for v, rs in by.items():
+    per = [r.get("bits_per_tensor") for r in rs if r.get("bits_per_tensor")]
+    if not per or not v.startswith(("budget", "ratio")):
+      continue
+    names = sorted(per[0])
+    out += ["", f"Where the bits go in {v} (mean code bits over {len(per)} seed(s); a stacked "
+            f"tensor per block, first to last):", "", "| tensor | bits |", "|---|---|"]
+    for n in names:
+      vals = [p[n] for p in per]
+      if isinstance(vals[0], list):
+        cells = " / ".join(f"{statistics.mean(col):.2f}" for col in zip(*vals))
+      else:
+        cells = f"{statistics.mean(vals):.2f}"
+      out.append(f"| {n} | {cells} |")
+  return out
+
+
+def _plot(name, by, ref, fp32_bytes, plots_dir):
+  pts = []
+  for v, rs in by.items():
+    if v == "fp32" or not all(r.get("packed_bytes") for r in rs):
+      continue
+    loss = [r["val_loss"] for r in rs]
+    pts.append((v, _mean([r["packed_bytes"] for r in rs]), _mean(loss),
+                statistics.stdev(loss) if len(loss) > 1 else 0.0))
+  if not pts:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(9, 4.2))
+  for fam in sorted({p[0].split("_")[0] for p in pts}):
+    ps = sorted((p for p in pts if p[0].split("_")[0] == fam), key=lambda p: p[1])
+    line = ax.errorbar([p[1] for p in ps], [p[2] for p in ps], yerr=[p[3] for p in ps],
+                       fmt="o", ms=5, capsize=2, label=fam)
+    for p in ps:
+      ax.annotate(p[0], (p[1], p[2]), fontsize=7, xytext=(4, 3), textcoords="offset points",
+                  color=line[0].get_color())
+  if ref is not None:
+    ax.axhline(ref, ls="--", color="gray", lw=1, label="FP32")
+  ax.set_xscale("log")
+  ax.set_xlabel("packed file (bytes)")
+  ax.set_ylabel("validation loss (nats/char)")
+  ax.set_title(f"{name}: validation loss against file size (FP32 {fp32_bytes:,} B)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, plots_dir / f"{name}.png")
