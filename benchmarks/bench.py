@@ -194,11 +194,28 @@ def bytes_accessed(compiled):
     return None
 
 
+def cpu_flags() -> list:
+  """The CPU's feature flags as lscpu reports them ([] where it cannot be read): which
+  vector and integer-dot instructions (avx512_vnni, amx_int8, ...) the machine has."""
+  import subprocess
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  for line in out.splitlines():
+    if line.startswith("Flags:"):
+      return line.split(":", 1)[1].split()
+  return []
+
+
 def machine_info() -> dict:
-  """The machine, backend, date and jax version a benchmark JSON records."""
+  """The machine, its CPU flags, backend, date and versions a benchmark JSON records."""
+  import flax
   return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-          "backend": jax.default_backend(), "date": datetime.date.today().isoformat(),
-          "jax": jax.__version__}
+          "cpu_flags": cpu_flags(), "backend": jax.default_backend(),
+          "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+          "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
+          "flax": flax.__version__}
 
 
 def _sync(state):

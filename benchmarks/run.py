@@ -5,6 +5,7 @@
   python benchmarks/run.py ordering [args]  the weight-after-scale ordering, side by side
   python benchmarks/run.py prefetch [args]  the one-step-ahead batch gather, side by side
   python benchmarks/run.py reduce  [args]   the LSQ sum as a product with a ones matrix
+  python benchmarks/run.py transformers [args]  the GPT and ViT steps (bench_transformers.py)
 
 Each subcommand passes its arguments to that script's ``main`` (``--help`` there).
 """
@@ -16,7 +17,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 COMMANDS = {"step": "bench", "cost": "bench_cost", "ordering": "bench_ordering",
-            "prefetch": "bench_prefetch", "reduce": "bench_reduce"}
+            "prefetch": "bench_prefetch", "reduce": "bench_reduce",
+            "transformers": "bench_transformers"}
 
 
 def main(argv=None):

@@ -250,7 +250,8 @@ def make_optimizer(cfg: LMConfig):
                                     weight_decay=cfg.weight_decay, mask=decay))
   if cfg.float_model:
     return weights
-  stop = max(int(cfg.iters * cfg.scale_decay_fraction), 1)
+  # the schedule counts scale updates (one every scale_every steps), as in lqlab.step
+  stop = max(int(cfg.iters * cfg.scale_decay_fraction / cfg.scale_every), 1)
   lr = optax.cosine_decay_schedule(cfg.scale_lr * cfg.scale_every, stop)
   scales = optax.adam(lr) if cfg.scale_optimizer == "adam" else optax.sgd(lr)
   return lqjax.optim.split(weights, scales)

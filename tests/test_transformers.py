@@ -279,3 +279,37 @@ def test_shakespeare_missing_data(tmp_path, cache):
   lines = [line for line in r.stderr.splitlines() if line.strip()]
   assert r.returncode == 2 and len(lines) == 1
   assert "dataset 'tinyshakespeare' not found" in lines[0]
+
+
+# ------------------------------------------------------------------ the report
+
+
+def _lm_row(run, loss, packed=None, bits=None, sweep="lm"):
+  cfg = dict(layers=4, heads=4, width=128, context=64, batch_size=12, iters=2000)
+  r = {"run": run, "sweep": sweep, "val_loss": loss, "fp32_bytes": 4000, "config": cfg,
+       "train_seconds": 10.0, "command": f"python -m experiments.shakespeare --seed=0"}
+  if packed:
+    r.update(packed_bytes=packed, entropy_coded_bytes=packed - 10, avg_bits=bits)
+  return r
+
+
+def test_language_report_from_fabricated_records(tmp_path):
+  from lqlab.results import language
+  rows = [_lm_row("fp32_s0", 1.90), _lm_row("fp32_s1", 1.86),
+          _lm_row("lsq_4bit_s0", 1.89, 600, 4.0), _lm_row("lsq_4bit_s1", 1.89, 600, 4.0),
+          _lm_row("lsq_2bit_s0", 2.00, 300, 2.0), _lm_row("lsq_2bit_s1", 2.02, 300, 2.0),
+          _lm_row("budget_2bit_s0", 1.90, 290, 1.9), _lm_row("budget_2bit_s1", 1.92, 290, 1.9)]
+  assert all(language.is_language(r) for r in rows)
+  text = "\n".join(language.language_sections(rows, tmp_path / "plots"))
+  # FP32 1.88 mean against nanoGPT's 1.88; LSQ 4-bit at 1.89 is +0.53%
+  assert "a distance of +0.000 nats (+0.0%)" in text
+  assert "lsq_4bit is at +0.53% (met)" in text
+  # within +2% (1.9176): lsq_4bit (6.7x) and budget_2bit at 1.91 (13.8x): the larger is chosen
+  assert "the smallest within +2% is budget_2bit, 13.8x at +1.60% (met)" in text
+  # budget 1.91 vs LSQ 2.01: 0.1 nats better, spreads 0.0141, smaller file
+  assert "the budget is +0.1000 nats better, the larger seed spread is 0.0141 (met" in text
+  assert (tmp_path / "plots" / "lm.png").is_file()
+  head = language.language_headline(rows)
+  assert head == ["| tinyshakespeare | **13.8x**: loss 1.9100 vs FP32 1.8800 (gpt budget_2bit, "
+                  "within 2%, 2 seeds) | **14.3x**: loss 1.9100 vs FP32 1.8800 (gpt "
+                  "budget_2bit, within 2%, 2 seeds) |"]

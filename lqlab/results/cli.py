@@ -95,7 +95,7 @@ def _main(argv=None):
     text = p.read_text()
     b, e = "<!-- results:begin -->", "<!-- results:end -->"
     if b in text and e in text:
-      body = "\n".join(readme_headline(all_rows)) + (
+      body = "\n".join(readme_headline(all_rows, lm_rows)) + (
           "\n\nRatios are against the same model in FP32 (float32 weights); every run, "
           "baseline, seed and command: [docs/RESULTS.md](docs/RESULTS.md).")
       p.write_text(text[:text.index(b) + len(b)] + "\n" + body + "\n" + text[text.index(e):])

@@ -169,3 +169,30 @@ def _plot(name, by, ref, fp32_bytes, plots_dir):
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, plots_dir / f"{name}.png")
+
+
+def language_headline(rows) -> list:
+  """README rows: per language-model sweep with an FP32 run, the largest packed and zstd
+  ratios within +2% of FP32's validation loss (mean over seeds)."""
+  out = []
+  for sweep in sorted({r["sweep"] for r in rows}):
+    by = _variants([r for r in rows if r["sweep"] == sweep])
+    if "fp32" not in by:
+      continue
+    ref = _mean([r["val_loss"] for r in by["fp32"]])
+    fp32_bytes = by["fp32"][0]["fp32_bytes"]
+    cells = []
+    for field in ("packed_bytes", "entropy_coded_bytes"):
+      best = None
+      for v, rs in by.items():
+        if v == "fp32" or not all(r.get(field) for r in rs):
+          continue
+        loss = _mean([r["val_loss"] for r in rs])
+        ratio = fp32_bytes / _mean([r[field] for r in rs])
+        if loss <= 1.02 * ref and (best is None or ratio > best[0]):
+          best = (ratio, loss, v, len(rs))
+      cells.append(" - |" if best is None else (
+          f" **{best[0]:.1f}x**: loss {best[1]:.4f} vs FP32 {ref:.4f} (gpt {best[2]}, within "
+          f"2%, {best[3]} seed{'s' if best[3] > 1 else ''}) |"))
+    out.append(f"| tinyshakespeare |{''.join(cells)}")
+  return out

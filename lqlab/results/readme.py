@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from lqlab.results.language import language_headline
 from lqlab.results.sections import _headline_cells
 
 
-def readme_headline(rows) -> list:
+def readme_headline(rows, lm_rows=()) -> list:
   """The README's few rows: per dataset, the largest packed and entropy-coded ratios within
-  1 point of FP32 on the same schedule, each with its run and seeds."""
+  1 point of FP32 on the same schedule, each with its run and seeds; for a language model,
+  within 2% of FP32's validation loss."""
   cells = _headline_cells(rows)
   out = ["| dataset | packed file, within 1 point of FP32 | entropy-coded file, within 1 point |",
          "|---|---|---|"]
@@ -19,4 +21,4 @@ def readme_headline(rows) -> list:
           f" **{c[0]:.1f}x**: {c[4]:.4f} vs FP32 {c[5]:.4f} ({c[2]}, {c[3]} epochs, {c[6]} "
           f"seed{'s' if c[6] > 1 else ''}{c[7]}) |")
     out.append(row)
-  return out
+  return out + language_headline(lm_rows)
