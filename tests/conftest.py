@@ -4,13 +4,14 @@ import pathlib
 import pytest
 
 
-def data_dir():
-  """LQJAX_DATA_DIR; with LQJAX_REQUIRE_DATA=1 (CI) a missing folder fails instead of skipping."""
+def data_dir(needs: str = "mnist/train.npz"):
+  """LQJAX_DATA_DIR when it holds `needs`; with LQJAX_REQUIRE_DATA=1 (CI) a missing folder
+  fails instead of skipping."""
   d = os.environ.get("LQJAX_DATA_DIR")
-  if d and (pathlib.Path(d) / "mnist" / "train.npz").is_file():
+  if d and (pathlib.Path(d) / needs).is_file():
     return d
   if os.environ.get("LQJAX_REQUIRE_DATA") == "1":
-    pytest.fail(f"LQJAX_REQUIRE_DATA=1 but LQJAX_DATA_DIR={d!r} has no mnist/train.npz")
+    pytest.fail(f"LQJAX_REQUIRE_DATA=1 but LQJAX_DATA_DIR={d!r} has no {needs}")
   pytest.skip("real data not available (set LQJAX_DATA_DIR)")
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 import lqjax
+from conftest import data_dir
 from lqjax import accounting, onnx_export, qconfig, quant
 from lqlab import lm, transformers
 
@@ -206,12 +207,7 @@ def test_embedding_row_is_one_scale_per_token():
 
 
 def _text_dir():
-  d = os.environ.get("LQJAX_DATA_DIR")
-  if d and (pathlib.Path(d) / "tinyshakespeare" / "input.txt").is_file():
-    return d
-  if os.environ.get("LQJAX_REQUIRE_DATA") == "1":
-    pytest.fail(f"LQJAX_REQUIRE_DATA=1 but LQJAX_DATA_DIR={d!r} has no tinyshakespeare")
-  pytest.skip("real data not available (set LQJAX_DATA_DIR)")
+  return data_dir("tinyshakespeare/input.txt")
 
 
 def test_nanogpt_split():
