@@ -63,7 +63,7 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   from lqjax import budget, rules
-  from lqlab import checkpoints, data, files, lm
+  from lqlab import checkpoints, data, files, lm, train
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
@@ -80,7 +80,9 @@ def main(argv):
     res = lm.train(cfg, workdir, FLAGS.data_dir, progress=FLAGS.progress, export=FLAGS.export)
   except (data.DatasetNotFoundError, budget.BudgetError, rules.QuantizeError) as e:
     _fail(str(e))
-  except KeyboardInterrupt:
+  except train.Interrupted as e:
+    _fail(str(e), 130)
+  except KeyboardInterrupt:  # a signal outside the loop (loading, the final evaluation)
     _fail(f"interrupted; re-run the same command to resume ({workdir})", 130)
   except (lm.TrainingError, checkpoints.CheckpointError, files.LockedError, ValueError) as e:
     _fail(str(e), 1)

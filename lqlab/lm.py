@@ -46,6 +46,7 @@ from flax import nnx
 import lqjax
 from lqjax import qconfig
 from lqlab import checkpoints, data, files, transformers
+from lqlab import train as train_lib
 
 DATASET = "tinyshakespeare"
 TRAIN_FRACTION = 0.9  # nanoGPT's split: the rest is the validation split
@@ -391,58 +392,79 @@ def _train(cfg, workdir, text, model, progress, export, ocp):
     bar = tqdm(total=cfg.iters, initial=step, desc=f"{DATASET} gpt {cfg.tag}", leave=False)
   params, opt_state = state.params, state.opt_state
   best_params = state.best_params
-  while step < cfg.iters:
-    end = min(cfg.iters, (step // cfg.eval_every + 1) * cfg.eval_every)
-    losses = []
-    for i in range(step, end):
-      scale_step = cfg.float_model or lqjax.optim.is_scale_step(i, cfg.scale_every)
-      params, opt_state, loss = step_fn(params, opt_state, rest, train_ids,
-                                        jax.random.fold_in(key, i), scale_step=scale_step)
-      losses.append(loss)
-      if bar is not None:
-        bar.update(1)
-    train_loss = float(jnp.mean(jnp.stack(losses)))
-    if not math.isfinite(train_loss):
-      raise TrainingError(f"the training loss is {train_loss} between steps {step} and {end}; "
-                          f"the last checkpoint in {workdir / 'checkpoints'} is kept: lower "
-                          f"--lr or --scale_lr and use a new --workdir")
-    step = end
-    epoch = math.ceil(step / cfg.eval_every)
-    row = {"step": step, "train_loss": train_loss}
-    tune_loss, tune_acc = evaluate(params, rest, text.tune, cfg.context)
-    row.update(tune_loss=tune_loss, tune_accuracy=tune_acc)
-    if not cfg.float_model:
-      if brake is not None:
-        bstate = lqjax.optim.BrakeState(
-            -meta["best"] if meta["best"] is not None else -float("inf"),
-            meta.get("best_step", 0), meta["brakes"], best_params)
-        bstate, params, opt_state, event = lqjax.optim.brake_update(
-            brake, bstate, params, opt_state, -tune_loss, step)
-        best_params = bstate.best_params
-        meta.update(best=-bstate.best, best_step=bstate.best_step, brakes=bstate.brakes)
-        if event:
-          row["brake"] = event.replace("val accuracy", "minus tuning loss")
-      if sched is not None:
-        params, opt_state, info = sched.update(
-            lqjax.budget.ScheduleState(meta["start_bits"]), epoch, params, opt_state,
-            functools.partial(fisher, params))
-        if info is not None:
-          row["budget"] = float(info["budget"])
-      row["avg_bits"] = float(lqjax.accounting.average_bits(params)[0])
-    row["seconds"] = time.time() - t0
-    rows.append(row)
-    meta["seconds"] = row["seconds"]
-    state = State(jnp.asarray(step, jnp.int32), params, opt_state, best_params)
-    checkpoints.save(mngr, workdir, state, meta)
-    files.write_jsonl_atomic(metrics_path, rows)
-    if progress:
-      bits = f" avg_bits {row['avg_bits']:.2f}" if "avg_bits" in row else ""
-      print(f"step {step}: train_loss {train_loss:.4f} tune_loss {tune_loss:.4f}{bits}",
-            flush=True)
+  ctx = (step_fn, evaluate, rest, train_ids, key, text, brake, sched, fisher, bar, t0,
+         progress, workdir)
+  with train_lib._SignalFlag() as stop:  # SIGINT/SIGTERM: checkpoint, then one line
+    while step < cfg.iters:
+      step, params, opt_state, best_params, meta, rows = _interval(
+          cfg, step, params, opt_state, best_params, meta, rows, stop, ctx)
+      state = State(jnp.asarray(step, jnp.int32), params, opt_state, best_params)
+      checkpoints.save(mngr, workdir, state, meta)
+      files.write_jsonl_atomic(metrics_path, rows)
+      if stop.hit:
+        mngr.close()
+        raise train_lib.Interrupted(f"{stop.hit} at step {step}: checkpoint saved in "
+                                    f"{workdir / 'checkpoints'}; re-run the same command to "
+                                    f"resume")
   if bar is not None:
     bar.close()
   mngr.close()
   return _finish(cfg, workdir, text, graphdef, params, rest, rows, meta, export)
+
+
+def _interval(cfg, step, params, opt_state, best_params, meta, rows, stop, ctx):
+  """Trains to the next evaluation (or to a signal), then evaluates there: the brake and
+  the budget act at evaluations only."""
+  (step_fn, evaluate, rest, train_ids, key, text, brake, sched, fisher, bar, t0,
+   progress, workdir) = ctx
+  end = min(cfg.iters, (step // cfg.eval_every + 1) * cfg.eval_every)
+  losses = []
+  for i in range(step, end):
+    scale_step = cfg.float_model or lqjax.optim.is_scale_step(i, cfg.scale_every)
+    params, opt_state, loss = step_fn(params, opt_state, rest, train_ids,
+                                      jax.random.fold_in(key, i), scale_step=scale_step)
+    losses.append(loss)
+    if bar is not None:
+      bar.update(1)
+    if stop.hit and i + 1 < end:  # stop here; the interval resumes from this step
+      meta["seconds"] = time.time() - t0
+      return i + 1, params, opt_state, best_params, meta, rows
+  train_loss = float(jnp.mean(jnp.stack(losses)))
+  if not math.isfinite(train_loss):
+    raise TrainingError(f"the training loss is {train_loss} between steps {step} and {end}; "
+                        f"the last checkpoint in {workdir / 'checkpoints'} is kept: lower "
+                        f"--lr or --scale_lr and use a new --workdir")
+  step = end
+  epoch = math.ceil(step / cfg.eval_every)
+  row = {"step": step, "train_loss": train_loss}
+  tune_loss, tune_acc = evaluate(params, rest, text.tune, cfg.context)
+  row.update(tune_loss=tune_loss, tune_accuracy=tune_acc)
+  if not cfg.float_model:
+    if brake is not None:
+      bstate = lqjax.optim.BrakeState(
+          -meta["best"] if meta["best"] is not None else -float("inf"),
+          meta.get("best_step", 0), meta["brakes"], best_params)
+      bstate, params, opt_state, event = lqjax.optim.brake_update(
+          brake, bstate, params, opt_state, -tune_loss, step)
+      best_params = bstate.best_params
+      meta.update(best=-bstate.best, best_step=bstate.best_step, brakes=bstate.brakes)
+      if event:
+        row["brake"] = event.replace("val accuracy", "minus tuning loss")
+    if sched is not None:
+      params, opt_state, info = sched.update(
+          lqjax.budget.ScheduleState(meta["start_bits"]), epoch, params, opt_state,
+          functools.partial(fisher, params))
+      if info is not None:
+        row["budget"] = float(info["budget"])
+    row["avg_bits"] = float(lqjax.accounting.average_bits(params)[0])
+  row["seconds"] = time.time() - t0
+  rows.append(row)
+  meta["seconds"] = row["seconds"]
+  if progress:
+    bits = f" avg_bits {row['avg_bits']:.2f}" if "avg_bits" in row else ""
+    print(f"step {step}: train_loss {train_loss:.4f} tune_loss {tune_loss:.4f}{bits}",
+          flush=True)
+  return step, params, opt_state, best_params, meta, rows
 
 
 def _finish(cfg, workdir, text, graphdef, params, rest, rows, meta, export):

@@ -36,13 +36,14 @@ def test_nnx_example_trains_saves_reloads_and_exports(tmp_path):
 @pytest.mark.slow
 def test_gpt_stack_example_quantized_from_outside(tmp_path):
   """The scanned GPT, quantized after its stack is built: per-head scales with the layer
-  axis, 300 steps below 2.6 nats per character (unigram 3.35), an identical reload."""
+  axis, 150 steps below 2.9 nats per character (unigram 3.35), an identical reload."""
   d = data_dir("tinyshakespeare/input.txt")
-  r = subprocess.run([sys.executable, "examples/nnx_gpt_stack.py", "--out", str(tmp_path)],
+  r = subprocess.run([sys.executable, "examples/nnx_gpt_stack.py", "--steps", "150", "--out",
+                      str(tmp_path)],
                      cwd=ROOT, env=dict(os.environ, LQJAX_DATA_DIR=d), capture_output=True,
                      text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "attention query scales: (2, 1, 4, 1)" in r.stdout
   last = r.stdout.strip().splitlines()[-1]
-  assert float(last.split()[2]) < 2.6 and last.endswith("reloaded logits identical: True")
+  assert float(last.split()[2]) < 2.9 and last.endswith("reloaded logits identical: True")
   assert (tmp_path / "gpt.lqz").is_file()
