@@ -157,6 +157,9 @@ class LMConfig:
   scale_decay_fraction: float = 0.8
   brake_tolerance: float = 0.01  # nats of tuning loss above the best before a brake
   budget_bits: Optional[float] = None
+  # post-training quantization of a finished FP32 run ("{seed}" is this run's seed): its
+  # weights with min-max scales at --bits under --rule=fixed, evaluated without training
+  ptq_from: Optional[str] = None
   limit: Optional[int] = None
 
   def __post_init__(self):
@@ -187,6 +190,8 @@ class LMConfig:
         raise ValueError(f"budget_bits must be a finite number > 0, got {self.budget_bits}")
     if self.limit is not None and self.limit < 1:
       raise ValueError(f"limit must be >= 1, got {self.limit}")
+    if self.ptq_from is not None and (self.rule != "fixed" or self.float_model):
+      raise ValueError("ptq_from needs --rule=fixed and --bits (post-training quantization)")
     self.rules()  # validates the quantization settings
 
   def weights_config(self) -> qconfig.QuantConfig:
@@ -218,7 +223,7 @@ class LMConfig:
 
   @property
   def tag(self) -> str:
-    return "float" if self.float_model else self.rule
+    return "float" if self.float_model else ("ptq" if self.ptq_from else self.rule)
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -351,10 +356,37 @@ def train(cfg: LMConfig, workdir, data_dir: Optional[str] = None, *, progress: b
     raise data.DatasetNotFoundError(f"the training split has {len(text.train)} characters, "
                                     f"fewer than a window of {cfg.context + 1}")
   model = build(cfg, len(text.vocab))
+  if cfg.ptq_from is not None:
+    ptq_weights(model, pathlib.Path(cfg.ptq_from.format(seed=cfg.seed)) / "model.lqz", cfg.bits)
   workdir.mkdir(parents=True, exist_ok=True)
   with files.lock_dir(workdir):
     _same_run(cfg, workdir)
+    if cfg.ptq_from is not None:
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      return _finish(cfg, workdir, text, graphdef, params, rest, [],
+                     {"seconds": 0.0, "brakes": 0}, export)
     return _train(cfg, workdir, text, model, progress, export, ocp)
+
+
+def ptq_weights(model, path: pathlib.Path, bits: int):
+  """Loads an FP32 run's packed file into quantized `model` (in place), every log scale
+  set to the min-max scale of its weight at `bits` (lqlab.ptq.minmax_log_scale)."""
+  from lqjax import tree
+  from lqlab import ptq
+  if not path.is_file():
+    raise data.DatasetNotFoundError(f"--ptq_from: {path} not found (the FP32 run's packed file)")
+  loaded = tree.flat_leaves(lqjax.load(path))
+  state = nnx.state(model)
+  arrays = {}
+  for key, (_, cfg) in tree.flat_leaves(state).items():
+    if tree.is_scale_path(key):
+      continue
+    if key not in loaded:
+      raise TrainingError(f"--ptq_from: {path} has no tensor {'/'.join(key)}")
+    arrays[key] = jnp.asarray(loaded[key][0])
+  for t in tree.quantized_tensors(state):
+    arrays[t.scale_path] = ptq.minmax_log_scale(arrays[t.path], None, bits, t.log_scale.shape)
+  nnx.update(model, tree.replace_arrays(state, {k: arrays[k] for k, _ in tree.leaves(state)[0]}))
 
 
 def _train(cfg, workdir, text, model, progress, export, ocp):

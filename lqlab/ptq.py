@@ -47,16 +47,22 @@ def define_flags():
   flags.DEFINE_bool("export", True, "write model.lqz / model.lqz.zst / model.onnx and check the reload")
 
 
-def minmax_log_scale(p: jax.Array, granularity: qconfig.Granularity, bits: int) -> jax.Array:
+def minmax_log_scale(p: jax.Array, granularity: qconfig.Granularity, bits: int,
+                     sshape=None) -> jax.Array:
   """log of the symmetric min-max scale max|P_G| / (2^(b-1) - 1) for every group G.
 
-  An all-zero group gets scale 1 (its codes are all 0 whatever the scale).
+  `sshape`: the quantized model's scale shape (its layer's layout decides it: a q/k/v
+  kernel's row keeps heads and head_dim, a block scale cuts the inputs); default the shape
+  `granularity` gives under the default layout. An all-zero group gets scale 1 (its codes
+  are all 0 whatever the scale).
   """
   qp = 2.0 ** (bits - 1) - 1
-  axes = qconfig.reduced_axes(p.shape, granularity)
-  amax = jnp.max(jnp.abs(p), axis=axes, keepdims=True) if axes else jnp.abs(p)
-  amax = amax.reshape(qconfig.scale_shape(p.shape, granularity))
-  return jnp.log(jnp.where(amax > 0, amax / qp, 1.0))
+  sshape = qconfig.scale_shape(p.shape, granularity) if sshape is None else tuple(sshape)
+  pshape, vs = qconfig.grouped_shapes(p.shape, sshape)
+  a = jnp.abs(jnp.reshape(p, pshape))
+  axes = qconfig.shared_axes(pshape, vs)
+  amax = jnp.max(a, axis=axes, keepdims=True) if axes else a
+  return jnp.log(jnp.where(amax > 0, amax / qp, 1.0)).reshape(sshape)
 
 
 def minmax_params(float_params, template, granularity: qconfig.Granularity, bits: int):
@@ -71,7 +77,7 @@ def minmax_params(float_params, template, granularity: qconfig.Granularity, bits
     if key[-1] == tree.SCALE_NAME:
       owner = key[-2][:-len(tree.QUANT_SUFFIX)]
       p = src[key[:-2] + (owner,)]
-      out[key] = leaf.replace_boxed(minmax_log_scale(p, granularity, bits))
+      out[key] = leaf.replace_boxed(minmax_log_scale(p, granularity, bits, leaf.shape))
     elif key in src:
       if src[key].shape != leaf.shape:
         raise ValueError(f"parameter {'/'.join(key)}: float shape {src[key].shape} does not "

@@ -327,3 +327,24 @@ def test_language_report_from_fabricated_records(tmp_path):
   assert head == ["| tinyshakespeare | **13.8x**: loss 1.9100 vs FP32 1.8800 (gpt budget_2bit, "
                   "within 2%, 2 seeds) | **14.3x**: loss 1.9100 vs FP32 1.8800 (gpt "
                   "budget_2bit, within 2%, 2 seeds) |"]
+
+
+def test_ptq_loads_float_weights_with_minmax_scales(tmp_path):
+  from lqlab import ptq
+  float_model = _tiny_gpt()
+  path = tmp_path / "fp32.lqz"
+  lqjax.save(path, nnx.state(float_model, nnx.Param))
+  cfg = lm.LMConfig(layers=3, heads=2, width=16, context=8, rule="fixed", bits=4,
+                    ptq_from=str(tmp_path))
+  q = lqjax.quantize(_tiny_gpt(), cfg.rules())
+  lm.ptq_weights(q, path, 4)
+  k = np.asarray(float_model.blocks.attn.query.kernel.get_value())  # (layers, in, heads, dim)
+  np.testing.assert_array_equal(q.blocks.attn.query.kernel.get_value(), k)
+  want = np.log(np.abs(k).max(axis=1, keepdims=True) / 7)  # row: one per (layer, head, dim)
+  np.testing.assert_allclose(q.blocks.attn.query.kernel_quant.log_scale[...], want, rtol=1e-6)
+  # a block scale (2 blocks of 2 along the input axis) by hand
+  p = jnp.array([[1.0, -2.0], [0.5, 0.25], [-3.0, 1.0], [0.0, 0.5]])
+  np.testing.assert_allclose(np.exp(ptq.minmax_log_scale(p, None, 3, (2, 2))),
+                             [[1 / 3, 2 / 3], [1.0, 1 / 3]], rtol=1e-6)
+  with pytest.raises(ValueError, match="ptq_from needs --rule=fixed"):
+    lm.LMConfig(rule="lsq", bits=4, ptq_from="x")
