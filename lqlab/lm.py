@@ -310,14 +310,18 @@ def make_eval(graphdef):
 
 def make_fisher(graphdef, rest, train: np.ndarray, context: int, batches: int = 8,
                 batch: int = 32):
-  """``fisher(params)``: the squared gradients summed over `batches` fixed training batches
-  (:func:`lqjax.budget.squared_gradients`), which weight the budget's choice of groups."""
+  """``(fisher, ratio)``: ``fisher(params)`` the squared gradients summed over `batches` fixed
+  training batches (:func:`lqjax.budget.squared_gradients`), which weight the budget's
+  choice of groups; ``ratio(params)`` the quantiles of r = ||dL/dP|| / ||P|| per tensor on
+  the first of them (:func:`lqjax.optim.ratio_stats`), the quantity lambda is set against."""
   x, y = windows(train, context)
   stride = max(len(x) // (batches * batch), 1)
   idx = np.arange(batches * batch) * stride % len(x)
   data = [(x[idx[i::batches]], y[idx[i::batches]]) for i in range(batches)]
   grad = jax.jit(jax.grad(lambda p, b: _loss(graphdef, p, rest, *b)[0]))
-  return lambda params: lqjax.budget.squared_gradients(grad, params, data)
+  fisher = lambda params: lqjax.budget.squared_gradients(grad, params, data)  # noqa: E731
+  ratio = jax.jit(lambda params: lqjax.optim.ratio_stats(params, grad(params, data[0])))
+  return fisher, ratio
 
 
 @jax.tree_util.register_dataclass
@@ -412,7 +416,7 @@ def _train(cfg, workdir, text, model, progress, export, ocp):
   sched = lqjax.budget.Schedule(cfg.budget_bits, phase) if cfg.budget_bits else None
   if sched is not None and meta["start_bits"] is None:
     meta["start_bits"] = sched.init(state.params).start_bits
-  fisher = make_fisher(graphdef, rest, text.train, cfg.context)
+  fisher, ratio = make_fisher(graphdef, rest, text.train, cfg.context)
   metrics_path = workdir / "metrics.jsonl"
   rows = [r for r in (files.read_jsonl(metrics_path) if metrics_path.exists() else [])
           if r["step"] <= int(state.step)]
@@ -425,7 +429,7 @@ def _train(cfg, workdir, text, model, progress, export, ocp):
   params, opt_state = state.params, state.opt_state
   best_params = state.best_params
   ctx = (step_fn, evaluate, rest, train_ids, key, text, brake, sched, fisher, bar, t0,
-         progress, workdir)
+         progress, workdir, ratio)
   with train_lib._SignalFlag() as stop:  # SIGINT/SIGTERM: checkpoint, then one line
     while step < cfg.iters:
       step, params, opt_state, best_params, meta, rows = _interval(
@@ -448,7 +452,7 @@ def _interval(cfg, step, params, opt_state, best_params, meta, rows, stop, ctx):
   """Trains to the next evaluation (or to a signal), then evaluates there: the brake and
   the budget act at evaluations only."""
   (step_fn, evaluate, rest, train_ids, key, text, brake, sched, fisher, bar, t0,
-   progress, workdir) = ctx
+   progress, workdir, ratio) = ctx
   end = min(cfg.iters, (step // cfg.eval_every + 1) * cfg.eval_every)
   losses = []
   for i in range(step, end):
@@ -489,6 +493,7 @@ def _interval(cfg, step, params, opt_state, best_params, meta, rows, stop, ctx):
       if info is not None:
         row["budget"] = float(info["budget"])
     row["avg_bits"] = float(lqjax.accounting.average_bits(params)[0])
+    row["ratio"] = {k: {q: float(v) for q, v in d.items()} for k, d in ratio(params).items()}
   row["seconds"] = time.time() - t0
   rows.append(row)
   meta["seconds"] = row["seconds"]

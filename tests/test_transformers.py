@@ -348,3 +348,23 @@ def test_ptq_loads_float_weights_with_minmax_scales(tmp_path):
                              [[1 / 3, 2 / 3], [1.0, 1 / 3]], rtol=1e-6)
   with pytest.raises(ValueError, match="ptq_from needs --rule=fixed"):
     lm.LMConfig(rule="lsq", bits=4, ptq_from="x")
+
+
+def test_lambda_ranges_by_layer_type(tmp_path):
+  from lqlab.results import language
+  d = tmp_path / "lm" / "ratio_s0"
+  d.mkdir(parents=True)
+  q = lambda lo, hi: {"p10": lo, "p50": (lo + hi) / 2, "p90": hi, "frac_below": 1.0}  # noqa: E731
+  rows = [{"step": 250, "ratio": {"blocks/attn/query/kernel": q(0.001, 0.004),
+                                  "blocks/attn/out/kernel": q(0.002, 0.009),
+                                  "blocks/fc/kernel": q(0.0005, 0.002),
+                                  "wte/embedding": q(0.1, 0.5)}},
+          {"step": 500, "ratio": {"blocks/attn/query/kernel": q(0.01, 0.04),
+                                  "blocks/attn/out/kernel": q(0.02, 0.03),
+                                  "blocks/fc/kernel": q(0.005, 0.02),
+                                  "wte/embedding": q(0.2, 0.6)}}]
+  (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  text = "\n".join(language.lambda_ranges("lm", {"ratio": [{"run": "ratio_s0"}]}, tmp_path))
+  assert "| ratio | attention q/k/v/out | 0.0010 to 0.0090 | 0.0100 to 0.0400 |" in text
+  assert "| ratio | MLP | 0.0005 to 0.0020 | 0.0050 to 0.0200 |" in text
+  assert "| ratio | embeddings (tied head) | 0.1000 to 0.5000 | 0.2000 to 0.6000 |" in text

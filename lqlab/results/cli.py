@@ -78,7 +78,7 @@ def _main(argv=None):
   lines += versus_lsq_section(all_rows)
   lines += threshold_section(all_rows) + tuning_section(all_rows)
   if lm_rows:
-    lines += ["# Language models", ""] + language_sections(lm_rows, plots_dir)
+    lines += ["# Language models", ""] + language_sections(lm_rows, plots_dir, results_dir)
   lines += ["# Per sweep", ""]
   for f in files:
     rows = [r for r in all_rows if r["sweep"] == f.parent.name]

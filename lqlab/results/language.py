@@ -35,15 +35,54 @@ def _mean(xs):
   return statistics.mean(xs) if xs else None
 
 
-def language_sections(rows, plots_dir) -> list:
-  """Every language-model sweep: its table, its plot, the targets and where the bits go."""
+def language_sections(rows, plots_dir, results_dir=None) -> list:
+  """Every language-model sweep: its table, its plot, the targets, where the bits go and
+  the ranges of r that lambda is set against."""
   out = []
   for sweep in sorted({r["sweep"] for r in rows}):
-    out += _sweep(sweep, [r for r in rows if r["sweep"] == sweep], plots_dir)
+    out += _sweep(sweep, [r for r in rows if r["sweep"] == sweep], plots_dir, results_dir)
   return out
 
 
-def _sweep(name, rows, plots_dir):
+#: Layer types of the GPT, by tensor path.
+LAYER_TYPES = (("attention q/k/v/out", ("attn/",)), ("MLP", ("/fc/", "/proj/")),
+               ("embeddings (tied head)", ("wte/", "wpe/")))
+
+
+def lambda_ranges(name, by, results_dir) -> list:
+  """r = ||dL/dP|| / ||P|| per layer type, p10..p90 over the groups of its tensors, at the
+  first and the last evaluation of each learned-rule run (its metrics.jsonl): lambda
+  coarsens the groups whose r is below it."""
+  if results_dir is None:
+    return []
+  from lqlab.files import read_jsonl
+  cells = collections.defaultdict(list)
+  for v, rs in by.items():
+    for r in rs:
+      path = results_dir / name / r["run"] / "metrics.jsonl"
+      rows = [m for m in read_jsonl(path) if m.get("ratio")] if path.exists() else []
+      if not rows:
+        continue
+      for when, m in (("first", rows[0]), ("last", rows[-1])):
+        for kind, keys in LAYER_TYPES:
+          qs = [q for t, q in m["ratio"].items() if any(k in "/" + t + "/" for k in keys)]
+          if qs:
+            cells[(v, kind)].append((when, min(q["p10"] for q in qs), max(q["p90"] for q in qs)))
+  if not cells:
+    return []
+  out = ["", "Where lambda acts: r = ||dL/dP|| / ||P|| per scale group, p10 to p90 over each "
+         "layer type's groups, at the first and the last evaluation (a group coarsens while "
+         "its r is below lambda):", "", "| variant | layer type | first evaluation | last "
+         "evaluation |", "|---|---|---|---|"]
+  for (v, kind), vals in cells.items():
+    first = [x for x in vals if x[0] == "first"]
+    last = [x for x in vals if x[0] == "last"]
+    fmt = lambda xs: f"{min(x[1] for x in xs):.4f} to {max(x[2] for x in xs):.4f}"  # noqa: E731
+    out.append(f"| {v} | {kind} | {fmt(first)} | {fmt(last)} |")
+  return out
+
+
+def _sweep(name, rows, plots_dir, results_dir=None):
   by = _variants(rows)
   fp32 = by.get("fp32")
   ref = _mean([r["val_loss"] for r in fp32]) if fp32 else None
@@ -76,6 +115,7 @@ def _sweep(name, rows, plots_dir):
               f"nats ({100 * (_mean([r['val_loss'] for r in fp32]) / pub[0] - 1):+.1f}%)."]
   out += _targets(by, ref, fp32_bytes)
   out += _where_bits_go(by)
+  out += lambda_ranges(name, by, results_dir)
   png = _plot(name, by, ref, fp32_bytes, plots_dir)
   if png:
     out += image(png, plots_dir, name)
