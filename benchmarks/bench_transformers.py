@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from bench import (WEIGHTS_ONLY, bench_interleaved, every_k, machine_info, median_ratio,
-                   random_data, round_robin)
+                   random_data, replace_section, round_robin)
 from lqlab import lm
 from lqlab.config import TrainConfig
 from lqlab.files import write_json_atomic
@@ -120,7 +120,15 @@ def main(argv=None):
   ap.add_argument("--windows", type=int, default=9)
   ap.add_argument("--models", default="gpt,vit")
   ap.add_argument("--out", default="docs/bench_transformers.json")
+  ap.add_argument("--readme", default=None, help="also render the table into this file's "
+                  "<!-- bench-transformers:begin/end --> section (docs/PERFORMANCE.md)")
+  ap.add_argument("--from_json", default=None, help="measure nothing: render this JSON")
   args = ap.parse_args(argv)
+  if args.from_json:
+    import json
+    return replace_section(pathlib.Path(args.readme or "docs/PERFORMANCE.md"),
+                           "bench-transformers", render(json.loads(
+                               pathlib.Path(args.from_json).read_text())))
   if args.windows < 3:
     print(f"error: --windows must be >= 3 (a median of ratios), got {args.windows}",
           file=sys.stderr)
@@ -130,6 +138,8 @@ def main(argv=None):
   if bad:
     print(f"error: unknown model(s) {', '.join(bad)}; expected gpt, vit", file=sys.stderr)
     return 2
+  import os
+  load = os.getloadavg()[0]  # other work on the machine widens the ratios' spread
   rows = []
   for m in models:
     rows += bench_gpt(args.windows) if m == "gpt" else bench_vit(args.windows)
@@ -139,9 +149,33 @@ def main(argv=None):
           f"{' (derived)' if r.get('derived') else ''}", flush=True)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(out, dict(machine_info(), rows=rows))
+  doc = dict(machine_info(), loadavg_1min_at_start=load, rows=rows)
+  write_json_atomic(out, doc)
   print(f"wrote {out}")
+  if args.readme:
+    return replace_section(pathlib.Path(args.readme), "bench-transformers", render(doc))
   return 0
+
+
+def render(doc) -> str:
+  """The Markdown table of a transformers benchmark JSON."""
+  vnni = [f for f in ("avx512_vnni", "amx_int8", "avx_vnni") if f in doc.get("cpu_flags", [])]
+  lines = [f"Measured {doc['date']} on {doc['machine']} (jax {doc['jax']}, flax "
+           f"{doc.get('flax')}; integer-dot flags: {', '.join(vnni) or 'none'}) by "
+           f"`python benchmarks/run.py transformers --readme docs/PERFORMANCE.md`; the ratio is "
+           f"the median over rounds of quantized / float step time, measured side by side "
+           f"(the float control row is the noise of one ratio)"
+           + (f"; the 1-minute load average at the start was {doc['loadavg_1min_at_start']:.1f}"
+              if "loadavg_1min_at_start" in doc else "") + ".", "",
+           "| model | rule | granularity | scales updated | step ms | quantized / float |",
+           "|---|---|---|---|---|---|"]
+  for r in doc["rows"]:
+    k = r["scale_every"]
+    when = ("never (weights only)" if k == "weights-only" else
+            "every step" if k == 1 else f"every {k} steps (derived)")
+    lines.append(f"| {r['model']} | {r['rule']} | {r['granularity']} | {when} | "
+                 f"{1e3 * r['step_s']:.1f} | {r['step_time_ratio']:.3f} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
