@@ -368,3 +368,19 @@ def test_lambda_ranges_by_layer_type(tmp_path):
   assert "| ratio | attention q/k/v/out | 0.0010 to 0.0090 | 0.0100 to 0.0400 |" in text
   assert "| ratio | MLP | 0.0005 to 0.0020 | 0.0050 to 0.0200 |" in text
   assert "| ratio | embeddings (tied head) | 0.1000 to 0.5000 | 0.2000 to 0.6000 |" in text
+
+
+def test_transformer_benchmark_bad_input_and_render(capsys):
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import bench_transformers
+  assert bench_transformers.main(["--windows", "2"]) == 2
+  assert bench_transformers.main(["--models", "gpt,bert"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert err == ["error: --windows must be >= 3 (a median of ratios), got 2",
+                 "error: unknown model(s) bert; expected gpt, vit"]
+  doc = {"date": "d", "machine": "m", "jax": "j", "flax": "f", "cpu_flags": ["avx512_vnni"],
+         "rows": [{"model": "gpt", "rule": "lsq", "granularity": "row", "scale_every": 16,
+                   "step_s": 0.0123, "step_time_ratio": 1.0456}]}
+  text = bench_transformers.render(doc)
+  assert "integer-dot flags: avx512_vnni" in text
+  assert "| gpt | lsq | row | every 16 steps (derived) | 12.3 | 1.046 |" in text
