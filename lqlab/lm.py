@@ -512,7 +512,7 @@ def _finish(cfg, workdir, text, graphdef, params, rest, rows, meta, export):
          "config": cfg.to_json(), "steps": cfg.iters, "val_loss": val_loss,
          "val_bpc": val_loss / math.log(2), "val_accuracy": val_acc, "tune_loss": tune_loss,
          "train_seconds": meta["seconds"], "vocab": text.vocab,
-         "parameters": transformers.count_params(params)}
+         "parameters": count_weights(params)}
   res["fp32_bytes"] = 4 * res["parameters"]
   if not cfg.float_model:
     res["avg_bits"] = float(lqjax.accounting.average_bits(params)[0])
@@ -522,6 +522,13 @@ def _finish(cfg, workdir, text, graphdef, params, rest, rows, meta, export):
     res.update(_export(cfg, workdir, text, graphdef, params, rest))
   files.write_json_atomic(workdir / "results.json", res)
   return res
+
+
+def count_weights(params) -> int:
+  """The float model's parameter count: every array but the log scales."""
+  from lqjax import tree
+  return sum(int(np.size(v)) for path, (v, _) in tree.flat_leaves(params).items()
+             if not tree.is_scale_path(path))
 
 
 def bits_per_layer(params) -> dict:

@@ -125,6 +125,3 @@ class ViT(nn.Module):
     x = nn.LayerNorm(name="ln_f")(x)
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
-
-def count_params(tree) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -86,7 +86,8 @@ def _sweep(name, rows, plots_dir, results_dir=None):
   by = _variants(rows)
   fp32 = by.get("fp32")
   ref = _mean([r["val_loss"] for r in fp32]) if fp32 else None
-  fp32_bytes = rows[0]["fp32_bytes"]
+  # the FP32 run's own size is the reference of every ratio
+  fp32_bytes = (fp32 or rows)[0]["fp32_bytes"]
   out = [f"## {name}: character-level GPT on Tiny Shakespeare", "",
          "Validation loss on nanoGPT's split (the last 10% of the characters), in nats per "
          "character (bits per character beside it), mean ± std over seeds. The tuning split "
