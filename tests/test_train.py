@@ -41,6 +41,8 @@ def _run(module, *flags, env=None, timeout=600):
     ("experiments.fashion_mnist", ["--granularity=spatial", "--rule=ratio_lsq"], 0.2),
     ("experiments.cifar10", ["--float", "--threshold=0.3"], 0.3),
     ("experiments.imagenette", ["--inverse_scale=0.01", "--deviation=0.1", "--bin_count=0.01"], 0.2),
+    ("experiments.vit", ["--granularity=block", "--block_size=32", "--rule=lsq", "--bits=4",
+                         "--noexport"], 0.2),
 ])
 def test_entry_point_smoke(tiny_data, tmp_path, module, extra, threshold):
   wd = tmp_path / "wd"
