@@ -59,7 +59,9 @@ def _recorded():
     for line in f.read_text().splitlines():
       row = json.loads(line)
       cmd = shlex.split(row.get("command", ""))
-      if len(cmd) > 3 and cmd[:2] == ["python", "-m"] and cmd[2].startswith("experiments."):
+      # the image experiments (a language model's run is an LMConfig: test_transformers)
+      if len(cmd) > 3 and cmd[:2] == ["python", "-m"] and cmd[2].startswith("experiments.") \
+          and "test_accuracy" in row:
         out.append((f"{f.parent.name}/{row.get('workdir', '').rsplit('/', 1)[-1]}", cmd, row))
   return out
 

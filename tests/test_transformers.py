@@ -384,3 +384,31 @@ def test_transformer_benchmark_bad_input_and_render(capsys):
   text = bench_transformers.render(doc)
   assert "integer-dot flags: avx512_vnni" in text
   assert "| gpt | lsq | row | every 16 steps (derived) | 12.3 | 1.046 |" in text
+
+
+def test_recorded_language_model_commands_build_their_configs():
+  """Every recorded experiments.shakespeare command, its flags read as the entry point reads
+  them (one flag per LMConfig field), builds the config its run recorded."""
+  import dataclasses
+  import shlex
+  rows = [json.loads(line) for f in sorted((ROOT / "results").glob("*/results.jsonl"))
+          for line in f.read_text().splitlines()]
+  rows = [r for r in rows if r.get("command", "").startswith("python -m experiments.shakespeare")]
+  assert len(rows) >= 10
+  kinds = {f.name: str(f.type).replace("Optional[", "").rstrip("]")
+           for f in dataclasses.fields(lm.LMConfig)}
+  for r in rows:
+    kw = {}
+    for a in shlex.split(r["command"])[3:]:
+      name, _, value = a[2:].partition("=")
+      if name in ("workdir", "data_dir", "export", "noexport", "progress", "noprogress"):
+        continue
+      name = {"float": "float_model"}.get(name, name)
+      kind = kinds[name]
+      kw[name] = (True if kind == "bool" and not value else int(value) if kind == "int"
+                  else float(value) if kind == "float" else value)
+    got = lm.LMConfig(**kw).to_json()
+    defaults = {f.name: f.default for f in dataclasses.fields(lm.LMConfig)}
+    # a field newer than the record reads as its default
+    assert set(r["config"]) <= set(got), r["run"]
+    assert got == {k: r["config"].get(k, defaults[k]) for k in got}, r["run"]
