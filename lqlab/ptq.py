@@ -77,7 +77,7 @@ def minmax_params(float_params, template, granularity: qconfig.Granularity, bits
     if key[-1] == tree.SCALE_NAME:
       owner = key[-2][:-len(tree.QUANT_SUFFIX)]
       p = src[key[:-2] + (owner,)]
-      out[key] = leaf.replace_boxed(minmax_log_scale(p, granularity, bits, leaf.shape))
+      out[key] = leaf.replace_boxed(minmax_log_scale(p, granularity, bits, leaf.value.shape))
     elif key in src:
       if src[key].shape != leaf.shape:
         raise ValueError(f"parameter {'/'.join(key)}: float shape {src[key].shape} does not "
