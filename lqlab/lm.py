@@ -123,6 +123,7 @@ def sample_batch(train: jax.Array, key, batch: int, context: int):
 # ------------------------------------------------------------------ config
 
 RULES = ("ratio", "lsq", "fixed")
+QWIX_TYPES = {8: "int8", 4: "int4", 2: "int2"}  # qwix_bits -> qwix's weight type
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,6 +161,9 @@ class LMConfig:
   # post-training quantization of a finished FP32 run ("{seed}" is this run's seed): its
   # weights with min-max scales at --bits under --rule=fixed, evaluated without training
   ptq_from: Optional[str] = None
+  # google/qwix's QAT of the float model (with --float): int<qwix_bits> weights, an absmax
+  # scale per output channel, nothing learned and no packed file (a peer reference point)
+  qwix_bits: Optional[int] = None
   limit: Optional[int] = None
 
   def __post_init__(self):
@@ -190,6 +194,11 @@ class LMConfig:
         raise ValueError(f"budget_bits must be a finite number > 0, got {self.budget_bits}")
     if self.limit is not None and self.limit < 1:
       raise ValueError(f"limit must be >= 1, got {self.limit}")
+    if self.qwix_bits is not None:
+      if self.qwix_bits not in QWIX_TYPES:
+        raise ValueError(f"qwix_bits must be one of {sorted(QWIX_TYPES)}, got {self.qwix_bits}")
+      if not self.float_model:
+        raise ValueError("qwix_bits quantizes the float model with qwix: pass --float too")
     if self.ptq_from is not None and (self.rule != "fixed" or self.float_model):
       raise ValueError("ptq_from needs --rule=fixed and --bits (post-training quantization)")
     self.rules()  # validates the quantization settings
@@ -223,21 +232,64 @@ class LMConfig:
 
   @property
   def tag(self) -> str:
+    if self.qwix_bits is not None:
+      return f"qwix_{QWIX_TYPES[self.qwix_bits]}"
     return "float" if self.float_model else ("ptq" if self.ptq_from else self.rule)
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
+    if d["qwix_bits"] is None:  # records from before the field read the same
+      del d["qwix_bits"]
     if isinstance(d["granularity"], tuple):
       d["granularity"] = list(d["granularity"])
     return d
 
 
 def build(cfg: LMConfig, vocab_size: int):
-  """The float GPT and, unless `cfg.float_model`, the model quantized by `cfg.rules()`."""
+  """The float GPT and, unless `cfg.float_model`, the model quantized by `cfg.rules()`;
+  with `cfg.qwix_bits`, the float GPT quantized by qwix (:func:`qwix_model`)."""
   model = transformers.GPT(transformers.GPTConfig(vocab_size, cfg.context, cfg.layers,
                                                   cfg.heads, cfg.width),
                            rngs=nnx.Rngs(cfg.seed))
+  if cfg.qwix_bits is not None:
+    return qwix_model(model, cfg.qwix_bits, cfg.context)
   return model if cfg.float_model else lqjax.quantize(model, cfg.rules())
+
+
+def qwix_model(model, bits: int, context: int):
+  """google/qwix's quantization-aware training of `model` (the peer's own API): every
+  dot_general/einsum whose operand is a weight fake-quantizes it to int<bits> with an absmax
+  scale per output channel (qwix's default), straight-through; the embedding lookups and
+  the activations stay float, and no scale is learned."""
+  try:
+    import qwix
+  except ImportError:
+    raise data.DatasetNotFoundError("qwix is not installed: pip install qwix") from None
+  rule = qwix.QtRule(module_path=".*", weight_qtype=getattr(jnp, QWIX_TYPES[bits]))
+  return qwix.quantize_model(model, qwix.QtProvider([rule]),
+                             jnp.zeros((1, context), jnp.int32))
+
+
+def qwix_nominal_bytes(params, bits: int) -> int:
+  """The accounted size of the qwix model (qwix writes no packed file): `bits` per element of
+  every matrix that enters a dot (attention, MLP, the token table as the tied head) and a
+  float32 scale per output channel; the position table and the norms at 32 bits. Counting
+  the token table at `bits` favours qwix: its lookup reads the float table."""
+  from lqjax import tree
+  total = 0.0
+  for path, (v, _) in tree.flat_leaves(params).items():
+    name, shape, size = "/".join(map(str, path)), np.shape(v), int(np.size(v))
+    if not (name.endswith("kernel") or "wte" in name):  # norms, the position table
+      total += 4 * size
+      continue
+    if "wte" in name:  # (vocab, width): the head contracts width, a scale per token
+      contracted = shape[1]
+    elif "attn/out" in name:  # (layers, heads, head_dim, width)
+      contracted = shape[1] * shape[2]
+    else:  # (layers, in, ...) for q/k/v and the MLP
+      contracted = shape[1]
+    total += size * bits / 8 + 4 * size // contracted
+  return int(math.ceil(total))
 
 
 # ------------------------------------------------------------------ training
@@ -545,7 +597,13 @@ def bits_per_layer(params) -> dict:
 
 
 def _export(cfg, workdir, text, graphdef, params, rest) -> dict:
-  """Writes model.lqz and checks that its reload computes the same logits."""
+  """Writes model.lqz and checks that its reload computes the same logits (a qwix model:
+  its accounted size only)."""
+  if cfg.qwix_bits is not None:
+    import qwix
+    nominal = qwix_nominal_bytes(params, cfg.qwix_bits)
+    return {"scheme": "qwix", "qwix_version": qwix.__version__, "avg_bits": cfg.qwix_bits,
+            "nominal_bytes": nominal}
   state = nnx.merge_state(params, rest) if len(jax.tree.leaves(rest)) else params
   meta = {"model": "gpt", "dataset": DATASET, "vocab": text.vocab,
           "gpt": dataclasses.asdict(transformers.GPTConfig(

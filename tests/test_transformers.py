@@ -210,6 +210,28 @@ def _text_dir():
   return data_dir("tinyshakespeare/input.txt")
 
 
+def test_qwix_reference_quantizes_the_dots_and_its_size_is_counted_by_hand():
+  """qwix's QAT of the GPT (the peer reference point): int8 is closer to the float logits
+  than int4, neither equals them; the accounted size of a 1-block GPT (vocab 5, width 8,
+  2 heads, MLP 32, context 4) at 4 bits, by hand: the token table 40 * 0.5 + 5 scales * 4 = 40,
+  the position table 32 * 4 = 128, q/k/v 3 * (32 + 8 * 4) = 192, out 32 + 8 * 4 = 64,
+  fc 128 + 32 * 4 = 256, proj 128 + 8 * 4 = 160, the norms 3 * 8 * 4 = 96: 936 bytes."""
+  cfg = transformers.GPTConfig(vocab_size=5, context=4, layers=1, heads=2, width=8)
+  x = jnp.array([[0, 1, 2, 3], [4, 3, 2, 1]])
+  ref = transformers.GPT(cfg, rngs=nnx.Rngs(0))(x)
+  err = {b: float(jnp.abs(lm.qwix_model(transformers.GPT(cfg, rngs=nnx.Rngs(0)), b, 4)(x)
+                          - ref).max()) for b in (8, 4)}
+  assert 0 < err[8] < err[4], err
+  params = nnx.state(transformers.GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  assert lm.qwix_nominal_bytes(params, 4) == 936
+  for kw, needle in [(dict(qwix_bits=4), "pass --float too"),
+                     (dict(float_model=True, qwix_bits=3), "qwix_bits must be one of")]:
+    with pytest.raises(ValueError, match=needle):
+      lm.LMConfig(**kw)
+  assert lm.LMConfig(float_model=True, qwix_bits=8).tag == "qwix_int8"
+  assert "qwix_bits" not in lm.LMConfig().to_json()  # older records read the same
+
+
 def test_nanogpt_split():
   text = lm.load_text(_text_dir())
   assert len(text.vocab) == 65

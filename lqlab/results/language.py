@@ -98,12 +98,12 @@ def _sweep(name, rows, plots_dir, results_dir=None):
   for var, rs in by.items():
     loss = [r["val_loss"] for r in rs]
     rel = "-" if ref is None or var == "fp32" else f"{100 * (_mean(loss) / ref - 1):+.2f}%"
-    packed = [r.get("packed_bytes") for r in rs]
+    packed, mark = [_bytes(r) for r in rs], " (accounted)" if _accounted(rs) else ""
     out.append(
         f"| {var} | {len(rs)} | {mean_std(loss)} | "
         f"{mean_std([x / math.log(2) for x in loss], '{:.3f}')} | {rel} | "
         f"{mean_std([r.get('avg_bits') for r in rs], '{:.2f}')} | "
-        f"{mean_std(packed, '{:.0f}')} | "
+        f"{mean_std(packed, '{:.0f}')}{mark if any(packed) else ''} | "
         f"{mean_std([fp32_bytes / p for p in packed if p], '{:.1f}')} | "
         f"{mean_std([r.get('entropy_coded_bytes') for r in rs], '{:.0f}')} | "
         f"{mean_std([r['train_seconds'] for r in rs], '{:.0f}')} |")
@@ -125,6 +125,16 @@ def _sweep(name, rows, plots_dir, results_dir=None):
     if rs[0].get("command"):
       out.append(f"- {var}: `{command_today(rs[0]['command'])}`")
   return out + [""]
+
+
+def _accounted(rs) -> bool:
+  """A peer's run (qwix) writes no file: its size is accounted (``nominal_bytes``)."""
+  return all(r.get("nominal_bytes") and not r.get("packed_bytes") for r in rs)
+
+
+def _bytes(r):
+  """The written file's bytes, or a peer's accounted bytes where it writes none."""
+  return r.get("packed_bytes") or r.get("nominal_bytes")
 
 
 def _targets(by, ref, fp32_bytes):
@@ -183,10 +193,10 @@ def _where_bits_go(by):
 def _plot(name, by, ref, fp32_bytes, plots_dir):
   pts = []
   for v, rs in by.items():
-    if v == "fp32" or not all(r.get("packed_bytes") for r in rs):
+    if v == "fp32" or not all(_bytes(r) for r in rs):
       continue
     loss = [r["val_loss"] for r in rs]
-    pts.append((v, _mean([r["packed_bytes"] for r in rs]), _mean(loss),
+    pts.append((v, _mean([_bytes(r) for r in rs]), _mean(loss),
                 statistics.stdev(loss) if len(loss) > 1 else 0.0))
   if not pts:
     return None
@@ -197,14 +207,15 @@ def _plot(name, by, ref, fp32_bytes, plots_dir):
   for fam in sorted({p[0].split("_")[0] for p in pts}):
     ps = sorted((p for p in pts if p[0].split("_")[0] == fam), key=lambda p: p[1])
     line = ax.errorbar([p[1] for p in ps], [p[2] for p in ps], yerr=[p[3] for p in ps],
-                       fmt="o", ms=5, capsize=2, label=fam)
+                       fmt="o", ms=5, capsize=2, mfc="none" if fam == "qwix" else None,
+                       label=f"{fam} (accounted size)" if fam == "qwix" else fam)
     for p in ps:
       ax.annotate(p[0], (p[1], p[2]), fontsize=7, xytext=(4, 3), textcoords="offset points",
                   color=line[0].get_color())
   if ref is not None:
     ax.axhline(ref, ls="--", color="gray", lw=1, label="FP32")
   ax.set_xscale("log")
-  ax.set_xlabel("packed file (bytes)")
+  ax.set_xlabel("packed file (bytes; qwix: accounted, it writes none)")
   ax.set_ylabel("validation loss (nats/char)")
   ax.set_title(f"{name}: validation loss against file size (FP32 {fp32_bytes:,} B)")
   ax.grid(alpha=0.3)
