@@ -140,17 +140,20 @@ class Attn(nn.Module):
     return nn.Dense(6, name="head")(y.mean(1))
 
 
-@pytest.mark.parametrize("gran,k", [("row", None), ("head", None), ("block", 16)])
-def test_linen_attention_file_and_onnx(tmp_path, gran, k):
-  """Per-head and block scales survive the packed file bit-exactly and export to ONNX."""
+@pytest.mark.parametrize("gran,k,head_gran", [("head", None, "row"), ("block", 16, "block")])
+def test_linen_attention_file_and_onnx(tmp_path, gran, k, head_gran):
+  """Per-head, row and block scales survive the packed file bit-exactly and export to ONNX."""
   pytest.importorskip("onnxruntime")
   x = jax.random.normal(jax.random.key(1), (3, 5, 32))
-  rules = [lqjax.Rule("head", lqjax.QuantConfig(**LSQ4, granularity="row")),
+  rules = [lqjax.Rule("head", lqjax.QuantConfig(**LSQ4, granularity=head_gran,
+                                                block_size=16 if head_gran == "block" else None)),
            lqjax.Rule("attn/.*", lqjax.QuantConfig(**LSQ4, granularity=gran, block_size=k))]
   model = lqjax.quantize(Attn(), rules)
   v = model.init(jax.random.key(0), x)
   q = v["params"]["attn"]["query"]["kernel_quant"]["log_scale"].value
-  assert q.shape == {"row": (1, 4, 8), "head": (1, 4, 1), "block": (2, 4, 8)}[gran]
+  assert q.shape == {"head": (1, 4, 1), "block": (2, 4, 8)}[gran]
+  assert v["params"]["head"]["kernel_quant"]["log_scale"].value.shape == \
+      {"row": (1, 6), "block": (2, 6)}[head_gran]
   y = model.apply(v, x)
   path = tmp_path / "m.lqz"
   n = lqjax.save(path, v)
@@ -168,32 +171,39 @@ def _tiny_gpt():
                                                  width=16), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("gran,k", [("row", None), ("head", None), ("block", 8), ("tensor", None)])
-def test_scanned_stack_quantized_from_outside(tmp_path, gran, k):
+@pytest.mark.parametrize("attn_gran,k,rest_gran", [("head", None, "block"), ("row", None, "tensor"),
+                                                   ("block", 8, "row")])
+def test_scanned_stack_quantized_from_outside(tmp_path, attn_gran, k, rest_gran):
   """Quantizing a finished nnx.vmap stack gives every layer its own scales (the layer axis
-  leads), nnx.scan runs it, each layer's scale is that layer's own initialisation, the
-  scales train, and the packed file reloads to the same logits."""
+  leads) under every granularity, nnx.scan runs it, each layer's scale is that layer's own
+  initialisation, the scales train, and the packed file reloads to the same logits."""
   model = _tiny_gpt()
-  attn = lqjax.QuantConfig(**LSQ4, granularity=gran, block_size=k)
-  rest = attn if gran != "head" else lqjax.QuantConfig(**LSQ4, granularity="row")
-  q = lqjax.quantize(model, [lqjax.Rule("blocks/attn/.*", attn), lqjax.Rule(".*", rest)])
+  attn = lqjax.QuantConfig(**LSQ4, granularity=attn_gran, block_size=k)
+  rest = lqjax.QuantConfig(**LSQ4, granularity=rest_gran, block_size=8 if rest_gran == "block"
+                           else None)
+  rules = [lqjax.Rule("blocks/attn/.*", attn), lqjax.Rule(".*", rest)]
+  q = lqjax.quantize(model, rules)
+  for cfg, quantizer, kern, layout in [
+      (attn, q.blocks.attn.query.kernel_quant, q.blocks.attn.query.kernel, QKV),
+      (rest, q.blocks.fc.kernel_quant, q.blocks.fc.kernel, None)]:
+    ls, kern = quantizer.log_scale[...], kern.get_value()
+    assert ls.shape[0] == 3 and kern.shape[0] == 3
+    for i in range(3):  # layer i's scales are its own kernel's
+      np.testing.assert_allclose(ls[i], quant.init_log_scale(kern[i], cfg, layout), rtol=1e-6)
   ls = q.blocks.attn.query.kernel_quant.log_scale[...]
-  kern = q.blocks.attn.query.kernel.get_value()
-  assert kern.shape == (3, 16, 2, 8) and ls.shape[0] == 3
-  for i in range(3):  # layer i's scales are its own kernel's
-    np.testing.assert_allclose(ls[i], quant.init_log_scale(kern[i], attn, QKV), rtol=1e-6)
   tokens = jnp.arange(16).reshape(2, 8) % 11
-  logits = q(tokens)
-  assert logits.shape == (2, 8, 11) and np.all(np.isfinite(logits))
   gd, params, rest_state = nnx.split(q, nnx.Param, ...)
-  g = jax.grad(lambda p: jnp.sum(nnx.merge(gd, p, rest_state)(tokens) ** 2))(params)
+  forward = jax.jit(lambda p: nnx.merge(gd, p, rest_state)(tokens))
+  logits = forward(params)
+  assert logits.shape == (2, 8, 11) and np.all(np.isfinite(logits))
+  g = jax.jit(jax.grad(lambda p: jnp.sum(forward(p) ** 2)))(params)
   gs = g["blocks"]["attn"]["query"]["kernel_quant"]["log_scale"][...]
   assert gs.shape == ls.shape and np.all(np.any(gs.reshape(3, -1) != 0, axis=1))
   path = tmp_path / "g.lqz"
   lqjax.save(path, nnx.state(q))
-  q2 = lqjax.quantize(_tiny_gpt(), [lqjax.Rule("blocks/attn/.*", attn), lqjax.Rule(".*", rest)])
+  q2 = lqjax.quantize(_tiny_gpt(), rules)
   lqjax.load(path, q2)
-  np.testing.assert_array_equal(q2(tokens), logits)
+  np.testing.assert_array_equal(forward(nnx.split(q2, nnx.Param, ...)[1]), logits)
 
 
 def test_embedding_row_is_one_scale_per_token():
