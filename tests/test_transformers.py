@@ -355,6 +355,19 @@ def test_language_report_from_fabricated_records(tmp_path):
   # budget 1.91 vs LSQ 2.01: 0.1 nats better, spreads 0.0141, smaller file
   assert "the budget is +0.1000 nats better, the larger seed spread is 0.0141 (met" in text
   assert (tmp_path / "plots" / "lm.png").is_file()
+  # qwix writes no file: its accounted size is marked, and it is no candidate for the 12x
+  qwix = [dict(_lm_row(f"qwix_int4_s{i}", 1.80), nominal_bytes=100, avg_bits=4)
+          for i in range(2)]
+  text = "\n".join(language.language_sections(rows + qwix, tmp_path / "plots"))
+  assert "| qwix_int4 | 2 | 1.8000 ± 0.0000 |" in text and "100 ± 0 (accounted) | 40.0" in text
+  assert "the smallest within +2% is budget_2bit" in text
+  # a configuration nanoGPT publishes nothing for is set against its largest, with the
+  # characters each trained on: 8 x 128 x 1000 here, 64 x 256 x 5000 there (80x)
+  big = _lm_row("fp32_s0", 1.60, sweep="big")
+  big["config"] = dict(layers=6, heads=6, width=192, context=128, batch_size=8, iters=1000)
+  text = "\n".join(language.language_sections([big], tmp_path / "plots"))
+  assert "1.47 published, a distance of +0.130 nats (+8.8%)" in text
+  assert "trains on 1,024,000 characters, nanoGPT's on 81,920,000 (80x as many)" in text
   head = language.language_headline(rows)
   assert head == ["| tinyshakespeare | **13.8x**: loss 1.9100 vs FP32 1.8800 (gpt budget_2bit, "
                   "within 2%, 2 seeds) | **14.3x**: loss 1.9100 vs FP32 1.8800 (gpt "

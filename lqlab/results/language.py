@@ -108,12 +108,7 @@ def _sweep(name, rows, plots_dir, results_dir=None):
         f"{mean_std([r.get('entropy_coded_bytes') for r in rs], '{:.0f}')} | "
         f"{mean_std([r['train_seconds'] for r in rs], '{:.0f}')} |")
   if fp32:
-    key = _model_key(fp32[0])
-    pub = NANOGPT.get(key)
-    if pub:
-      out += ["", f"FP32 against nanoGPT ({pub[1]}): {mean_std([r['val_loss'] for r in fp32])} "
-              f"here, {pub[0]:.2f} published, a distance of {_mean([r['val_loss'] for r in fp32]) - pub[0]:+.3f} "
-              f"nats ({100 * (_mean([r['val_loss'] for r in fp32]) / pub[0] - 1):+.1f}%)."]
+    out += _against_nanogpt(fp32)
   out += _targets(by, ref, fp32_bytes)
   out += _where_bits_go(by)
   out += lambda_ranges(name, by, results_dir)
@@ -125,6 +120,29 @@ def _sweep(name, rows, plots_dir, results_dir=None):
     if rs[0].get("command"):
       out.append(f"- {var}: `{command_today(rs[0]['command'])}`")
   return out + [""]
+
+
+def _tokens(key) -> int:
+  """Training characters seen: batch x context x iterations."""
+  return key[3] * key[4] * key[5]
+
+
+def _against_nanogpt(fp32) -> list:
+  """FP32's distance to nanoGPT's published loss: of the same configuration where nanoGPT
+  publishes one, else of its largest (a larger model trained on more characters, said so)."""
+  key = _model_key(fp32[0])
+  loss = [r["val_loss"] for r in fp32]
+  same = key in NANOGPT
+  pub_key = key if same else max(NANOGPT, key=_tokens)
+  pub, what = NANOGPT[pub_key]
+  text = (f"FP32 against nanoGPT ({what}): {mean_std(loss)} here, {pub:.2f} published, a "
+          f"distance of {_mean(loss) - pub:+.3f} nats ({100 * (_mean(loss) / pub - 1):+.1f}%).")
+  if not same:
+    text += (f" This configuration ({key[0]} layers, {key[1]} heads, width {key[2]}, context "
+             f"{key[3]}, batch {key[4]}, {key[5]} iterations) is not nanoGPT's: it trains on "
+             f"{_tokens(key):,} characters, nanoGPT's on {_tokens(pub_key):,} "
+             f"({_tokens(pub_key) / _tokens(key):.0f}x as many).")
+  return ["", text]
 
 
 def _accounted(rs) -> bool:
