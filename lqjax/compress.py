@@ -411,7 +411,7 @@ def _decode(header, payload, version):
     if not np.all(np.isfinite(values)):
       raise CorruptFileError(f"{name}: decoded values are not finite")
     flat[path] = values
-    flat[tree.scale_path(path)] = tree.QuantScale(ls, cfg)
+    flat[tree.scale_path(path)] = tree.QuantScale(ls, config=cfg)
   return flat
 
 
@@ -508,7 +508,46 @@ def _recipe(cfg: qconfig.QuantConfig) -> str:
       + ")"
 
 
-def load(path, target=None):
+def _sharding_by_path(shardings) -> dict:
+  """``{path: Sharding}`` of a tree of ``jax.sharding.Sharding`` leaves, or of arrays
+  whose own shardings span several devices."""
+  flat, _ = tree.leaves(shardings)
+  out = {}
+  for path, leaf in flat:
+    if isinstance(leaf, jax.sharding.Sharding):
+      out[path] = leaf
+      continue
+    sh = getattr(tree.leaf_array(leaf), "sharding", None)
+    if isinstance(sh, jax.sharding.Sharding) and len(sh.device_set) > 1:  # a sharded array
+      out[path] = sh
+  return out
+
+
+def _place(loaded, shardings):
+  """`loaded` with each array put on the devices its sharding names (a tree, or one
+  Sharding for every array); arrays the tree has no sharding for stay as they are."""
+  if shardings is None:
+    return loaded
+  if isinstance(shardings, jax.sharding.Sharding):
+    by_path = {path: shardings for path, _ in tree.leaves(loaded)[0]}
+  else:
+    by_path = _sharding_by_path(shardings)
+  return tree.replace_arrays(loaded, {
+      path: jax.device_put(jnp.asarray(tree.leaf_array(leaf)), by_path[path])
+      for path, leaf in tree.leaves(loaded)[0] if path in by_path})
+
+
+def _as_state(target):
+  try:
+    from flax import nnx
+    if isinstance(target, nnx.Module):
+      return nnx.state(target)
+  except ImportError:  # pragma: no cover
+    pass
+  return target
+
+
+def load(path, target=None, *, shardings=None):
   """Loads a packed file.
 
   Args:
@@ -519,6 +558,11 @@ def load(path, target=None):
       recipe, and return the loaded tree. Either way a target whose recipe for a
       tensor differs from the file's is refused: the model would compute another
       function of the same weights.
+    shardings: where the loaded arrays go: a tree of ``jax.sharding.Sharding`` with
+      the saved tree's paths (for example ``NamedSharding``s of
+      ``nn.get_partition_spec(variables)``), or one Sharding for all. Default: the
+      target's own arrays' shardings (a sharded model loads sharded); without a
+      target, the default device.
 
   Raises:
     FileNotFoundError: no file at `path`.
@@ -527,7 +571,8 @@ def load(path, target=None):
   """
   _, loaded = read(path)
   if target is None:
-    return loaded
+    return _place(loaded, shardings)
+  loaded = _place(loaded, shardings if shardings is not None else _as_state(target))
   lflat = tree.flat_leaves(loaded)
   try:
     from flax import nnx
@@ -537,7 +582,7 @@ def load(path, target=None):
     state = nnx.state(target)
     _match_target(lflat, tree.flat_leaves(state), path)
     nnx.update(target, tree.replace_arrays(state, {
-        key: jnp.asarray(lflat[key][0], dtype=np.asarray(tree.leaf_array(var)).dtype)
+        key: jnp.asarray(lflat[key][0], dtype=tree.leaf_array(var).dtype)
         for key, var in tree.leaves(state)[0]}))
     return target
   _match_target(lflat, tree.flat_leaves(target), path)

@@ -54,19 +54,29 @@ class Quantizer(nn.Module):
 
   config: qconfig.QuantConfig
   layout: Optional[qconfig.Layout] = None
+  # the weight's partitioning, which the scale follows: (names, mesh, logical rules or
+  # None, whether the names are logical), from its nn.Partitioned box
+  partitioning: Optional[tuple] = None
 
   @nn.compact
   def __call__(self, p):
     cfg = self.config
     shape = qconfig.config_scale_shape(p.shape, cfg, self.layout)
-    log_scale = self.param(
-        tree.SCALE_NAME,
-        lambda _rng: tree.QuantScale(quant.init_log_scale(p, cfg, self.layout), cfg))
+    log_scale = self.param(tree.SCALE_NAME, lambda _rng: self._box(
+        quant.init_log_scale(p, cfg, self.layout), p.shape))
     if log_scale.shape != shape:
       raise ValueError(
           f"{self.name}: stored scale shape {log_scale.shape} does not match "
           f"granularity {cfg.granularity!r} for a parameter of shape {p.shape} ({shape})")
     return quant.quantize_param(p, log_scale, cfg)
+
+  def _box(self, log_scale, weight_shape):
+    if self.partitioning is None:
+      return tree.QuantScale(log_scale, config=self.config)
+    names, mesh, rules, logical = self.partitioning
+    return tree.QuantScale(log_scale, names=tree.scale_names(names, weight_shape,
+                                                             log_scale.shape),
+                           mesh=mesh, config=self.config, logical=logical, rules=rules)
 
 
 def _count(x) -> int:
@@ -91,7 +101,12 @@ def _quantize_param(module: nn.Module, name: str, value, cfg: qconfig.QuantConfi
     qconfig.config_scale_shape(value.shape, cfg, lay)
   except ValueError as e:
     raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
-  return Quantizer(cfg, lay, name=name + tree.QUANT_SUFFIX, parent=module)(value)
+  box = module.scope.get_variable("params", name) if module.scope is not None else None
+  part = None
+  if isinstance(box, nn.Partitioned):
+    logical = isinstance(box, nn.LogicallyPartitioned)
+    part = (tuple(box.names), box.mesh, box.rules if logical else None, logical)
+  return Quantizer(cfg, lay, part, name=name + tree.QUANT_SUFFIX, parent=module)(value)
 
 
 def quantized(layer_cls: Type[nn.Module]) -> Type[nn.Module]:

@@ -71,11 +71,22 @@ class QuantizedParam(nnx.Param):
 
 
 class Quantizer(nnx.Module):
-  """Owns ``log_scale`` (a :class:`ScaleParam`) and maps P -> Q(P)."""
+  """Owns ``log_scale`` (a :class:`ScaleParam`) and maps P -> Q(P).
 
-  def __init__(self, p, config: qconfig.QuantConfig, layout: qconfig.Layout | None = None):
+  `sharding`: the weight's sharding metadata (``out_sharding``, ``mesh``,
+  ``sharding_rules``); the scale gets the weight's axis names on the axes it keeps
+  whole and None on those it reduces (:func:`lqjax.tree.scale_names`)."""
+
+  def __init__(self, p, config: qconfig.QuantConfig, layout: qconfig.Layout | None = None,
+               sharding: dict | None = None):
     self.config = config
-    self.log_scale = ScaleParam(quant.init_log_scale(p, config, layout), config=config)
+    value = quant.init_log_scale(p, config, layout)
+    meta = {}
+    names = tree.scale_names((sharding or {}).get("out_sharding"), p.shape, value.shape)
+    if names is not None:
+      meta = {k: v for k, v in sharding.items() if v is not None}
+      meta["out_sharding"] = names
+    self.log_scale = ScaleParam(value, config=config, **meta)
 
   def __call__(self, p):
     return quant.quantize_param(p, self.log_scale[...], self.config)
@@ -169,9 +180,20 @@ def _quantize_layer(layer, cfgs: dict, path: str):
       qconfig.config_scale_shape(value.shape, cfg, lay)
     except ValueError as e:
       raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
-    setattr(layer, name, QuantizedParam(value, **{k: v for k, v in var.get_metadata().items()
+    meta = var.get_metadata()
+    sharding = {k: meta.get(k) for k in ("out_sharding", "mesh", "sharding_rules")}
+    try:
+      quantizer = Quantizer(value, cfg, lay, sharding)
+    except ValueError as e:
+      if "mesh" not in str(e):
+        raise
+      raise rules_lib.QuantizeError(
+          f"lqjax.quantize: {path}/{name} is partitioned as {tuple(meta['out_sharding'])} and "
+          f"its scale follows it: quantize the model inside the mesh it was made in "
+          f"(with jax.set_mesh(mesh): ...)") from None
+    setattr(layer, name, QuantizedParam(value, **{k: v for k, v in meta.items()
                                                   if k != "on_get_value"}))
-    setattr(layer, name + tree.QUANT_SUFFIX, Quantizer(value, cfg, lay))
+    setattr(layer, name + tree.QUANT_SUFFIX, quantizer)
     names.append(name)
   if names:
     layer.__class__ = _quantized_class(type(layer))

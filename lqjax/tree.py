@@ -35,23 +35,74 @@ SCALE_NAME = "log_scale"
 Path = Tuple[str, ...]
 
 
-class QuantScale(struct.PyTreeNode, meta.AxisMetadata):
-  """A Linen log-scale leaf boxed with its tensor's config (static metadata)."""
+class QuantScale(meta.Partitioned):
+  """A Linen log-scale leaf boxed with its tensor's config (static metadata).
+
+  It is a ``flax.linen`` ``Partitioned`` box: where its weight is partitioned
+  (``nn.with_partitioning``), ``names`` are the weight's names on the axes the scale
+  keeps, None on the axes it reduces (:func:`scale_names`), so ``nn.get_partition_spec``
+  and ``nn.logical_to_mesh_sharding`` give the scales their weights' sharding. An
+  unpartitioned weight's scale has ``names=None``: it is replicated, and stacking by
+  ``nn.scan``/``nn.vmap`` needs no partition name.
+  """
 
   value: Any
-  config: qconfig.QuantConfig = struct.field(pytree_node=False)
+  names: Any = struct.field(pytree_node=False, default=None)
+  mesh: Any = struct.field(pytree_node=False, default=None)
+  config: qconfig.QuantConfig = struct.field(pytree_node=False, default=None)
+  # a weight under nn.with_logical_partitioning: names are logical, mapped by these rules
+  # (or the nn.logical_axis_rules in force)
+  logical: bool = struct.field(pytree_node=False, default=False)
+  rules: Any = struct.field(pytree_node=False, default=None)
 
-  def unbox(self):
-    return self.value
+  def __eq__(self, other):  # value arrays compare elementwise: compare by identity instead
+    return self is other
 
-  def replace_boxed(self, val):
-    return self.replace(value=val)
+  __hash__ = object.__hash__
+
+  def unbox(self, apply_constraint=True):
+    if self.names is None:
+      return self.value
+    if self.logical:
+      if apply_constraint and (meta.global_mesh_defined() or self.mesh is not None):
+        from flax.linen import spmd
+        return spmd.with_logical_constraint(self.value, self.get_partition_spec(),
+                                            rules=self.rules, mesh=self.mesh)
+      return self.value
+    return super().unbox(apply_constraint)
+
+  def get_partition_spec(self) -> jax.sharding.PartitionSpec:
+    if self.names is None:
+      return jax.sharding.PartitionSpec()
+    return super().get_partition_spec()
 
   def add_axis(self, index, params):  # nn.scan / nn.vmap stack the value; the recipe stays
-    return self
+    if self.names is None:
+      return self
+    if meta.PARTITION_NAME not in params:
+      names = list(self.names)
+      names.insert(index, None)
+      return self.replace(names=tuple(names))
+    return super().add_axis(index, params)
 
   def remove_axis(self, index, params):
-    return self
+    if self.names is None:
+      return self
+    if meta.PARTITION_NAME not in params:
+      names = list(self.names)
+      names.pop(index)
+      return self.replace(names=tuple(names))
+    return super().remove_axis(index, params)
+
+
+def scale_names(weight_names, weight_shape, scale_shape):
+  """The partitioning of a log scale from its weight's: the weight's axis name where the
+  scale keeps that axis whole, None where it reduces it (to one scale, or to blocks);
+  None for an unpartitioned weight."""
+  if weight_names is None or all(n is None for n in weight_names):
+    return None
+  return tuple(n if s == w else None
+               for n, w, s in zip(weight_names, weight_shape, scale_shape))
 
 
 @dataclasses.dataclass(frozen=True)

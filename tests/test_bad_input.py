@@ -343,7 +343,7 @@ def test_codes_that_overflow_int32_are_refused_not_written(tmp_path):
   import jax.numpy as jnp
   from lqjax import qconfig, tree
   params = {"fc": {"kernel": jnp.full((2, 2), 3e30), "kernel_quant": {"log_scale": tree.QuantScale(
-      jnp.full((1, 1), -40.0), qconfig.QuantConfig())}}}
+      jnp.full((1, 1), -40.0), config=qconfig.QuantConfig())}}}
   with pytest.raises(ValueError, match="fc/kernel: codes reach the int32 limit"):
     compress.save(tmp_path / "x.lqz", params)
   assert not (tmp_path / "x.lqz").exists()

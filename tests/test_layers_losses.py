@@ -76,7 +76,7 @@ class PenaltiesTest(absltest.TestCase):
     # One quantizer: P (2, 2), per-column scales (keep last axis) 0.5 and 2.
     return {"layer": {"kernel": jnp.array([[0.2, 3.0], [1.3, -1.0]]),
                       "kernel_quant": {"log_scale": tree.QuantScale(
-                          jnp.log(jnp.array([[0.5, 2.0]])), qconfig.QuantConfig())}}}
+                          jnp.log(jnp.array([[0.5, 2.0]])), config=qconfig.QuantConfig())}}}
 
   def test_inverse_scale(self):
     self.assertAlmostEqual(float(losses.inverse_scale_penalty(self.params(), 0.1)),

@@ -89,7 +89,7 @@ def _brake_state(params, best):
 
 def _brake_params(kernel, log_scale):
   return {"fc": {"kernel": jnp.full((2, 2), kernel), "kernel_quant": {
-      "log_scale": tree.QuantScale(jnp.full((1, 2), log_scale), qconfig.QuantConfig())}}}
+      "log_scale": tree.QuantScale(jnp.full((1, 2), log_scale), config=qconfig.QuantConfig())}}}
 
 
 def test_validation_brake_rolls_back_and_halves():
