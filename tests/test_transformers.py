@@ -355,6 +355,10 @@ def test_language_report_from_fabricated_records(tmp_path):
   # budget 1.91 vs LSQ 2.01: 0.1 nats better, spreads 0.0141, smaller file
   assert "the budget is +0.1000 nats better, the larger seed spread is 0.0141 (met" in text
   assert (tmp_path / "plots" / "lm.png").is_file()
+  # one seed of a variant is set against the same seed of FP32: 1.91 against s0's 1.90
+  one = "\n".join(language.language_sections(rows + [_lm_row("lsq_3bit_s0", 1.91, 500, 3.0)],
+                                              tmp_path / "plots"))
+  assert "| lsq_3bit | 1 | 1.9100 | 2.756 | +0.53% |" in one
   # qwix writes no file: its accounted size is marked, and it is no candidate for the 12x
   qwix = [dict(_lm_row(f"qwix_int4_s{i}", 1.80), nominal_bytes=100, avg_bits=4)
           for i in range(2)]
