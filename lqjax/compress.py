@@ -194,7 +194,7 @@ def _header(entries, meta, payload_bytes) -> bytes:
 
 
 def _sizes(variables, meta):
-  entries, _ = _encode_tensors(jax.device_get(tree._as_tree(variables)), CODEC_FIXED,
+  entries, _ = _encode_tensors(jax.device_get(tree.as_tree(variables)), CODEC_FIXED,
                                pack=False)
   payload = sum(e["nbytes"] for e in entries)
   return payload, _PREFIX.size + len(_header(entries, meta, payload)) + CHECKSUM_BYTES
@@ -237,7 +237,7 @@ def to_bytes(variables, meta: Optional[Mapping[str, Any]] = None, *,
   """
   if codec not in (CODEC_FIXED, CODEC_ZSTD):
     raise ValueError(f"unknown codec {codec}")
-  entries, payload = _encode_tensors(jax.device_get(tree._as_tree(variables)), codec)
+  entries, payload = _encode_tensors(jax.device_get(tree.as_tree(variables)), codec)
   header = _header(entries, meta, len(payload))
   if codec == CODEC_ZSTD:
     import zstandard
@@ -537,16 +537,6 @@ def _place(loaded, shardings):
       for path, leaf in tree.leaves(loaded)[0] if path in by_path})
 
 
-def _as_state(target):
-  try:
-    from flax import nnx
-    if isinstance(target, nnx.Module):
-      return nnx.state(target)
-  except ImportError:  # pragma: no cover
-    pass
-  return target
-
-
 def load(path, target=None, *, shardings=None):
   """Loads a packed file.
 
@@ -572,7 +562,7 @@ def load(path, target=None, *, shardings=None):
   _, loaded = read(path)
   if target is None:
     return _place(loaded, shardings)
-  loaded = _place(loaded, shardings if shardings is not None else _as_state(target))
+  loaded = _place(loaded, shardings if shardings is not None else tree.as_tree(target))
   lflat = tree.flat_leaves(loaded)
   try:
     from flax import nnx

@@ -152,7 +152,8 @@ def _variable_config(var) -> Optional[qconfig.QuantConfig]:
   return cfg if isinstance(cfg, qconfig.QuantConfig) else None
 
 
-def _as_tree(tree):
+def as_tree(tree):
+  """An ``nnx.Module``'s state; any other tree as it is."""
   try:
     from flax import nnx
     if isinstance(tree, nnx.Module):
@@ -169,7 +170,7 @@ def leaves(tree):
   :func:`with_array` makes a leaf of the same kind that holds another, so that
   ``jax.tree_util.tree_unflatten(treedef, ...)`` rebuilds a tree of the same kind.
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(_as_tree(tree), is_leaf=_is_box)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(as_tree(tree), is_leaf=_is_box)
   out = []
   for kp, leaf in flat:
     path = tuple(_key_str(k) for k in kp)
