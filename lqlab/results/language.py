@@ -182,7 +182,7 @@ def _targets(by, fp32, fp32_bytes):
     return []
   out = ["", "Targets (distances, against FP32 on the same seeds; the runs do not stop at "
          "them):", ""]
-  four = [v for v in by if v.startswith("lsq_4bit")]
+  four = [v for v in by if v.startswith(("lsq_4bit", "budget_4bit"))]
   for v in four:
     d = 100 * (_mean([r["val_loss"] for r in by[v]]) / paired_ref(by[v], fp32) - 1)
     out.append(f"- 4 bits within +1% of FP32's loss: {v} is at {d:+.2f}% "
