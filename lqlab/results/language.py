@@ -245,13 +245,16 @@ def _plot(name, by, ref, fp32_bytes, plots_dir):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(9, 4.2))
+  # neighbours by size put their labels alternately above and below their points
+  below = {p[0]: 3 if i % 2 == 0 else -10 for i, p in enumerate(sorted(pts, key=lambda p: p[1]))}
   for fam in sorted({p[0].split("_")[0] for p in pts}):
     ps = sorted((p for p in pts if p[0].split("_")[0] == fam), key=lambda p: p[1])
     line = ax.errorbar([p[1] for p in ps], [p[2] for p in ps], yerr=[p[3] for p in ps],
                        fmt="o", ms=5, capsize=2, mfc="none" if fam == "qwix" else None,
                        label=f"{fam} (accounted size)" if fam == "qwix" else fam)
     for p in ps:
-      ax.annotate(p[0], (p[1], p[2]), fontsize=7, xytext=(4, 3), textcoords="offset points",
+      ax.annotate(p[0], (p[1], p[2]), fontsize=7, xytext=(4, below[p[0]]),
+                  textcoords="offset points",
                   color=line[0].get_color())
   if ref is not None:
     ax.axhline(ref, ls="--", color="gray", lw=1, label="FP32")
