@@ -333,6 +333,7 @@ def test_shakespeare_missing_data(tmp_path, cache):
 def _lm_row(run, loss, packed=None, bits=None, sweep="lm"):
   cfg = dict(layers=4, heads=4, width=128, context=64, batch_size=12, iters=2000)
   r = {"run": run, "sweep": sweep, "val_loss": loss, "fp32_bytes": 4000, "config": cfg,
+       "seed": int(run.rsplit("_s", 1)[1]),
        "train_seconds": 10.0, "command": f"python -m experiments.shakespeare --seed=0"}
   if packed:
     r.update(packed_bytes=packed, entropy_coded_bytes=packed - 10, avg_bits=bits)

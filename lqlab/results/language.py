@@ -30,21 +30,14 @@ def _variants(rows):
   return by
 
 
-def _seed(r):
-  if r.get("seed") is not None:
-    return r["seed"]
-  tail = r["run"].rsplit("_s", 1)
-  return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
-
-
 def paired_ref(rs, fp32):
   """FP32's mean validation loss over the seeds the runs `rs` used (a seed fixes the
   initialisation and the batches, so seed 0 of a variant is set against seed 0 of FP32);
   over every FP32 seed where one of them is missing."""
   if not fp32:
     return None
-  by_seed = {_seed(r): r["val_loss"] for r in fp32}
-  seeds = [_seed(r) for r in rs]
+  by_seed = {r.get("seed"): r["val_loss"] for r in fp32}
+  seeds = [r.get("seed") for r in rs]
   if all(s is not None and s in by_seed for s in seeds):
     return _mean([by_seed[s] for s in seeds])
   return _mean([r["val_loss"] for r in fp32])
