@@ -7,6 +7,7 @@ Library code never reads FLAGS: this module builds one frozen
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import sys
 
@@ -23,6 +24,16 @@ flags.DEFINE_string("data_dir", None, "dataset folder (default: $LQJAX_DATA_DIR)
 flags.DEFINE_bool("export", True, "write the packed model file <workdir>/model.lqz (and the "
                   "zstd and ONNX variants) at the end and check its reload")
 flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_string("mesh", None, "device mesh 'data:N,fsdp:M' (sizes multiply to the device "
+                    "count): batch over both axes, parameters, scales and optimizer state "
+                    "sharded over fsdp (each tensor's largest axis that M divides; replicated "
+                    "when none does). Default: data parallel over every device")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 in a multi-process "
+                    "run (jax.distributed); with --num_processes and --process_id")
+flags.DEFINE_integer("num_processes", None, "processes of a multi-process run")
+flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run")
+flags.DEFINE_integer("process_timeout", 300, "seconds to wait for every process to join (and "
+                     "for a silent peer) before the run stops with an error")
 # --float is the short name of --float_model.
 _ALIASES = {"float": "float_model"}
 
@@ -61,16 +72,32 @@ def config_from_flags(base):
   return dataclasses.replace(base, **overrides)
 
 
+_MULTI_PROCESS = []  # set once the run has joined other processes
+
+
 def _fail(msg: str, code: int = 2):
-  print(f"error: {msg}", file=sys.stderr)
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  if _MULTI_PROCESS:  # jax's shutdown barrier would wait for peers that may not come
+    os._exit(code)
   sys.exit(code)
 
 
 def run(base):
   """Runs experiment `base` (its TrainConfig) with the parsed flags; exits non-zero on bad input."""
   from lqjax import budget, rules
-  from lqlab import data, train
+  from lqlab import data, distributed, train
   logging.set_verbosity(logging.WARNING)
+  try:  # before any device is touched
+    distributed.init_processes(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id, FLAGS.process_timeout)
+    if FLAGS.mesh:
+      distributed.parse_mesh(FLAGS.mesh)
+  except ValueError as e:
+    _fail(str(e))
+  import jax
+  if jax.process_count() > 1:
+    _MULTI_PROCESS.append(jax.process_count())
+  main = distributed.is_main()
   dataset = base.dataset
   try:
     cfg = config_from_flags(base)
@@ -88,7 +115,7 @@ def run(base):
     after = export_lib.export_after_training
   try:
     res = train.train_and_evaluate(cfg, workdir, FLAGS.data_dir, progress=FLAGS.progress,
-                                   after_train=after)
+                                   after_train=after, mesh=FLAGS.mesh)
   except (data.DatasetNotFoundError, budget.BudgetError, rules.QuantizeError) as e:
     # bad input, found before compute
     _fail(str(e))
@@ -100,6 +127,13 @@ def run(base):
     _fail(str(e), 1)
   except OSError as e:  # a write that failed: full disk, read-only folder
     _fail(f"{e.filename or workdir}: {e.strerror or e}", 1)
+  except Exception as e:  # a collective whose peer process stopped: one line, no hang
+    msg = distributed.peer_failure(e)
+    if msg is None:
+      raise
+    _fail(msg, 1)
+  if not main:
+    return
   line = (f"{dataset} {cfg.model} {tag}: test_accuracy {res['test_accuracy']:.4f} "
           f"val_accuracy {res['val_accuracy']:.4f} avg_bits {res['avg_bits']:.2f} "
           f"train_seconds {res['train_seconds']:.0f}")

@@ -4,6 +4,9 @@ and the step before it used.
 
 A step without a hash file was cut off between its write and its hashes: its files cannot
 be told from damaged ones, so it counts as damaged (:data:`UNHASHED`).
+
+In a multi-process run every process saves and restores through orbax (each its own
+shards), and process 0 alone writes the hashes and sets damaged steps aside.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 import time
 from typing import Optional
 
-from lqlab import files
+from lqlab import distributed, files
 
 
 class CheckpointError(RuntimeError):
@@ -50,11 +53,13 @@ def clean_tmp(workdir):
 
 def set_aside(steps, workdir, mngr):
   """Moves damaged checkpoint steps out of orbax's folder (kept, never deleted)."""
-  dest = workdir / "damaged_checkpoints"
-  dest.mkdir(exist_ok=True)
-  for step in steps:
-    (workdir / "checkpoints" / str(step)).rename(dest / f"{step}_{int(time.time())}")
-    hash_path(workdir, step).unlink(missing_ok=True)
+  if distributed.is_main():
+    dest = workdir / "damaged_checkpoints"
+    dest.mkdir(exist_ok=True)
+    for step in steps:
+      (workdir / "checkpoints" / str(step)).rename(dest / f"{step}_{int(time.time())}")
+      hash_path(workdir, step).unlink(missing_ok=True)
+  distributed.barrier("lqlab_set_aside")
   mngr.reload()
 
 
@@ -83,9 +88,10 @@ def restore_verified(mngr, workdir, state):
       continue
     if problems:
       set_aside([s for s in steps if s > step], workdir, mngr)
-      print(f"warning: {workdir / 'checkpoints'}: {'; '.join(problems)}; resuming from step "
-            f"{step} (the damaged steps are moved to {workdir / 'damaged_checkpoints'})",
-            file=sys.stderr, flush=True)
+      if distributed.is_main():
+          print(f"warning: {workdir / 'checkpoints'}: {'; '.join(problems)}; resuming from "
+              f"step {step} (the damaged steps are moved to {workdir / 'damaged_checkpoints'})",
+              file=sys.stderr, flush=True)
     return restored["state"], dict(restored["meta"])
   if all(UNHASHED in p for p in problems):
     # a run killed between its first checkpoint and that checkpoint's hashes: nothing
@@ -129,8 +135,12 @@ def save(mngr, workdir, state, meta):
     mngr.save(int(state.step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     mngr.wait_until_finished()
-    write_hashes(workdir, int(state.step))
+    if distributed.is_main():
+      write_hashes(workdir, int(state.step))
+    distributed.barrier(f"lqlab_hashes_{int(state.step)}")
   except Exception as e:  # OSError from Python, ValueError from tensorstore
+    if distributed.peer_failure(e):
+      raise
     clean_tmp(workdir)
     kept = (f"step {mngr.latest_step()}, the last complete checkpoint, is kept"
             if mngr.latest_step() is not None else "no checkpoint was complete yet")

@@ -81,13 +81,17 @@ class DatasetNotFoundError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split on the device: uint8 images (N, H, W, C) and int32 labels (N,)."""
+  """One split on the device: uint8 images (N, H, W, C) and int32 labels (N,).
+
+  `n` counts the examples where the arrays are padded past them (a split sharded over
+  devices that do not divide it); None: every row."""
 
   image: jax.Array
   label: jax.Array
+  n: Optional[int] = None
 
   def __len__(self):
-    return int(self.label.shape[0])
+    return int(self.label.shape[0]) if self.n is None else self.n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +263,7 @@ def split_train_val(image: np.ndarray, label: np.ndarray, fraction: float = VAL_
 
 
 def load(name: str, data_dir: Optional[str] = None, *, limit: Optional[int] = None,
-         sharding=None) -> Dataset:
+         sharding=None, place_train=None) -> Dataset:
   """Loads `name` onto the device (replicated over `sharding`'s devices).
 
   Args:
@@ -267,6 +271,9 @@ def load(name: str, data_dir: Optional[str] = None, *, limit: Optional[int] = No
     data_dir: overrides ``$LQJAX_DATA_DIR``.
     limit: keep only the first `limit` examples of each split (smoke tests).
     sharding: where the arrays live; default: the default device.
+    place_train: ``fn(host array) -> device array`` for the training split's arrays
+      instead of `sharding` (each process's shard of a multi-process run); the arrays
+      may be padded past the examples (``len(split)`` counts the examples).
   """
   arrays = load_arrays(name, data_dir)
   shape = tuple(arrays["train"][0].shape[1:])
@@ -291,8 +298,22 @@ def load(name: str, data_dir: Optional[str] = None, *, limit: Optional[int] = No
   def put(x):
     return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
 
-  return Dataset(name, Split(put(tr_x), put(tr_y)), Split(put(va_x), put(va_y)),
+  train = Split(put(tr_x), put(tr_y)) if place_train is None else \
+      Split(place_train(tr_x), place_train(tr_y), n=len(tr_y))
+  return Dataset(name, train, Split(put(va_x), put(va_y)),
                  Split(put(te_x), put(te_y)), num_classes, mean, std)
+
+
+def on_host(ds: Dataset) -> Dataset:
+  """`ds`'s validation and test splits as host numpy arrays, and no training examples:
+  for the work one process does alone in a multi-process run (its export), where those
+  replicated splits are read without a collective."""
+
+  def host(sp):
+    return Split(np.asarray(sp.image.addressable_data(0)), np.asarray(sp.label.addressable_data(0)))
+
+  empty = Split(np.zeros((0,) + tuple(ds.train.image.shape[1:]), np.uint8), np.zeros(0, np.int32))
+  return dataclasses.replace(ds, train=empty, val=host(ds.val), test=host(ds.test))
 
 
 def normalize(images: jax.Array, mean, std) -> jax.Array:

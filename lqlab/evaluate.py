@@ -66,12 +66,16 @@ def model_variables(params, batch_stats):
 
 
 def final_results(cfg: TrainConfig, params, batch_stats, evaluate, ds, workdir, *,
-                  train_seconds: float, devices, **extra) -> dict:
-  """The results.json entries of a trained model: accuracies, bits and sizes, config."""
+                  train_seconds: float, devices, host_variables=None, **extra) -> dict:
+  """The results.json entries of a trained model: accuracies, bits and sizes, config.
+
+  `host_variables`: ``(params, batch_stats)`` already fetched to the host (a sharded
+  multi-process run's, gathered); None: fetched here."""
   val_acc, _ = evaluate(params, batch_stats, ds.val)
   test_acc, test_loss = evaluate(params, batch_stats, ds.test)
-  report = accounting.model_report(model_variables(jax.device_get(params),
-                                                   jax.device_get(batch_stats)))
+  host_params, host_bs = host_variables if host_variables is not None else \
+      jax.device_get((params, batch_stats))
+  report = accounting.model_report(model_variables(host_params, host_bs))
   summ = accounting.summarize(report)
   penalty = cfg.inverse_scale or cfg.bin_count or cfg.deviation
   out = {

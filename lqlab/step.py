@@ -4,8 +4,8 @@
 :func:`make_train_step` for a model and config; :func:`make_chunk_runner`
 dispatches it step by step over a device-resident dataset (each step gathers the
 next shuffled batch inside jit while it trains on the current one), data-parallel
-over every device (batch sharded along a ``data`` mesh axis, parameters
-replicated). The model is the registry's float model quantized by lqjax rules.
+over every device of a :class:`lqlab.distributed.Layout` (batch sharded over the
+``data`` and ``fsdp`` mesh axes, parameters replicated or sharded over ``fsdp``). The model is the registry's float model quantized by lqjax rules.
 """
 
 from __future__ import annotations
@@ -221,8 +221,11 @@ def scale_step_at(cfg: TrainConfig, step: int) -> bool:
 
 
 def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_rng,
-                      batch_sharding=None):
+                      batch_sharding=None, state_sharding=None):
   """Returns ``run_chunk(state, perm, images, labels, n) -> (state, stacked metrics)``.
+
+  `state_sharding` (a tree of shardings for the train state, e.g. FSDP's) keeps each
+  step's new state where the old one was.
 
   Each step is one jitted call (state donated) that trains on a batch gathered
   from the device-resident dataset with the epoch's permutation, and gathers the
@@ -254,6 +257,8 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
     next_batch = gather(perm, images, labels, state.step + 1)
     state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, state.step),
                                 scale_step=scale_step)
+    if state_sharding is not None:
+      state = jax.lax.with_sharding_constraint(state, state_sharding)
     return state, metrics, next_batch
 
   # one dispatch for the chunk's metrics: an eager jnp.stack dispatches once per step and
@@ -274,17 +279,23 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
 
 
 def init_state(cfg, model, tx, sample, sharding):
+  """The run's initial train state; `sharding`: None (the default device), one sharding
+  for every array, or a :class:`lqlab.distributed.Layout` (FSDP shardings per array)."""
   rng = jax.random.key(cfg.seed)
   variables = model.init(rng, sample, train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
                      jax.tree_util.tree_map(jnp.copy, params))
-  return jax.device_put(state, sharding) if sharding is not None else state
+  if sharding is None:
+    return state
+  if hasattr(sharding, "state_shardings"):
+    sharding = sharding.state_shardings(state)
+  return jax.device_put(state, sharding)
 
 
 def data_shardings():
   """(devices, replicated, batch-sharded): the data-parallel layout over every device."""
-  devices = jax.devices()
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-  return devices, NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  from lqlab import distributed
+  layout = distributed.make_layout()
+  return jax.devices(), layout.replicated, layout.batch

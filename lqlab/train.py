@@ -5,6 +5,8 @@ every epoch and on SIGTERM/SIGINT, each verified against the hashes recorded whe
 it was saved; resume from the workdir (falling back past a damaged step), one run
 per workdir at a time (a lock file), guards against NaN and exploding losses,
 metrics.jsonl and results.json written atomically, the validation brake per epoch.
+Data parallel or FSDP over a mesh of every device, in one process or several
+(:mod:`lqlab.distributed`: process 0 writes the files and logs).
 
 The config, step and evaluation live in :mod:`lqlab.config`, :mod:`lqlab.step`
 and :mod:`lqlab.evaluate`.
@@ -27,10 +29,10 @@ import numpy as np
 
 from lqjax import accounting, budget, compress, optim
 
-from lqlab import checkpoints, data, files
+from lqlab import checkpoints, data, distributed, files
 from lqlab.config import LEGACY_VALUES, TrainConfig, run_meta
 from lqlab.evaluate import final_results, make_eval_fn, model_variables
-from lqlab.step import (build_model, data_shardings, init_state, make_chunk_runner,
+from lqlab.step import (build_model, init_state, make_chunk_runner,
                         make_fisher_fn, make_optimizer, make_ratio_stats_fn, make_train_step)
 
 
@@ -242,7 +244,8 @@ def _interrupted(signame, state, workdir) -> Interrupted:
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None,
-                       progress: bool = True, after_train=None, model=None) -> dict:
+                       progress: bool = True, after_train=None, model=None,
+                       mesh: Optional[str] = None) -> dict:
   """Trains (or resumes) a run in `workdir` and returns its results.
 
   Args:
@@ -254,6 +257,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
       entries are merged into results (used for export).
     model: a flax module to train instead of the one `cfg` names, with the same
       parameters (e.g. a peer library's wrapper of the float model).
+    mesh: ``"data:4,fsdp:2"``: the device mesh (:func:`lqlab.distributed.parse_mesh`);
+      None: data parallel over every device. Not part of the run's config: a run
+      resumes on another mesh.
   """
   workdir = pathlib.Path(workdir)
   if not workdir.parent.is_dir():
@@ -266,15 +272,21 @@ def train_and_evaluate(cfg: TrainConfig, workdir, data_dir: Optional[str] = None
 
   with _stop_on_signal("while loading the data and building the model (nothing was trained "
                        "yet in this call)"):
-    return _train(cfg, workdir, data_dir, progress, after_train, model)
+    return _train(cfg, workdir, data_dir, progress and distributed.is_main(), after_train,
+                  model, mesh)
 
 
-def _train(cfg, workdir, data_dir, progress, after_train, model):
+def _train(cfg, workdir, data_dir, progress, after_train, model, mesh):
   # Nothing is written until the config is valid and the data loaded.
-  devices, replicated, batch_sharding = data_shardings()
+  layout = distributed.make_layout(mesh)
+  devices = jax.devices()
   if cfg.batch_size % len(devices):
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {len(devices)} devices")
-  ds = data.load(cfg.dataset, data_dir, limit=cfg.limit, sharding=replicated)
+  # several processes: each holds only its devices' shard of the training examples
+  place_train = (lambda x: distributed.shard_examples(x, layout)) \
+      if jax.process_count() > 1 else None
+  ds = data.load(cfg.dataset, data_dir, limit=cfg.limit, sharding=layout.replicated,
+                 place_train=place_train)
   n_train = len(ds.train)
   steps_per_epoch = n_train // cfg.batch_size
   if steps_per_epoch < 1:
@@ -284,8 +296,12 @@ def _train(cfg, workdir, data_dir, progress, after_train, model):
               ds.train.image[:1].astype(jnp.float32), ds.num_classes, (ds.mean, ds.std))
 
   try:
-    workdir.mkdir(exist_ok=True)
-    lock = files.lock_dir(workdir)
+    if distributed.is_main():  # the others work in the folder process 0 holds
+      workdir.mkdir(exist_ok=True)
+      lock = files.lock_dir(workdir)
+    else:
+      lock = contextlib.nullcontext()
+    distributed.barrier("lqlab_workdir")
   except files.LockedError as e:
     raise TrainingError(f"workdir {e}") from None
   except PermissionError:
@@ -293,10 +309,11 @@ def _train(cfg, workdir, data_dir, progress, after_train, model):
   except OSError as e:
     raise TrainingError(f"workdir {workdir}: {e.strerror or e}") from None
   try:
-    return _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_per_epoch,
+    return _train_locked(cfg, workdir, ds, devices, layout, steps_per_epoch,
                          progress, after_train, model)
   finally:
-    lock.close()
+    if distributed.is_main():
+      lock.close()
 
 
 def _check_same_run(cfg, workdir):
@@ -324,28 +341,33 @@ def _check_same_run(cfg, workdir):
                         f"the first step): use a new --workdir for another schedule")
 
 
-def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_per_epoch,
+def _train_locked(cfg, workdir, ds, devices, layout, steps_per_epoch,
                   progress, after_train, model):
   import orbax.checkpoint as ocp
   from tqdm import tqdm
 
+  main = distributed.is_main()
   n_train = len(ds.train)
-  files.write_json_atomic(workdir / "config.json", cfg.to_json())
   stats = (ds.mean, ds.std)
-  files.write_json_atomic(workdir / "data_stats.json",
-                    {"mean": ds.mean, "std": ds.std, "num_classes": ds.num_classes})
+  if main:
+    files.write_json_atomic(workdir / "config.json", cfg.to_json())
+    files.write_json_atomic(workdir / "data_stats.json",
+                            {"mean": ds.mean, "std": ds.std, "num_classes": ds.num_classes})
   model = build_model(cfg, ds.num_classes) if model is None else model
   tx = make_optimizer(cfg, steps_per_epoch)
-  state = init_state(cfg, model, tx, ds.train.image[:1].astype(jnp.float32), replicated)
+  sample = jnp.zeros((1,) + tuple(ds.train.image.shape[1:]), jnp.float32)
+  state = init_state(cfg, model, tx, sample, layout)
+  state_sharding = layout.state_shardings(state)
   train_step = make_train_step(cfg, model, tx, stats)
-  evaluate = make_eval_fn(cfg, model, stats, batch_sharding)
+  evaluate = make_eval_fn(cfg, model, stats, layout.batch)
   ratio_fn = make_ratio_stats_fn(cfg, model, stats)
   bits_fn = jax.jit(accounting.average_bits)
   fisher_fn = make_fisher_fn(cfg, model, stats, ds.train) if cfg.budget else None
   data_rng = jax.random.key(cfg.seed + 1)
   step_rng = jax.random.key(cfg.seed + 2)
 
-  run_chunk = make_chunk_runner(cfg, train_step, steps_per_epoch, step_rng, batch_sharding)
+  run_chunk = make_chunk_runner(cfg, train_step, steps_per_epoch, step_rng, layout.batch,
+                                state_sharding)
 
   perm_fn = jax.jit(lambda e: data.epoch_permutation(data_rng, e, n_train))
 
@@ -394,26 +416,27 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
           bits = float(bits_fn(state.params)[0]) if not cfg.float_model else 32.0
           bar.set_postfix(loss=f"{loss.mean():.3f}",
                           acc=f"{np.asarray(m['accuracy']).mean():.3f}", bits=f"{bits:.2f}")
-        if sig.hit and int(state.step) < (epoch + 1) * steps_per_epoch:
+        if distributed.any_process(sig.hit) and int(state.step) < (epoch + 1) * steps_per_epoch:
           meta["train_seconds"] = time.time() - t_start
           save(state, meta)
           mngr.close()
           bar.close()
-          raise _interrupted(sig.hit, state, workdir)
+          raise _interrupted(sig.hit or "a signal to another process", state, workdir)
       bar.close()
       state, meta, row = _end_epoch(cfg, ds, state, meta, epoch + 1, evaluate, bits_fn,
                                     ratio_fn, fisher_fn, t_start)
       rows.append(row)
-      files.write_jsonl_atomic(workdir / "metrics.jsonl", rows)
+      if main:
+        files.write_jsonl_atomic(workdir / "metrics.jsonl", rows)
       meta = {**meta, "loss_sum": 0.0, "acc_sum": 0.0, "steps_in_epoch": 0,
               "train_seconds": time.time() - t_start}
       save(state, meta)
       if progress:
         print(f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f} val_acc {row['val_accuracy']:.4f} "
               f"avg_bits {row['avg_bits']:.2f} ({row['seconds']:.0f}s)", flush=True)
-      if sig.hit and epoch + 1 < cfg.epochs:  # the epoch's checkpoint is saved
+      if distributed.any_process(sig.hit) and epoch + 1 < cfg.epochs:  # the epoch is saved
         mngr.close()
-        raise _interrupted(sig.hit, state, workdir)
+        raise _interrupted(sig.hit or "a signal to another process", state, workdir)
   mngr.close()
   if sig.hit:
     print(f"warning: {sig.hit} in the last epoch: the run is finishing (final evaluation and "
@@ -422,13 +445,13 @@ def _train_locked(cfg, workdir, ds, devices, replicated, batch_sharding, steps_p
   with _stop_on_signal(f"during the final evaluation and export (training is complete: step "
                        f"{int(state.step)} is checkpointed)"):
     return _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, start_step,
-                   total_steps, t_start, after_train)
+                   total_steps, t_start, after_train, layout)
 
 
 def _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, start_step,
-            total_steps, t_start, after_train):
+            total_steps, t_start, after_train, layout):
   """The finished run's results (and its export), written last: results.json marks a run
-  as done."""
+  as done. Every process evaluates; process 0 alone exports and writes."""
   train_seconds = meta["train_seconds"] if start_step >= total_steps else time.time() - t_start
 
   extra = {}
@@ -436,9 +459,15 @@ def _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, star
     extra = {"budget_target_bits": budget_target(cfg, state.params, state.batch_stats,
                                                  ds.num_classes, stats),
              "budget_bits": budget.budget_bits_of(state.params)}
+  host = distributed.fetch((state.params, state.batch_stats), layout)
   results = final_results(cfg, state.params, state.batch_stats, evaluate, ds, workdir,
                           train_seconds=train_seconds, devices=devices,
-                          scales_frozen_at_epoch=meta.get("frozen_at"), **extra)
+                          scales_frozen_at_epoch=meta.get("frozen_at"), host_variables=host,
+                          mesh=",".join(f"{k}:{v}" for k, v in layout.sizes.items()),
+                          processes=jax.process_count(), **extra)
+  if not distributed.is_main():
+    distributed.barrier("lqlab_finished")
+    return results
   results_path = workdir / "results.json"
   if start_step >= total_steps and results_path.exists():
     try:
@@ -451,8 +480,11 @@ def _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, star
           f"run's checkpoint now gives {results['test_accuracy']}: the checkpoint changed since; "
           f"{results_path} is kept as it was")
   if after_train is not None:
+    if jax.process_count() > 1:  # process 0 alone: host copies, no collective
+      state, ds = state.replace(params=host[0], batch_stats=host[1]), data.on_host(ds)
     results.update(after_train(cfg, model, state, ds, results))
   files.write_json_atomic(results_path, results)
+  distributed.barrier("lqlab_finished")
   return results
 
 
