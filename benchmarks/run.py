@@ -6,6 +6,7 @@
   python benchmarks/run.py prefetch [args]  the one-step-ahead batch gather, side by side
   python benchmarks/run.py reduce  [args]   the LSQ sum as a product with a ones matrix
   python benchmarks/run.py transformers [args]  the GPT and ViT steps (bench_transformers.py)
+  python benchmarks/run.py fsdp    [args]   FSDP's bytes per device and loss (bench_fsdp.py)
 
 Each subcommand passes its arguments to that script's ``main`` (``--help`` there).
 """
@@ -18,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 COMMANDS = {"step": "bench", "cost": "bench_cost", "ordering": "bench_ordering",
             "prefetch": "bench_prefetch", "reduce": "bench_reduce",
-            "transformers": "bench_transformers"}
+            "transformers": "bench_transformers", "fsdp": "bench_fsdp"}
 
 
 def main(argv=None):

@@ -90,8 +90,7 @@ def run(base):
   try:  # before any device is touched
     distributed.init_processes(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id, FLAGS.process_timeout)
-    if FLAGS.mesh:
-      distributed.parse_mesh(FLAGS.mesh)
+    distributed.make_layout(FLAGS.mesh)  # the mesh fits the devices of every process
   except ValueError as e:
     _fail(str(e))
   import jax

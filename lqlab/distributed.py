@@ -179,6 +179,9 @@ def init_processes(coordinator_address: Optional[str], num_processes: Optional[i
   if timeout_s < 1:
     raise ValueError(f"--process_timeout={timeout_s}: must be at least 1 second")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # a peer that dies makes the next collective fail in Python (one line, peer_failure)
+  # instead of jax's coordination service aborting this process with a C++ trace
+  jax.config.update("jax_enable_recoverability", True)
 
   def missing_peer():
     print(f"error: the processes of the run did not all join within {timeout_s} s "
@@ -194,9 +197,59 @@ def init_processes(coordinator_address: Optional[str], num_processes: Optional[i
     # jax's own deadline is later than the watchdog's, which says what happened in one line
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout_s + 30,
-                               heartbeat_timeout_seconds=max(timeout_s, 10))
+                               heartbeat_timeout_seconds=HEARTBEAT_S)
   finally:
     dog.cancel()
+  _watch_peers()
+
+
+# A process silent this long counts as stopped (jax's heartbeats run in a thread of their
+# own, so a long compile does not silence them).
+HEARTBEAT_S = 20
+_DONE = threading.Event()
+
+
+def done():
+  """The run's work across processes is over: peers may now exit before this one does."""
+  _DONE.set()
+
+
+def _watch_peers(every_s: float = 2.0):
+  """A daemon thread that ends this process with one line once a peer has stopped.
+
+  A collective with a dead peer usually fails at once (:func:`peer_failure`), but one that
+  first has to meet its peers (gloo sets up each new group through jax's coordination
+  service) would wait for ever: the coordination service's list of live processes, which
+  drops a process after HEARTBEAT_S without heartbeats, says when to give up.
+  """
+  from jax._src import distributed as jax_distributed
+  client = getattr(jax_distributed.global_state, "client", None)
+  n = jax.process_count()
+  if client is None or not hasattr(client, "get_live_nodes"):
+    return
+
+  def watch():
+    import time
+    while True:
+      time.sleep(every_s)
+      if _DONE.is_set():
+        return
+      try:
+        live = client.get_live_nodes(list(range(n)))
+      except Exception as e:  # the coordinator (process 0) is gone
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+      else:
+        if len(live) == n:
+          continue
+        reason = f"process(es) {sorted(set(range(n)) - set(live))} stopped sending heartbeats"
+      if _DONE.is_set():
+        return
+      print(f"error: another process of the run stopped ({reason}); the last checkpoint is "
+            f"kept: start every process again with the same command to resume",
+            file=sys.stderr, flush=True)
+      os._exit(1)
+
+  threading.Thread(target=watch, daemon=True, name="lqlab-peers").start()
 
 
 def is_main() -> bool:
@@ -244,6 +297,6 @@ def peer_failure(e: BaseException) -> Optional[str]:
   if jax.process_count() > 1 and re.search(
       r"Gloo|Connection closed|heartbeat|Barrier|coordination|UNAVAILABLE|DEADLINE", text):
     first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)
-    return (f"another process of the run stopped ({first.strip()[:160]}); the last checkpoint "
+    return (f"another process of the run stopped ({first.strip()[:240]}); the last checkpoint "
             f"is kept: start every process again with the same command to resume")
   return None

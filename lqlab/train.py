@@ -467,6 +467,7 @@ def _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, star
                           processes=jax.process_count(), **extra)
   if not distributed.is_main():
     distributed.barrier("lqlab_finished")
+    distributed.done()
     return results
   results_path = workdir / "results.json"
   if start_step >= total_steps and results_path.exists():
@@ -485,6 +486,7 @@ def _finish(cfg, workdir, ds, model, state, meta, evaluate, devices, stats, star
     results.update(after_train(cfg, model, state, ds, results))
   files.write_json_atomic(results_path, results)
   distributed.barrier("lqlab_finished")
+  distributed.done()
   return results
 
 

@@ -395,6 +395,20 @@ def test_bad_grids_are_refused_before_a_checkpoint(tmp_path, flags, needle):
   _refused_before_a_checkpoint(tmp_path, ["--rule=lsq", *flags], needle)
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--mesh=data:3"], "the axis sizes must multiply to 1"),
+    (["--mesh=model:1"], "unknown axis 'model'"),
+    (["--mesh=data:two"], "must be a positive integer"),
+    (["--num_processes=2"], "--coordinator_address, --process_id missing"),
+    (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"],
+     "--process_id=2: must be in [0, 1]"),
+    (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
+     "expected host:port"),
+])
+def test_bad_mesh_and_process_flags_are_refused_before_a_checkpoint(tmp_path, flags, needle):
+  _refused_before_a_checkpoint(tmp_path, flags, needle)
+
+
 def _refused_before_a_checkpoint(tmp_path, flags, needle):
   """Refused before the workdir is claimed: nothing is written, so the corrected command
   on the same workdir is not 'another config'."""
