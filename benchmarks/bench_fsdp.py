@@ -1,7 +1,8 @@
 """FSDP: per-device bytes of the compiled train step, and the loss against the unsharded run.
 
   python benchmarks/run.py fsdp [--dataset cifar10 --model vit --steps 20 --devices 8]
-                                [--out docs/bench_fsdp.json]
+                                [--out docs/bench_fsdp.json] [--readme docs/PERFORMANCE.md]
+  python benchmarks/run.py fsdp --from_json docs/bench_fsdp.json --readme docs/PERFORMANCE.md
 
 On `--devices` host devices (XLA's ``--xla_force_host_platform_device_count``), one
 process: for 1, 2, 4, ... fsdp shards (mesh ``data:devices/n,fsdp:n``) the run's model
@@ -16,6 +17,7 @@ replicated). The JSON records the machine, the CPU's flags and the versions.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -27,7 +29,7 @@ if "jax" not in sys.modules:  # the devices must exist before jax starts
 import jax
 import numpy as np
 
-from bench import machine_info
+from bench import machine_info, replace_section
 from lqlab import data, distributed
 from lqlab.config import TrainConfig
 from lqlab.files import write_json_atomic
@@ -77,6 +79,22 @@ def measure(cfg: TrainConfig, ds, fsdp: int, steps: int) -> dict:
   return out
 
 
+def render(doc: dict) -> str:
+  """The PERFORMANCE.md table of a bench_fsdp JSON."""
+  lines = [f"{doc['model']} on {doc['dataset']}, {doc['rule']} {doc['bits']}-bit, batch "
+           f"{doc['batch_size']}, {doc['devices']} host devices ({doc['machine']}, jax "
+           f"{doc['jax']}); `{doc['command']}`:", "",
+           "| mesh | train state per device | step arguments per device | state vs fsdp 1 | "
+           f"loss, {doc['steps']} steps: max relative diff | params: max abs diff |",
+           "|---|---|---|---|---|---|"]
+  for r in doc["rows"]:
+    arg = r.get("argument_bytes_per_device")
+    lines.append(f"| {r['mesh']} | {r['state_bytes_per_device']:,} B | "
+                 f"{f'{arg:,} B' if arg is not None else '-'} | 1/{r['state_bytes_ratio']:.2f} | "
+                 f"{r['max_rel_loss_diff']:.1e} | {r['max_abs_param_diff']:.1e} |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--dataset", default="cifar10")
@@ -89,7 +107,13 @@ def main(argv=None):
   ap.add_argument("--devices", type=int, default=8)
   ap.add_argument("--data_dir", default=None)
   ap.add_argument("--out", default="docs/bench_fsdp.json")
+  ap.add_argument("--readme", default=None, help="write the table into this file's "
+                  "<!-- bench-fsdp --> section")
+  ap.add_argument("--from_json", default=None, help="measure nothing: render this JSON")
   args = ap.parse_args(argv)
+  if args.from_json:
+    return replace_section(pathlib.Path(args.readme or "docs/PERFORMANCE.md"), "bench-fsdp",
+                           render(json.loads(pathlib.Path(args.from_json).read_text())))
   n = len(jax.devices())
   if n != args.devices:
     print(f"error: {n} devices, expected --devices={args.devices} (set XLA_FLAGS before "
@@ -127,4 +151,6 @@ def main(argv=None):
   for r in rows:
     print(f"fsdp {r['fsdp']}: state 1/{r['state_bytes_ratio']:.2f}, loss max rel diff "
           f"{r['max_rel_loss_diff']:.1e}, params max abs diff {r['max_abs_param_diff']:.1e}")
+  if args.readme:
+    return replace_section(pathlib.Path(args.readme), "bench-fsdp", render(out))
   return 0
