@@ -11,17 +11,25 @@ Layout (all integers little-endian)::
     b"LQZ\\0"  magic
     u16       format version (:data:`VERSION`)
     u16       codec: 0 = fixed-width bit-packed, 1 = zstd (entropy-coded)
-    u32       header length H
+    u32       header length H (as stored)
     H bytes   header, UTF-8 JSON: ``meta`` (the caller's, e.g. the training
               config and input normalisation), ``tensors``, ``payload_bytes``
-    payload   (codec 1: zstd-compressed)
+              (codec 1: one zstd frame, since version 3)
+    payload   the tensors' chunks in header order (codec 1: each one zstd frame of
+              ``zstd_bytes``, or raw where zstd would not shrink it (``zstd_bytes``
+              null); version 2 coded the whole payload as one frame)
     32 bytes  SHA-256 of everything above
+
+``offset``, ``nbytes`` and ``payload_bytes`` count the decoded payload. One frame a
+tensor lets zstd fit its entropy coder to each tensor's codes: on LeNet-5 one frame
+over all tensors came out larger than the tensors' frames together.
 
 Each entry of ``tensors`` records the tensor's path, kind, shape, dtype, offset
 and byte count, and for a quantized tensor its scale shape and its own
 :class:`~lqjax.qconfig.QuantConfig` (``config``: rule, rounding, bits,
 granularity, ...). Version 1 files (one model-wide ``rounding``/``bits`` in the
-header, the recipe of the training config) are read too.
+header, the recipe of the training config) and version 2 files (codec 1 with its
+header in plain JSON) are read too.
 
 Payload, per tensor in header order:
 
@@ -30,9 +38,13 @@ Payload, per tensor in header order:
   codes minus their group's offset, b_G bits each, bit-packed LSB-first and
   back to back across the whole tensor (groups in order, elements of a group
   in C order of the reduced axes), padded to a byte at the tensor's end.
-* quantized (codec 1): the same group fields, then the codes minus offset as
-  uint8 (uint16 when b_G > 8, uint32 when > 16): byte-aligned symbols that zstd
-  entropy-codes well.
+* quantized (codec 1): the same group fields, then the codes minus offset in
+  whichever of two forms zstd codes smaller for this tensor: as byte-aligned
+  symbols, uint8 (uint16 when b_G > 8, uint32 when > 16; ``symbol_bytes`` 1, 2
+  or 4), or bit-packed as under codec 0 (``symbol_bytes`` null). Symbols win
+  where the codes are skewed (zstd's entropy coder finds the common ones); the
+  bit-packed form wins where they are near uniform at a few bits each, which
+  byte symbols would store with mostly empty bits.
 * float: the array's bytes raw, in its own dtype (batch norm, float layers).
 
 The fixed-width payload's size is exactly :func:`lqjax.accounting.model_report`'s
@@ -59,11 +71,14 @@ import numpy as np
 from lqjax import accounting, fileio, qconfig, quant, tree
 
 MAGIC = b"LQZ\0"
-VERSION = 2
-READS = (1, 2)
+VERSION = 3
+READS = (1, 2, 3)
 CODEC_FIXED, CODEC_ZSTD = 0, 1
 _PREFIX = struct.Struct("<4sHHI")
 CHECKSUM_BYTES = 32  # SHA-256 of everything before it
+#: The largest header (decoded) a file may declare: 256 MiB.
+MAX_HEADER_BYTES = 1 << 28
+ZSTD_LEVEL = 19
 #: dtypes of the arrays stored raw (``kind: float``): numbers and booleans, nothing else.
 ARRAY_DTYPES = frozenset(("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
                           "uint32", "uint64", "float16", "bfloat16", "float32", "float64"))
@@ -131,12 +146,13 @@ def _ungroup(gv, shape, sshape):
 
 
 def _encode_tensors(variables, codec, pack: bool = True):
-  """(tensor entries for the header, payload bytes).
+  """(tensor entries for the header, each tensor's payload bytes, each one's zstd frame).
 
+  The frames are those of the zstd codec (None under the fixed-width one).
   ``pack=False`` (the fixed-width codec only) computes the entries, byte counts included,
   without writing the payload: b"" in its place.
   """
-  entries, chunks, done = [], [], set()
+  entries, chunks, frames, done = [], [], [], set()
   pos = 0
   i32 = np.iinfo(np.int32)
   for t in tree.quantized_tensors(variables):
@@ -155,20 +171,19 @@ def _encode_tensors(variables, codec, pack: bool = True):
     head = b"".join(np.asarray(col, dt).tobytes()
                     for col, (_, dt) in zip((ls_np, lo, widths), accounting.GROUP_FIELDS))
     rel = gv - lo[:, None]
+    symbol_bytes, frame = None, None
     if codec == CODEC_FIXED:
       body = pack_bits(rel.reshape(-1), np.repeat(widths, gv.shape[1])) if pack else b""
       nbytes = len(head) + (int(widths.sum()) * gv.shape[1] + 7) // 8
     else:
-      wmax = int(widths.max(initial=0))
-      dt = next(d for d in SYMBOL_DTYPES.values() if 8 * d.itemsize >= wmax)
-      body = rel.astype(dt).tobytes()
+      body, symbol_bytes, frame = _smaller_coded(head, rel, widths)
       nbytes = len(head) + len(body)
     entries.append({"path": list(t.path), "kind": "quantized", "shape": list(t.p.shape),
                     "scale_shape": list(t.log_scale.shape), "config": cfg.to_json(),
-                    "offset": pos, "nbytes": nbytes,
-                    "symbol_bytes": None if codec == CODEC_FIXED else dt.itemsize})
+                    "offset": pos, "nbytes": nbytes, "symbol_bytes": symbol_bytes})
     if pack:
       chunks.append(head + body)
+      frames.append(frame)
     pos += nbytes
     done.update((t.path, t.scale_path))
   for path, (v, _) in tree.flat_leaves(variables).items():
@@ -183,8 +198,79 @@ def _encode_tensors(variables, codec, pack: bool = True):
                     "dtype": arr.dtype.name, "offset": pos, "nbytes": arr.nbytes})
     if pack:
       chunks.append(np.ascontiguousarray(arr).tobytes())
+      frames.append(None if codec == CODEC_FIXED else _zstd(chunks[-1]))
     pos += arr.nbytes
-  return entries, b"".join(chunks)
+  return entries, chunks, frames
+
+
+#: The forms of a quantized tensor's codes the zstd codec tries (the first wins a tie).
+CODE_FORMS = ("symbols", "packed")
+
+
+def _smaller_coded(head, rel, widths):
+  """(codes body, symbol_bytes, zstd frame of head + body) of a quantized tensor under the
+  zstd codec: its codes in whichever of :data:`CODE_FORMS`, byte symbols or bit-packed
+  (symbol_bytes None), gives the smaller frame."""
+  best = None
+  for form in CODE_FORMS:
+    if form == "symbols":
+      body, symbol_bytes = _symbol_form(rel, widths)
+    else:
+      body, symbol_bytes = pack_bits(rel.reshape(-1), np.repeat(widths, rel.shape[1])), None
+    frame = _zstd(head + body)
+    if best is None or len(frame) < len(best[2]):
+      best = (body, symbol_bytes, frame)
+  return best
+
+
+def _symbol_form(rel, widths):
+  """(codes as byte symbols of the narrowest width that holds every group's, its bytes)."""
+  wmax = int(widths.max(initial=0))
+  dt = next(d for d in SYMBOL_DTYPES.values() if 8 * d.itemsize >= wmax)
+  return rel.astype(dt).tobytes(), dt.itemsize
+
+
+def _zstd(data: bytes) -> bytes:
+  import zstandard
+  return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+
+
+def _unzstd(data: bytes, limit: int, what: str) -> bytes:
+  """Decompresses one zstd frame of at most `limit` bytes; the frame's declared size is
+  checked before anything is allocated."""
+  import zstandard
+  try:
+    size = zstandard.frame_content_size(data)
+    if size > limit:
+      raise CorruptFileError(f"zstd {what} declares {size} bytes, more than the {limit} "
+                             f"expected")
+    return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
+  except zstandard.ZstdError as e:
+    raise CorruptFileError(f"zstd {what}: {e}") from None
+
+
+def _unframe(header, stored: bytes) -> bytes:
+  """The decoded payload of a version-3 zstd file: its tensors' chunks stored back to back
+  in header order, each a zstd frame of ``nbytes`` (``zstd_bytes`` long) or raw."""
+  out, pos = bytearray(header["payload_bytes"]), 0
+  for t in header["tensors"]:
+    name, nb, zb = "/".join(t["path"]), t["nbytes"], t.get("zstd_bytes")
+    if zb is not None and not (_int(zb) and zb >= 1):
+      raise CorruptFileError(f"{name}: zstd_bytes {zb!r} is not a whole number >= 1")
+    n = nb if zb is None else zb
+    if pos + n > len(stored):
+      raise CorruptFileError(f"{name}: its stored bytes run past the payload")
+    chunk = stored[pos:pos + n]
+    if zb is not None:
+      chunk = _unzstd(chunk, nb, f"frame of {name}")
+      if len(chunk) != nb:
+        raise CorruptFileError(f"{name}: its frame decodes to {len(chunk)} bytes, not {nb}")
+    out[t["offset"]:t["offset"] + nb] = chunk
+    pos += n
+  if pos != len(stored):
+    raise CorruptFileError(f"the payload holds {len(stored) - pos} bytes more than its "
+                           f"tensors' chunks")
+  return bytes(out)
 
 
 def _header(entries, meta, payload_bytes) -> bytes:
@@ -194,8 +280,8 @@ def _header(entries, meta, payload_bytes) -> bytes:
 
 
 def _sizes(variables, meta):
-  entries, _ = _encode_tensors(jax.device_get(tree.as_tree(variables)), CODEC_FIXED,
-                               pack=False)
+  entries, _, _ = _encode_tensors(jax.device_get(tree.as_tree(variables)), CODEC_FIXED,
+                                  pack=False)
   payload = sum(e["nbytes"] for e in entries)
   return payload, _PREFIX.size + len(_header(entries, meta, payload)) + CHECKSUM_BYTES
 
@@ -237,11 +323,16 @@ def to_bytes(variables, meta: Optional[Mapping[str, Any]] = None, *,
   """
   if codec not in (CODEC_FIXED, CODEC_ZSTD):
     raise ValueError(f"unknown codec {codec}")
-  entries, payload = _encode_tensors(jax.device_get(tree.as_tree(variables)), codec)
-  header = _header(entries, meta, len(payload))
+  entries, chunks, frames = _encode_tensors(jax.device_get(tree.as_tree(variables)), codec)
+  decoded = sum(map(len, chunks))
+  if codec == CODEC_ZSTD:  # each tensor its own frame, or raw where zstd does not shrink it
+    for i, e in enumerate(entries):
+      coded = len(frames[i]) < len(chunks[i])
+      e["zstd_bytes"] = len(frames[i]) if coded else None
+      chunks[i] = frames[i] if coded else chunks[i]
+  header, payload = _header(entries, meta, decoded), b"".join(chunks)
   if codec == CODEC_ZSTD:
-    import zstandard
-    payload = zstandard.ZstdCompressor(level=19).compress(payload)
+    header = _zstd(header)
   body = _PREFIX.pack(MAGIC, VERSION, codec, len(header)) + header + payload
   return body + hashlib.sha256(body).digest()
 
@@ -449,19 +540,21 @@ def parse(blob: bytes):
     raise CorruptFileError("checksum mismatch: the file is truncated or corrupted")
   if codec not in (CODEC_FIXED, CODEC_ZSTD):
     raise CorruptFileError(f"unknown codec {codec}")
+  if hlen > len(blob) - _PREFIX.size - CHECKSUM_BYTES:
+    raise CorruptFileError(f"header length {hlen} runs past the end of the file")
+  raw = blob[_PREFIX.size:_PREFIX.size + hlen]
+  if codec == CODEC_ZSTD and version >= 3:
+    raw = _unzstd(raw, MAX_HEADER_BYTES, "header")
   try:
-    header = json.loads(blob[_PREFIX.size:_PREFIX.size + hlen])
+    header = json.loads(raw)
   except ValueError as e:
     raise CorruptFileError(f"unreadable header: {e}") from None
   _check_header(header)
   payload = blob[_PREFIX.size + hlen:-CHECKSUM_BYTES]
-  if codec == CODEC_ZSTD:
-    import zstandard
-    try:
-      payload = zstandard.ZstdDecompressor().decompress(
-          payload, max_output_size=header["payload_bytes"])
-    except zstandard.ZstdError as e:
-      raise CorruptFileError(f"zstd payload: {e}") from None
+  if codec == CODEC_ZSTD and version >= 3:
+    payload = _unframe(header, payload)
+  elif codec == CODEC_ZSTD:
+    payload = _unzstd(payload, header["payload_bytes"], "payload")
   if len(payload) != header["payload_bytes"]:
     raise CorruptFileError("payload size does not match the header")
   return header, _unflatten(_decode(header, payload, version))

@@ -159,7 +159,7 @@ def export_after_training(cfg, model, state, ds, results) -> dict:
 
 def _file_results(packed, coded, fp32, got, ref, test_y, out) -> dict:
   return {"packed_bytes": packed, "entropy_coded_bytes": coded,
-          "compression_ratio": fp32 / packed, "entropy_coded_ratio": fp32 / coded,
+          "file_format_version": compress.VERSION, "compression_ratio": fp32 / packed, "entropy_coded_ratio": fp32 / coded,
           "reload_test_accuracy": float(np.mean(got.argmax(-1) == test_y)),
           "reload_identical_argmax": bool(np.array_equal(got.argmax(-1), ref.argmax(-1))),
           "reload_max_abs_logit_diff": float(np.max(np.abs(got - ref))),

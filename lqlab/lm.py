@@ -620,4 +620,5 @@ def _export(cfg, workdir, text, graphdef, params, rest) -> dict:
                         f"model's (largest difference {np.abs(before - after).max():.3g})")
   blob = path.read_bytes()
   coded = lqjax.save(workdir / "model.lqz.zst", state, meta, codec=lqjax.compress.CODEC_ZSTD)
-  return {"packed_file": str(path), "packed_bytes": len(blob), "entropy_coded_bytes": coded}
+  return {"packed_file": str(path), "packed_bytes": len(blob), "entropy_coded_bytes": coded,
+          "file_format_version": lqjax.compress.VERSION}

@@ -382,3 +382,117 @@ def test_flax_lstm_cell_quantizes_with_explicit_axes():
   assert names and all(n.endswith("kernel") for n in names)
   (c, h), y = q.apply(v, carry, x)
   assert y.shape == (2, 8) and np.all(np.isfinite(np.asarray(y)))
+
+
+# ------------------------------------------------------------ the entropy-coded file (version 3)
+
+class _TwoKernels(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(256, use_bias=False, name="a")(x) + nn.Dense(256, use_bias=False, name="b")(x)
+
+
+def _coded_params():
+  """Kernel ``a``: 2-bit LSQ codes -1, 0 (p = 0.45 each) and -2, 1 (p = 0.05 each): entropy
+  1.47 bits, which Huffman over byte symbols can only code in 1.65 bits (code lengths 1, 2,
+  3, 3) while Huffman over the bit-packed bytes (4 codes a byte) comes near 1.47. Kernel
+  ``b``: 3-bit codes uniform over -2..2: 2.4 bits as symbols (lengths 2, 2, 2, 3, 3), near
+  3 bits as bit-packed bytes whose codes straddle byte boundaries."""
+  cfg = dict(rule="lsq", granularity="tensor", rounding="round")
+  m = lqjax.quantize(_TwoKernels(), [lqjax.Rule("a", lqjax.QuantConfig(bits=2, **cfg)),
+                                     lqjax.Rule("b", lqjax.QuantConfig(bits=3, **cfg))])
+  params = m.init(jax.random.key(0), jnp.ones((1, 256)))["params"]
+  rng = np.random.default_rng(0)
+  a = rng.choice([-1.0, 0.0, -2.0, 1.0], (256, 256), p=[0.45, 0.45, 0.05, 0.05])
+  b = rng.integers(-2, 3, (256, 256)).astype(np.float64)
+  by = {}
+  for t in tree.quantized_tensors(params):
+    by[t.path] = a if t.path[0] == "a" else b
+    by[t.scale_path] = np.zeros(np.shape(t.log_scale))  # s = 1: the codes are the weights
+  return tree.replace_arrays(params, {k: jnp.asarray(v, jnp.float32) for k, v in by.items()})
+
+
+def _symbols_only(monkeypatch):
+  """Every quantized tensor's codes as byte symbols (version 2's only form)."""
+  monkeypatch.setattr(compress, "CODE_FORMS", ("symbols",))
+
+
+def test_zstd_file_takes_the_smaller_code_form_per_tensor_and_compresses_its_header(monkeypatch):
+  params = _coded_params()
+  blob = compress.to_bytes(params, {"note": "x" * 2000}, codec=compress.CODEC_ZSTD)
+  fixed = compress.to_bytes(params, {"note": "x" * 2000})
+  header, loaded = compress.parse(blob)
+  forms = {tuple(t["path"]): t["symbol_bytes"] for t in header["tensors"]}
+  assert forms == {("a", "kernel"): None, ("b", "kernel"): 1}
+  assert b"lqjax-packed-model" not in blob and b"x" * 100 not in blob  # the header is coded
+  assert header["meta"] == {"note": "x" * 2000}
+  for t in tree.quantized_tensors(params):  # reloads exactly
+    got = tree.flat_leaves(loaded)[t.path][0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(t.p))
+  with monkeypatch.context() as mp:
+    _symbols_only(mp)
+    symbols = compress.to_bytes(params, {"note": "x" * 2000}, codec=compress.CODEC_ZSTD)
+  # a: 65536 codes, 1.47 bits against 1.65 bits and 2: about 1.5 KB apart from each form
+  assert len(blob) < len(symbols) - 1000 and len(blob) < len(fixed) - 1000, (
+      len(blob), len(symbols), len(fixed))
+
+
+def _rehash(blob, header_bytes):
+  hlen = compress._PREFIX.unpack_from(blob)[3]
+  body = (compress._PREFIX.pack(compress.MAGIC, compress.VERSION, compress.CODEC_ZSTD,
+                                len(header_bytes)) + header_bytes
+          + blob[compress._PREFIX.size + hlen:-compress.CHECKSUM_BYTES])
+  return body + hashlib.sha256(body).digest()
+
+
+def test_a_damaged_or_oversized_coded_header_is_one_line(monkeypatch):
+  _, params = _params(rule="lsq", bits=4)
+  blob = compress.to_bytes(params, codec=compress.CODEC_ZSTD)
+  hlen = compress._PREFIX.unpack_from(blob)[3]
+  coded = blob[compress._PREFIX.size:compress._PREFIX.size + hlen]
+  cases = [(_rehash(blob, b"{\"plain\": 1}"), "zstd header"),
+           (_rehash(blob, coded[:len(coded) // 2]), "zstd header"),
+           (_rehash(blob, compress._zstd(b"[1, 2]")), "header is a JSON list")]
+  for bad, needle in cases:
+    with pytest.raises(compress.CorruptFileError, match=needle) as e:
+      compress.parse(bad)
+    assert "\n" not in str(e.value)
+  monkeypatch.setattr(compress, "MAX_HEADER_BYTES", 100)
+  with pytest.raises(compress.CorruptFileError, match="zstd header declares .* more than"):
+    compress.parse(blob)
+  long = compress._PREFIX.pack(compress.MAGIC, compress.VERSION, 0, 10 ** 6) + bytes(40)
+  with pytest.raises(compress.CorruptFileError, match="runs past the end"):
+    compress.parse(long + hashlib.sha256(long).digest())
+
+
+def test_tensor_frames_that_do_not_fit_the_payload_are_one_line():
+  params = _coded_params()
+  blob = compress.to_bytes(params, codec=compress.CODEC_ZSTD)
+  header, _ = compress.parse(blob)
+  assert all(t["zstd_bytes"] for t in header["tensors"])  # both kernels shrink under zstd
+  hlen = compress._PREFIX.unpack_from(blob)[3]
+  payload = blob[compress._PREFIX.size + hlen:-compress.CHECKSUM_BYTES]
+
+  def variant(edit, payload=payload):
+    h = json.loads(json.dumps(header))
+    edit(h["tensors"])
+    coded = compress._zstd(json.dumps(h).encode())
+    body = compress._PREFIX.pack(compress.MAGIC, compress.VERSION, compress.CODEC_ZSTD,
+                                 len(coded)) + coded + payload
+    return body + hashlib.sha256(body).digest()
+
+  def grow(ts):
+    ts[-1]["zstd_bytes"] += 1
+
+  def zero(ts):
+    ts[0]["zstd_bytes"] = 0
+
+  def shrink(ts):
+    ts[-1]["nbytes"] -= 1
+  for bad, needle in [(variant(grow), "b/kernel: its stored bytes run past the payload"),
+                      (variant(zero), "a/kernel: zstd_bytes 0 is not a whole number"),
+                      (variant(lambda ts: None, payload + b"\0"), "1 bytes more than"),
+                      (variant(shrink), "zstd frame of b/kernel declares")]:
+    with pytest.raises(compress.CorruptFileError, match=needle) as e:
+      compress.parse(bad)
+    assert "\n" not in str(e.value)
