@@ -194,25 +194,30 @@ def bytes_accessed(compiled):
     return None
 
 
-def cpu_flags() -> list:
-  """The CPU's feature flags as lscpu reports them ([] where it cannot be read): which
-  vector and integer-dot instructions (avx512_vnni, amx_int8, ...) the machine has."""
+def _lscpu(field: str):
+  """The value of one ``lscpu`` line ("Flags", "Model name"), None where it cannot be read."""
   import subprocess
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
   except (OSError, subprocess.SubprocessError):
-    return []
+    return None
   for line in out.splitlines():
-    if line.startswith("Flags:"):
-      return line.split(":", 1)[1].split()
-  return []
+    if line.startswith(field + ":"):
+      return line.split(":", 1)[1].strip()
+  return None
+
+
+def cpu_flags() -> list:
+  """The CPU's feature flags as lscpu reports them ([] where it cannot be read): which
+  vector and integer-dot instructions (avx512_vnni, amx_int8, ...) the machine has."""
+  return (_lscpu("Flags") or "").split()
 
 
 def machine_info() -> dict:
   """The machine, its CPU flags, backend, date and versions a benchmark JSON records."""
   import flax
   return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-          "cpu_flags": cpu_flags(), "backend": jax.default_backend(),
+          "cpu_model": _lscpu("Model name"), "cpu_flags": cpu_flags(), "backend": jax.default_backend(),
           "date": datetime.date.today().isoformat(), "jax": jax.__version__,
           "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
           "flax": flax.__version__}

@@ -7,6 +7,7 @@
   python benchmarks/run.py reduce  [args]   the LSQ sum as a product with a ones matrix
   python benchmarks/run.py transformers [args]  the GPT and ViT steps (bench_transformers.py)
   python benchmarks/run.py fsdp    [args]   FSDP's bytes per device and loss (bench_fsdp.py)
+  python benchmarks/run.py intdot  [args]   int8 against float32 dots and 3x3 convs (bench_intdot.py)
 
 Each subcommand passes its arguments to that script's ``main`` (``--help`` there).
 """
@@ -19,7 +20,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 COMMANDS = {"step": "bench", "cost": "bench_cost", "ordering": "bench_ordering",
             "prefetch": "bench_prefetch", "reduce": "bench_reduce",
-            "transformers": "bench_transformers", "fsdp": "bench_fsdp"}
+            "transformers": "bench_transformers", "fsdp": "bench_fsdp",
+            "intdot": "bench_intdot"}
 
 
 def main(argv=None):

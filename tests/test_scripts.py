@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lqlab.results import cli, plots, records, sections
 
@@ -20,6 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def _load(name):
   folder = "benchmarks" if name.startswith("bench") else "scripts"
+  if str(ROOT / folder) not in sys.path:  # the benchmarks import benchmarks/bench.py
+    sys.path.insert(0, str(ROOT / folder))
   spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -840,3 +844,67 @@ def test_frontier_plot_is_readable(tmp_path, monkeypatch):
   assert len(lsq) == 1 and list(lsq[0].lines[0].get_xdata()) == [10.0, 15.0]  # through sizes
   assert lsq[0].lines[0].get_linestyle() == "-"
   assert any("lsq_1bit 0.720 at 28.0x" in t.get_text() for t in fig.texts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_bench_intdot_int4_packing_round_trips_and_the_patch_conv_is_the_conv(d):
+  intdot = _load("bench_intdot")
+  k, n = 2 * d.draw(st.integers(1, 6)), d.draw(st.integers(1, 5))
+  codes = np.array(d.draw(st.lists(st.integers(-8, 7), min_size=k * n, max_size=k * n)),
+                   np.int64).reshape(k, n)
+  packed = intdot.pack_int4(codes)
+  assert packed.shape == (k // 2, n) and packed.dtype == np.uint8
+  np.testing.assert_array_equal(np.asarray(intdot.unpack_int4(jnp.asarray(packed))), codes)
+  rng = np.random.default_rng(d.draw(st.integers(0, 100)))
+  x = rng.integers(-128, 128, (2, 5, 4, 3), dtype=np.int8)
+  w = rng.integers(-128, 128, (3, 3, 3, 2), dtype=np.int8)
+  want = np.zeros((2, 5, 4, 2), np.int64)  # the 3x3 SAME convolution by hand
+  xp = np.pad(x.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  for i in range(3):
+    for j in range(3):
+      want += np.einsum("bhwc,co->bhwo", xp[:, i:i + 5, j:j + 4], w[i, j].astype(np.int64))
+  np.testing.assert_array_equal(np.asarray(intdot.conv_patches_i8(x, w)), want)
+  np.testing.assert_array_equal(np.asarray(intdot.conv_int8(x, w)), want)
+
+
+def test_bench_intdot_refuses_bad_flags_and_renders_its_json(tmp_path):
+  intdot = _load("bench_intdot")
+  assert intdot.main(["--windows", "2"]) == 2
+  assert intdot.main(["--only", "dot,fft"]) == 2
+  rows = [{"op": "dot", "shape": "8x8", "batch": 1, "variant": v, "seconds": 1e-3,
+           "vs_float": r} for v, r in (("float32", 1.0), ("int8", 2.5), ("i4_i8", 0.5))]
+  doc = {"date": "2026-12-04", "machine": "x", "jax": "0", "cpu_flags": ["avx2"],
+         "windows": 3, "rows": rows}
+  js, md = tmp_path / "b.json", tmp_path / "P.md"
+  js.write_text(json.dumps(doc))
+  md.write_text("a\n<!-- bench-intdot:begin -->\nold\n<!-- bench-intdot:end -->\nz\n")
+  assert intdot.main(["--from_json", str(js), "--readme", str(md)]) == 0
+  text = md.read_text()
+  assert "| 8x8 | 1 | 1.000 | 2.50x | - | - | 0.50x |" in text and "old" not in text
+  assert "CPU flags: avx2" in text
+  assert intdot.main(["--from_json", str(tmp_path / "none.json"), "--readme", str(md)]) == 2
+
+
+def test_codec_sizes_writes_the_three_forms_of_one_model(tmp_path):
+  import flax.linen as nn
+  import lqjax
+  from lqjax import compress
+  codec_sizes = _load("codec_sizes")
+  m = lqjax.quantize(nn.Dense(64), lqjax.Rule(config=lqjax.QuantConfig(rule="lsq", bits=2)))
+  params = m.init(jax.random.key(0), jnp.ones((1, 128)))["params"]
+  path = tmp_path / "m.lqz"
+  lqjax.save(path, params, {"why": "test"})
+  r = codec_sizes.sizes(path)
+  assert r["fixed"]["bytes"] == path.stat().st_size
+  assert r["zstd"]["bytes"] <= r["zstd_v2"]["bytes"]
+  assert r["zstd"]["header_bytes"] < r["zstd_v2"]["header_bytes"]
+  assert set(r["forms"]) == {"kernel"}
+  header, tree = compress.read(path)
+  v2 = codec_sizes.version2_zstd(tree, header["meta"])
+  assert len(v2) == r["zstd_v2"]["bytes"] and compress._PREFIX.unpack_from(v2)[1] == 2
+  want, got = compress.read_codes(path.read_bytes()), compress.read_codes(v2)  # v2 reads
+  assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+  h2, _ = compress.parse(v2)
+  assert h2["meta"] == {"why": "test"} and all("zstd_bytes" not in t for t in h2["tensors"])
+  assert codec_sizes.main([str(tmp_path / "missing.lqz")]) == 2
