@@ -6,8 +6,9 @@ the JAX program, so any Linen or NNX model works) with every array of
 (:func:`lqjax.quant.passthrough`). It then replaces each such input by an
 initializer:
 
-* a quantized tensor: its integer codes (int8 where they fit, else int16, else
-  int32) followed by ``DequantizeLinear`` with the tensor's own scales:
+* a quantized tensor: its integer codes (ONNX INT4 or UINT4, two a byte, where they
+  fit, else int8, int16, int32) followed by ``DequantizeLinear`` with the tensor's own
+  scales:
 
   - one scale per tensor: a scalar scale;
   - one scale per slice of a single axis (``row``/``channel``/``column``): a 1-D
@@ -19,6 +20,8 @@ initializer:
   with scales s / 2: the same values, exactly.
 
 * any other array (biases left float, batch statistics): a float initializer.
+
+No initializer is left that no node reads, and no node that no output needs.
 
 The weights enter the graph in the model's own layout; the layer's own
 transposes (jax2onnx emits them) follow. Codes and scales are computed as the
@@ -34,6 +37,7 @@ reached, so the graph is the model's computation exactly as JAX runs it.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from typing import Any, Callable
 
@@ -51,7 +55,13 @@ class ExportError(RuntimeError):
 
 
 def _int_dtype(codes: np.ndarray):
+  """The narrowest integer type that holds every code: ONNX's INT4 (-8..7) or UINT4
+  (0..15), stored two codes a byte, else int8, int16, int32."""
+  import ml_dtypes
   lo, hi = (int(codes.min()), int(codes.max())) if codes.size else (0, 0)
+  for dt, (tlo, thi) in ((ml_dtypes.int4, (-8, 7)), (ml_dtypes.uint4, (0, 15))):
+    if tlo <= lo and hi <= thi:
+      return dt
   for dt in (np.int8, np.int16, np.int32):
     info = np.iinfo(dt)
     if info.min <= lo and hi <= info.max:
@@ -85,6 +95,29 @@ def _dequant_nodes(helper, numpy_helper, name, codes, scale):
   return [q, one, s], [
       helper.make_node("DequantizeLinear", [q.name, one.name], [name + "_int"]),
       helper.make_node("Mul", [name + "_int", s.name], [name])]
+
+
+def _primitives(jaxpr):
+  """The names of a jaxpr's primitives, those of its inner jaxprs (scan, cond, pjit) too."""
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _primitives(inner)
+
+
+def _refuse_random(jaxpr):
+  """One line for a program that draws random numbers, which an ONNX graph cannot."""
+  drawn = sorted({n for n in _primitives(jaxpr)
+                  if n.startswith("random_") or n.startswith("threefry")})
+  if drawn:
+    raise ExportError(
+        f"the program uses the random-number primitive(s) {', '.join(drawn)}, which ONNX "
+        f"cannot express; a Linen nn.RNN splits a key for its initial carry when it is "
+        f"given none: pass initial_carry= (e.g. the cell's initialize_carry(key, x[:, 0]."
+        f"shape) made outside, or zeros) to the RNN call, and keep dropout deterministic")
 
 
 def _pool_2d(prim, x, params):
@@ -208,6 +241,7 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
   # traces) mislabel NCHW/NHWC around residual additions (ResNet blocks), while its
   # lowering of lax primitives is exact. The replayed program is the model's own.
   closed = jax.make_jaxpr(traced)(*specs)
+  _refuse_random(closed.jaxpr)
   n_out = len(closed.out_avals)
 
   def replay(*args):
@@ -224,6 +258,12 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
       model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
   except Exception as e:  # the converter's own failure, not the model's
     from importlib import metadata
+    missing = re.search(r"No plugins registered for primitive '([^']+)'", str(e))
+    if missing:
+      raise ExportError(f"jax2onnx {metadata.version('jax2onnx')} has no ONNX conversion for "
+                        f"the JAX primitive {missing.group(1)!r} that the program uses; "
+                        f"compute it outside the exported function or write the model "
+                        f"without it") from e
     raise ExportError(f"jax2onnx {metadata.version('jax2onnx')} could not convert the "
                       f"program on jax {jax.__version__} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); the tested versions "
@@ -245,10 +285,21 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
   old_nodes = list(g.node)
   del g.node[:]
   g.node.extend(nodes + old_nodes)
-  used = {n for node in g.node for n in node.input}
-  g.initializer.extend([t for t in inits if t.name in used])
+  g.initializer.extend(inits)
+  model = _without_unused(model)
   onnx.checker.check_model(model)
   return model
+
+
+def _without_unused(model):
+  """`model` less the nodes that no output needs and the initializers no node reads
+  (jax2onnx leaves constants of folded shapes; log scales are read by none): onnxruntime
+  would drop each with a warning."""
+  import onnx_ir as ir
+  from onnx_ir.passes.common import RemoveUnusedNodesPass
+  m = ir.serde.deserialize_model(model)
+  RemoveUnusedNodesPass()(m)
+  return ir.serde.serialize_model(m)
 
 
 def export_onnx(path, fn: Callable[[Any, Any], Any], variables, example_input, **kwargs) -> int:

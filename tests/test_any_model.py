@@ -317,7 +317,7 @@ def test_nnx_save_and_load_into_a_module(tmp_path):
     lqjax.load(tmp_path / "m.lqz", other)
 
 
-def test_onnx_of_a_user_model_matches_jax(tmp_path):
+def test_onnx_of_a_user_model_matches_jax(tmp_path, capfd):
   pytest.importorskip("jax2onnx")
   pytest.importorskip("onnxruntime")
   import onnx
@@ -332,7 +332,18 @@ def test_onnx_of_a_user_model_matches_jax(tmp_path):
   proto = onnx.load(str(path))
   codes = {t.name: t for t in proto.graph.initializer if t.name.endswith("_codes")}
   assert len(codes) == len(tree.quantized_tensors(v))
-  assert codes["w_params_stem_kernel_codes"].data_type == onnx.TensorProto.INT8
+  bias = codes["w_params_fc_bias_codes"]  # 2-bit LSQ codes in -2..1: INT4, two a byte
+  assert bias.data_type == onnx.TensorProto.INT4
+  assert len(bias.raw_data) == (bias.dims[0] + 1) // 2
+  stem = [t for t in tree.quantized_tensors(v) if t.name == "params/stem/kernel"][0]
+  q = quant.tensor_codes(stem.p, stem.log_scale, stem.config)[0]  # 8-bit recipe
+  assert codes["w_params_stem_kernel_codes"].data_type == (
+      onnx.TensorProto.INT4 if q.min() >= -8 and q.max() <= 7 else onnx.TensorProto.INT8)
+  # A user's own session, at onnxruntime's default log level, drops nothing with a warning
+  import onnxruntime as ort
+  capfd.readouterr()
+  ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  assert "Removing initializer" not in capfd.readouterr().err
   # The converter leaves the libraries as they were (jax2onnx 0.17 alone leaves
   # jnp.cumsum patched to refuse an axis).
   np.testing.assert_array_equal(jnp.cumsum(jnp.ones((2, 3)), 1), [[1, 2, 3], [1, 2, 3]])
@@ -456,3 +467,45 @@ def test_handmade_headers_with_valid_checksums_are_refused(header, needle):
   body = compress._PREFIX.pack(compress.MAGIC, compress.VERSION, 0, len(h)) + h + bytes(8)
   with pytest.raises(compress.CorruptFileError, match=needle):
     compress.parse(body + hashlib.sha256(body).digest())
+
+
+class _RNNModel(nn.Module):
+  carry: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.LSTMCell(8)
+    carry = ((jnp.zeros((x.shape[0], 8)),) * 2) if self.carry else None
+    return nn.Dense(3)(nn.RNN(cell)(x, initial_carry=carry)[:, -1])
+
+
+def test_onnx_of_a_linen_rnn_names_its_random_carry_and_exports_with_one_given(tmp_path):
+  pytest.importorskip("jax2onnx")
+  pytest.importorskip("onnxruntime")
+  from lqjax import onnx_export
+  x = jax.random.normal(jax.random.key(1), (2, 5, 4))
+  rules = lqjax.Rule("Dense_0", lqjax.QuantConfig(rule="lsq", bits=4))
+  m = lqjax.quantize(_RNNModel(), rules)
+  v = m.init(jax.random.key(0), x)
+  path = tmp_path / "rnn.onnx"
+  with pytest.raises(onnx_export.ExportError, match=r"random_split.*pass initial_carry=") as e:
+    lqjax.export_onnx(path, lambda v, x: m.apply(v, x), v, x)
+  assert "\n" not in str(e.value) and "versions" not in str(e.value) and not path.exists()
+  m = lqjax.quantize(_RNNModel(carry=True), rules)  # the same weights, a carry given
+  lqjax.export_onnx(path, lambda v, x: m.apply(v, x), v, x)
+  np.testing.assert_allclose(onnx_export.run_onnx(path, np.asarray(x)),
+                             jax.jit(m.apply)(v, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_primitive_the_converter_lacks_is_named_in_one_line(tmp_path, monkeypatch):
+  jax2onnx = pytest.importorskip("jax2onnx")
+  from lqjax import onnx_export
+
+  def lacking(*a, **k):
+    raise NotImplementedError("[converter] No plugins registered for primitive 'cumlogsumexp'")
+  monkeypatch.setattr(jax2onnx, "to_onnx", lacking)
+  m, v, x = _mixed()
+  with pytest.raises(onnx_export.ExportError, match=r"no ONNX conversion for the JAX "
+                                                    r"primitive 'cumlogsumexp'") as e:
+    lqjax.export_onnx(tmp_path / "m.onnx", lambda v, x: m.apply(v, x), v, x)
+  assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()

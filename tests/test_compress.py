@@ -116,10 +116,12 @@ def test_midrise_binary_model_file_and_onnx(tmp_path):
   meta = {"mean": (0.1,), "std": (0.3,)}
   export.export_onnx(onnx_path, m, {"params": params}, meta, data.image_shape("mnist"))
   np.testing.assert_allclose(onnx_export.run_onnx(onnx_path, x), ref, rtol=1e-4, atol=1e-4)
-  codes = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(onnx_path)).graph.initializer
-           if t.name.endswith("_codes")]
+  protos = [t for t in onnx.load(str(onnx_path)).graph.initializer if t.name.endswith("_codes")]
+  codes = [onnx.numpy_helper.to_array(t).astype(np.int8) for t in protos]
   assert len(codes) == len(tree.quantized_tensors(params))
-  assert all(set(np.unique(c)) <= {-1, 1} and c.dtype == np.int8 for c in codes)
+  # the odd codes -1, +1, two a byte as ONNX INT4
+  assert all(set(np.unique(c)) <= {-1, 1} for c in codes)
+  assert all(t.data_type == onnx.TensorProto.INT4 for t in protos)
 
 
 @pytest.fixture
@@ -185,9 +187,34 @@ def test_onnx_matches_jax(tmp_path, model, dataset, granularity):
   # Integer initializers are really there, one DequantizeLinear per quantized tensor.
   import onnx
   proto = onnx.load(str(path))
-  ints = [t for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.INT8,
-                                                                onnx.TensorProto.INT16,
-                                                                onnx.TensorProto.INT32)
-          and t.name.endswith("_codes")]
+  T = onnx.TensorProto
+  ints = [t for t in proto.graph.initializer if t.name.endswith("_codes") and t.data_type in
+          (T.INT4, T.UINT4, T.INT8, T.INT16, T.INT32)]
   assert len(ints) == len(tree.quantized_tensors(params))
   assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == len(ints)
+  _every_initializer_is_read(proto)
+  # each tensor's codes in the narrowest type that holds them, at most 4 bits two a byte
+  by_name = {t.name: t for t in ints}
+  for t in tree.quantized_tensors(params):
+    q = quant.tensor_codes(t.p, t.log_scale, t.config)[0]
+    lo, hi = int(q.min()), int(q.max())
+    want = (T.INT4 if -8 <= lo and hi <= 7 else T.UINT4 if 0 <= lo and hi <= 15 else
+            T.INT8 if -128 <= lo and hi <= 127 else T.INT16 if -2 ** 15 <= lo and
+            hi < 2 ** 15 else T.INT32)
+    init = by_name["w_params_" + "_".join(t.path) + "_codes"]
+    assert init.data_type == want, (t.name, lo, hi)
+    if want in (T.INT4, T.UINT4):
+      assert len(init.raw_data) == (q.size + 1) // 2
+
+
+def _every_initializer_is_read(proto):
+  """No initializer that no node reads (onnxruntime would drop each with a warning)."""
+  def inputs(graph):
+    for node in graph.node:
+      yield from node.input
+      for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+          yield from inputs(g)
+  read = set(inputs(proto.graph))
+  unread = [t.name for t in proto.graph.initializer if t.name not in read]
+  assert not unread, unread

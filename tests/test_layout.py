@@ -57,10 +57,12 @@ def test_no_import_cycles():
     assert _cycle(graph) is None, (package, _cycle(graph))
 
 
-def _core_dependencies():
+def _core_dependencies(extra=None):
+  """The import names of pyproject.toml's core dependencies, or of one extra's."""
   import re
   import tomllib
-  deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  deps = project["optional-dependencies"][extra] if extra else project["dependencies"]
   return {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].replace("-", "_") for d in deps}
 
 
@@ -71,7 +73,8 @@ def test_the_library_imports_only_its_core_dependencies():
   allowed = _core_dependencies() | set(sys.stdlib_module_names) | {"lqjax"}
   assert allowed >= {"jax", "flax", "optax", "numpy", "zstandard"}
   _, foreign = _imports("lqjax")
-  export_extra = {"onnx", "onnxruntime", "jax2onnx"}
+  export_extra = _core_dependencies("export")
+  assert export_extra >= {"onnx", "onnxruntime", "jax2onnx", "onnx_ir", "ml_dtypes"}
   for name, tops in foreign.items():
     extra = tops - allowed - (export_extra if name == "onnx_export" else set())
     assert not extra, f"lqjax/{name}.py imports {sorted(extra)}, not core dependencies"
