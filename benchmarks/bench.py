@@ -525,6 +525,18 @@ def write_readme(path: pathlib.Path, doc) -> int:
   return replace_section(path, tag, readme_section(doc))
 
 
+def write_doc(out, doc, readme, tag: str, render) -> int:
+  """Writes the benchmark JSON `doc` to `out` (atomically) and, with `readme`, renders it
+  into that file's ``tag`` section; the exit status."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(out, doc)
+  print(f"wrote {out}")
+  if readme:
+    return replace_section(pathlib.Path(readme), tag, render(doc))
+  return 0
+
+
 def replace_section(path: pathlib.Path, tag: str, section: str) -> int:
   """Replaces the text between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` in `path`
   with `section` (the file is rewritten atomically); 2 with a one-line error if the

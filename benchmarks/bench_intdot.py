@@ -31,7 +31,6 @@ and the versions: XLA:CPU's integer kernels differ between CPUs.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import pathlib
 import statistics
@@ -42,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench import machine_info, median_ratio, replace_section, round_robin
-from lqlab.files import read_json, write_json_atomic
+from bench import machine_info, median_ratio, replace_section, round_robin, write_doc
+from lqlab.files import read_json
 
 #: (name, batch, in, out) of the dots.
 DOTS = [("784x300", 256, 784, 300), ("1024x1024", 256, 1024, 1024),
@@ -205,13 +204,7 @@ def main(argv=None):
          (bench_convs(args.windows, args.reps, rng) if "conv" in only else [])
   doc = dict(machine_info(), loadavg_1min_at_start=load, windows=args.windows,
              reps=args.reps, rows=rows)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(out, doc)
-  print(f"wrote {out}")
-  if args.readme:
-    return replace_section(pathlib.Path(args.readme), "bench-intdot", render(doc))
-  return 0
+  return write_doc(args.out, doc, args.readme, "bench-intdot", render)
 
 
 def render(doc) -> str:

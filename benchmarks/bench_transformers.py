@@ -28,10 +28,9 @@ import numpy as np
 from flax import nnx
 
 from bench import (WEIGHTS_ONLY, bench_interleaved, every_k, machine_info, median_ratio,
-                   random_data, replace_section, round_robin)
+                   random_data, replace_section, round_robin, write_doc)
 from lqlab import lm
 from lqlab.config import TrainConfig
-from lqlab.files import write_json_atomic
 
 K_DEFAULT = TrainConfig().scale_every
 #: (rule, granularity, extra config) of the quantized variants.
@@ -147,14 +146,8 @@ def main(argv=None):
     print(f"{r['model']:4s} {r['rule']:6s} {r['granularity']:8s} k={str(r['scale_every']):12s} "
           f"step {1e3 * r['step_s']:8.2f} ms  ratio {r['step_time_ratio']:.3f}"
           f"{' (derived)' if r.get('derived') else ''}", flush=True)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   doc = dict(machine_info(), loadavg_1min_at_start=load, rows=rows)
-  write_json_atomic(out, doc)
-  print(f"wrote {out}")
-  if args.readme:
-    return replace_section(pathlib.Path(args.readme), "bench-transformers", render(doc))
-  return 0
+  return write_doc(args.out, doc, args.readme, "bench-transformers", render)
 
 
 def render(doc) -> str:
