@@ -6,9 +6,10 @@ the JAX program, so any Linen or NNX model works) with every array of
 (:func:`lqjax.quant.passthrough`). It then replaces each such input by an
 initializer:
 
-* a quantized tensor: its integer codes (ONNX INT4 or UINT4, two a byte, where they
-  fit, else int8, int16, int32) followed by ``DequantizeLinear`` with the tensor's own
-  scales:
+* a quantized tensor: its integer codes (ONNX INT2 or UINT2, four a byte, or INT4 or
+  UINT4, two a byte, where they fit, else int8, int16, int32; INT2 needs opset 25,
+  :data:`OPSET`: with an older onnx, INT4) followed by ``DequantizeLinear`` with the
+  tensor's own scales:
 
   - one scale per tensor: a scalar scale;
   - one scale per slice of a single axis (``row``/``channel``/``column``): a 1-D
@@ -47,7 +48,13 @@ import numpy as np
 
 from lqjax import fileio, qconfig, quant, tree
 
-OPSET = 23
+OPSET = 25  # INT2/UINT2 since 25, INT4/UINT4 since 21
+
+
+def _opset() -> int:
+  """:data:`OPSET`, or the newest the installed onnx knows (at least 23) if older."""
+  import onnx
+  return min(OPSET, max(23, onnx.defs.onnx_opset_version()))
 
 
 class ExportError(RuntimeError):
@@ -55,11 +62,15 @@ class ExportError(RuntimeError):
 
 
 def _int_dtype(codes: np.ndarray):
-  """The narrowest integer type that holds every code: ONNX's INT4 (-8..7) or UINT4
-  (0..15), stored two codes a byte, else int8, int16, int32."""
+  """The narrowest integer type that holds every code: ONNX's INT2 (-2..1) or UINT2
+  (0..3), four codes a byte, INT4 (-8..7) or UINT4 (0..15), two a byte, else int8,
+  int16, int32."""
   import ml_dtypes
   lo, hi = (int(codes.min()), int(codes.max())) if codes.size else (0, 0)
-  for dt, (tlo, thi) in ((ml_dtypes.int4, (-8, 7)), (ml_dtypes.uint4, (0, 15))):
+  narrow = [(ml_dtypes.int4, (-8, 7)), (ml_dtypes.uint4, (0, 15))]
+  if _opset() >= 25 and hasattr(ml_dtypes, "int2"):
+    narrow = [(ml_dtypes.int2, (-2, 1)), (ml_dtypes.uint2, (0, 3))] + narrow
+  for dt, (tlo, thi) in narrow:
     if tlo <= lo and hi <= thi:
       return dt
   for dt in (np.int8, np.int16, np.int32):
@@ -255,7 +266,7 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
   ir_log.setLevel(logging.ERROR)  # its serializer warns about shape constants it skips
   try:
     with _module_attributes_restored():
-      model = to_onnx(replay, specs, model_name=model_name, opset=OPSET, input_names=names)
+      model = to_onnx(replay, specs, model_name=model_name, opset=_opset(), input_names=names)
   except Exception as e:  # the converter's own failure, not the model's
     from importlib import metadata
     missing = re.search(r"No plugins registered for primitive '([^']+)'", str(e))

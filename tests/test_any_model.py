@@ -332,9 +332,9 @@ def test_onnx_of_a_user_model_matches_jax(tmp_path, capfd):
   proto = onnx.load(str(path))
   codes = {t.name: t for t in proto.graph.initializer if t.name.endswith("_codes")}
   assert len(codes) == len(tree.quantized_tensors(v))
-  bias = codes["w_params_fc_bias_codes"]  # 2-bit LSQ codes in -2..1: INT4, two a byte
-  assert bias.data_type == onnx.TensorProto.INT4
-  assert len(bias.raw_data) == (bias.dims[0] + 1) // 2
+  bias = codes["w_params_fc_bias_codes"]  # 2-bit LSQ codes in -2..1: INT2, four a byte
+  assert bias.data_type == onnx.TensorProto.INT2
+  assert len(bias.raw_data) == -(-bias.dims[0] // 4)
   stem = [t for t in tree.quantized_tensors(v) if t.name == "params/stem/kernel"][0]
   q = quant.tensor_codes(stem.p, stem.log_scale, stem.config)[0]  # 8-bit recipe
   assert codes["w_params_stem_kernel_codes"].data_type == (
@@ -509,3 +509,19 @@ def test_a_primitive_the_converter_lacks_is_named_in_one_line(tmp_path, monkeypa
                                                     r"primitive 'cumlogsumexp'") as e:
     lqjax.export_onnx(tmp_path / "m.onnx", lambda v, x: m.apply(v, x), v, x)
   assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
+
+
+def test_an_onnx_without_opset_25_gets_int4_for_2_bit_codes(tmp_path, monkeypatch):
+  pytest.importorskip("jax2onnx")
+  pytest.importorskip("onnxruntime")
+  import onnx
+  from lqjax import onnx_export
+  monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 23)
+  m, v, x = _mixed()
+  blob = onnx_export.to_bytes(lambda v, x: m.apply(v, x), v, x)
+  proto = onnx.load_from_string(blob)
+  assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [23]
+  (bias,) = [t for t in proto.graph.initializer if t.name == "w_params_fc_bias_codes"]
+  assert bias.data_type == onnx.TensorProto.INT4
+  np.testing.assert_allclose(onnx_export.run_onnx(blob, np.asarray(x)), jax.jit(m.apply)(v, x),
+                             rtol=1e-5, atol=1e-5)

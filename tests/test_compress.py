@@ -119,9 +119,9 @@ def test_midrise_binary_model_file_and_onnx(tmp_path):
   protos = [t for t in onnx.load(str(onnx_path)).graph.initializer if t.name.endswith("_codes")]
   codes = [onnx.numpy_helper.to_array(t).astype(np.int8) for t in protos]
   assert len(codes) == len(tree.quantized_tensors(params))
-  # the odd codes -1, +1, two a byte as ONNX INT4
+  # the odd codes -1, +1, four a byte as ONNX INT2
   assert all(set(np.unique(c)) <= {-1, 1} for c in codes)
-  assert all(t.data_type == onnx.TensorProto.INT4 for t in protos)
+  assert all(t.data_type == onnx.TensorProto.INT2 for t in protos)
 
 
 @pytest.fixture
@@ -189,22 +189,25 @@ def test_onnx_matches_jax(tmp_path, model, dataset, granularity):
   proto = onnx.load(str(path))
   T = onnx.TensorProto
   ints = [t for t in proto.graph.initializer if t.name.endswith("_codes") and t.data_type in
-          (T.INT4, T.UINT4, T.INT8, T.INT16, T.INT32)]
+          (T.INT2, T.UINT2, T.INT4, T.UINT4, T.INT8, T.INT16, T.INT32)]
   assert len(ints) == len(tree.quantized_tensors(params))
   assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == len(ints)
   _every_initializer_is_read(proto)
-  # each tensor's codes in the narrowest type that holds them, at most 4 bits two a byte
+  # each tensor's codes in the narrowest type that holds them, 2-bit ones four a byte and
+  # 4-bit ones two a byte
   by_name = {t.name: t for t in ints}
   for t in tree.quantized_tensors(params):
     q = quant.tensor_codes(t.p, t.log_scale, t.config)[0]
     lo, hi = int(q.min()), int(q.max())
-    want = (T.INT4 if -8 <= lo and hi <= 7 else T.UINT4 if 0 <= lo and hi <= 15 else
+    want = (T.INT2 if -2 <= lo and hi <= 1 else T.UINT2 if 0 <= lo and hi <= 3 else
+            T.INT4 if -8 <= lo and hi <= 7 else T.UINT4 if 0 <= lo and hi <= 15 else
             T.INT8 if -128 <= lo and hi <= 127 else T.INT16 if -2 ** 15 <= lo and
             hi < 2 ** 15 else T.INT32)
     init = by_name["w_params_" + "_".join(t.path) + "_codes"]
     assert init.data_type == want, (t.name, lo, hi)
-    if want in (T.INT4, T.UINT4):
-      assert len(init.raw_data) == (q.size + 1) // 2
+    per_byte = {T.INT2: 4, T.UINT2: 4, T.INT4: 2, T.UINT4: 2}.get(want)
+    if per_byte:
+      assert len(init.raw_data) == -(-q.size // per_byte)
 
 
 def _every_initializer_is_read(proto):
