@@ -8,6 +8,7 @@
   python benchmarks/run.py transformers [args]  the GPT and ViT steps (bench_transformers.py)
   python benchmarks/run.py fsdp    [args]   FSDP's bytes per device and loss (bench_fsdp.py)
   python benchmarks/run.py intdot  [args]   int8 against float32 dots and 3x3 convs (bench_intdot.py)
+  python benchmarks/run.py onnx    [args]   onnxruntime: integer-weight graphs against float (bench_onnx.py)
 
 Each subcommand passes its arguments to that script's ``main`` (``--help`` there).
 """
@@ -21,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 COMMANDS = {"step": "bench", "cost": "bench_cost", "ordering": "bench_ordering",
             "prefetch": "bench_prefetch", "reduce": "bench_reduce",
             "transformers": "bench_transformers", "fsdp": "bench_fsdp",
-            "intdot": "bench_intdot"}
+            "intdot": "bench_intdot", "onnx": "bench_onnx"}
 
 
 def main(argv=None):

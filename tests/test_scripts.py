@@ -908,3 +908,21 @@ def test_codec_sizes_writes_the_three_forms_of_one_model(tmp_path):
   h2, _ = compress.parse(v2)
   assert h2["meta"] == {"why": "test"} and all("zstd_bytes" not in t for t in h2["tensors"])
   assert codec_sizes.main([str(tmp_path / "missing.lqz")]) == 2
+
+
+def test_bench_onnx_float_twin_computes_the_quantized_model_and_renders(tmp_path):
+  pytest.importorskip("onnxruntime")
+  pytest.importorskip("jax2onnx")
+  bo = _load("bench_onnx")
+  from lqjax import onnx_export
+  qb, fb = bo.graphs("lenet300", 2)
+  assert len(qb) * 8 < len(fb)  # 2-bit codes four a byte against float32 weights
+  x = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+  np.testing.assert_allclose(onnx_export.run_onnx(qb, x), onnx_export.run_onnx(fb, x),
+                             rtol=1e-5, atol=1e-5)
+  assert bo.main(["--windows", "2"]) == 2
+  row = {"model": "lenet300", "bits": 2, "level": "all", "batch": 1, "int_bytes": 10,
+         "float_bytes": 80, "int_ms": 2.0, "float_ms": 0.5, "float_over_int": 0.25,
+         "max_abs_logit_diff": 1e-6}
+  text = bo.render({"date": "d", "machine": "m", "jax": "j", "windows": 3, "rows": [row]})
+  assert "| lenet300 | 2 | 10 / 80 | all | 1 | 2.000 | 0.500 | 0.25 | 1.0e-06 |" in text
