@@ -5,8 +5,9 @@
 
 The ONNX lqjax exports keeps each quantized tensor as integer codes (INT2/INT4 packed,
 int8 and wider as they are) followed by ``DequantizeLinear``. This measures what that
-costs or gains in onnxruntime (CPU provider) against a float twin: the same model with
-the dequantized weights as float32 initializers, so both compute the same function. For
+costs or gains in onnxruntime (CPU provider) against a float twin: the same model
+exported with ``weights="float"``, the dequantized weights as float32 initializers, so
+both compute the same function. For
 LeNet-300-100 and LeNet-5 (MNIST shapes, the scales as initialised) at LSQ 2, 4 and 8 bits
 per row, at batch 256 and batch 1, with onnxruntime's graph optimisations at ``basic``
 (exact rewrites) and ``all`` (which may fuse DequantizeLinear into integer-weight
@@ -27,7 +28,6 @@ import jax
 import numpy as np
 
 from bench import machine_info, median_ratio, replace_section, write_doc
-from lqjax import quant, tree
 from lqlab import data, export
 from lqlab.config import TrainConfig
 from lqlab.files import read_json
@@ -39,23 +39,6 @@ BATCHES = (256, 1)
 CALLS = {256: 5, 1: 50}
 
 
-def float_twin(params):
-  """`params` with each quantized tensor replaced by its dequantized values and the scales
-  dropped: the float model of the same function."""
-  deq = {t.path: np.asarray(quant.dequantize_as(
-      quant.tensor_codes(t.p, t.log_scale, t.config)[0], t.log_scale, t.config.grid))
-      for t in tree.quantized_tensors(params)}
-  out = {}
-  for path, (v, _) in tree.flat_leaves(params).items():
-    if tree.is_scale_path(path):
-      continue
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = deq.get(path, np.asarray(v))
-  return out
-
-
 def graphs(model: str, bits: int):
   """(integer-weight ONNX bytes, float twin ONNX bytes) of `model` at LSQ `bits` per row."""
   shape = data.image_shape("mnist")
@@ -63,9 +46,8 @@ def graphs(model: str, bits: int):
   kw = dict(dataset="mnist", model=model, granularity="row", rounding="round")
   q = build_model(TrainConfig(rule="lsq", bits=bits, **kw), 10)
   params = q.init(jax.random.key(0), np.zeros((1,) + shape, np.float32))["params"]
-  f = build_model(TrainConfig(float_model=True, **kw), 10)
-  return (export.onnx_bytes(q, {"params": params}, meta, shape),
-          export.onnx_bytes(f, {"params": float_twin(params)}, meta, shape))
+  return tuple(export.onnx_bytes(q, {"params": params}, meta, shape, weights=w)
+               for w in ("int", "float"))
 
 
 def _session(blob, level):

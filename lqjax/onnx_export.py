@@ -204,7 +204,7 @@ _MISSING = object()
 
 
 def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
-          dynamic_batch: bool = True, model_name: str = "lqjax_model"):
+          dynamic_batch: bool = True, model_name: str = "lqjax_model", weights: str = "int"):
   """Returns an ``onnx.ModelProto`` of ``fn(variables, x)`` (see the module docstring).
 
   Args:
@@ -214,7 +214,14 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
     example_input: an array (or ``jax.ShapeDtypeStruct``) with the input's
       shape and dtype.
     dynamic_batch: make the input's first axis symbolic (``N``).
+    weights: ``"int"`` (default): each quantized tensor as its integer codes and
+      ``DequantizeLinear``, the small file. ``"float"``: the same dequantized values as
+      float32 initializers, a file the size of the float model's; onnxruntime runs the
+      dequantization of ``"int"`` on every call, which costs most at small batches
+      (docs/PERFORMANCE.md, "onnxruntime on the exported integer-weight graphs").
   """
+  if weights not in ("int", "float"):
+    raise ValueError(f"weights must be 'int' or 'float', got {weights!r}")
   import onnx
   from jax2onnx import to_onnx
   from onnx import helper, numpy_helper
@@ -283,11 +290,11 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
     ir_log.setLevel(level)
   inits, nodes = [], []
   for name, path, arr in zip(names[1:], paths, arrays):
-    if path in replaced:
+    if path in replaced and weights == "int":
       i, n = _dequant_nodes(helper, numpy_helper, name, replaced[path][0], replaced[path][1])
       inits += i
       nodes += n
-    else:  # a log scale's initializer is unused once dequantized: pruned below
+    else:  # (a log scale's initializer is unused once dequantized: pruned below)
       inits.append(numpy_helper.from_array(arr, name))
   g = model.graph
   keep_inputs = [i for i in g.input if i.name == "input"]

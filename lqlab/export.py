@@ -106,11 +106,12 @@ def predict(model, variables, meta, images: np.ndarray, batch_size: int = 500) -
                          for i in range(0, images.shape[0], batch_size)])
 
 
-def onnx_bytes(model, variables, meta, image_shape) -> bytes:
-  """The run's model as ONNX: uint8 NHWC images in (normalised in the graph), logits out."""
+def onnx_bytes(model, variables, meta, image_shape, weights: str = "int") -> bytes:
+  """The run's model as ONNX: uint8 NHWC images in (normalised in the graph), logits out;
+  `weights` as in :func:`lqjax.onnx_export.build`."""
   from lqjax import onnx_export
   return onnx_export.to_bytes(logits_fn(model, meta["mean"], meta["std"]), variables,
-                              np.zeros((1,) + tuple(image_shape), np.uint8))
+                              np.zeros((1,) + tuple(image_shape), np.uint8), weights=weights)
 
 
 def export_onnx(path, model, variables, meta, image_shape) -> int:

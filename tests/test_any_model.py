@@ -525,3 +525,23 @@ def test_an_onnx_without_opset_25_gets_int4_for_2_bit_codes(tmp_path, monkeypatc
   assert bias.data_type == onnx.TensorProto.INT4
   np.testing.assert_allclose(onnx_export.run_onnx(blob, np.asarray(x)), jax.jit(m.apply)(v, x),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_with_float_weights_computes_the_same_without_dequantization(tmp_path):
+  pytest.importorskip("jax2onnx")
+  pytest.importorskip("onnxruntime")
+  import onnx
+  from lqjax import onnx_export
+  m, v, x = _mixed()
+  fn = lambda v, x: m.apply(v, x)  # noqa: E731
+  ints, floats = (onnx_export.to_bytes(fn, v, x, weights=w) for w in ("int", "float"))
+  proto = onnx.load_from_string(floats)
+  assert not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+  assert all(t.data_type not in (onnx.TensorProto.INT2, onnx.TensorProto.INT4,
+                                 onnx.TensorProto.INT8) for t in proto.graph.initializer)
+  assert len(floats) > len(ints)
+  xs = np.asarray(jax.random.uniform(jax.random.key(3), (7, 12, 12, 1)))
+  np.testing.assert_allclose(onnx_export.run_onnx(floats, xs), onnx_export.run_onnx(ints, xs),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="weights must be 'int' or 'float', got 'fp16'"):
+    onnx_export.to_bytes(fn, v, x, weights="fp16")
