@@ -14,6 +14,8 @@ initializer:
   - one scale per tensor: a scalar scale;
   - one scale per slice of a single axis (``row``/``channel``/``column``): a 1-D
     per-axis scale with ``axis`` set;
+  - blocks along one axis (``block``): a blocked ``DequantizeLinear`` (``axis`` and
+    ``block_size``, opset 21);
   - anything else (``element``, ``spatial``, several kept axes): ``DequantizeLinear``
     with scale 1 followed by a ``Mul`` with the full float scale tensor.
 
@@ -82,6 +84,15 @@ def _int_dtype(codes: np.ndarray):
 
 def _dequant_nodes(helper, numpy_helper, name, codes, scale):
   """(initializers, nodes) that compute tensor `name` from integer codes and scales."""
+  blocked = [i for i, (d, e) in enumerate(zip(codes.shape, scale.shape)) if e not in (1, d)]
+  if len(blocked) == 1:  # blocks along one axis: a blocked DequantizeLinear (opset 21)
+    a = blocked[0]
+    full = tuple(e if i == a else d for i, (d, e) in enumerate(zip(codes.shape, scale.shape)))
+    q = numpy_helper.from_array(codes.astype(_int_dtype(codes)), name + "_codes")
+    s = numpy_helper.from_array(
+        np.ascontiguousarray(np.broadcast_to(scale, full), np.float32), name + "_scale")
+    return [q, s], [helper.make_node("DequantizeLinear", [q.name, s.name], [name], axis=a,
+                                     block_size=codes.shape[a] // scale.shape[a])]
   if qconfig.is_blocked(codes.shape, scale.shape):  # codes in the grouped view, then reshaped
     vshape, vs = qconfig.grouped_shapes(codes.shape, scale.shape)
     q = numpy_helper.from_array(codes.reshape(vshape).astype(_int_dtype(codes)), name + "_codes")

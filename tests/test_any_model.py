@@ -545,3 +545,24 @@ def test_onnx_with_float_weights_computes_the_same_without_dequantization(tmp_pa
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="weights must be 'int' or 'float', got 'fp16'"):
     onnx_export.to_bytes(fn, v, x, weights="fp16")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_block_scales_export_as_one_blocked_dequantize(bits):
+  pytest.importorskip("jax2onnx")
+  pytest.importorskip("onnxruntime")
+  import onnx
+  from lqjax import onnx_export
+  m = lqjax.quantize(nn.Dense(32), lqjax.Rule(config=lqjax.QuantConfig(
+      rule="lsq", bits=bits, granularity="block", block_size=16)))
+  x = jax.random.normal(jax.random.key(1), (3, 5, 64))  # (batch, sequence, features)
+  v = m.init(jax.random.key(0), x)
+  blob = onnx_export.to_bytes(lambda v, x: m.apply(v, x), v, x)
+  proto = onnx.load_from_string(blob)
+  (dq,) = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+  attrs = {a.name: a.i for a in dq.attribute}
+  assert attrs == {"axis": 0, "block_size": 16}
+  scale = [t for t in proto.graph.initializer if t.name == dq.input[1]][0]
+  assert list(scale.dims) == [4, 32]  # one scale per 16 inputs and output
+  np.testing.assert_allclose(onnx_export.run_onnx(blob, np.asarray(x)), jax.jit(m.apply)(v, x),
+                             rtol=1e-5, atol=1e-5)
