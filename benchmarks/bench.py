@@ -525,6 +525,27 @@ def write_readme(path: pathlib.Path, doc) -> int:
   return replace_section(path, tag, readme_section(doc))
 
 
+def add_output_flags(ap: argparse.ArgumentParser, out: str, tag: str) -> None:
+  """--out (the JSON), --readme (the file whose `tag` section gets the table) and
+  --from_json (render a JSON, measure nothing)."""
+  ap.add_argument("--out", default=out)
+  ap.add_argument("--readme", default=None, help=f"also render the table into this file's "
+                  f"<!-- {tag}:begin/end --> section (docs/PERFORMANCE.md)")
+  ap.add_argument("--from_json", default=None, help="measure nothing: render this JSON into "
+                  "--readme (default docs/PERFORMANCE.md)")
+
+
+def section_from_json(args, tag: str, render) -> int:
+  """``--from_json``: renders that JSON into the `tag` section of --readme (default
+  docs/PERFORMANCE.md); 2 with a one-line error for an unreadable JSON."""
+  try:
+    doc = files.read_json(args.from_json)
+  except (OSError, ValueError) as e:
+    print(f"error: cannot read {args.from_json}: {e}", file=sys.stderr)
+    return 2
+  return replace_section(pathlib.Path(args.readme or "docs/PERFORMANCE.md"), tag, render(doc))
+
+
 def write_doc(out, doc, readme, tag: str, render) -> int:
   """Writes the benchmark JSON `doc` to `out` (atomically) and, with `readme`, renders it
   into that file's ``tag`` section; the exit status."""

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import statistics
 import sys
 
@@ -41,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench import machine_info, median_ratio, replace_section, round_robin, write_doc
-from lqlab.files import read_json
+from bench import (add_output_flags, machine_info, median_ratio, round_robin,
+                   section_from_json, write_doc)
 
 #: (name, batch, in, out) of the dots.
 DOTS = [("784x300", 256, 784, 300), ("1024x1024", 256, 1024, 1024),
@@ -176,19 +175,10 @@ def main(argv=None):
   ap.add_argument("--windows", type=int, default=7)
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--only", default="dot,conv", help="comma list of dot, conv")
-  ap.add_argument("--out", default="docs/bench_intdot.json")
-  ap.add_argument("--readme", default=None, help="also render the table into this file's "
-                  "<!-- bench-intdot:begin/end --> section (docs/PERFORMANCE.md)")
-  ap.add_argument("--from_json", default=None, help="measure nothing: render this JSON")
+  add_output_flags(ap, "docs/bench_intdot.json", "bench-intdot")
   args = ap.parse_args(argv)
   if args.from_json:
-    try:
-      doc = read_json(args.from_json)
-    except (OSError, ValueError) as e:
-      print(f"error: cannot read {args.from_json}: {e}", file=sys.stderr)
-      return 2
-    return replace_section(pathlib.Path(args.readme or "docs/PERFORMANCE.md"), "bench-intdot",
-                           render(doc))
+    return section_from_json(args, "bench-intdot", render)
   if args.windows < 3 or args.reps < 1:
     print(f"error: --windows must be >= 3 (a median of ratios) and --reps >= 1, got "
           f"{args.windows} and {args.reps}", file=sys.stderr)

@@ -27,10 +27,9 @@ import time
 import jax
 import numpy as np
 
-from bench import machine_info, median_ratio, replace_section, write_doc
+from bench import add_output_flags, machine_info, median_ratio, section_from_json, write_doc
 from lqlab import data, export
 from lqlab.config import TrainConfig
-from lqlab.files import read_json
 from lqlab.step import build_model
 
 MODELS = ("lenet300", "lenet5")
@@ -94,20 +93,10 @@ def measure(model, bits, windows):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--windows", type=int, default=7)
-  ap.add_argument("--out", default="docs/bench_onnx.json")
-  ap.add_argument("--readme", default=None, help="also render the table into this file's "
-                  "<!-- bench-onnx:begin/end --> section (docs/PERFORMANCE.md)")
-  ap.add_argument("--from_json", default=None, help="measure nothing: render this JSON")
+  add_output_flags(ap, "docs/bench_onnx.json", "bench-onnx")
   args = ap.parse_args(argv)
   if args.from_json:
-    try:
-      doc = read_json(args.from_json)
-    except (OSError, ValueError) as e:
-      print(f"error: cannot read {args.from_json}: {e}", file=sys.stderr)
-      return 2
-    import pathlib
-    return replace_section(pathlib.Path(args.readme or "docs/PERFORMANCE.md"), "bench-onnx",
-                           render(doc))
+    return section_from_json(args, "bench-onnx", render)
   if args.windows < 3:
     print(f"error: --windows must be >= 3 (a median of ratios), got {args.windows}",
           file=sys.stderr)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import statistics
 import sys
 
@@ -27,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench import (WEIGHTS_ONLY, bench_interleaved, every_k, machine_info, median_ratio,
-                   random_data, replace_section, round_robin, write_doc)
+from bench import (WEIGHTS_ONLY, add_output_flags, bench_interleaved, every_k, machine_info,
+                   median_ratio, random_data, round_robin, section_from_json, write_doc)
 from lqlab import lm
 from lqlab.config import TrainConfig
 
@@ -118,16 +117,10 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--windows", type=int, default=9)
   ap.add_argument("--models", default="gpt,vit")
-  ap.add_argument("--out", default="docs/bench_transformers.json")
-  ap.add_argument("--readme", default=None, help="also render the table into this file's "
-                  "<!-- bench-transformers:begin/end --> section (docs/PERFORMANCE.md)")
-  ap.add_argument("--from_json", default=None, help="measure nothing: render this JSON")
+  add_output_flags(ap, "docs/bench_transformers.json", "bench-transformers")
   args = ap.parse_args(argv)
   if args.from_json:
-    import json
-    return replace_section(pathlib.Path(args.readme or "docs/PERFORMANCE.md"),
-                           "bench-transformers", render(json.loads(
-                               pathlib.Path(args.from_json).read_text())))
+    return section_from_json(args, "bench-transformers", render)
   if args.windows < 3:
     print(f"error: --windows must be >= 3 (a median of ratios), got {args.windows}",
           file=sys.stderr)
