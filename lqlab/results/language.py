@@ -190,7 +190,8 @@ def _targets(by, fp32, fp32_bytes):
       best = (v, ratio, d)
   out.append("- A packed file >= 12x smaller than FP32 within +2% loss: " + (
       f"the smallest within +2% is {best[0]}, {best[1]:.1f}x at {best[2]:+.2f}% "
-      f"({'met' if best[1] >= 12 else 'not met'})." if best else "no variant is within +2%."))
+      f"({'met' if best[1] >= 12 else 'not met'})." if best else
+      "no quantized variant is within +2%." if len(by) > 1 else "no quantized variant yet."))
   b2, l2 = by.get("budget_2bit"), by.get("lsq_2bit")
   if b2 and l2:
     lb, ll = [r["val_loss"] for r in b2], [r["val_loss"] for r in l2]
@@ -266,7 +267,7 @@ def language_headline(rows) -> list:
   out = []
   for sweep in sorted({r["sweep"] for r in rows}):
     by = _variants([r for r in rows if r["sweep"] == sweep])
-    if "fp32" not in by:
+    if "fp32" not in by or len(by) == 1:  # nothing quantized to set beside FP32 yet
       continue
     fp32_bytes = by["fp32"][0]["fp32_bytes"]
     cells = []
