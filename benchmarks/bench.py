@@ -109,11 +109,13 @@ def render_from_json(args, render) -> int:
     return 2
 
 
-def check_windows(windows: int) -> int:
-  """0 if `windows` >= 1; else prints the one-line error and returns the exit status 2."""
-  if windows >= 1:
+def check_windows(windows: int, minimum: int = 1) -> int:
+  """0 if `windows` >= `minimum`; else prints the one-line error and returns the exit
+  status 2 (a minimum of 3: a median of per-round ratios needs rounds to take it over)."""
+  if windows >= minimum:
     return 0
-  print(f"error: --windows must be >= 1, got {windows}", file=sys.stderr)
+  why = " (a median of ratios)" if minimum > 1 else ""
+  print(f"error: --windows must be >= {minimum}{why}, got {windows}", file=sys.stderr)
   return 2
 
 

@@ -27,7 +27,8 @@ import time
 import jax
 import numpy as np
 
-from bench import add_output_flags, machine_info, median_ratio, section_from_json, write_doc
+from bench import (add_output_flags, check_windows, machine_info, median_ratio,
+                   section_from_json, write_doc)
 from lqlab import data, export
 from lqlab.config import TrainConfig
 from lqlab.step import build_model
@@ -97,9 +98,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.from_json:
     return section_from_json(args, "bench-onnx", render)
-  if args.windows < 3:
-    print(f"error: --windows must be >= 3 (a median of ratios), got {args.windows}",
-          file=sys.stderr)
+  if check_windows(args.windows, minimum=3):
     return 2
   import onnxruntime
   load = os.getloadavg()[0]

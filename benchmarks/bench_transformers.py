@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench import (WEIGHTS_ONLY, add_output_flags, bench_interleaved, every_k, machine_info,
-                   median_ratio, random_data, round_robin, section_from_json, write_doc)
+from bench import (WEIGHTS_ONLY, add_output_flags, bench_interleaved, check_windows, every_k,
+                   machine_info, median_ratio, random_data, round_robin, section_from_json,
+                   write_doc)
 from lqlab import lm
 from lqlab.config import TrainConfig
 
@@ -121,9 +122,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.from_json:
     return section_from_json(args, "bench-transformers", render)
-  if args.windows < 3:
-    print(f"error: --windows must be >= 3 (a median of ratios), got {args.windows}",
-          file=sys.stderr)
+  if check_windows(args.windows, minimum=3):
     return 2
   models = args.models.split(",")
   bad = [m for m in models if m not in ("gpt", "vit")]
