@@ -225,6 +225,25 @@ def _where_bits_go(by):
   return out
 
 
+def _labels(fig, ax, pts, colors):
+  """Each point's name beside it, at the first vertical offset (in points) whose box
+  overlaps no label placed before it (points in order of size)."""
+  fig.canvas.draw()  # fixes the limits: data -> pixel coordinates
+  px = fig.dpi / 72
+  placed = []
+  for p in sorted(pts, key=lambda p: p[1]):
+    x, y = ax.transData.transform((p[1], p[2]))
+    w, h = 7 * 0.6 * len(p[0]) * px, 9 * px
+    for dy in (3, -10, 12, -19, 21, -28, 30, -37):
+      box = (x + 4 * px, y + dy * px, x + 4 * px + w, y + dy * px + h)
+      if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                 for b in placed):
+        break
+    placed.append(box)
+    ax.annotate(p[0], (p[1], p[2]), fontsize=7, xytext=(4, dy), textcoords="offset points",
+                color=colors[p[0].split("_")[0]])
+
+
 def _plot(name, by, ref, fp32_bytes, plots_dir):
   pts = []
   for v, rs in by.items():
@@ -239,20 +258,17 @@ def _plot(name, by, ref, fp32_bytes, plots_dir):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(9, 4.2))
-  # neighbours by size put their labels alternately above and below their points
-  below = {p[0]: 3 if i % 2 == 0 else -10 for i, p in enumerate(sorted(pts, key=lambda p: p[1]))}
+  colors = {}
   for fam in sorted({p[0].split("_")[0] for p in pts}):
     ps = sorted((p for p in pts if p[0].split("_")[0] == fam), key=lambda p: p[1])
     line = ax.errorbar([p[1] for p in ps], [p[2] for p in ps], yerr=[p[3] for p in ps],
                        fmt="o", ms=5, capsize=2, mfc="none" if fam == "qwix" else None,
                        label=f"{fam} (accounted size)" if fam == "qwix" else fam)
-    for p in ps:
-      ax.annotate(p[0], (p[1], p[2]), fontsize=7, xytext=(4, below[p[0]]),
-                  textcoords="offset points",
-                  color=line[0].get_color())
+    colors[fam] = line[0].get_color()
   if ref is not None:
     ax.axhline(ref, ls="--", color="gray", lw=1, label="FP32")
   ax.set_xscale("log")
+  _labels(fig, ax, pts, colors)
   ax.set_xlabel("packed file (bytes; qwix: accounted, it writes none)")
   ax.set_ylabel("validation loss (nats/char)")
   ax.set_title(f"{name}: validation loss against file size (FP32 {fp32_bytes:,} B)")
