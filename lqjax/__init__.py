@@ -5,7 +5,8 @@ Public API (:data:`__all__`):
 * quantize an unchanged model by rules (:mod:`lqjax.interception`, :mod:`lqjax.rules`):
   ``quantize``, ``Rule``, ``QuantConfig``, ``register_layer`` (your own layer type);
   ``quantized`` builds one quantized Linen layer class by hand; ``ScaleParam`` is the NNX
-  type of the log scales (for ``nnx`` filters)
+  type of the log scales (for ``nnx`` filters); ``Rule(inputs=QuantConfig(...))`` quantizes
+  layers' inputs too (:mod:`lqjax.inputs`), and ``calibrate`` sets their ranges from data
 * your own training loop (:mod:`lqjax.optim`, :mod:`lqjax.budget`, :mod:`lqjax.losses`):
   ``optim.split``, ``optim.apply_updates``, ``optim.Brake``/``optim.brake_update`` (the
   validation brake), ``optim.ratio_stats``, ``budget.Schedule`` (a size budget),
@@ -26,7 +27,7 @@ from lqjax import budget, optim, sensitivity
 from lqjax import accounting as _accounting
 from lqjax.accounting import average_bits, model_report, summarize
 from lqjax.compress import CODEC_FIXED, CODEC_ZSTD, CorruptFileError, load, save
-from lqjax.interception import quantize
+from lqjax.interception import calibrate, quantize
 from lqjax.linen_quant import quantized
 from lqjax.losses import (bin_count_penalty, deviation_penalty, inverse_scale_penalty,
                           quant_penalties)
@@ -43,7 +44,7 @@ from lqjax.qconfig import GRANULARITIES, GRIDS, RULES, QuantConfig, scale_shape
 __all__ = [
     # quantize an unchanged model
     "quantize", "Rule", "QuantConfig", "QuantizeError", "register_layer", "quantized",
-    "ScaleParam",
+    "ScaleParam", "calibrate",
     # your own loop
     "optim", "budget", "sensitivity", "quant_penalties", "inverse_scale_penalty",
     "bin_count_penalty", "deviation_penalty",

@@ -45,3 +45,27 @@ def quantize(model, rules=None):
     return nnx_quant.quantize(model, rules)
   raise rules_lib.QuantizeError(f"lqjax.quantize takes a flax.linen or flax.nnx Module, got "
                       f"{type(model).__name__}")
+
+
+def calibrate(model, *args, **kwargs):
+  """Sets every input quantizer's scale and offset from a batch of real data.
+
+  Each layer's input quantizer (a Rule's ``inputs``, :mod:`lqjax.inputs`) puts its
+  b-bit grid over the range of the input it sees in this forward pass, shrunk by the
+  factor with the smallest squared error; the layers downstream see inputs quantized
+  with the new values. Call it once before training with a batch of a few hundred
+  examples.
+
+  Linen: ``variables = lqjax.calibrate(model, variables, batch, **apply_kwargs)`` returns
+  new variables (``model.apply``'s arguments; pass ``train=False`` or the like where the
+  model has one). NNX: ``lqjax.calibrate(model, batch, ...)`` sets the values in place and
+  returns the model.
+  """
+  import flax.linen as nn
+  if isinstance(model, nn.Module):
+    from lqjax import linen_quant
+    if not args:
+      raise TypeError("lqjax.calibrate(model, variables, batch, ...): variables are missing")
+    return linen_quant.calibrate(model, *args, **kwargs)
+  from lqjax import nnx_quant
+  return nnx_quant.calibrate(model, *args, **kwargs)

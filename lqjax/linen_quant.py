@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Type
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lqjax import qconfig, quant, rules as rules_lib, tree
+from lqjax import inputs as inputs_lib, qconfig, quant, rules as rules_lib, tree
 
 #: Layers whose parameters a rule may quantize (subclasses included).
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Embed, nn.Einsum)
@@ -77,6 +77,49 @@ class Quantizer(nn.Module):
     return tree.QuantScale(log_scale, names=tree.scale_names(names, weight_shape,
                                                              log_scale.shape),
                            mesh=mesh, config=self.config, logical=logical, rules=rules)
+
+
+#: Variable collection in which :func:`calibrate` receives the input quantizers' new values.
+CALIBRATION = "lqjax_calibration"
+
+
+class InputQuantizer(nn.Module):
+  """A layer's input quantizer (:mod:`lqjax.inputs`): owns ``log_scale`` and ``zero_point``
+  (initialised from the input it first sees) and returns Q(x)."""
+
+  config: qconfig.QuantConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    log_scale = self.param(tree.SCALE_NAME, lambda _rng: inputs_lib.init_params(x, cfg)[0])
+    zero = self.param(tree.ZERO_NAME, lambda _rng: inputs_lib.init_params(x, cfg)[1])
+    if inputs_lib.is_calibrating() and not self.is_initializing():
+      log_scale, zero = inputs_lib.init_params(x, cfg)
+      if not self.is_mutable_collection(CALIBRATION):
+        raise ValueError("input quantizers calibrate under lqjax.calibrate(model, variables, "
+                         "batch), which makes the collection they write to mutable")
+      self.put_variable(CALIBRATION, tree.SCALE_NAME, log_scale)
+      self.put_variable(CALIBRATION, tree.ZERO_NAME, zero)
+    return inputs_lib.fake_quant(x, log_scale, zero, cfg)
+
+
+def calibrate(model: nn.Module, variables, *args, **kwargs):
+  """`variables` with each input quantizer's s and z set from the batch in `args`
+  (:func:`lqjax.inputs.init_params`); `args` and `kwargs` are ``model.apply``'s."""
+  from flax import traverse_util
+  mutable = kwargs.pop("mutable", [])
+  mutable = [mutable] if isinstance(mutable, str) else list(mutable or [])
+  with inputs_lib.calibrating():
+    _, new = model.apply(variables, *args, mutable=mutable + [CALIBRATION], **kwargs)
+  found = traverse_util.flatten_dict(dict(new.get(CALIBRATION, {})))
+  if not found:
+    raise ValueError("lqjax.calibrate: the model has no input quantizer (give a Rule inputs=)")
+  params = traverse_util.flatten_dict(dict(variables["params"]))
+  params.update(found)
+  out = dict(variables)
+  out["params"] = traverse_util.unflatten_dict(params)
+  return out
 
 
 def _count(x) -> int:
@@ -151,8 +194,17 @@ class _Interceptor:
 
   def __call__(self, next_fun, args, kwargs, context):
     mod = context.module
-    if "_lqjax_param" not in mod.__dict__ and not isinstance(mod, Quantizer):
+    if isinstance(mod, (Quantizer, InputQuantizer)):
+      return next_fun(*args, **kwargs)
+    if "_lqjax_param" not in mod.__dict__:
       self._install(mod)
+    icfg = mod.__dict__.get("_lqjax_inputs")
+    if icfg is not None and context.method_name == "__call__":
+      quantizer = InputQuantizer(icfg, name=tree.INPUT_QUANT, parent=mod)
+      if args:
+        args = (quantizer(args[0]),) + tuple(args[1:])
+      elif "inputs" in kwargs:
+        kwargs = dict(kwargs, inputs=quantizer(kwargs["inputs"]))
     return next_fun(*args, **kwargs)
 
   def _install(self, mod):
@@ -160,6 +212,8 @@ class _Interceptor:
     rule = self.matcher.match(path)
     cfgs = rule.configs() if rule is not None else {}
     object.__setattr__(mod, "_lqjax_param", True)
+    if rule is not None and rule.inputs is not None and _takes_inputs(mod):
+      object.__setattr__(mod, "_lqjax_inputs", rule.inputs)
     if not cfgs:
       return
     keep_float = isinstance(mod, FLOAT_LAYERS)
@@ -178,6 +232,13 @@ class _Interceptor:
       return _quantize_param(mod, name, value, cfg, path)
 
     object.__setattr__(mod, "param", param)
+
+
+def _takes_inputs(mod) -> bool:
+  """Whether a rule's ``inputs`` quantize `mod`'s input: a layer with a kernel (not Embed,
+  whose input is token ids, nor a norm layer) or a registered one."""
+  return (isinstance(mod, LINEN_LAYERS) and not isinstance(mod, nn.Embed)) or \
+      isinstance(mod, tuple(rules_lib.REGISTERED))
 
 
 class _QuantizedModel:

@@ -36,7 +36,7 @@ import threading
 import jax.numpy as jnp
 from flax import nnx
 
-from lqjax import qconfig, quant, rules as rules_lib, tree
+from lqjax import inputs as inputs_lib, qconfig, quant, rules as rules_lib, tree
 
 #: Layers whose parameters a rule may quantize (subclasses included).
 NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Embed, nnx.Einsum)
@@ -92,6 +92,38 @@ class Quantizer(nnx.Module):
     return quant.quantize_param(p, self.log_scale[...], self.config)
 
 
+class InputQuantizer(nnx.Module):
+  """A layer's input quantizer (:mod:`lqjax.inputs`): owns ``log_scale`` and ``zero_point``
+  (``nnx.Param``; one per layer of a stack, `stack` its shape) and returns Q(x). They start
+  over the range [-1, 1]; :func:`lqjax.calibrate` sets them from data."""
+
+  def __init__(self, config: qconfig.QuantConfig, stack: tuple = ()):
+    self.config = config
+    log_scale, zero = inputs_lib.init_params(jnp.zeros(()), config)
+    self.log_scale = nnx.Param(jnp.broadcast_to(log_scale, stack))
+    self.zero_point = nnx.Param(jnp.broadcast_to(zero, stack))
+
+  def __call__(self, x):
+    if inputs_lib.is_calibrating():
+      log_scale, zero = inputs_lib.init_params(x, self.config)
+      self.log_scale[...] = log_scale
+      self.zero_point[...] = zero
+    return inputs_lib.fake_quant(x, self.log_scale[...], self.zero_point[...], self.config)
+
+
+def calibrate(model: nnx.Module, *args, **kwargs) -> nnx.Module:
+  """Runs `model` on a batch with every input quantizer setting its s and z from the
+  input it sees (:func:`lqjax.inputs.init_params`); returns `model`, changed in place."""
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"lqjax.calibrate takes a flax.linen or flax.nnx Module, got "
+                    f"{type(model).__name__}")
+  if not any(isinstance(m, InputQuantizer) for _, m in nnx.iter_graph(model)):
+    raise ValueError("lqjax.calibrate: the model has no input quantizer (give a Rule inputs=)")
+  with inputs_lib.calibrating():
+    model(*args, **kwargs)
+  return model
+
+
 def is_quantized_layer(node) -> bool:
   """Whether `node` is a layer that :func:`quantize` made (its class is made here)."""
   return getattr(type(node), "_lqjax_quantized", False)
@@ -116,6 +148,12 @@ def _quantized_values(layer):
 def _wrap(fn):
   @functools.wraps(fn)
   def method(self, *args, **kwargs):
+    quantizer = getattr(self, tree.INPUT_QUANT, None)
+    if fn.__name__ == "__call__" and isinstance(quantizer, InputQuantizer):
+      if args:
+        args = (quantizer(args[0]),) + tuple(args[1:])
+      elif "inputs" in kwargs:
+        kwargs = dict(kwargs, inputs=quantizer(kwargs["inputs"]))
     with _quantized_values(self):
       return fn(self, *args, **kwargs)
   return method
@@ -168,7 +206,7 @@ def layout(layer, name: str, ndim: int) -> qconfig.Layout:
   return qconfig.Layout(shift(base.inputs), shift(base.outputs), tuple(range(stacked)))
 
 
-def _quantize_layer(layer, cfgs: dict, path: str):
+def _quantize_layer(layer, cfgs: dict, path: str, inputs=None):
   names = []
   for name, cfg in cfgs.items():
     var = getattr(layer, name, None)
@@ -195,15 +233,28 @@ def _quantize_layer(layer, cfgs: dict, path: str):
                                                   if k != "on_get_value"}))
     setattr(layer, name + tree.QUANT_SUFFIX, quantizer)
     names.append(name)
-  if names:
+  if inputs is not None:
+    kernel = getattr(layer, "kernel", None)
+    stack = ()
+    if isinstance(kernel, nnx.Param):
+      value = kernel.get_value()
+      stack = tuple(value.shape[a] for a in layout(layer, "kernel", value.ndim).stacked)
+    setattr(layer, tree.INPUT_QUANT, InputQuantizer(inputs, stack))
+  if names or inputs is not None:
     layer.__class__ = _quantized_class(type(layer))
     layer._lqjax_names = tuple(names)
+
+
+def _takes_inputs(mod) -> bool:
+  """Whether a rule's ``inputs`` quantize `mod`'s input (a layer with a kernel, not Embed)."""
+  return (isinstance(mod, NNX_LAYERS) and not isinstance(mod, nnx.Embed)) or \
+      isinstance(mod, tuple(rules_lib.REGISTERED))
 
 
 def quantize(model: nnx.Module, rules) -> nnx.Module:
   """NNX half of :func:`lqjax.quantize` (see there)."""
   for path, node in nnx.iter_graph(model):
-    if is_quantized_layer(node) or isinstance(node, Quantizer):
+    if is_quantized_layer(node) or isinstance(node, (Quantizer, InputQuantizer)):
       where = rules_lib.join_path(path) or "the model"
       raise rules_lib.QuantizeError(f"lqjax.quantize: {where} is quantized already; quantize "
                                     f"the float model once, with all its rules")
@@ -217,12 +268,13 @@ def quantize(model: nnx.Module, rules) -> nnx.Module:
       if isinstance(value, nnx.Param):
         matcher.saw_param(path, name)
     cfgs = rule.configs() if rule is not None else {}
-    if not cfgs or isinstance(mod, FLOAT_LAYERS):
+    inputs = rule.inputs if rule is not None and _takes_inputs(mod) else None
+    if (not cfgs and inputs is None) or isinstance(mod, FLOAT_LAYERS):
       continue
     for name, cfg in cfgs.items():
       if isinstance(vars(mod).get(name), nnx.Param) and \
           not rules_lib.supports(mod, cfg, NNX_LAYERS):
         raise rules_lib.unsupported(path, type(mod), name, NNX_LAYERS)
-    _quantize_layer(mod, cfgs, path)
+    _quantize_layer(mod, cfgs, path, inputs)
   matcher.check()
   return model

@@ -8,7 +8,11 @@ for example ``"stage1_block2/conv1"`` or ``"layers/0/linear"``) with
 * ``config=None``: the module stays float;
 * otherwise the module's parameters named in ``params`` (kernels and embeddings
   by default) get ``config``, and its bias gets ``bias`` when that is set (biases
-  stay float by default).
+  stay float by default);
+* ``inputs`` (a :class:`~lqjax.qconfig.QuantConfig`, default None) also quantizes the
+  input of each matched Dense, DenseGeneral, Conv, ConvTranspose or Einsum layer with a
+  learned scale and offset (:mod:`lqjax.inputs`); ``config=None`` with ``inputs`` set
+  quantizes the inputs alone.
 
 Supported layers (:data:`LINEN_LAYERS`, :data:`NNX_LAYERS`): Dense,
 DenseGeneral, Conv (depthwise too), ConvTranspose, Embed, Einsum, and
@@ -29,7 +33,7 @@ import difflib
 import re
 from typing import Optional, Sequence, Tuple
 
-from lqjax import qconfig
+from lqjax import inputs as inputs_lib, qconfig
 
 DEFAULT_PARAMS = ("kernel", "embedding")
 
@@ -48,12 +52,15 @@ class Rule:
     config: the weights' recipe; None keeps the matched modules float.
     params: parameter names that get `config` (default: ``kernel``, ``embedding``).
     bias: the biases' recipe; None (default) keeps biases float.
+    inputs: the recipe of the matched layers' inputs (:mod:`lqjax.inputs`: rule ``lsq``
+      or ``fixed``, bits given, one scale per tensor); None (default) keeps them float.
   """
 
   module_path: str = ".*"
   config: Optional[qconfig.QuantConfig] = qconfig.QuantConfig()
   params: Tuple[str, ...] = DEFAULT_PARAMS
   bias: Optional[qconfig.QuantConfig] = None
+  inputs: Optional[qconfig.QuantConfig] = None
 
   def __post_init__(self):
     try:
@@ -68,6 +75,11 @@ class Rule:
       if cfg is not None and not isinstance(cfg, qconfig.QuantConfig):
         raise QuantizeError(f"Rule {name} must be a lqjax.QuantConfig or None, got "
                             f"{type(cfg).__name__}")
+    if self.inputs is not None:
+      try:
+        inputs_lib.check_config(self.inputs)
+      except ValueError as e:
+        raise QuantizeError(f"Rule {self.module_path!r}: {e}") from None
 
   def configs(self) -> dict:
     """``{parameter name: QuantConfig}`` that this rule gives a matched module."""

@@ -31,6 +31,9 @@ from lqjax import qconfig
 
 QUANT_SUFFIX = "_quant"
 SCALE_NAME = "log_scale"
+# a layer's input quantizer (lqjax.inputs): .../input_quant/log_scale and .../zero_point
+INPUT_QUANT = "input" + QUANT_SUFFIX
+ZERO_NAME = "zero_point"
 
 Path = Tuple[str, ...]
 
@@ -255,8 +258,12 @@ def replace_arrays(tree, arrays: Dict[Path, Any]):
 
 
 def is_scale_path(path) -> bool:
-  """Whether a key path (strings or jax key entries) leads to a log scale."""
-  return any(_key_str(k) == SCALE_NAME for k in path)
+  """Whether a key path (strings or jax key entries) leads to a log scale, or to an input
+  quantizer's offset (trained with the scales)."""
+  keys = [_key_str(k) for k in path]
+  if keys and keys[-1] == "value":  # an NNX Variable flattened as a node
+    keys = keys[:-1]
+  return SCALE_NAME in keys or keys[-2:] == [INPUT_QUANT, ZERO_NAME]
 
 
 def unbox(tree):

@@ -58,6 +58,10 @@ class TrainConfig:
       None, "per-layer bit widths 'module=bits,...' (module paths, e.g. conv1=8,fc1=2; the "
             "layer's kernel and bias): mixed precision with fixed widths, such as the HAWQ-v2 "
             "baseline's (scripts/hawq_bits.py); layers not named use --bits")
+  act_bits: Optional[int] = _field(
+      None, "quantize every quantized layer's input (activations) at b bits with a learned "
+            "scale and offset (LSQ+; set from the first training batch by lqjax.calibrate)")
+  act_first_bits: int = _field(8, "bits of the first layer's input (the image) under --act_bits")
   init_bits: int = _field(8, "initial bit budget of free-bit scales")
   lsq_weight: float = _field(1.0, "weight of the LSQ term in rule ratio_lsq")
   relax_threshold: Optional[float] = _field(
@@ -135,6 +139,12 @@ class TrainConfig:
     self.kernel_quant()  # validates rule, threshold, rounding, bits, granularities
     self.bias_quant()
     self._check_budget()
+    for name in ("act_bits", "act_first_bits"):
+      v = getattr(self, name)
+      if v is not None and not 1 <= v <= 16:
+        raise ValueError(f"{name} must be in 1..16, got {v}")
+    if self.act_bits is not None and self.float_model:
+      raise ValueError("act_bits quantizes the inputs of quantized layers: not with --float")
     if self.edge_bits is not None and not 1 <= self.edge_bits <= 16:
       raise ValueError(f"edge_bits must be in 1..16, got {self.edge_bits}")
     if self.layer_bits is not None:
@@ -188,6 +198,13 @@ class TrainConfig:
                              bits=self.bits, grid=self.grid, granularity=self.granularity,
                              block_size=self.block_size, init_bits=self.init_bits, lsq_weight=self.lsq_weight,
                              relax_threshold=self.relax_threshold)
+
+  def input_quant(self, first: bool = False) -> Optional[qconfig.QuantConfig]:
+    """The recipe of the layers' inputs (`first`: the first layer's), or None."""
+    if self.act_bits is None:
+      return None
+    return qconfig.QuantConfig(rule="lsq", rounding="round",
+                               bits=self.act_first_bits if first else self.act_bits)
 
   def bias_quant(self) -> Optional[qconfig.QuantConfig]:
     if self.float_model or not self.quantize_bias:

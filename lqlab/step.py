@@ -70,7 +70,21 @@ def quant_rules(cfg: TrainConfig):
                             dataclasses.replace(kernel, granularity="tensor"),
                             bias=bias))
   rules.append(lqjax.Rule(".*", kernel, bias=bias))
-  return rules
+  return _with_inputs(cfg, rules)
+
+
+def _with_inputs(cfg: TrainConfig, rules):
+  """`rules` with the run's input quantizers (``act_bits``; the first layer's input at
+  ``act_first_bits``): a rule of its own for the first layer, with the recipe of the rule
+  that decides it."""
+  if cfg.input_quant() is None:
+    return rules
+  first = re.escape(models.MODEL_SPECS[cfg.model].edge_layers[0])
+  path = models.MODEL_SPECS[cfg.model].edge_layers[0]
+  decides = next(r for r in rules if re.fullmatch(r.module_path, path))
+  out = [dataclasses.replace(r, inputs=cfg.input_quant()) for r in rules
+         if r.module_path != first]
+  return [dataclasses.replace(decides, module_path=first, inputs=cfg.input_quant(first=True))] + out
 
 
 def build_model(cfg: TrainConfig, num_classes: int):
@@ -278,11 +292,15 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
   return run_chunk
 
 
-def init_state(cfg, model, tx, sample, sharding):
+def init_state(cfg, model, tx, sample, sharding, calibration=None):
   """The run's initial train state; `sharding`: None (the default device), one sharding
-  for every array, or a :class:`lqlab.distributed.Layout` (FSDP shardings per array)."""
+  for every array, or a :class:`lqlab.distributed.Layout` (FSDP shardings per array).
+  `calibration`: a normalised batch that sets the input quantizers' ranges
+  (:func:`lqjax.calibrate`; runs with ``act_bits``)."""
   rng = jax.random.key(cfg.seed)
   variables = model.init(rng, sample, train=False)
+  if calibration is not None and cfg.input_quant() is not None:
+    variables = lqjax.calibrate(model, variables, calibration, train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),

@@ -356,7 +356,12 @@ def _train_locked(cfg, workdir, ds, devices, layout, steps_per_epoch,
   model = build_model(cfg, ds.num_classes) if model is None else model
   tx = make_optimizer(cfg, steps_per_epoch)
   sample = jnp.zeros((1,) + tuple(ds.train.image.shape[1:]), jnp.float32)
-  state = init_state(cfg, model, tx, sample, layout)
+  calibration = None
+  if cfg.input_quant() is not None:  # the first batch of the first epoch sets the ranges
+    first = np.asarray(data.epoch_permutation(jax.random.key(cfg.seed + 1), 0, n_train))
+    calibration = data.normalize(jnp.asarray(ds.train.image[np.sort(first[:cfg.batch_size])]),
+                                 *stats)
+  state = init_state(cfg, model, tx, sample, layout, calibration)
   state_sharding = layout.state_shardings(state)
   train_step = make_train_step(cfg, model, tx, stats)
   evaluate = make_eval_fn(cfg, model, stats, layout.batch)
