@@ -17,7 +17,8 @@ Public API (:data:`__all__`):
 * size and files: ``report`` (the per-tensor table and the file's size), ``model_report`` and
   ``summarize`` (its numbers), ``average_bits``, ``quantized_tensors``, ``save`` / ``load``
   (the packed ``.lqz`` file; ``codec=CODEC_FIXED`` or ``CODEC_ZSTD``), ``export_onnx``
-  (integer weights with ``DequantizeLinear``; needs ``lqjax[export]``)
+  (integer weights with ``DequantizeLinear``; needs ``lqjax[export]``), ``integer_inference``
+  (a Linen model run from its integer codes, :mod:`lqjax.integer`)
 * the quantizer as functions (:mod:`lqjax.quant`): ``fake_quant``, ``quantize_param`` (from a
   ``QuantConfig``), ``quantize_codes``, ``dequantize``; ``scale_shape``, ``GRANULARITIES``,
   ``RULES``, ``GRIDS`` (``QuantConfig(rule="lsq", bits=1, grid="midrise")``: binary)
@@ -27,6 +28,7 @@ from lqjax import budget, optim, sensitivity
 from lqjax import accounting as _accounting
 from lqjax.accounting import average_bits, model_report, summarize
 from lqjax.compress import CODEC_FIXED, CODEC_ZSTD, CorruptFileError, load, save
+from lqjax.integer import integer_inference
 from lqjax.interception import calibrate, quantize
 from lqjax.linen_quant import quantized
 from lqjax.losses import (bin_count_penalty, deviation_penalty, inverse_scale_penalty,
@@ -50,7 +52,7 @@ __all__ = [
     "bin_count_penalty", "deviation_penalty",
     # size and files
     "report", "model_report", "summarize", "average_bits", "quantized_tensors", "save", "load",
-    "CorruptFileError", "CODEC_FIXED", "CODEC_ZSTD", "export_onnx",
+    "CorruptFileError", "CODEC_FIXED", "CODEC_ZSTD", "export_onnx", "integer_inference",
     # the quantizer as functions
     "fake_quant", "quantize_param", "quantize_codes", "dequantize", "scale_shape",
     "GRANULARITIES", "RULES", "GRIDS",

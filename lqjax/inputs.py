@@ -94,8 +94,10 @@ def _codes(v, rounding):
 
 
 def _grad_scaled(t, g):
-  """`t` in the forward pass; its gradient times `g` in the backward pass (LSQ's trick)."""
-  return t * g + jax.lax.stop_gradient(t - t * g)
+  """`t` in the forward pass, exactly (so the integer path sees the same s and z); its
+  gradient times `g` in the backward pass (LSQ's gradient scale)."""
+  tg = t * g
+  return jax.lax.stop_gradient(t) + (tg - jax.lax.stop_gradient(tg))
 
 
 def fake_quant(x, log_scale, zero_point, cfg: qconfig.QuantConfig):

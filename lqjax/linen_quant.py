@@ -27,6 +27,7 @@ from ``init_bits`` bits over each group's range; fixed bit widths use LSQ's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -35,7 +36,7 @@ from typing import Any, Callable, Mapping, Optional, Type
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lqjax import inputs as inputs_lib, qconfig, quant, rules as rules_lib, tree
+from lqjax import inputs as inputs_lib, integer, qconfig, quant, rules as rules_lib, tree
 
 #: Layers whose parameters a rule may quantize (subclasses included).
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Embed, nn.Einsum)
@@ -61,6 +62,11 @@ class Quantizer(nn.Module):
   @nn.compact
   def __call__(self, p):
     cfg = self.config
+    how = integer.stored(self.path[:-1], self.name[: -len(tree.QUANT_SUFFIX)])
+    if how is not None:  # integer inference: p is the stored codes, the scale is trained
+      shape = qconfig.config_scale_shape(how.shape, cfg, self.layout)
+      return how.dequantize(p, self.param(tree.SCALE_NAME, lambda _rng: self._box(
+          jnp.zeros(shape), how.shape)))
     shape = qconfig.config_scale_shape(p.shape, cfg, self.layout)
     log_scale = self.param(tree.SCALE_NAME, lambda _rng: self._box(
         quant.init_log_scale(p, cfg, self.layout), p.shape))
@@ -122,6 +128,20 @@ def calibrate(model: nn.Module, variables, *args, **kwargs):
   return out
 
 
+_INTEGER = threading.local()
+
+
+@contextlib.contextmanager
+def integer_route(min_rows: int):
+  """While set, layers with input quantizers take :func:`lqjax.integer.integer_layer`'s
+  route where it applies (trace time)."""
+  _INTEGER.min_rows = min_rows
+  try:
+    yield
+  finally:
+    _INTEGER.min_rows = None
+
+
 def _count(x) -> int:
   return len(x) if isinstance(x, (tuple, list)) else 1
 
@@ -139,9 +159,10 @@ def layout(module: nn.Module, name: str, ndim: int) -> qconfig.Layout:
 
 
 def _quantize_param(module: nn.Module, name: str, value, cfg: qconfig.QuantConfig, path: str):
-  lay = layout(module, name, value.ndim)
+  how = integer.stored(module.path, name)
+  lay = layout(module, name, len(how.shape) if how is not None else value.ndim)
   try:
-    qconfig.config_scale_shape(value.shape, cfg, lay)
+    qconfig.config_scale_shape(how.shape if how is not None else value.shape, cfg, lay)
   except ValueError as e:
     raise rules_lib.tensor_error(f"{path}/{name}" if path else name, e) from None
   box = module.scope.get_variable("params", name) if module.scope is not None else None
@@ -200,6 +221,11 @@ class _Interceptor:
       self._install(mod)
     icfg = mod.__dict__.get("_lqjax_inputs")
     if icfg is not None and context.method_name == "__call__":
+      min_rows = getattr(_INTEGER, "min_rows", None)
+      if min_rows is not None and args:
+        y = integer.integer_layer(mod, args[0], icfg, min_rows)
+        if y is not None:
+          return y
       quantizer = InputQuantizer(icfg, name=tree.INPUT_QUANT, parent=mod)
       if args:
         args = (quantizer(args[0]),) + tuple(args[1:])
@@ -221,7 +247,10 @@ class _Interceptor:
     matcher = self.matcher
 
     def param(name, init_fn, *init_args, **kwargs):
-      value = own_param(mod, name, init_fn, *init_args, **kwargs)
+      if integer.stored(mod.path, name) is not None:  # codes, whose shape is their own
+        value = mod.scope.get_variable("params", name)
+      else:
+        value = own_param(mod, name, init_fn, *init_args, **kwargs)
       matcher.saw_param(path, name)
       cfg = cfgs.get(name)
       if cfg is None or keep_float:

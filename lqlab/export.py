@@ -106,6 +106,23 @@ def predict(model, variables, meta, images: np.ndarray, batch_size: int = 500) -
                          for i in range(0, images.shape[0], batch_size)])
 
 
+def integer_results(model, variables, meta, images: np.ndarray, ref: np.ndarray,
+                    labels: np.ndarray, batch_size: int = 500) -> dict:
+  """``lqjax.integer_inference`` of a reloaded model against the fake-quantized logits
+  `ref` on the same images: argmax agreement, the largest logit difference, its test
+  accuracy and the bytes it holds on the device."""
+  import lqjax
+  fn = lqjax.integer_inference(model, variables, train=False)
+  norm = jax.jit(lambda x: data.normalize(x, meta["mean"], meta["std"]))
+  got = np.concatenate([np.asarray(fn(norm(images[i:i + batch_size])))
+                        for i in range(0, images.shape[0], batch_size)])
+  return {"integer_identical_argmax": bool(np.array_equal(got.argmax(-1), ref.argmax(-1))),
+          "integer_argmax_disagreements": int(np.sum(got.argmax(-1) != ref.argmax(-1))),
+          "integer_max_abs_logit_diff": float(np.max(np.abs(got - ref))),
+          "integer_test_accuracy": float(np.mean(got.argmax(-1) == labels)),
+          "integer_device_bytes": lqjax.integer.device_bytes(fn.variables)}
+
+
 def onnx_bytes(model, variables, meta, image_shape, weights: str = "int") -> bytes:
   """The run's model as ONNX: uint8 NHWC images in (normalised in the graph), logits out;
   `weights` as in :func:`lqjax.onnx_export.build`."""
@@ -138,6 +155,8 @@ def export_after_training(cfg, model, state, ds, results) -> dict:
   got = predict(m2, v2, meta, test_x)
   fp32 = results["fp32_bytes"]
   extra = {}
+  if cfg.act_bits is not None:  # the integer path from the file, on the whole test split
+    extra.update(integer_results(m2, v2, meta, test_x, ref, test_y))
   try:
     import jax2onnx  # noqa: F401
     import onnxruntime  # noqa: F401
@@ -149,9 +168,9 @@ def export_after_training(cfg, model, state, ds, results) -> dict:
       onnx_bytes = export_onnx(out / "model.onnx", m2, v2, meta, test_x.shape[1:])
     except onnx_export.ExportError as e:  # the run's results stand without the ONNX file
       print(f"warning: ONNX export skipped: {e}", file=sys.stderr)
-      return {**_file_results(packed, coded, fp32, got, ref, test_y, out), "onnx_error": str(e)}
+      return {**extra, **_file_results(packed, coded, fp32, got, ref, test_y, out), "onnx_error": str(e)}
     onnx_logits = onnx_export.run_onnx(out / "model.onnx", test_x)
-    extra = {"onnx_bytes": onnx_bytes,
+    extra = {**extra, "onnx_bytes": onnx_bytes,
              "onnx_test_accuracy": float(np.mean(onnx_logits.argmax(-1) == test_y)),
              "onnx_identical_argmax": bool(np.array_equal(onnx_logits.argmax(-1), ref.argmax(-1))),
              "onnx_max_abs_logit_diff": float(np.max(np.abs(onnx_logits - ref)))}

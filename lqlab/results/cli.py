@@ -13,7 +13,7 @@ from lqlab.results.language import is_language, language_sections
 from lqlab.results.plots import _WRITTEN
 from lqlab.results.readme import readme_headline
 from lqlab.results.records import load_rows, unrecorded_sweeps
-from lqlab.results.sections import (dataset_summary, frontier_section, frontier_summary,
+from lqlab.results.sections import (activations_section, dataset_summary, frontier_section, frontier_summary,
                                     headline_section, off_cpu_runs, scale_every_section,
                                     schedules_section, sweep_section, targets_section,
                                     threshold_section, tuning_section, versus_lsq_section)
@@ -75,7 +75,7 @@ def _main(argv=None):
   lines += frontier_section(all_rows, plots_dir) + schedules_section(all_rows, results_dir)
   lines += scale_every_section(all_rows)
   lines += dataset_summary(all_rows, plots_dir) + targets_section(all_rows)
-  lines += versus_lsq_section(all_rows)
+  lines += versus_lsq_section(all_rows) + activations_section(all_rows)
   lines += threshold_section(all_rows) + tuning_section(all_rows)
   if lm_rows:
     lines += ["# Language models", ""] + language_sections(lm_rows, plots_dir, results_dir)

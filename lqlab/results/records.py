@@ -114,7 +114,13 @@ def _scale_stop(cfg) -> Optional[str]:
 
 
 def family(r) -> str:
-  """The scheme a run belongs to, for tables and plot colours."""
+  """The scheme a run belongs to, for tables and plot colours (", A<b>": its layers' inputs
+  quantized at b bits too)."""
+  act = r.get("config", {}).get("act_bits")
+  return _weight_family(r) + (f", A{act}" if act else "")
+
+
+def _weight_family(r) -> str:
   scheme = r.get("scheme")
   cfg = r.get("config", {})
   rule = r.get("rule") or cfg.get("rule")

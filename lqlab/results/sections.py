@@ -512,3 +512,43 @@ def tuning_section(rows):
                  f"{mean_std([r['avg_bits'] for r in vs], '{:.2f}')} | {'yes' if v == chosen else ''} |")
     out.append("")
   return out
+
+
+# The targets of quantized inputs: (weight bits, input bits) -> points below FP32 allowed.
+ACTIVATION_TARGETS = {(8, 8): 0.3, (4, 4): 1.0}
+
+
+def activations_section(rows):
+  """Runs whose layers' inputs are quantized too (``act_bits``), against FP32 on the same
+  model and schedule, with the distance to the W8A8 and W4A4 targets."""
+  act = [r for r in rows if r.get("config", {}).get("act_bits")]
+  if not act:
+    return []
+  ref = fp32_reference(rows)
+  out = ["## Quantized inputs (activations)", "",
+         "Weights and every quantized layer's input quantized (`--act_bits`: a learned step "
+         "and offset per input, LSQ+, set from the first training batch; the first layer's "
+         "input, the image, at `act_first_bits`). W: the weights' bits (free: the ratio "
+         "rule's learned widths); A: the inputs' bits (first layer's). Mean ± std over "
+         "seeds; the distance is to the most accurate FP32 variant of the same model and "
+         "schedule.", "",
+         "| dataset / model, epochs | variant | W | A | seeds | test accuracy | vs FP32 (points) "
+         "| packed bytes | target |", "|---|---|---|---|---|---|---|---|---|"]
+  for (ds, model, epochs), variants in by_schedule(act):
+    fp32 = ref.get((ds, model, epochs))
+    for (sweep, var), vs in variants.items():
+      cfg = vs[0]["config"]
+      acc = mean_of([r["test_accuracy"] for r in vs])
+      w, a = cfg.get("bits"), cfg["act_bits"]
+      dist = "-" if fp32 is None else f"{100 * (acc - fp32):+.2f}"
+      tol = ACTIVATION_TARGETS.get((w, a))
+      if tol is None or fp32 is None:
+        target = "-"
+      else:
+        met = acc >= fp32 - tol / 100 - 1e-9
+        target = f"within {tol:g}: {'met' if met else 'not met'}"
+      out.append(f"| {ds} / {model}, {epochs} | {sweep} / {var} | {w or 'free'} | "
+                 f"{a} ({cfg.get('act_first_bits', 8)}) | {len(vs)} | "
+                 f"{mean_std([r['test_accuracy'] for r in vs])} | {dist} | "
+                 f"{mean_std([size_bytes(r) for r in vs], '{:.0f}')} | {target} |")
+  return out + [""]

@@ -1,0 +1,150 @@
+"""Integer inference from the packed codes against the float32 model, side by side in one run.
+
+  python benchmarks/run.py integer [--windows 7] [--models lenet300,lenet5,resnet20]
+                                   [--out docs/bench_integer.json] [--readme docs/PERFORMANCE.md]
+
+For each model (LeNet-300-100 and LeNet-5 on MNIST shapes, ResNet-20 on CIFAR-10 shapes)
+and each setting (W8A8, W4A8: LSQ weights per row at 8 or 4 bits, every quantized
+layer's input at 8 bits, its scale and offset calibrated on a random batch), three jitted
+functions of the normalised input, timed round-robin in one run:
+
+* ``float32``: the same architecture unquantized, float32 weights (the reference);
+* ``fake_quant``: the trained quantized model as it runs in training (float weights,
+  the quantizers in the graph);
+* ``integer``: ``lqjax.integer_inference`` over the integer codes (lqjax/integer.py).
+
+At batch 256 (throughput) and batch 1 (latency); a ratio is the median over rounds of
+float32 time / variant time (> 1: faster). Also recorded: the bytes each function holds
+on the device, the packed file's bytes, and the largest logit difference between the
+integer and fake-quantized functions. The JSON records the CPU's flags and the versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import (add_output_flags, check_windows, machine_info, median_ratio, round_robin,
+                   section_from_json, write_doc)
+import lqjax
+from lqjax import compress, integer
+from lqlab import data
+from lqlab.config import TrainConfig
+from lqlab.step import build_model
+
+MODELS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10"}
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}
+BATCHES = (256, 1)
+CALLS = {256: 3, 1: 30}
+
+
+def functions(model_name: str, setting: str):
+  """{variant: (jitted fn of x, variables it holds)}, the packed file's bytes, and the
+  largest integer/fake-quant logit difference on a random batch."""
+  ds = MODELS[model_name]
+  shape = data.image_shape(ds)
+  w, a = SETTINGS[setting]
+  kw = dict(dataset=ds, model=model_name, granularity="row", rounding="round")
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((256,) + shape), jnp.float32)
+  fp = build_model(TrainConfig(float_model=True, **kw), 10)
+  fv = fp.init(jax.random.key(0), x[:1], train=False)
+  q = build_model(TrainConfig(rule="lsq", bits=w, act_bits=a, act_first_bits=8, **kw), 10)
+  qv = q.init(jax.random.key(0), x[:1], train=False)
+  qv = lqjax.calibrate(q, qv, x, train=False)
+  int_fn = lqjax.integer_inference(q, qv, train=False)
+  fake = jax.jit(lambda v, x: q.apply(v, x, train=False))
+  flt = jax.jit(lambda v, x: fp.apply(v, x, train=False))
+  diff = float(jnp.max(jnp.abs(int_fn(x) - fake(qv, x))))
+  fns = {"float32": (lambda x: flt(fv, x), fv), "fake_quant": (lambda x: fake(qv, x), qv),
+         "integer": (int_fn, int_fn.variables)}
+  return fns, compress.file_bytes(qv), diff
+
+
+def measure(model_name, setting, windows):
+  fns, packed, diff = functions(model_name, setting)
+  shape = data.image_shape(MODELS[model_name])
+  rows = []
+  for batch in BATCHES:
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((batch,) + shape), jnp.float32)
+    calls = []
+    for fn, _ in fns.values():
+      def run(fn=fn):
+        out = None
+        for _ in range(CALLS[batch]):
+          out = fn(x)
+        return out
+      jax.block_until_ready(run())  # compile and warm
+      calls.append(run)
+    times = round_robin(calls, windows, jax.block_until_ready, rotate=True)
+    times = [[t / CALLS[batch] for t in ts] for ts in times]
+    for (variant, (_, held)), ts in zip(fns.items(), times):
+      rows.append({"model": model_name, "setting": setting, "batch": batch, "variant": variant,
+                   "seconds": statistics.median(ts), "vs_float": median_ratio(times[0], ts),
+                   "device_bytes": integer.device_bytes(held), "packed_bytes": packed,
+                   "max_abs_logit_diff_integer_vs_fake": diff})
+      r = rows[-1]
+      print(f"{model_name:9s} {setting} b{batch:<4d} {variant:10s} {1e3 * r['seconds']:9.3f} ms "
+            f"float/this {r['vs_float']:.2f}  device {r['device_bytes']} B (file {packed} B)",
+            flush=True)
+  return rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--windows", type=int, default=7)
+  ap.add_argument("--models", default=",".join(MODELS))
+  ap.add_argument("--settings", default=",".join(SETTINGS))
+  add_output_flags(ap, "docs/bench_integer.json", "bench-integer")
+  args = ap.parse_args(argv)
+  if args.from_json:
+    return section_from_json(args, "bench-integer", render)
+  models, settings = args.models.split(","), args.settings.split(",")
+  for given, known, what in ((models, MODELS, "--models"), (settings, SETTINGS, "--settings")):
+    bad = [g for g in given if g not in known]
+    if bad:
+      print(f"error: unknown {what} {', '.join(bad)}; expected {', '.join(known)}",
+            file=sys.stderr)
+      return 2
+  if check_windows(args.windows, 3):
+    return 2
+  load = os.getloadavg()[0]
+  rows = [r for m in models for s in settings for r in measure(m, s, args.windows)]
+  doc = dict(machine_info(), loadavg_1min_at_start=load, windows=args.windows, rows=rows)
+  return write_doc(args.out, doc, args.readme, "bench-integer", render)
+
+
+def render(doc) -> str:
+  """The Markdown table of an integer benchmark JSON."""
+  flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+           if f in doc.get("cpu_flags", [])]
+  cpu = f"{doc['cpu_model']}, " if doc.get("cpu_model") else ""
+  lines = [f"Measured {doc['date']} on {cpu}{doc['machine']} (jax {doc['jax']}; CPU flags: "
+           f"{', '.join(flags) or 'none of avx2, avx512f, avx512_vnni, avx_vnni, amx_int8'}) "
+           f"by `python benchmarks/run.py integer --readme docs/PERFORMANCE.md`; float32 time "
+           f"/ this variant's time (> 1: faster), the median over {doc.get('windows', '?')} "
+           f"rounds side by side"
+           + (f"; the 1-minute load average at the start was {doc['loadavg_1min_at_start']:.1f}"
+              if "loadavg_1min_at_start" in doc else "") + ".", "",
+           "| model | setting | batch | float32 ms | fake_quant | integer | device bytes: "
+           "float32 / integer | packed file bytes | max logit diff (integer vs fake) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  keys = list(dict.fromkeys((r["model"], r["setting"], r["batch"]) for r in doc["rows"]))
+  for m, s, b in keys:
+    by = {r["variant"]: r for r in doc["rows"] if (r["model"], r["setting"], r["batch"]) == (m, s, b)}
+    f, i = by["float32"], by["integer"]
+    lines.append(f"| {m} | {s} | {b} | {1e3 * f['seconds']:.3f} | "
+                 f"{by['fake_quant']['vs_float']:.2f}x | {i['vs_float']:.2f}x | "
+                 f"{f['device_bytes']} / {i['device_bytes']} | {i['packed_bytes']} | "
+                 f"{i['max_abs_logit_diff_integer_vs_fake']:.1e} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,284 @@
+"""Integer inference: a quantized Linen model run from its integer codes.
+
+``fn = lqjax.integer_inference(model, variables)`` returns a jitted function of the input
+(``fn(x)``, the model's ``apply`` keyword arguments given once to ``integer_inference``).
+The variables may be ``lqjax.load``'s: the packed file's codes become the device arrays.
+
+**On the device** every quantized tensor is its integer codes, never a float32 copy:
+
+* codes in [-2, 1] are packed four to a byte, codes in [-8, 7] two to a byte (per-group
+  widths included: the widest group decides), and unpacked to int8 inside the jitted
+  function;
+* other codes that fit int8 are int8; wider codes (a learned width above 8 bits) are
+  int16, dequantized inside the function (the wider path).
+
+Float leaves (norm layers, float layers, the scales and offsets) stay as they are; each
+integer layer adds one float32 vector per output (the offset term below).
+
+**The compute**, chosen per layer when the function is traced:
+
+* ``nn.Dense`` with an input quantizer (a Rule's ``inputs``, at most 8 bits), int8 codes
+  or packed int4, and one weight scale per output or per tensor: the input's codes
+  ``q = clip(round((x - z) / s))`` as int8, ``lax.dot_general`` int8 x int8 -> int32,
+  and the epilogue ``s s_w acc + z s_w sum_in(W_q) + b``, which is the fake-quantized
+  layer's value up to float rounding;
+* ``nn.Conv`` likewise with ``lax.conv_general_dilated`` on int8 (the offset term counts
+  the taps that fall on padding), where the input has at least :data:`MIN_CONV_CHANNELS`
+  channels: below that XLA:CPU's integer convolution was slower than float32's
+  (``benchmarks/bench_intdot.py``);
+* rows (the input's elements over its last axis: a Dense layer's batch, a convolution's
+  batch times its positions) below ``min_rows``: XLA:CPU's integer matrix-vector
+  products were slower than float32's at batch 1, so such a call takes the float path;
+* every other quantized layer (and the cases above when they do not apply): the float
+  path, the layer's own computation on the fake-quantized input and weights dequantized
+  from the codes inside the function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lqjax import inputs as inputs_lib, quant, tree
+
+#: Input channels from which a convolution takes the integer route (bench_intdot: XLA:CPU's
+#: int8 3x3 convolution was 0.13x float at 16 channels, 1.55x at 32, 1.79x at 64).
+MIN_CONV_CHANNELS = 32
+#: Rows of a dot below which the float path is taken (bench_intdot: batch 1 int8 dots were
+#: 0.12x-0.57x float).
+MIN_ROWS = 16
+#: The collection that holds each integer layer's offset vector.
+COLLECTION = "lqjax_integer"
+_SUM = "kernel_code_sum"
+
+
+# ---------------------------------------------------------------- packed codes
+
+def pack(codes, bits: int) -> np.ndarray:
+  """Signed `bits`-bit codes (2 or 4) -> uint8, 8 / bits a byte, lowest bits first, over the
+  flattened array (the tail padded with zeros)."""
+  per = 8 // bits
+  flat = np.asarray(codes, np.int64).reshape(-1)
+  flat = np.concatenate([flat, np.zeros((-flat.size) % per, np.int64)])
+  u = (flat & ((1 << bits) - 1)).astype(np.uint8).reshape(-1, per)
+  out = np.zeros(u.shape[0], np.uint8)
+  for i in range(per):
+    out |= (u[:, i] << (i * bits)).astype(np.uint8)
+  return out
+
+
+def unpack(packed, shape, bits: int) -> jax.Array:
+  """Inverse of :func:`pack` inside jit: int8 codes of `shape`."""
+  p = packed.astype(jnp.int8)
+  per = 8 // bits
+  # shift each field to the top of the byte, then an arithmetic shift sign-extends it
+  fields = [jnp.left_shift(p, 8 - bits * (i + 1)) >> (8 - bits) for i in range(per)]
+  n = int(np.prod(shape))
+  return jnp.stack(fields, axis=-1).reshape(-1)[:n].reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+  """How one quantized tensor is held on the device."""
+
+  kind: str                   # "int2x4", "int4x2" (packed), "int8" or "int16"
+  shape: Tuple[int, ...]
+  grid: str
+
+  def codes(self, value) -> jax.Array:
+    if self.kind in _PACKED:
+      return unpack(value, self.shape, _PACKED[self.kind])
+    return value
+
+  def dequantize(self, value, log_scale) -> jax.Array:
+    return quant.dequantize_as(self.codes(value), log_scale, self.grid)
+
+
+_PACKED = {"int2x4": 2, "int4x2": 4}  # narrowest first
+_PLAN: contextvars.ContextVar = contextvars.ContextVar("lqjax_integer_plan", default=None)
+
+
+@contextlib.contextmanager
+def _planned(plan):
+  token = _PLAN.set(plan)
+  try:
+    yield
+  finally:
+    _PLAN.reset(token)
+
+
+def stored(module_path: Tuple[str, ...], name: str) -> Optional[Stored]:
+  """The :class:`Stored` of parameter `name` of the module at `module_path` while an
+  integer function traces; None outside one, or for a float parameter."""
+  plan = _PLAN.get()
+  return None if plan is None else plan.get(tuple(module_path) + (name,))
+
+
+def _store(codes: np.ndarray, grid: str):
+  lo, hi = int(codes.min(initial=0)), int(codes.max(initial=0))
+  for kind, bits in _PACKED.items():
+    if -(1 << (bits - 1)) <= lo and hi < (1 << (bits - 1)):
+      return pack(codes, bits), Stored(kind, codes.shape, grid)
+  if -128 <= lo and hi <= 127:
+    return codes.astype(np.int8), Stored("int8", codes.shape, grid)
+  if -32768 <= lo and hi <= 32767:
+    return codes.astype(np.int16), Stored("int16", codes.shape, grid)
+  raise ValueError(f"codes in [{lo}, {hi}] need more than 16 bits")
+
+
+def prepare(variables) -> Tuple[Dict[str, Any], Dict[Tuple[str, ...], Stored]]:
+  """(variables with each quantized tensor replaced by its stored codes, the plan).
+
+  Raises ValueError (one line) for a tree with no quantized tensor."""
+  tensors = tree.quantized_tensors(variables)
+  if not tensors:
+    raise ValueError("lqjax.integer_inference: the variables have no quantized tensor "
+                     "(quantize the model with lqjax.quantize)")
+  arrays, plan, sums = {}, {}, {}
+  for t in tensors:
+    codes, _ = quant.tensor_codes(t.p, t.log_scale, t.config)
+    try:
+      value, how = _store(codes, t.config.grid)
+    except ValueError as e:
+      raise ValueError(f"lqjax.integer_inference: {t.name}: {e}") from None
+    arrays[t.path] = value
+    plan[t.path[1:]] = how  # without the collection's name
+    if t.path[-1] == "kernel":
+      sums[t.path[1:-1]] = codes.reshape(-1, codes.shape[-1]).sum(0).astype(np.float32)
+  out = dict(tree.replace_arrays(variables, arrays))
+  from flax import traverse_util
+  out[COLLECTION] = traverse_util.unflatten_dict({k + (_SUM,): v for k, v in sums.items()})
+  return out, plan
+
+
+def device_bytes(variables) -> int:
+  """Bytes of every array leaf of `variables` (what the device holds)."""
+  return sum(int(np.asarray(a).nbytes) for a in jax.tree_util.tree_leaves(tree.unbox(variables)))
+
+
+# ---------------------------------------------------------------- the integer layers
+
+def _rows(x) -> int:
+  return int(np.prod(x.shape[:-1]))
+
+
+def _input_codes(x, iq, cfg):
+  return inputs_lib.codes(x, iq[tree.SCALE_NAME], iq[tree.ZERO_NAME], cfg).astype(jnp.int8)
+
+
+def _per_output(log_scale) -> bool:
+  """Whether a kernel scale is one per output (or per tensor): it leaves the sum."""
+  return all(d == 1 for d in log_scale.shape[:-1])
+
+
+def _bias(mod, params):
+  if "bias" not in params:
+    return 0.0
+  how = stored(mod.path, "bias")
+  b = params["bias"]
+  if how is None:
+    return b
+  return how.dequantize(b, tree.unbox(params["bias" + tree.QUANT_SUFFIX][tree.SCALE_NAME]))
+
+
+def integer_layer(mod, x, icfg, min_rows: int):
+  """The layer's output by the integer route, or None where the float path applies."""
+  if not isinstance(mod, (nn.Dense, nn.Conv)) or icfg.bits > 8 or _rows(x) < min_rows:
+    return None
+  how = stored(mod.path, "kernel")
+  variables = mod.variables
+  params = variables.get("params", {})
+  if how is None or how.kind == "int16" or how.grid != "midtread" or tree.INPUT_QUANT not in params:
+    return None
+  log_w = tree.unbox(params["kernel" + tree.QUANT_SUFFIX][tree.SCALE_NAME])
+  if not _per_output(log_w):
+    return None
+  codes_w = how.codes(params["kernel"])
+  iq = params[tree.INPUT_QUANT]
+  s_in = quant.scale_from_log(iq[tree.SCALE_NAME])
+  z_in = iq[tree.ZERO_NAME]
+  s_w = quant.scale_from_log(log_w).reshape(-1)
+  code_sum = variables[COLLECTION][_SUM]
+  if isinstance(mod, nn.Dense):
+    q = _input_codes(x, iq, icfg)
+    acc = lax.dot_general(q, codes_w, (((q.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+    offset = z_in * s_w * code_sum
+  else:
+    conv = _conv_route(mod, x, codes_w)
+    if conv is None:
+      return None
+    q = _input_codes(x, iq, icfg)
+    acc = conv(q, codes_w, jnp.int32)
+    if _padded(mod):  # taps on padding see 0, not z: count the ones that do not
+      ones = jnp.ones((1,) + x.shape[1:], jnp.float32)
+      offset = z_in * s_w * conv(ones, codes_w.astype(jnp.float32), jnp.float32)
+    else:
+      offset = z_in * s_w * code_sum
+  y = acc.astype(jnp.float32) * (s_in * s_w) + offset + _bias(mod, params)
+  return y.astype(mod.dtype or jnp.float32)
+
+
+def _padded(mod) -> bool:
+  pad = _padding(mod.padding, len(mod.kernel_size))
+  return pad != "VALID" and (pad == "SAME" or any(p != (0, 0) for p in pad))
+
+
+def _padding(pad, nd):
+  """The layer's padding as lax takes it ('SAME', 'VALID' or pairs), or None."""
+  if isinstance(pad, str):
+    return pad.upper() if pad.upper() in ("SAME", "VALID") else None  # CIRCULAR, CAUSAL
+  if isinstance(pad, int):
+    return ((pad, pad),) * nd
+  pad = tuple(pad)
+  if len(pad) != nd:
+    return None
+  return tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
+
+
+def _conv_route(mod, x, codes_w):
+  """A function (lhs, rhs, result type) -> the layer's convolution, or None (float path)."""
+  nd = codes_w.ndim - 2
+  pad = _padding(mod.padding, nd)
+  if pad is None:
+    return None
+  if x.ndim != nd + 2 or x.shape[-1] < MIN_CONV_CHANNELS or getattr(mod, "mask", None) is not None:
+    return None
+  def tup(v):
+    return (1,) * nd if v is None else ((v,) * nd if isinstance(v, int) else tuple(v))
+  spec = ("NHWC"[:1] + "HWDXYZ"[:nd] + "C", "HWDXYZ"[:nd] + "IO", "N" + "HWDXYZ"[:nd] + "C")
+  def conv(lhs, rhs, out):
+    return lax.conv_general_dilated(
+        lhs, rhs, tup(mod.strides), pad,
+        lhs_dilation=tup(mod.input_dilation), rhs_dilation=tup(mod.kernel_dilation),
+        dimension_numbers=spec, feature_group_count=mod.feature_group_count,
+        preferred_element_type=out)
+  return conv
+
+
+def integer_inference(model: nn.Module, variables, *, min_rows: int = MIN_ROWS, **apply_kwargs):
+  """A jitted ``fn(x)``: `model` (quantized by :func:`lqjax.quantize`) run from the integer
+  codes of `variables` (see the module docstring); `apply_kwargs` go to ``model.apply``
+  (``train=False``). ``fn.variables`` are the arrays it holds on the device."""
+  from lqjax import linen_quant
+  if not isinstance(model, linen_quant._QuantizedModel):
+    raise TypeError("lqjax.integer_inference takes a Linen model made by lqjax.quantize "
+                    f"(got {type(model).__name__})")
+  held, plan = prepare(variables)
+
+  def run(held, x):
+    with _planned(plan), linen_quant.integer_route(min_rows):
+      return model.apply(held, x, **apply_kwargs)
+
+  fn = functools.partial(jax.jit(run), held)
+  fn.variables = held
+  return fn

@@ -1,0 +1,54 @@
+"""The integer path of finished runs, from their packed files, on the whole test split.
+
+  python scripts/integer_check.py RUN_DIR [RUN_DIR ...] [--data_dir DIR]
+
+For each run directory (``--workdir`` of a run with ``--act_bits``): reloads
+``model.lqz``, runs the fake-quantized model and ``lqjax.integer_inference`` on the test
+split, and prints one JSON line: argmax agreement, the largest logit difference, both
+test accuracies, the bytes the integer function holds on the device and the file's.
+Training records the same fields for runs made with this version (lqlab.export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("runs", nargs="+", help="run directories holding model.lqz")
+  ap.add_argument("--data_dir", default=None, help="dataset folder (default: $LQJAX_DATA_DIR)")
+  args = ap.parse_args(argv)
+  from lqjax import compress
+  from lqlab import data, export
+  for run in args.runs:
+    path = pathlib.Path(run) / "model.lqz"
+    try:
+      model, variables, meta = export.load(path)
+    except (OSError, compress.CorruptFileError) as e:
+      print(f"error: {path}: {e}", file=sys.stderr)
+      return 2
+    try:
+      ds = data.load(meta["config"]["dataset"], args.data_dir)
+    except data.DatasetNotFoundError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    images, labels = np.asarray(ds.test.image), np.asarray(ds.test.label)
+    ref = export.predict(model, variables, meta, images)
+    res = export.integer_results(model, variables, meta, images, ref, labels)
+    print(json.dumps({"run": str(run), "fake_quant_test_accuracy":
+                      float(np.mean(ref.argmax(-1) == labels)),
+                      **res, "packed_bytes": path.stat().st_size}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
