@@ -532,8 +532,14 @@ def activations_section(rows):
          "rule's learned widths); A: the inputs' bits (first layer's). Mean ± std over "
          "seeds; the distance is to the most accurate FP32 variant of the same model and "
          "schedule.", "",
+         "Integer path: `lqjax.integer_inference` on the reloaded file against the "
+         "fake-quantized model on the whole test split, over the runs that recorded it "
+         "(runs that predate the check: `python scripts/integer_check.py RUN_DIR`): argmax "
+         "disagreements and the largest logit difference; device bytes: what the integer "
+         "function holds.", "",
          "| dataset / model, epochs | variant | W | A | seeds | test accuracy | vs FP32 (points) "
-         "| packed bytes | target |", "|---|---|---|---|---|---|---|---|---|"]
+         "| packed bytes | target | integer path: disagreements, max logit diff (runs) | "
+         "device bytes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for (ds, model, epochs), variants in by_schedule(act):
     fp32 = ref.get((ds, model, epochs))
     for (sweep, var), vs in variants.items():
@@ -547,8 +553,14 @@ def activations_section(rows):
       else:
         met = acc >= fp32 - tol / 100 - 1e-9
         target = f"within {tol:g}: {'met' if met else 'not met'}"
+      checked = [r for r in vs if "integer_max_abs_logit_diff" in r]
+      integer = "-" if not checked else (
+          f"{sum(r['integer_argmax_disagreements'] for r in checked)}, "
+          f"{max(r['integer_max_abs_logit_diff'] for r in checked):.3f} ({len(checked)})")
+      held = mean_std([r.get("integer_device_bytes") for r in checked], "{:.0f}") if checked else "-"
       out.append(f"| {ds} / {model}, {epochs} | {sweep} / {var} | {w or 'free'} | "
                  f"{a} ({cfg.get('act_first_bits', 8)}) | {len(vs)} | "
                  f"{mean_std([r['test_accuracy'] for r in vs])} | {dist} | "
-                 f"{mean_std([size_bytes(r) for r in vs], '{:.0f}')} | {target} |")
+                 f"{mean_std([size_bytes(r) for r in vs], '{:.0f}')} | {target} | {integer} | "
+                 f"{held} |")
   return out + [""]
