@@ -30,7 +30,7 @@ from flax import traverse_util
 from lqjax import qconfig, tree
 from lqlab.evaluate import final_results, make_eval_fn
 from lqlab.files import write_json_atomic
-from lqlab.step import build_model, data_shardings
+from lqlab.step import build_model, calibration_batch, data_shardings
 
 FLAGS = flags.FLAGS
 
@@ -45,6 +45,9 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "output run directory (its parent must exist)")
   flags.DEFINE_string("data_dir", None, "dataset folder (default: $LQJAX_DATA_DIR)")
   flags.DEFINE_bool("export", True, "write model.lqz / model.lqz.zst / model.onnx and check the reload")
+  flags.DEFINE_integer("act_bits", None, "also quantize every layer's input at b bits, its range "
+                       "calibrated on the first training batch (PTQ W<bits>A<act_bits>; the "
+                       "first layer's input at 8 bits)")
 
 
 def minmax_log_scale(p: jax.Array, granularity: qconfig.Granularity, bits: int,
@@ -74,7 +77,9 @@ def minmax_params(float_params, template, granularity: qconfig.Granularity, bits
   src = traverse_util.flatten_dict(float_params)
   out = {}
   for key, leaf in traverse_util.flatten_dict(template).items():
-    if key[-1] == tree.SCALE_NAME:
+    if tree.INPUT_QUANT in key:  # an input quantizer: lqjax.calibrate sets it
+      out[key] = jnp.zeros(leaf.shape, leaf.dtype)
+    elif key[-1] == tree.SCALE_NAME:
       owner = key[-2][:-len(tree.QUANT_SUFFIX)]
       p = src[key[:-2] + (owner,)]
       out[key] = leaf.replace_boxed(minmax_log_scale(p, granularity, bits, leaf.value.shape))
@@ -89,7 +94,7 @@ def minmax_params(float_params, template, granularity: qconfig.Granularity, bits
 
 
 def quantize_run(from_run, workdir, *, bits: int, granularity: qconfig.Granularity = "row",
-                 data_dir=None, export: bool = True) -> dict:
+                 data_dir=None, export: bool = True, act_bits=None) -> dict:
   """Min-max quantizes a finished float run; writes `workdir`/results.json (and the files)."""
   from lqlab import files
   from lqlab import data, train
@@ -104,7 +109,8 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: qconfig.Granulari
     raise ValueError(f"{from_run} is not a float run (its scheme is {source.get('scheme')!r})")
   fcfg, _, fstate, stats, num_classes = train.restore(from_run)
   cfg = dataclasses.replace(fcfg, float_model=False, rule="fixed", bits=bits,
-                            granularity=granularity, rounding="round", quantize_bias=False)
+                            granularity=granularity, rounding="round", quantize_bias=False,
+                            act_bits=act_bits)
   model = build_model(cfg, num_classes)
   sample = jnp.zeros((1,) + data.image_shape(cfg.dataset), jnp.float32)
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))["params"]
@@ -113,6 +119,11 @@ def quantize_run(from_run, workdir, *, bits: int, granularity: qconfig.Granulari
 
   devices, replicated, batch_sharding = data_shardings()
   ds = data.load(cfg.dataset, data_dir, limit=cfg.limit, sharding=replicated)
+  if act_bits is not None:  # the inputs' ranges from the first batch of training's epoch 0
+    import lqjax
+    batch = calibration_batch(cfg, ds, stats)
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    params = lqjax.calibrate(model, variables, batch, train=False)["params"]
   evaluate = make_eval_fn(cfg, model, stats, batch_sharding)
   workdir.mkdir(exist_ok=True)
   write_json_atomic(workdir / "config.json", cfg.to_json())
@@ -141,7 +152,8 @@ def main(argv):
   try:
     gran = qconfig.parse_granularity(FLAGS.granularity)
     res = quantize_run(FLAGS.from_run.format(seed=FLAGS.seed), workdir, bits=FLAGS.bits,
-                       granularity=gran, data_dir=FLAGS.data_dir, export=FLAGS.export)
+                       granularity=gran, data_dir=FLAGS.data_dir, export=FLAGS.export,
+                       act_bits=FLAGS.act_bits)
   except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as e:
     _fail(str(e))
   line = (f"ptq {FLAGS.bits}-bit {res['model']}: test_accuracy {res['test_accuracy']:.4f} "

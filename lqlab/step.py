@@ -292,6 +292,15 @@ def make_chunk_runner(cfg: TrainConfig, train_step, steps_per_epoch: int, step_r
   return run_chunk
 
 
+def calibration_batch(cfg, ds, stats):
+  """The normalised first batch of epoch 0 (the loop's shuffle), which sets the input
+  quantizers' ranges (:func:`lqjax.calibrate`); None for a run without ``act_bits``."""
+  if cfg.input_quant() is None:
+    return None
+  first = np.asarray(data.epoch_permutation(jax.random.key(cfg.seed + 1), 0, len(ds.train)))
+  return data.normalize(jnp.asarray(ds.train.image[np.sort(first[:cfg.batch_size])]), *stats)
+
+
 def init_state(cfg, model, tx, sample, sharding, calibration=None):
   """The run's initial train state; `sharding`: None (the default device), one sharding
   for every array, or a :class:`lqlab.distributed.Layout` (FSDP shardings per array).

@@ -32,7 +32,7 @@ from lqjax import accounting, budget, compress, optim
 from lqlab import checkpoints, data, distributed, files
 from lqlab.config import LEGACY_VALUES, TrainConfig, run_meta
 from lqlab.evaluate import final_results, make_eval_fn, model_variables
-from lqlab.step import (build_model, init_state, make_chunk_runner,
+from lqlab.step import (build_model, calibration_batch, init_state, make_chunk_runner,
                         make_fisher_fn, make_optimizer, make_ratio_stats_fn, make_train_step)
 
 
@@ -356,12 +356,7 @@ def _train_locked(cfg, workdir, ds, devices, layout, steps_per_epoch,
   model = build_model(cfg, ds.num_classes) if model is None else model
   tx = make_optimizer(cfg, steps_per_epoch)
   sample = jnp.zeros((1,) + tuple(ds.train.image.shape[1:]), jnp.float32)
-  calibration = None
-  if cfg.input_quant() is not None:  # the first batch of the first epoch sets the ranges
-    first = np.asarray(data.epoch_permutation(jax.random.key(cfg.seed + 1), 0, n_train))
-    calibration = data.normalize(jnp.asarray(ds.train.image[np.sort(first[:cfg.batch_size])]),
-                                 *stats)
-  state = init_state(cfg, model, tx, sample, layout, calibration)
+  state = init_state(cfg, model, tx, sample, layout, calibration_batch(cfg, ds, stats))
   state_sharding = layout.state_shardings(state)
   train_step = make_train_step(cfg, model, tx, stats)
   evaluate = make_eval_fn(cfg, model, stats, layout.batch)

@@ -75,6 +75,15 @@ def test_ptq_cli_end_to_end(tmp_path, tiny_data, cache):
   assert res["packed_bytes"] < fres["fp32_bytes"] / 3.5
   assert res["reload_identical_argmax"]
   assert abs(res["test_accuracy"] - fres["test_accuracy"]) <= 0.04
+  # W8A8: the inputs' ranges calibrated on the first training batch; the integer path
+  # on the reloaded file agrees with it on the whole test split
+  out_a8 = tmp_path / "ptq8a8_s0"
+  r = _run(["-m", "lqlab.ptq", f"--from_run={float_dir}", "--bits=8", "--act_bits=8",
+            f"--workdir={out_a8}"], tiny_data)
+  assert r.returncode == 0, r.stderr
+  res_a8 = json.loads((out_a8 / "results.json").read_text())
+  assert res_a8["config"]["act_bits"] == 8 and res_a8["integer_identical_argmax"]
+  assert abs(res_a8["test_accuracy"] - fres["test_accuracy"]) <= 0.04
   # Bad input: a quantized run as the source, and 1 bit, end in one line.
   r = _run(["-m", "lqlab.ptq", f"--from_run={out}", "--bits=4", f"--workdir={tmp_path}/x"],
            tiny_data)
