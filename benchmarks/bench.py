@@ -119,6 +119,20 @@ def check_windows(windows: int, minimum: int = 1) -> int:
   return 2
 
 
+def measured_line(doc, subcommand: str, cells: str) -> str:
+  """The first line of an integer benchmark's section: when, on which CPU (its integer
+  flags), the command, what a cell is (`cells`), the rounds and the load at the start."""
+  flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+           if f in doc.get("cpu_flags", [])]
+  cpu = f"{doc['cpu_model']}, " if doc.get("cpu_model") else ""
+  return (f"Measured {doc['date']} on {cpu}{doc['machine']} (jax {doc['jax']}; CPU flags: "
+          f"{', '.join(flags) or 'none of avx2, avx512f, avx512_vnni, avx_vnni, amx_int8'}) "
+          f"by `python benchmarks/run.py {subcommand} --readme docs/PERFORMANCE.md`; {cells}, "
+          f"the median over {doc.get('windows', '?')} rounds side by side"
+          + (f"; the 1-minute load average at the start was {doc['loadavg_1min_at_start']:.1f}"
+             if "loadavg_1min_at_start" in doc else "") + ".")
+
+
 def median_ratio(a, b) -> float:
   """Median over rounds of a[i] / b[i]."""
   return statistics.median(x / y for x, y in zip(a, b))

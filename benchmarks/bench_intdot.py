@@ -40,7 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench import (add_output_flags, machine_info, median_ratio, round_robin,
+from lqjax import integer
+
+from bench import (add_output_flags, machine_info, measured_line, median_ratio, round_robin,
                    section_from_json, write_doc)
 
 #: (name, batch, in, out) of the dots.
@@ -63,22 +65,10 @@ def _dyn_i8(x, w, w_scale):
   return _int8_dot(q, w).astype(jnp.float32) * a * w_scale
 
 
-def unpack_int4(packed):
-  """(K/2, N) uint8, two signed 4-bit codes a byte (low nibble first along K) -> (K, N) int8."""
-  p = packed.astype(jnp.int8)
-  lo = jnp.left_shift(p, 4) >> 4  # arithmetic shifts sign-extend each nibble
-  hi = p >> 4
-  return jnp.stack([lo, hi], axis=1).reshape(-1, packed.shape[1])
-
-
-def pack_int4(codes: np.ndarray) -> np.ndarray:
-  """Inverse of :func:`unpack_int4` for int codes in [-8, 7] and an even first axis."""
-  u = (np.asarray(codes, np.int64) & 0xF).astype(np.uint8)
-  return (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
-
-
 def _i4_i8(x, packed):
-  return _int8_dot(x, unpack_int4(packed))
+  """The int4 codes (packed two a byte by lqjax.integer.pack) unpacked inside jit, then
+  the int8 dot."""
+  return _int8_dot(x, integer.unpack(packed, (x.shape[1], packed.size * 2 // x.shape[1]), 4))
 
 
 def conv_f32(x, w):
@@ -133,13 +123,13 @@ def bench_dots(windows, reps, rng):
     # the integer paths against numpy's exact integer products, once
     ref = x8.astype(np.int64) @ w8.astype(np.int64)
     np.testing.assert_array_equal(np.asarray(jax.jit(_int8_dot)(x8, w8)), ref)
-    np.testing.assert_array_equal(np.asarray(jax.jit(_i4_i8)(x8, pack_int4(w4))),
+    np.testing.assert_array_equal(np.asarray(jax.jit(_i4_i8)(x8, integer.pack(w4, 4))),
                                   x8.astype(np.int64) @ w4)
     cases = [("float32", jax.jit(jnp.dot), (x, w)),
              ("int8", jax.jit(_int8_dot), (jnp.asarray(x8), jnp.asarray(w8))),
              ("dyn_i8", jax.jit(_dyn_i8), (x, jnp.asarray(w8), jnp.float32(0.01))),
              ("w8_f32", jax.jit(lambda x, w: x @ w.astype(jnp.float32)), (x, jnp.asarray(w8))),
-             ("i4_i8", jax.jit(_i4_i8), (jnp.asarray(x8), jnp.asarray(pack_int4(w4))))]
+             ("i4_i8", jax.jit(_i4_i8), (jnp.asarray(x8), jnp.asarray(integer.pack(w4, 4))))]
     for r in _measure(cases, windows, reps):
       rows.append({"op": "dot", "shape": name, "batch": batch, **r})
       _print(rows[-1])
@@ -200,16 +190,8 @@ def main(argv=None):
 def render(doc) -> str:
   """The Markdown table of an intdot benchmark JSON: one row per shape, one column per
   variant, each cell float time / variant time."""
-  flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-           if f in doc.get("cpu_flags", [])]
-  cpu = f"{doc['cpu_model']}, " if doc.get("cpu_model") else ""
-  lines = [f"Measured {doc['date']} on {cpu}{doc['machine']} (jax {doc['jax']}; CPU flags: "
-           f"{', '.join(flags) or 'none of avx2, avx512f, avx512_vnni, avx_vnni, amx_int8'}) "
-           f"by `python benchmarks/run.py intdot --readme docs/PERFORMANCE.md`; each cell is "
-           f"float32 time / this variant's time (> 1: faster), the median over "
-           f"{doc.get('windows', '?')} rounds side by side"
-           + (f"; the 1-minute load average at the start was {doc['loadavg_1min_at_start']:.1f}"
-              if "loadavg_1min_at_start" in doc else "") + ".", ""]
+  lines = [measured_line(doc, "intdot", "each cell is float32 time / this variant's time "
+                                       "(> 1: faster)"), ""]
   for op, variants in (("dot", ["int8", "dyn_i8", "w8_f32", "i4_i8"]),
                        ("conv3x3", ["int8", "patches_i8"])):
     rows = [r for r in doc["rows"] if r["op"] == op]

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import (add_output_flags, check_windows, machine_info, median_ratio, round_robin,
+from bench import (add_output_flags, check_windows, machine_info, measured_line, median_ratio,
+                   round_robin,
                    section_from_json, write_doc)
 import lqjax
 from lqjax import compress, integer
@@ -122,16 +123,8 @@ def main(argv=None):
 
 def render(doc) -> str:
   """The Markdown table of an integer benchmark JSON."""
-  flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-           if f in doc.get("cpu_flags", [])]
-  cpu = f"{doc['cpu_model']}, " if doc.get("cpu_model") else ""
-  lines = [f"Measured {doc['date']} on {cpu}{doc['machine']} (jax {doc['jax']}; CPU flags: "
-           f"{', '.join(flags) or 'none of avx2, avx512f, avx512_vnni, avx_vnni, amx_int8'}) "
-           f"by `python benchmarks/run.py integer --readme docs/PERFORMANCE.md`; float32 time "
-           f"/ this variant's time (> 1: faster), the median over {doc.get('windows', '?')} "
-           f"rounds side by side"
-           + (f"; the 1-minute load average at the start was {doc['loadavg_1min_at_start']:.1f}"
-              if "loadavg_1min_at_start" in doc else "") + ".", "",
+  lines = [measured_line(doc, "integer", "float32 time / this variant's time (> 1: faster)"),
+           "",
            "| model | setting | batch | float32 ms | fake_quant | integer | device bytes: "
            "float32 / integer | packed file bytes | max logit diff (integer vs fake) |",
            "|---|---|---|---|---|---|---|---|---|"]
