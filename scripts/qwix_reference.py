@@ -10,8 +10,9 @@ validation split, optimizer, schedule, seed and training loop as
 ``qwix.quantize_model(model, qwix.QtProvider([QtRule(weight_qtype=int<b>)]))``:
 every Dense/Conv weight is fake-quantized in the forward pass to a symmetric
 b-bit grid with an absmax scale per output channel (qwix's default calibration),
-straight-through in the backward pass; activations stay float. Nothing about
-the scales is learned: that is the difference to lqjax.
+straight-through in the backward pass. Activations stay float, or with ``--qwix_act``
+are int8 too (``act_qtype``, ``dynamic``: each call's absmax; qwix's static scales need a
+``quant_stats`` collection that the training loop does not carry). Nothing about the scales is learned: that is the difference to lqjax.
 
 qwix writes no packed file, so the size reported is *accounted*, not measured:
 ``nominal_bytes`` = b bits per kernel weight + one float32 scale per output
@@ -31,6 +32,7 @@ from lqlab.step import build_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "mnist | fashion_mnist | cifar10 | imagenette")
+flags.DEFINE_string("qwix_act", "none", "activations: none | dynamic (int8, absmax per call)")
 
 QTYPES = {8: "int8", 4: "int4", 2: "int2"}
 
@@ -76,14 +78,19 @@ def run(argv):
   workdir = pathlib.Path(FLAGS.workdir)
   if not workdir.parent.is_dir():
     common._fail(f"the parent of --workdir ({workdir.parent}) does not exist")
+  if FLAGS.qwix_act not in ("none", "dynamic"):
+    common._fail(f"unknown --qwix_act {FLAGS.qwix_act!r}; expected none or dynamic (qwix's "
+                 f"static scales live in a 'quant_stats' collection this loop does not carry)")
   name = QTYPES[FLAGS.bits]
+  act = {} if FLAGS.qwix_act == "none" else dict(act_qtype=jnp.int8, act_static_scale=False)
   model = qwix.quantize_model(build_model(cfg, 10), qwix.QtProvider(
-      [qwix.QtRule(module_path=".*", weight_qtype=getattr(jnp, name))]))
+      [qwix.QtRule(module_path=".*", weight_qtype=getattr(jnp, name), **act)]))
 
   def qwix_results(_cfg, _model, state, _ds, results):
     """Merged into results.json by the training loop: qwix's scheme and accounted size."""
     nominal = nominal_bytes(jax.device_get(state.params), FLAGS.bits)
     return {"scheme": "qwix", "rule": f"qwix_{name}", "avg_bits": FLAGS.bits,
+            "qwix_act": FLAGS.qwix_act,
             "qwix_version": qwix.__version__, "nominal_bytes": nominal,
             "compression_ratio_nominal": results["fp32_bytes"] / nominal}
 

@@ -135,11 +135,16 @@ def test_qwix_reference_runs_on_tiny_data(tmp_path, tiny_data, cache):
   env = {"LQJAX_DATA_DIR": str(tiny_data), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
   wd = tmp_path / "int8_s0"
   r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=8", "--epochs=1",
-                      "--noprogress", f"--workdir={wd}"], capture_output=True, text=True,
-                     env=env, cwd=ROOT)
+                      "--noprogress", "--qwix_act=dynamic", f"--workdir={wd}"],
+                     capture_output=True, text=True, env=env, cwd=ROOT)
   assert r.returncode == 0, r.stderr
   res = json.loads((wd / "results.json").read_text())
   assert res["scheme"] == "qwix" and res["rule"] == "qwix_int8" and res["avg_bits"] == 8
+  assert res["qwix_act"] == "dynamic"
+  r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=8",
+                      "--qwix_act=static", f"--workdir={tmp_path}/s"], capture_output=True,
+                     text=True, env=env, cwd=ROOT)
+  assert r.returncode == 2 and r.stderr.count("\n") == 1 and "quant_stats" in r.stderr
   assert res["fp32_bytes"] / 4.2 < res["nominal_bytes"] < res["fp32_bytes"] / 3.5
   r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=3",
                       f"--workdir={tmp_path}/x"], capture_output=True, text=True, env=env, cwd=ROOT)

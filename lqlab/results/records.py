@@ -117,6 +117,8 @@ def family(r) -> str:
   """The scheme a run belongs to, for tables and plot colours (", A<b>": its layers' inputs
   quantized at b bits too)."""
   act = r.get("config", {}).get("act_bits")
+  if r.get("qwix_act") not in (None, "none"):
+    return _weight_family(r) + f", A8 {r['qwix_act']}"
   return _weight_family(r) + (f", A{act}" if act else "")
 
 

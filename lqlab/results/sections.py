@@ -521,15 +521,18 @@ ACTIVATION_TARGETS = {(8, 8): 0.3, (4, 4): 1.0}
 def activations_section(rows):
   """Runs whose layers' inputs are quantized too (``act_bits``), against FP32 on the same
   model and schedule, with the distance to the W8A8 and W4A4 targets."""
-  act = [r for r in rows if r.get("config", {}).get("act_bits")]
+  act = [r for r in rows if r.get("config", {}).get("act_bits")
+         or r.get("qwix_act") not in (None, "none")]
   if not act:
     return []
   ref = fp32_reference(rows)
   out = ["## Quantized inputs (activations)", "",
          "Weights and every quantized layer's input quantized (`--act_bits`: a learned step "
          "and offset per input, LSQ+, set from the first training batch; the first layer's "
-         "input, the image, at `act_first_bits`). W: the weights' bits (free: the ratio "
-         "rule's learned widths); A: the inputs' bits (first layer's). Mean ± std over "
+         "input, the image, at `act_first_bits`); PTQ: min-max weights of the FP32 runs, "
+         "the inputs calibrated the same way; qwix: its QAT with int8 inputs at each call's "
+         "absmax (dynamic). W: the weights' bits (free: the ratio rule's learned widths); A: "
+         "the inputs' bits (first layer's). The targets are the issue's, for LSQ. Mean ± std over "
          "seeds; the distance is to the most accurate FP32 variant of the same model and "
          "schedule.", "",
          "Integer path: `lqjax.integer_inference` on the reloaded file against the "
@@ -545,9 +548,12 @@ def activations_section(rows):
     for (sweep, var), vs in variants.items():
       cfg = vs[0]["config"]
       acc = mean_of([r["test_accuracy"] for r in vs])
-      w, a = cfg.get("bits"), cfg["act_bits"]
+      if vs[0].get("qwix_act") not in (None, "none"):  # qwix: int8 inputs, absmax per call
+        w, a, first = vs[0]["avg_bits"], f"8 {vs[0]['qwix_act']}", "8"
+      else:
+        w, a, first = cfg.get("bits"), cfg["act_bits"], cfg.get("act_first_bits", 8)
       dist = "-" if fp32 is None else f"{100 * (acc - fp32):+.2f}"
-      tol = ACTIVATION_TARGETS.get((w, a))
+      tol = ACTIVATION_TARGETS.get((w, a)) if family(vs[0]).startswith("LSQ") else None
       if tol is None or fp32 is None:
         target = "-"
       else:
@@ -559,7 +565,7 @@ def activations_section(rows):
           f"{max(r['integer_max_abs_logit_diff'] for r in checked):.3f} ({len(checked)})")
       held = mean_std([r.get("integer_device_bytes") for r in checked], "{:.0f}") if checked else "-"
       out.append(f"| {ds} / {model}, {epochs} | {sweep} / {var} | {w or 'free'} | "
-                 f"{a} ({cfg.get('act_first_bits', 8)}) | {len(vs)} | "
+                 f"{a} ({first}) | {len(vs)} | "
                  f"{mean_std([r['test_accuracy'] for r in vs])} | {dist} | "
                  f"{mean_std([size_bytes(r) for r in vs], '{:.0f}')} | {target} | {integer} | "
                  f"{held} |")
