@@ -375,9 +375,9 @@ def test_language_report_from_fabricated_records(tmp_path):
   assert "trains on 1,024,000 characters, nanoGPT's on 81,920,000 (80x as many)" in text
   assert "12x smaller than FP32 within +2% loss: no quantized variant yet." in text
   head = language.language_headline(rows + [big])  # FP32 alone: no README row
-  assert head == ["| tinyshakespeare | **13.8x**: loss 1.9100 vs FP32 1.8800 (gpt budget_2bit, "
-                  "within 2%, 2 seeds) | **14.3x**: loss 1.9100 vs FP32 1.8800 (gpt "
-                  "budget_2bit, within 2%, 2 seeds) |"]
+  assert head == ["| tinyshakespeare | **13.8x**: loss 1.9100 vs FP32 1.8800 (gpt 4x128 "
+                  "budget_2bit, within 2%, 2 seeds) | **14.3x**: loss 1.9100 vs FP32 1.8800 (gpt "
+                  "4x128 budget_2bit, within 2%, 2 seeds) |"]
 
 
 def test_ptq_loads_float_weights_with_minmax_scales(tmp_path):

@@ -277,6 +277,12 @@ def _plot(name, by, ref, fp32_bytes, plots_dir):
   return _save(fig, plots_dir / f"{name}.png")
 
 
+def _size(r) -> str:
+  """``gpt <layers>x<width>``: which of the configurations a README row is."""
+  cfg = r.get("config", {})
+  return f"gpt {cfg.get('layers', '?')}x{cfg.get('width', '?')}"
+
+
 def language_headline(rows) -> list:
   """README rows: per language-model sweep with an FP32 run, the largest packed and zstd
   ratios within +2% of FP32's validation loss (mean over seeds)."""
@@ -298,7 +304,8 @@ def language_headline(rows) -> list:
         if loss <= 1.02 * pref and (best is None or ratio > best[0]):
           best = (ratio, loss, v, len(rs), pref)
       cells.append(" - |" if best is None else (
-          f" **{best[0]:.1f}x**: loss {best[1]:.4f} vs FP32 {best[4]:.4f} (gpt {best[2]}, within "
+          f" **{best[0]:.1f}x**: loss {best[1]:.4f} vs FP32 {best[4]:.4f} "
+          f"({_size(by['fp32'][0])} {best[2]}, within "
           f"2%, {best[3]} seed{'s' if best[3] > 1 else ''}) |"))
     out.append(f"| tinyshakespeare |{''.join(cells)}")
   return out
