@@ -931,3 +931,27 @@ def test_bench_onnx_float_twin_computes_the_quantized_model_and_renders(tmp_path
          "max_abs_logit_diff": 1e-6}
   text = bo.render({"date": "d", "machine": "m", "jax": "j", "windows": 3, "rows": [row]})
   assert "| lenet300 | 2 | 10 / 80 | all | 1 | 2.000 | 0.500 | 0.25 | 1.0e-06 |" in text
+
+
+def test_report_quantized_inputs_table_and_targets():
+  fp32 = [_row(f"fp32_s{i}", "base", 0.990, 1.0, scheme="float", rule=None) for i in range(2)]
+  act = []
+  for name, w, a, acc in (("w8a8", 8, 8, 0.9875), ("w4a4", 4, 4, 0.9790)):
+    for i in range(2):
+      r = _row(f"{name}_s{i}", "acts", acc, 5.0, bits=w)
+      r["config"].update(bits=w, act_bits=a, act_first_bits=8)
+      act.append(r)
+  act[0].update(integer_argmax_disagreements=1, integer_max_abs_logit_diff=0.02,
+                integer_device_bytes=100)
+  qwix = _row("qwix_a8dyn_bits8_s0", "acts_qwix", 0.989, None, scheme="qwix", rule="qwix_int8",
+              bits=8)
+  qwix.update(qwix_act="dynamic", nominal_bytes=7, compression_ratio=None)
+  text = "\n".join(sections.activations_section(fp32 + act + [qwix]))
+  # W8A8 0.25 points below FP32: within 0.3; W4A4 1.1 below: not within 1
+  assert "| acts / w8a8 | 8 | 8 (8) | 2 | 0.9875 ± 0.0000 | -0.25 | 1 ± 0 | within 0.3: met | " \
+         "1, 0.020 (1) | 100 |" in text
+  assert "| acts / w4a4 | 4 | 4 (8) | 2 | 0.9790 ± 0.0000 | -1.10 | 1 ± 0 | within 1: not met |" \
+         in text
+  assert "| acts_qwix / qwix_a8dyn_bits8 | 8 | 8 dynamic (8) | 1 | 0.9890 | -0.10 |" in text
+  assert records.family(act[0]) == "LSQ, A8" and records.family(qwix) == "qwix QAT, A8 dynamic"
+  assert sections.activations_section(fp32) == []
