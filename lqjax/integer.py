@@ -1,8 +1,11 @@
 """Integer inference: a quantized Linen model run from its integer codes.
 
-``fn = lqjax.integer_inference(model, variables)`` returns a jitted function of the input
-(``fn(x)``, the model's ``apply`` keyword arguments given once to ``integer_inference``).
-The variables may be ``lqjax.load``'s: the packed file's codes become the device arrays.
+``fn = lqjax.integer_inference(model, variables)`` (Linen) or
+``lqjax.integer_inference(module)`` (NNX) returns a jitted function of the input
+(``fn(x)``; the model's ``apply`` or call keyword arguments given once to
+``integer_inference``). The variables may be ``lqjax.load``'s: the packed file's codes
+become the device arrays. Layers stacked by ``nn.scan``/``nnx.scan`` are refused (one
+line) when the function first runs.
 
 **On the device** every quantized tensor is its integer codes, never a float32 copy:
 
@@ -56,6 +59,13 @@ MIN_CONV_CHANNELS = 32
 #: Rows of a dot below which the float path is taken (bench_intdot: batch 1 int8 dots were
 #: 0.12x-0.57x float).
 MIN_ROWS = 16
+_DENSE = (nn.Dense,)
+_CONV = (nn.Conv,)
+try:  # NNX's layers take the same route
+  from flax import nnx as _nnx
+  _DENSE, _CONV = _DENSE + (_nnx.Linear,), _CONV + (_nnx.Conv,)
+except ImportError:  # pragma: no cover
+  pass
 #: The collection that holds each integer layer's offset vector.
 COLLECTION = "lqjax_integer"
 _SUM = "kernel_code_sum"
@@ -95,6 +105,12 @@ class Stored:
   grid: str
 
   def codes(self, value) -> jax.Array:
+    held = (-(-int(np.prod(self.shape)) * _PACKED[self.kind] // 8),) if self.kind in _PACKED \
+        else self.shape
+    if tuple(value.shape) != held:  # sliced by nn.scan / nnx.scan
+      raise ValueError(f"lqjax.integer_inference: codes held as {held} arrive as "
+                       f"{tuple(value.shape)}: layers stacked by nn.scan/nnx.scan are not "
+                       f"supported; run the model with lqjax.load's variables instead")
     if self.kind in _PACKED:
       return unpack(value, self.shape, _PACKED[self.kind])
     return value
@@ -144,20 +160,31 @@ def prepare(variables) -> Tuple[Dict[str, Any], Dict[Tuple[str, ...], Stored]]:
     raise ValueError("lqjax.integer_inference: the variables have no quantized tensor "
                      "(quantize the model with lqjax.quantize)")
   arrays, plan, sums = {}, {}, {}
+  for t, codes, value, how in _stored_tensors(tensors):
+    arrays[t.path] = value
+    plan[t.path[1:]] = how  # without the collection's name
+    if t.path[-1] == "kernel":
+      sums[t.path[1:-1]] = _code_sum(codes)
+  out = dict(tree.replace_arrays(variables, arrays))
+  from flax import traverse_util
+  out[COLLECTION] = traverse_util.unflatten_dict({k + (_SUM,): v for k, v in sums.items()})
+  return out, plan
+
+
+def _stored_tensors(tensors):
+  """(tensor, its int codes, the array held, its Stored) of each quantized tensor."""
   for t in tensors:
     codes, _ = quant.tensor_codes(t.p, t.log_scale, t.config)
     try:
       value, how = _store(codes, t.config.grid)
     except ValueError as e:
       raise ValueError(f"lqjax.integer_inference: {t.name}: {e}") from None
-    arrays[t.path] = value
-    plan[t.path[1:]] = how  # without the collection's name
-    if t.path[-1] == "kernel":
-      sums[t.path[1:-1]] = codes.reshape(-1, codes.shape[-1]).sum(0).astype(np.float32)
-  out = dict(tree.replace_arrays(variables, arrays))
-  from flax import traverse_util
-  out[COLLECTION] = traverse_util.unflatten_dict({k + (_SUM,): v for k, v in sums.items()})
-  return out, plan
+    yield t, codes, value, how
+
+
+def _code_sum(codes) -> np.ndarray:
+  """sum_in W_q per output (the last axis) as float32."""
+  return codes.reshape(-1, codes.shape[-1]).sum(0).astype(np.float32)
 
 
 def device_bytes(variables) -> int:
@@ -171,10 +198,6 @@ def _rows(x) -> int:
   return int(np.prod(x.shape[:-1]))
 
 
-def _input_codes(x, iq, cfg):
-  return inputs_lib.codes(x, iq[tree.SCALE_NAME], iq[tree.ZERO_NAME], cfg).astype(jnp.int8)
-
-
 def _per_output(log_scale) -> bool:
   """Whether a kernel scale is one per output (or per tensor): it leaves the sum."""
   return all(d == 1 for d in log_scale.shape[:-1])
@@ -182,7 +205,7 @@ def _per_output(log_scale) -> bool:
 
 def _bias(mod, params):
   if "bias" not in params:
-    return 0.0
+    return None
   how = stored(mod.path, "bias")
   b = params["bias"]
   if how is None:
@@ -190,42 +213,53 @@ def _bias(mod, params):
   return how.dequantize(b, tree.unbox(params["bias" + tree.QUANT_SUFFIX][tree.SCALE_NAME]))
 
 
-def integer_layer(mod, x, icfg, min_rows: int):
-  """The layer's output by the integer route, or None where the float path applies."""
-  if not isinstance(mod, (nn.Dense, nn.Conv)) or icfg.bits > 8 or _rows(x) < min_rows:
-    return None
-  how = stored(mod.path, "kernel")
-  variables = mod.variables
-  params = variables.get("params", {})
-  if how is None or how.kind == "int16" or how.grid != "midtread" or tree.INPUT_QUANT not in params:
-    return None
-  log_w = tree.unbox(params["kernel" + tree.QUANT_SUFFIX][tree.SCALE_NAME])
-  if not _per_output(log_w):
-    return None
-  codes_w = how.codes(params["kernel"])
-  iq = params[tree.INPUT_QUANT]
-  s_in = quant.scale_from_log(iq[tree.SCALE_NAME])
-  z_in = iq[tree.ZERO_NAME]
+def takes_route(mod, x, icfg, how: Optional[Stored], log_w, min_rows: int) -> bool:
+  """Whether a layer's call takes the integer route (see the module docstring)."""
+  dense = isinstance(mod, _DENSE)
+  if not (dense or isinstance(mod, _CONV)) or icfg.bits > 8 or _rows(x) < min_rows:
+    return False
+  if how is None or how.kind == "int16" or how.grid != "midtread" or not _per_output(log_w):
+    return False
+  return dense or _conv_route(mod, x, how.shape) is not None
+
+
+def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias):
+  """A Dense/Linear or Conv layer's output from the int8 codes of its input and weights:
+  ``s s_w acc + z s_w sum(W_q) + b`` (:func:`takes_route` said it applies)."""
+  s_in = quant.scale_from_log(in_log_scale)
   s_w = quant.scale_from_log(log_w).reshape(-1)
-  code_sum = variables[COLLECTION][_SUM]
-  if isinstance(mod, nn.Dense):
-    q = _input_codes(x, iq, icfg)
+  q = inputs_lib.codes(x, in_log_scale, in_zero, icfg).astype(jnp.int8)
+  if isinstance(mod, _DENSE):
     acc = lax.dot_general(q, codes_w, (((q.ndim - 1,), (0,)), ((), ())),
                           preferred_element_type=jnp.int32)
-    offset = z_in * s_w * code_sum
+    offset = in_zero * s_w * code_sum
   else:
-    conv = _conv_route(mod, x, codes_w)
-    if conv is None:
-      return None
-    q = _input_codes(x, iq, icfg)
+    conv = _conv_route(mod, x, codes_w.shape)
     acc = conv(q, codes_w, jnp.int32)
     if _padded(mod):  # taps on padding see 0, not z: count the ones that do not
       ones = jnp.ones((1,) + x.shape[1:], jnp.float32)
-      offset = z_in * s_w * conv(ones, codes_w.astype(jnp.float32), jnp.float32)
+      offset = in_zero * s_w * conv(ones, codes_w.astype(jnp.float32), jnp.float32)
     else:
-      offset = z_in * s_w * code_sum
-  y = acc.astype(jnp.float32) * (s_in * s_w) + offset + _bias(mod, params)
-  return y.astype(mod.dtype or jnp.float32)
+      offset = in_zero * s_w * code_sum
+  y = acc.astype(jnp.float32) * (s_in * s_w) + offset
+  if bias is not None:
+    y = y + bias
+  return y.astype(getattr(mod, "dtype", None) or jnp.float32)
+
+
+def integer_layer(mod, x, icfg, min_rows: int):
+  """A Linen layer's output by the integer route, or None where the float path applies."""
+  how = stored(mod.path, "kernel")
+  variables = mod.variables
+  params = variables.get("params", {})
+  if how is None or tree.INPUT_QUANT not in params:
+    return None
+  log_w = tree.unbox(params["kernel" + tree.QUANT_SUFFIX][tree.SCALE_NAME])
+  if not takes_route(mod, x, icfg, how, log_w, min_rows):
+    return None
+  iq = params[tree.INPUT_QUANT]
+  return compute(mod, x, icfg, how.codes(params["kernel"]), log_w, iq[tree.SCALE_NAME],
+                 iq[tree.ZERO_NAME], variables[COLLECTION][_SUM], _bias(mod, params))
 
 
 def _padded(mod) -> bool:
@@ -245,9 +279,9 @@ def _padding(pad, nd):
   return tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
 
 
-def _conv_route(mod, x, codes_w):
+def _conv_route(mod, x, kernel_shape):
   """A function (lhs, rhs, result type) -> the layer's convolution, or None (float path)."""
-  nd = codes_w.ndim - 2
+  nd = len(kernel_shape) - 2
   pad = _padding(mod.padding, nd)
   if pad is None:
     return None
@@ -265,14 +299,65 @@ def _conv_route(mod, x, codes_w):
   return conv
 
 
-def integer_inference(model: nn.Module, variables, *, min_rows: int = MIN_ROWS, **apply_kwargs):
-  """A jitted ``fn(x)``: `model` (quantized by :func:`lqjax.quantize`) run from the integer
-  codes of `variables` (see the module docstring); `apply_kwargs` go to ``model.apply``
-  (``train=False``). ``fn.variables`` are the arrays it holds on the device."""
+def _nnx_inference(model, min_rows: int, kwargs):
+  """:func:`integer_inference` of an NNX module: a copy holds the codes (see nnx_quant)."""
+  from flax import nnx
+  from lqjax import nnx_quant
+  model = nnx.clone(model)
+  tensors = tree.quantized_tensors(model)
+  if not tensors:
+    raise ValueError("lqjax.integer_inference: the model has no quantized tensor (quantize "
+                     "it with lqjax.quantize)")
+  layers = {}
+  for t in tensors:
+    layer = _child(model, t.path[:-1])
+    if nnx_quant.layout(layer, t.path[-1], t.p.ndim).stacked:
+      raise ValueError(f"lqjax.integer_inference: {t.name} belongs to layers stacked by "
+                       f"nnx.vmap (run by nnx.scan), which are not supported; run the model "
+                       f"itself")
+  for t, codes, value, how in _stored_tensors(tensors):
+    layer = _child(model, t.path[:-1])
+    getattr(layer, t.path[-1]).set_value(jnp.asarray(value))
+    layers.setdefault(id(layer), (layer, {}))[1][t.path[-1]] = how
+    if t.path[-1] == "kernel":
+      layer.kernel_code_sum = nnx_quant.CodeSum(jnp.asarray(_code_sum(codes)))
+  for layer, stored_ in layers.values():
+    layer._lqjax_stored = tuple(sorted(stored_.items()))
+  graphdef, state = nnx.split(model)
+
+  def run(state, x):
+    with nnx_quant.integer_route(min_rows):
+      return nnx.merge(graphdef, state)(x, **kwargs)
+
+  fn = functools.partial(jax.jit(run), state)
+  fn.variables = state
+  return fn
+
+
+def _child(node, path):
+  for key in path:
+    node = node[int(key)] if key.isdigit() and not hasattr(node, key) else getattr(node, key)
+  return node
+
+
+def integer_inference(model, variables=None, *, min_rows: int = MIN_ROWS, **kwargs):
+  """A jitted ``fn(x)``: `model` (quantized by :func:`lqjax.quantize`) run from its integer
+  codes (see the module docstring). Linen: ``integer_inference(model, variables,
+  train=False)``, `kwargs` going to ``model.apply``; NNX: ``integer_inference(module)``,
+  `kwargs` going to its call. ``fn.variables`` are the arrays it holds on the device."""
   from lqjax import linen_quant
+  try:
+    from flax import nnx
+    if isinstance(model, nnx.Module):
+      if variables is not None:
+        raise TypeError("lqjax.integer_inference(module) of an NNX module takes no variables")
+      return _nnx_inference(model, min_rows, kwargs)
+  except ImportError:  # pragma: no cover
+    pass
+  apply_kwargs = kwargs
   if not isinstance(model, linen_quant._QuantizedModel):
-    raise TypeError("lqjax.integer_inference takes a Linen model made by lqjax.quantize "
-                    f"(got {type(model).__name__})")
+    raise TypeError("lqjax.integer_inference takes a Linen or NNX model made by "
+                    f"lqjax.quantize (got {type(model).__name__})")
   held, plan = prepare(variables)
 
   def run(held, x):

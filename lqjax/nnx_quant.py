@@ -46,6 +46,48 @@ FLOAT_LAYERS = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
 _METHODS = ("__call__", "attend")
 
 
+class CodeSum(nnx.Variable):
+  """sum_in W_q per output of a layer that integer inference runs (:mod:`lqjax.integer`)."""
+
+
+_INTEGER = threading.local()
+
+
+@contextlib.contextmanager
+def integer_route(min_rows: int):
+  """While set, quantized layers run from their stored codes (:mod:`lqjax.integer`)."""
+  _INTEGER.min_rows = min_rows
+  try:
+    yield
+  finally:
+    _INTEGER.min_rows = None
+
+
+def _stored(layer) -> dict:
+  return dict(getattr(layer, "_lqjax_stored", ()))
+
+
+def _integer_call(layer, x, quantizer):
+  """The layer's output by the integer route, or None (:func:`lqjax.integer.takes_route`)."""
+  from lqjax import integer
+  how = _stored(layer).get("kernel")
+  if how is None:
+    return None
+  log_w = layer.kernel_quant.log_scale[...]
+  if not integer.takes_route(layer, x, quantizer.config, how, log_w, _INTEGER.min_rows):
+    return None
+  bias = getattr(layer, "bias", None)
+  if isinstance(bias, nnx.Variable):
+    b_how = _stored(layer).get("bias")
+    bias = bias.get_value() if b_how is None else b_how.dequantize(
+        bias.get_value(), layer.bias_quant.log_scale[...])
+  else:
+    bias = None
+  return integer.compute(layer, x, quantizer.config, how.codes(layer.kernel.get_value()),
+                         log_w, quantizer.log_scale[...], quantizer.zero_point[...],
+                         layer.kernel_code_sum[...], bias)
+
+
 class ScaleParam(nnx.Param):
   """A log scale; its metadata ``config`` is its tensor's :class:`~lqjax.qconfig.QuantConfig`."""
 
@@ -134,9 +176,14 @@ def _quantized_values(layer):
   active = _active()
   keys = []
   try:
+    stored = _stored(layer)
     for name in layer._lqjax_names:
       var = getattr(layer, name)
-      q = getattr(layer, name + tree.QUANT_SUFFIX)(var.get_value())
+      quantizer = getattr(layer, name + tree.QUANT_SUFFIX)
+      if name in stored:  # integer inference: the value is the stored codes
+        q = stored[name].dequantize(var.get_value(), quantizer.log_scale[...])
+      else:
+        q = quantizer(var.get_value())
       active[id(var)] = q
       keys.append(id(var))
     yield
@@ -150,6 +197,11 @@ def _wrap(fn):
   def method(self, *args, **kwargs):
     quantizer = getattr(self, tree.INPUT_QUANT, None)
     if fn.__name__ == "__call__" and isinstance(quantizer, InputQuantizer):
+      x = args[0] if args else kwargs.get("inputs")
+      if getattr(_INTEGER, "min_rows", None) is not None and x is not None:
+        y = _integer_call(self, x, quantizer)
+        if y is not None:
+          return y
       if args:
         args = (quantizer(args[0]),) + tuple(args[1:])
       elif "inputs" in kwargs:

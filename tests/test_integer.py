@@ -4,6 +4,7 @@ with the fake-quantized model, what the device holds, and the routes taken."""
 import re
 
 import flax.linen as nn
+from flax import nnx
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -118,3 +119,54 @@ def test_bad_input_is_one_line():
   assert "\n" not in str(e.value)
   with pytest.raises(TypeError, match="made by lqjax.quantize"):
     lqjax.integer_inference(Net(), {})
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.c0 = nnx.Conv(3, 40, (3, 3), padding="SAME", rngs=rngs)    # 3 channels: float path
+    self.c1 = nnx.Conv(40, 16, (3, 3), padding="SAME", rngs=rngs)   # 40: integer, padded
+    self.fc1 = nnx.Linear(12 * 12 * 16, 32, rngs=rngs)
+    self.fc2 = nnx.Linear(32, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.c1(nnx.relu(self.c0(x))))
+    return self.fc2(nnx.relu(self.fc1(x.reshape((x.shape[0], -1)))))
+
+
+def test_nnx_module_runs_from_its_codes():
+  model = lqjax.quantize(NnxNet(nnx.Rngs(0)), lqjax.Rule(
+      ".*", lqjax.QuantConfig(rule="lsq", bits=4, granularity="row"),
+      bias=lqjax.QuantConfig(rule="lsq", bits=8), inputs=A8))
+  x = jax.random.normal(jax.random.key(0), (32, 12, 12, 3))
+  lqjax.calibrate(model, x)
+  ref = model(x)
+  fn = lqjax.integer_inference(model, min_rows=1)
+  np.testing.assert_allclose(fn(x), ref, atol=2e-5 * float(jnp.max(jnp.abs(ref))))
+  assert _ops(fn, x) == (2, 1)
+  assert fn.variables["fc1"]["kernel"].get_value().dtype == np.uint8  # packed int4
+  np.testing.assert_array_equal(model(x), ref)  # the module itself is left as it was
+  with pytest.raises(TypeError, match="takes no variables"):
+    lqjax.integer_inference(model, {})
+
+
+def test_stacked_layers_are_refused_in_one_line():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Linear(6, 6, rngs=nnx.Rngs(key))
+
+  stack = lqjax.quantize(make(jax.random.split(jax.random.key(0), 3)),
+                         lqjax.Rule(".*", lqjax.QuantConfig(rule="lsq", bits=4), inputs=A8))
+
+  class Run(nnx.Module):
+    def __init__(self, stack):
+      self.stack = stack
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def body(x, layer):
+        return layer(x)
+      return body(x, self.stack)
+
+  with pytest.raises(ValueError, match="stacked by nnx.vmap") as e:
+    lqjax.integer_inference(Run(stack))
+  assert "\n" not in str(e.value)
