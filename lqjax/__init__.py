@@ -28,8 +28,7 @@ from lqjax import budget, optim, sensitivity
 from lqjax import accounting as _accounting
 from lqjax.accounting import average_bits, model_report, summarize
 from lqjax.compress import CODEC_FIXED, CODEC_ZSTD, CorruptFileError, load, save
-from lqjax.integer import integer_inference
-from lqjax.interception import calibrate, quantize
+from lqjax.interception import calibrate, integer_inference, quantize
 from lqjax.linen_quant import quantized
 from lqjax.losses import (bin_count_penalty, deviation_penalty, inverse_scale_penalty,
                           quant_penalties)

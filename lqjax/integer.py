@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -121,15 +120,25 @@ class Stored:
 
 _PACKED = {"int2x4": 2, "int4x2": 4}  # narrowest first
 _PLAN: contextvars.ContextVar = contextvars.ContextVar("lqjax_integer_plan", default=None)
+_ROWS: contextvars.ContextVar = contextvars.ContextVar("lqjax_integer_rows", default=None)
 
 
 @contextlib.contextmanager
-def _planned(plan):
-  token = _PLAN.set(plan)
+def route(plan, min_rows: int):
+  """While set (at trace time), quantized layers read their stored codes (`plan`: Linen's
+  ``{path: Stored}``, None for NNX, whose layers carry theirs) and layers with input
+  quantizers take the integer route where :func:`takes_route` says so."""
+  tokens = _PLAN.set(plan), _ROWS.set(min_rows)
   try:
     yield
   finally:
-    _PLAN.reset(token)
+    _PLAN.reset(tokens[0])
+    _ROWS.reset(tokens[1])
+
+
+def route_rows() -> Optional[int]:
+  """``min_rows`` of the integer route in force, or None outside one."""
+  return _ROWS.get()
 
 
 def stored(module_path: Tuple[str, ...], name: str) -> Optional[Stored]:
@@ -160,18 +169,18 @@ def prepare(variables) -> Tuple[Dict[str, Any], Dict[Tuple[str, ...], Stored]]:
     raise ValueError("lqjax.integer_inference: the variables have no quantized tensor "
                      "(quantize the model with lqjax.quantize)")
   arrays, plan, sums = {}, {}, {}
-  for t, codes, value, how in _stored_tensors(tensors):
+  for t, codes, value, how in stored_tensors(tensors):
     arrays[t.path] = value
     plan[t.path[1:]] = how  # without the collection's name
     if t.path[-1] == "kernel":
-      sums[t.path[1:-1]] = _code_sum(codes)
+      sums[t.path[1:-1]] = code_sum(codes)
   out = dict(tree.replace_arrays(variables, arrays))
   from flax import traverse_util
   out[COLLECTION] = traverse_util.unflatten_dict({k + (_SUM,): v for k, v in sums.items()})
   return out, plan
 
 
-def _stored_tensors(tensors):
+def stored_tensors(tensors):
   """(tensor, its int codes, the array held, its Stored) of each quantized tensor."""
   for t in tensors:
     codes, _ = quant.tensor_codes(t.p, t.log_scale, t.config)
@@ -182,7 +191,7 @@ def _stored_tensors(tensors):
     yield t, codes, value, how
 
 
-def _code_sum(codes) -> np.ndarray:
+def code_sum(codes) -> np.ndarray:
   """sum_in W_q per output (the last axis) as float32."""
   return codes.reshape(-1, codes.shape[-1]).sum(0).astype(np.float32)
 
@@ -297,73 +306,3 @@ def _conv_route(mod, x, kernel_shape):
         dimension_numbers=spec, feature_group_count=mod.feature_group_count,
         preferred_element_type=out)
   return conv
-
-
-def _nnx_inference(model, min_rows: int, kwargs):
-  """:func:`integer_inference` of an NNX module: a copy holds the codes (see nnx_quant)."""
-  from flax import nnx
-  from lqjax import nnx_quant
-  model = nnx.clone(model)
-  tensors = tree.quantized_tensors(model)
-  if not tensors:
-    raise ValueError("lqjax.integer_inference: the model has no quantized tensor (quantize "
-                     "it with lqjax.quantize)")
-  layers = {}
-  for t in tensors:
-    layer = _child(model, t.path[:-1])
-    if nnx_quant.layout(layer, t.path[-1], t.p.ndim).stacked:
-      raise ValueError(f"lqjax.integer_inference: {t.name} belongs to layers stacked by "
-                       f"nnx.vmap (run by nnx.scan), which are not supported; run the model "
-                       f"itself")
-  for t, codes, value, how in _stored_tensors(tensors):
-    layer = _child(model, t.path[:-1])
-    getattr(layer, t.path[-1]).set_value(jnp.asarray(value))
-    layers.setdefault(id(layer), (layer, {}))[1][t.path[-1]] = how
-    if t.path[-1] == "kernel":
-      layer.kernel_code_sum = nnx_quant.CodeSum(jnp.asarray(_code_sum(codes)))
-  for layer, stored_ in layers.values():
-    layer._lqjax_stored = tuple(sorted(stored_.items()))
-  graphdef, state = nnx.split(model)
-
-  def run(state, x):
-    with nnx_quant.integer_route(min_rows):
-      return nnx.merge(graphdef, state)(x, **kwargs)
-
-  fn = functools.partial(jax.jit(run), state)
-  fn.variables = state
-  return fn
-
-
-def _child(node, path):
-  for key in path:
-    node = node[int(key)] if key.isdigit() and not hasattr(node, key) else getattr(node, key)
-  return node
-
-
-def integer_inference(model, variables=None, *, min_rows: int = MIN_ROWS, **kwargs):
-  """A jitted ``fn(x)``: `model` (quantized by :func:`lqjax.quantize`) run from its integer
-  codes (see the module docstring). Linen: ``integer_inference(model, variables,
-  train=False)``, `kwargs` going to ``model.apply``; NNX: ``integer_inference(module)``,
-  `kwargs` going to its call. ``fn.variables`` are the arrays it holds on the device."""
-  from lqjax import linen_quant
-  try:
-    from flax import nnx
-    if isinstance(model, nnx.Module):
-      if variables is not None:
-        raise TypeError("lqjax.integer_inference(module) of an NNX module takes no variables")
-      return _nnx_inference(model, min_rows, kwargs)
-  except ImportError:  # pragma: no cover
-    pass
-  apply_kwargs = kwargs
-  if not isinstance(model, linen_quant._QuantizedModel):
-    raise TypeError("lqjax.integer_inference takes a Linen or NNX model made by "
-                    f"lqjax.quantize (got {type(model).__name__})")
-  held, plan = prepare(variables)
-
-  def run(held, x):
-    with _planned(plan), linen_quant.integer_route(min_rows):
-      return model.apply(held, x, **apply_kwargs)
-
-  fn = functools.partial(jax.jit(run), held)
-  fn.variables = held
-  return fn

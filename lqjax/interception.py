@@ -69,3 +69,28 @@ def calibrate(model, *args, **kwargs):
     return linen_quant.calibrate(model, *args, **kwargs)
   from lqjax import nnx_quant
   return nnx_quant.calibrate(model, *args, **kwargs)
+
+
+def integer_inference(model, variables=None, *, min_rows=None, **kwargs):
+  """A jitted ``fn(x)``: `model` (quantized by :func:`lqjax.quantize`) run from its integer
+  codes (:mod:`lqjax.integer`). Linen: ``integer_inference(model, variables, train=False)``,
+  `kwargs` going to ``model.apply``; NNX: ``integer_inference(module)``, `kwargs` going to
+  its call. ``min_rows``: dots with fewer rows take the float path (default
+  :data:`lqjax.integer.MIN_ROWS`). ``fn.variables`` are the arrays it holds on the device."""
+  from lqjax import integer
+  min_rows = integer.MIN_ROWS if min_rows is None else min_rows
+  import flax.linen as nn
+  if isinstance(model, nn.Module):
+    from lqjax import linen_quant
+    return linen_quant.integer_inference(model, variables, min_rows, kwargs)
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover
+    nnx = None
+  if nnx is not None and isinstance(model, nnx.Module):
+    if variables is not None:
+      raise TypeError("lqjax.integer_inference(module) of an NNX module takes no variables")
+    from lqjax import nnx_quant
+    return nnx_quant.integer_inference(model, min_rows, kwargs)
+  raise TypeError("lqjax.integer_inference takes a Linen or NNX model made by lqjax.quantize "
+                  f"(got {type(model).__name__})")

@@ -27,13 +27,13 @@ from ``init_bits`` bits over each group's range; fixed bit widths use LSQ's
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import threading
 from typing import Any, Callable, Mapping, Optional, Type
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lqjax import inputs as inputs_lib, integer, qconfig, quant, rules as rules_lib, tree
@@ -128,20 +128,6 @@ def calibrate(model: nn.Module, variables, *args, **kwargs):
   return out
 
 
-_INTEGER = threading.local()
-
-
-@contextlib.contextmanager
-def integer_route(min_rows: int):
-  """While set, layers with input quantizers take :func:`lqjax.integer.integer_layer`'s
-  route where it applies (trace time)."""
-  _INTEGER.min_rows = min_rows
-  try:
-    yield
-  finally:
-    _INTEGER.min_rows = None
-
-
 def _count(x) -> int:
   return len(x) if isinstance(x, (tuple, list)) else 1
 
@@ -221,7 +207,7 @@ class _Interceptor:
       self._install(mod)
     icfg = mod.__dict__.get("_lqjax_inputs")
     if icfg is not None and context.method_name == "__call__":
-      min_rows = getattr(_INTEGER, "min_rows", None)
+      min_rows = integer.route_rows()
       if min_rows is not None and args:
         y = integer.integer_layer(mod, args[0], icfg, min_rows)
         if y is not None:
@@ -317,3 +303,19 @@ def is_quantized(model) -> bool:
 QuantDense = quantized(nn.Dense)
 QuantConv = quantized(nn.Conv)
 QuantEmbed = quantized(nn.Embed)
+
+
+def integer_inference(model, variables, min_rows: int, apply_kwargs):
+  """Linen half of :func:`lqjax.integer_inference` (see :mod:`lqjax.integer`)."""
+  if not isinstance(model, _QuantizedModel):
+    raise TypeError("lqjax.integer_inference takes a Linen or NNX model made by "
+                    f"lqjax.quantize (got {type(model).__name__})")
+  held, plan = integer.prepare(variables)
+
+  def run(held, x):
+    with integer.route(plan, min_rows):
+      return model.apply(held, x, **apply_kwargs)
+
+  fn = functools.partial(jax.jit(run), held)
+  fn.variables = held
+  return fn

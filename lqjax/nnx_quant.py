@@ -33,10 +33,11 @@ import contextlib
 import functools
 import threading
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lqjax import inputs as inputs_lib, qconfig, quant, rules as rules_lib, tree
+from lqjax import inputs as inputs_lib, integer, qconfig, quant, rules as rules_lib, tree
 
 #: Layers whose parameters a rule may quantize (subclasses included).
 NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Embed, nnx.Einsum)
@@ -50,31 +51,17 @@ class CodeSum(nnx.Variable):
   """sum_in W_q per output of a layer that integer inference runs (:mod:`lqjax.integer`)."""
 
 
-_INTEGER = threading.local()
-
-
-@contextlib.contextmanager
-def integer_route(min_rows: int):
-  """While set, quantized layers run from their stored codes (:mod:`lqjax.integer`)."""
-  _INTEGER.min_rows = min_rows
-  try:
-    yield
-  finally:
-    _INTEGER.min_rows = None
-
-
 def _stored(layer) -> dict:
   return dict(getattr(layer, "_lqjax_stored", ()))
 
 
 def _integer_call(layer, x, quantizer):
   """The layer's output by the integer route, or None (:func:`lqjax.integer.takes_route`)."""
-  from lqjax import integer
   how = _stored(layer).get("kernel")
   if how is None:
     return None
   log_w = layer.kernel_quant.log_scale[...]
-  if not integer.takes_route(layer, x, quantizer.config, how, log_w, _INTEGER.min_rows):
+  if not integer.takes_route(layer, x, quantizer.config, how, log_w, integer.route_rows()):
     return None
   bias = getattr(layer, "bias", None)
   if isinstance(bias, nnx.Variable):
@@ -198,7 +185,7 @@ def _wrap(fn):
     quantizer = getattr(self, tree.INPUT_QUANT, None)
     if fn.__name__ == "__call__" and isinstance(quantizer, InputQuantizer):
       x = args[0] if args else kwargs.get("inputs")
-      if getattr(_INTEGER, "min_rows", None) is not None and x is not None:
+      if integer.route_rows() is not None and x is not None:
         y = _integer_call(self, x, quantizer)
         if y is not None:
           return y
@@ -330,3 +317,42 @@ def quantize(model: nnx.Module, rules) -> nnx.Module:
     _quantize_layer(mod, cfgs, path, inputs)
   matcher.check()
   return model
+
+
+def integer_inference(model: nnx.Module, min_rows: int, kwargs):
+  """NNX half of :func:`lqjax.integer_inference`: a copy of `model` holds the codes, each
+  quantized layer its :class:`lqjax.integer.Stored` and :class:`CodeSum`."""
+  model = nnx.clone(model)
+  tensors = tree.quantized_tensors(model)
+  if not tensors:
+    raise ValueError("lqjax.integer_inference: the model has no quantized tensor (quantize "
+                     "it with lqjax.quantize)")
+  for t in tensors:
+    if layout(_child(model, t.path[:-1]), t.path[-1], t.p.ndim).stacked:
+      raise ValueError(f"lqjax.integer_inference: {t.name} belongs to layers stacked by "
+                       f"nnx.vmap (run by nnx.scan), which are not supported; run the model "
+                       f"itself")
+  layers = {}
+  for t, codes, value, how in integer.stored_tensors(tensors):
+    layer = _child(model, t.path[:-1])
+    getattr(layer, t.path[-1]).set_value(jnp.asarray(value))
+    layers.setdefault(id(layer), (layer, {}))[1][t.path[-1]] = how
+    if t.path[-1] == "kernel":
+      layer.kernel_code_sum = CodeSum(jnp.asarray(integer.code_sum(codes)))
+  for layer, stored in layers.values():
+    layer._lqjax_stored = tuple(sorted(stored.items()))
+  graphdef, state = nnx.split(model)
+
+  def run(state, x):
+    with integer.route(None, min_rows):
+      return nnx.merge(graphdef, state)(x, **kwargs)
+
+  fn = functools.partial(jax.jit(run), state)
+  fn.variables = state
+  return fn
+
+
+def _child(node, path):
+  for key in path:
+    node = node[int(key)] if key.isdigit() and not hasattr(node, key) else getattr(node, key)
+  return node
