@@ -133,6 +133,26 @@ def measured_line(doc, subcommand: str, cells: str) -> str:
              if "loadavg_1min_at_start" in doc else "") + ".")
 
 
+def measure_side_by_side(cases, windows: int, reps: int):
+  """cases: [(variant, jitted fn, args)], the first the float32 reference. Each is compiled,
+  then timed round-robin (`reps` calls per window, rotating which runs first): a row per
+  case with its median time per call and the median over rounds of float time / its time."""
+  def calls(fn, args):
+    def run():
+      out = None
+      for _ in range(reps):
+        out = fn(*args)
+      return out
+    return run
+  fns = [calls(f, a) for _, f, a in cases]
+  for f in fns:
+    jax.block_until_ready(f())  # compile and warm
+  times = round_robin(fns, windows, jax.block_until_ready, rotate=True)
+  times = [[t / reps for t in ts] for ts in times]
+  return [{"variant": v, "seconds": statistics.median(ts), "vs_float": median_ratio(times[0], ts)}
+          for (v, _, _), ts in zip(cases, times)]
+
+
 def median_ratio(a, b) -> float:
   """Median over rounds of a[i] / b[i]."""
   return statistics.median(x / y for x, y in zip(a, b))

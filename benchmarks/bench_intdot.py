@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import jax
@@ -42,7 +41,7 @@ from jax import lax
 
 from lqjax import integer
 
-from bench import (add_output_flags, machine_info, measured_line, median_ratio, round_robin,
+from bench import (add_output_flags, machine_info, measure_side_by_side, measured_line,
                    section_from_json, write_doc)
 
 #: (name, batch, in, out) of the dots.
@@ -91,26 +90,6 @@ def conv_patches_i8(x, w):
   return out.reshape(b, h, wd, -1)
 
 
-def _calls(fn, args, reps):
-  def run():
-    out = None
-    for _ in range(reps):
-      out = fn(*args)
-    return out
-  return run
-
-
-def _measure(cases, windows, reps):
-  """cases: [(variant, jitted fn, args)], the first float32: rows of time and ratio."""
-  fns = [_calls(f, a, reps) for _, f, a in cases]
-  for f in fns:
-    jax.block_until_ready(f())  # compile and warm
-  times = round_robin(fns, windows, jax.block_until_ready, rotate=True)
-  times = [[t / reps for t in ts] for ts in times]
-  return [{"variant": v, "seconds": statistics.median(ts), "vs_float": median_ratio(times[0], ts)}
-          for (v, _, _), ts in zip(cases, times)]
-
-
 def bench_dots(windows, reps, rng):
   rows = []
   for name, batch, k, n in DOTS:
@@ -130,7 +109,7 @@ def bench_dots(windows, reps, rng):
              ("dyn_i8", jax.jit(_dyn_i8), (x, jnp.asarray(w8), jnp.float32(0.01))),
              ("w8_f32", jax.jit(lambda x, w: x @ w.astype(jnp.float32)), (x, jnp.asarray(w8))),
              ("i4_i8", jax.jit(_i4_i8), (jnp.asarray(x8), jnp.asarray(integer.pack(w4, 4))))]
-    for r in _measure(cases, windows, reps):
+    for r in measure_side_by_side(cases, windows, reps):
       rows.append({"op": "dot", "shape": name, "batch": batch, **r})
       _print(rows[-1])
   return rows
@@ -149,7 +128,7 @@ def bench_convs(windows, reps, rng):
     cases = [("float32", jax.jit(conv_f32), (jnp.asarray(xf), jnp.asarray(wf))),
              ("int8", jax.jit(conv_int8), (x8j, w8j)),
              ("patches_i8", jax.jit(conv_patches_i8), (x8j, w8j))]
-    for r in _measure(cases, windows, reps):
+    for r in measure_side_by_side(cases, windows, reps):
       rows.append({"op": "conv3x3", "shape": f"32x32, {c}->{c}", "batch": batch, **r})
       _print(rows[-1])
   return rows

@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import (add_output_flags, check_windows, machine_info, measured_line, median_ratio,
-                   round_robin,
-                   section_from_json, write_doc)
+from bench import (add_output_flags, check_windows, machine_info, measure_side_by_side,
+                   measured_line, section_from_json, write_doc)
 import lqjax
 from lqjax import compress, integer
 from lqlab import data
@@ -74,26 +72,14 @@ def measure(model_name, setting, windows):
   rows = []
   for batch in BATCHES:
     x = jnp.asarray(np.random.default_rng(1).standard_normal((batch,) + shape), jnp.float32)
-    calls = []
-    for fn, _ in fns.values():
-      def run(fn=fn):
-        out = None
-        for _ in range(CALLS[batch]):
-          out = fn(x)
-        return out
-      jax.block_until_ready(run())  # compile and warm
-      calls.append(run)
-    times = round_robin(calls, windows, jax.block_until_ready, rotate=True)
-    times = [[t / CALLS[batch] for t in ts] for ts in times]
-    for (variant, (_, held)), ts in zip(fns.items(), times):
-      rows.append({"model": model_name, "setting": setting, "batch": batch, "variant": variant,
-                   "seconds": statistics.median(ts), "vs_float": median_ratio(times[0], ts),
+    cases = [(variant, fn, (x,)) for variant, (fn, _) in fns.items()]
+    for r, (_, held) in zip(measure_side_by_side(cases, windows, CALLS[batch]), fns.values()):
+      rows.append({"model": model_name, "setting": setting, "batch": batch, **r,
                    "device_bytes": integer.device_bytes(held), "packed_bytes": packed,
                    "max_abs_logit_diff_integer_vs_fake": diff})
-      r = rows[-1]
-      print(f"{model_name:9s} {setting} b{batch:<4d} {variant:10s} {1e3 * r['seconds']:9.3f} ms "
-            f"float/this {r['vs_float']:.2f}  device {r['device_bytes']} B (file {packed} B)",
-            flush=True)
+      print(f"{model_name:9s} {setting} b{batch:<4d} {r['variant']:10s} "
+            f"{1e3 * r['seconds']:9.3f} ms float/this {r['vs_float']:.2f}  device "
+            f"{rows[-1]['device_bytes']} B (file {packed} B)", flush=True)
   return rows
 
 

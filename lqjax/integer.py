@@ -245,9 +245,12 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
   else:
     conv = _conv_route(mod, x, codes_w.shape)
     acc = conv(q, codes_w, jnp.int32)
-    if _padded(mod):  # taps on padding see 0, not z: count the ones that do not
-      ones = jnp.ones((1,) + x.shape[1:], jnp.float32)
-      offset = in_zero * s_w * conv(ones, codes_w.astype(jnp.float32), jnp.float32)
+    if _padded(mod):  # taps on padding see 0, not z: count the ones that do not, with the
+      # kernel summed over each group's input channels (one ones-channel a group)
+      groups = mod.feature_group_count
+      ones = jnp.ones((1,) + x.shape[1:-1] + (groups,), jnp.float32)
+      summed = jnp.sum(codes_w.astype(jnp.float32), axis=-2, keepdims=True)
+      offset = in_zero * s_w * conv(ones, summed, jnp.float32)
     else:
       offset = in_zero * s_w * code_sum
   y = acc.astype(jnp.float32) * (s_in * s_w) + offset
