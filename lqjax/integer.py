@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import re
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -222,6 +223,49 @@ def _bias(mod, params):
   return how.dequantize(b, tree.unbox(params["bias" + tree.QUANT_SUFFIX][tree.SCALE_NAME]))
 
 
+def check_input(where: str, x) -> None:
+  """One line for a non-float input to a layer whose input the model quantizes: the input
+  quantizer's grid is over real values, so integer data (e.g. raw uint8 pixels) would be
+  read at the wrong scale."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"lqjax.integer_inference: layer {where} quantizes its input, which "
+                     f"came as {x.dtype}; pass the batch as float32, scaled as in training")
+
+
+def checked(run, held, name: str = "lqjax.integer_inference"):
+  """``fn(x) = run(held, x)`` (jitted) that, for each new shape and dtype of `x`, traces the
+  program abstractly first (``jax.eval_shape``, no compute) and turns a batch it does not fit
+  into one line: the wrong shape or dtype, or variables that lack the activation scales the
+  model's rules ask for."""
+  jitted = jax.jit(run)
+  seen = set()
+
+  def fn(x):
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    key = (tuple(x.shape), str(x.dtype))
+    if key not in seen:
+      try:
+        jax.eval_shape(jitted, held, x)
+      except Exception as e:  # flax's and lax's own errors, several lines each
+        first = (str(e).strip().splitlines() or [""])[0]
+        if tree.INPUT_QUANT in first:
+          scope = re.search(r'scope "([^"]+)"', first)
+          where = f" for {scope.group(1).strip('/')}" if scope else ""
+          raise ValueError(f"{name}: the variables have no activation scales{where}; the "
+                           f"model's rules quantize inputs (Rule inputs=): pass the "
+                           f"variables of a model trained or calibrated with them "
+                           f"(lqjax.calibrate)") from None
+        if isinstance(e, ValueError) and first.startswith(name):
+          raise ValueError(first) from None
+        raise ValueError(f"{name}: a batch of shape {key[0]} and dtype {key[1]} does not fit "
+                         f"the model ({type(e).__name__}: {first[:200]})") from None
+      seen.add(key)
+    return jitted(held, x)
+
+  fn.variables = held
+  return fn
+
+
 def takes_route(mod, x, icfg, how: Optional[Stored], log_w, min_rows: int) -> bool:
   """Whether a layer's call takes the integer route (see the module docstring)."""
   dense = isinstance(mod, _DENSE)
@@ -261,6 +305,7 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
 
 def integer_layer(mod, x, icfg, min_rows: int):
   """A Linen layer's output by the integer route, or None where the float path applies."""
+  check_input("/".join(mod.path) or type(mod).__name__, x)
   how = stored(mod.path, "kernel")
   variables = mod.variables
   params = variables.get("params", {})

@@ -226,6 +226,7 @@ class _Interceptor:
     object.__setattr__(mod, "_lqjax_param", True)
     if rule is not None and rule.inputs is not None and _takes_inputs(mod):
       object.__setattr__(mod, "_lqjax_inputs", rule.inputs)
+      self.matcher.saw_inputs(path)
     if not cfgs:
       return
     keep_float = isinstance(mod, FLOAT_LAYERS)
@@ -316,6 +317,4 @@ def integer_inference(model, variables, min_rows: int, apply_kwargs):
     with integer.route(plan, min_rows):
       return model.apply(held, x, **apply_kwargs)
 
-  fn = functools.partial(jax.jit(run), held)
-  fn.variables = held
-  return fn
+  return integer.checked(run, held)

@@ -57,6 +57,7 @@ def _stored(layer) -> dict:
 
 def _integer_call(layer, x, quantizer):
   """The layer's output by the integer route, or None (:func:`lqjax.integer.takes_route`)."""
+  integer.check_input(f"of type {type(layer).__name__}", x)
   how = _stored(layer).get("kernel")
   if how is None:
     return None
@@ -308,6 +309,8 @@ def quantize(model: nnx.Module, rules) -> nnx.Module:
         matcher.saw_param(path, name)
     cfgs = rule.configs() if rule is not None else {}
     inputs = rule.inputs if rule is not None and _takes_inputs(mod) else None
+    if inputs is not None and not isinstance(mod, FLOAT_LAYERS):
+      matcher.saw_inputs(path)
     if (not cfgs and inputs is None) or isinstance(mod, FLOAT_LAYERS):
       continue
     for name, cfg in cfgs.items():
@@ -347,9 +350,7 @@ def integer_inference(model: nnx.Module, min_rows: int, kwargs):
     with integer.route(None, min_rows):
       return nnx.merge(graphdef, state)(x, **kwargs)
 
-  fn = functools.partial(jax.jit(run), state)
-  fn.variables = state
-  return fn
+  return integer.checked(run, state)
 
 
 def _child(node, path):

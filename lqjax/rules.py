@@ -120,6 +120,7 @@ class Matcher:
     self.decided = [[] for _ in self.rules]   # module paths where it is the first match
     self.owner = {}                           # module path -> index of the deciding rule
     self.found = [set() for _ in self.rules]  # parameter names of the modules it decides
+    self.fed = [False for _ in self.rules]    # whether it quantizes some module's input
     self.paths = []                           # every module path walked, in order
 
   def match(self, path: str) -> Optional[Rule]:
@@ -142,6 +143,12 @@ class Matcher:
     i = self.owner.get(module_path)
     if i is not None:
       self.found[i].add(name)
+
+  def saw_inputs(self, module_path: str):
+    """Records that the deciding rule's ``inputs`` quantize the input of `module_path`."""
+    i = self.owner.get(module_path)
+    if i is not None:
+      self.fed[i] = True
 
   def _suggest(self, rule: Rule) -> str:
     """The closest module paths to a rule that matched none, and how many there are."""
@@ -172,6 +179,12 @@ class Matcher:
             f"{what} names parameters {', '.join(sorted(names))}, which none of its modules "
             f"({', '.join(self.decided[i][:3])}{', ...' if len(self.decided[i]) > 3 else ''}) "
             f"has; they have {', '.join(have)}")
+      if r.inputs is not None and not self.fed[i]:
+        mods = ", ".join(self.decided[i][:3]) + (", ..." if len(self.decided[i]) > 3 else "")
+        raise QuantizeError(
+            f"{what} has inputs=, but none of its modules ({mods}) has an input to quantize "
+            f"(an Embed's input is token ids; norms and containers take none): select the "
+            f"Dense, Conv or Einsum layers with the rule, or drop inputs=")
 
 
 

@@ -121,6 +121,46 @@ def test_bad_input_is_one_line():
     lqjax.integer_inference(Net(), {})
 
 
+def test_a_batch_or_variables_that_do_not_fit_are_one_line():
+  model, v, x = _model(4)
+  fn = lqjax.integer_inference(model, v)
+  for bad, needle in [(x[..., :2], r"shape \(32, 12, 12, 2\) and dtype float32 does not fit"),
+                      (x.astype(jnp.int32), "layer c0 quantizes its input, which came as int32")]:
+    with pytest.raises(ValueError, match=needle) as e:
+      fn(bad)
+    assert "\n" not in str(e.value)
+  assert fn(x).shape == (32, 10)
+  # variables without the activation scales that the rules ask for
+  weights_only = lqjax.quantize(Net(), lqjax.Rule(".*", lqjax.QuantConfig(rule="lsq", bits=4)))
+  with pytest.raises(ValueError, match="no activation scales for c0/input_quant") as e:
+    lqjax.integer_inference(model, weights_only.init(jax.random.key(1), x[:1]))(x)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_an_inputs_rule_on_layers_without_inputs_is_refused(framework):
+  if framework == "linen":
+    class Lm(nn.Module):
+      @nn.compact
+      def __call__(self, t):
+        return nn.Dense(4, name="head")(nn.Embed(10, 8, name="tok")(t))
+    make = lambda rules: lqjax.quantize(Lm(), rules).init(
+        jax.random.key(0), jnp.zeros((2, 3), jnp.int32))
+  else:
+    class Lm(nnx.Module):
+      def __init__(self, rngs):
+        self.tok, self.head = nnx.Embed(10, 8, rngs=rngs), nnx.Linear(8, 4, rngs=rngs)
+
+      def __call__(self, t):
+        return self.head(self.tok(t))
+    make = lambda rules: lqjax.quantize(Lm(nnx.Rngs(0)), rules)
+  w4 = lqjax.QuantConfig(rule="lsq", bits=4)
+  with pytest.raises(lqjax.QuantizeError, match="has inputs=, but none of its modules") as e:
+    make([lqjax.Rule("tok", w4, inputs=A8)])
+  assert "\n" not in str(e.value)
+  make([lqjax.Rule("tok", w4), lqjax.Rule("head", w4, inputs=A8)])  # the working way
+
+
 class NnxNet(nnx.Module):
   def __init__(self, rngs):
     self.c0 = nnx.Conv(3, 40, (3, 3), padding="SAME", rngs=rngs)    # 3 channels: float path
