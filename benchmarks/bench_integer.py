@@ -13,6 +13,14 @@ functions of the normalised input, timed round-robin in one run:
   the quantizers in the graph);
 * ``integer``: ``lqjax.integer_inference`` over the integer codes (lqjax/integer.py).
 
+and, in onnxruntime (CPU provider, all graph optimisations), timed side by side in a
+second group:
+
+* ``ort_float32``: the float32 model exported to ONNX (the reference of the group);
+* ``ort_integer``: ``lqjax.onnx_export.build_integer`` of the integer function: Dense
+  layers as QuantizeLinear + MatMulInteger (uint8 x int8 -> int32) and the epilogue,
+  convolutions on the float path.
+
 At batch 256 (throughput) and batch 1 (latency); a ratio is the median over rounds of
 float32 time / variant time (> 1: faster). Also recorded: the bytes each function holds
 on the device, the packed file's bytes, and the largest logit difference between the
@@ -63,11 +71,29 @@ def functions(model_name: str, setting: str):
   diff = float(jnp.max(jnp.abs(int_fn(x) - fake(qv, x))))
   fns = {"float32": (lambda x: flt(fv, x), fv), "fake_quant": (lambda x: fake(qv, x), qv),
          "integer": (int_fn, int_fn.variables)}
-  return fns, compress.file_bytes(qv), diff
+  ort = {}
+  try:
+    import onnxruntime  # noqa: F401
+  except ImportError:  # the export extra is not installed: no onnxruntime rows
+    return fns, ort, compress.file_bytes(qv), diff
+  from lqjax import onnx_export
+  blobs = {"ort_float32": onnx_export.to_bytes(lambda v, x: fp.apply(v, x, train=False), fv,
+                                               x[:1]),
+           "ort_integer": onnx_export.build_integer(lqjax.integer_inference(
+               q, qv, packed=False, train=False), x[:1]).SerializeToString()}
+  for variant, blob in blobs.items():
+    sess = onnx_export.session(blob, "all")
+    name = sess.get_inputs()[0].name
+    ort[variant] = (lambda x, sess=sess, name=name: sess.run(None, {name: np.asarray(x)})[0],
+                    len(blob))
+  got = ort["ort_integer"][0](x)
+  ort_diff = float(np.max(np.abs(got - np.asarray(fake(qv, x)))))
+  ort = {k: (fn, size, ort_diff) for k, (fn, size) in ort.items()}
+  return fns, ort, compress.file_bytes(qv), diff
 
 
 def measure(model_name, setting, windows):
-  fns, packed, diff = functions(model_name, setting)
+  fns, ort, packed, diff = functions(model_name, setting)
   shape = data.image_shape(MODELS[model_name])
   rows = []
   for batch in BATCHES:
@@ -77,9 +103,20 @@ def measure(model_name, setting, windows):
       rows.append({"model": model_name, "setting": setting, "batch": batch, **r,
                    "device_bytes": integer.device_bytes(held), "packed_bytes": packed,
                    "max_abs_logit_diff_integer_vs_fake": diff})
-      print(f"{model_name:9s} {setting} b{batch:<4d} {r['variant']:10s} "
+      print(f"{model_name:9s} {setting} b{batch:<4d} {r['variant']:11s} "
             f"{1e3 * r['seconds']:9.3f} ms float/this {r['vs_float']:.2f}  device "
             f"{rows[-1]['device_bytes']} B (file {packed} B)", flush=True)
+    if ort:
+      xn = np.asarray(x)
+      cases = [(variant, fn, (xn,)) for variant, (fn, _, _) in ort.items()]
+      for r, (_, size, odiff) in zip(measure_side_by_side(cases, windows, CALLS[batch]),
+                                     ort.values()):
+        rows.append({"model": model_name, "setting": setting, "batch": batch, **r,
+                     "onnx_bytes": size, "packed_bytes": packed,
+                     "max_abs_logit_diff_ort_integer_vs_fake": odiff})
+        print(f"{model_name:9s} {setting} b{batch:<4d} {r['variant']:11s} "
+              f"{1e3 * r['seconds']:9.3f} ms float/this {r['vs_float']:.2f}  onnx {size} B",
+              flush=True)
   return rows
 
 
@@ -115,6 +152,7 @@ def render(doc) -> str:
            "float32 / integer | packed file bytes | max logit diff (integer vs fake) |",
            "|---|---|---|---|---|---|---|---|---|"]
   keys = list(dict.fromkeys((r["model"], r["setting"], r["batch"]) for r in doc["rows"]))
+  ort = []
   for m, s, b in keys:
     by = {r["variant"]: r for r in doc["rows"] if (r["model"], r["setting"], r["batch"]) == (m, s, b)}
     f, i = by["float32"], by["integer"]
@@ -122,6 +160,19 @@ def render(doc) -> str:
                  f"{by['fake_quant']['vs_float']:.2f}x | {i['vs_float']:.2f}x | "
                  f"{f['device_bytes']} / {i['device_bytes']} | {i['packed_bytes']} | "
                  f"{i['max_abs_logit_diff_integer_vs_fake']:.1e} |")
+    if "ort_integer" in by:
+      f, i = by["ort_float32"], by["ort_integer"]
+      ort.append(f"| {m} | {s} | {b} | {1e3 * f['seconds']:.3f} | {i['vs_float']:.2f}x | "
+                 f"{f['onnx_bytes']} / {i['onnx_bytes']} | "
+                 f"{i['max_abs_logit_diff_ort_integer_vs_fake']:.1e} |")
+  if ort:
+    lines += ["", "onnxruntime (CPU provider, all graph optimisations), in the same run: the "
+              "float32 model's ONNX against `lqjax.onnx_export.build_integer` of the integer "
+              "function (Dense layers as QuantizeLinear + MatMulInteger, convolutions on the "
+              "float path):", "",
+              "| model | setting | batch | ORT float32 ms | ORT integer | ONNX bytes: float32 "
+              "/ integer | max logit diff (ORT integer vs JAX fake) |",
+              "|---|---|---|---|---|---|---|"] + ort
   return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from bench import (add_output_flags, check_windows, machine_info, median_ratio,
                    section_from_json, write_doc)
+from lqjax import onnx_export
 from lqlab import data, export
 from lqlab.config import TrainConfig
 from lqlab.step import build_model
@@ -50,21 +51,12 @@ def graphs(model: str, bits: int):
                for w in ("int", "float"))
 
 
-def _session(blob, level):
-  import onnxruntime as ort
-  so = ort.SessionOptions()
-  so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                 "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-  so.log_severity_level = 3
-  return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
-
-
 def measure(model, bits, windows):
   qb, fb = graphs(model, bits)
   rows = []
   rng = np.random.default_rng(0)
   for level in ("basic", "all"):
-    sq, sf = _session(qb, level), _session(fb, level)
+    sq, sf = onnx_export.session(qb, level), onnx_export.session(fb, level)
     for batch in BATCHES:
       x = rng.integers(0, 256, (batch,) + data.image_shape("mnist"), dtype=np.uint8)
       name = sq.get_inputs()[0].name

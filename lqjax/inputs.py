@@ -55,6 +55,18 @@ SHRINKS = tuple(float(a) for a in np.linspace(1.0, 0.3, 15))  # ties keep the wi
 INPUT_RULES = ("lsq", "fixed")
 
 _CALIBRATING = contextvars.ContextVar("lqjax_calibrating", default=False)
+_QDQ = contextvars.ContextVar("lqjax_input_qdq", default=None)
+
+
+@contextlib.contextmanager
+def qdq_hook(fn):
+  """While set, :func:`fake_quant` (inference only) is ``fn(x, log_scale, zero_point, cfg)``
+  where that returns an array, e.g. the ONNX export's QuantizeLinear/DequantizeLinear."""
+  token = _QDQ.set(fn)
+  try:
+    yield
+  finally:
+    _QDQ.reset(token)
 
 
 @contextlib.contextmanager
@@ -105,6 +117,10 @@ def fake_quant(x, log_scale, zero_point, cfg: qconfig.QuantConfig):
 
   `log_scale` and `zero_point` are one layer's scalars.
   """
+  hook = _QDQ.get()
+  out = None if hook is None else hook(x, log_scale, zero_point, cfg)
+  if out is not None:
+    return out
   qn, qp = quant.code_range(cfg.bits)
   per_example = max(1, int(math.prod(x.shape[1:])) if x.ndim > 1 else int(x.size))
   g = 1.0 / math.sqrt(per_example * max(qp, 1.0))

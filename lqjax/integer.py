@@ -122,6 +122,19 @@ class Stored:
 _PACKED = {"int2x4": 2, "int4x2": 4}  # narrowest first
 _PLAN: contextvars.ContextVar = contextvars.ContextVar("lqjax_integer_plan", default=None)
 _ROWS: contextvars.ContextVar = contextvars.ContextVar("lqjax_integer_rows", default=None)
+_DOT: contextvars.ContextVar = contextvars.ContextVar("lqjax_integer_dot", default=None)
+
+
+@contextlib.contextmanager
+def dot_hook(fn):
+  """While set, an integer Dense/Linear layer's int32 product is ``fn(x, log_scale, zero,
+  icfg, codes_w)`` (the ONNX export's MatMulInteger), at any batch, and convolutions take
+  the float path (:func:`takes_route`)."""
+  token = _DOT.set(fn)
+  try:
+    yield
+  finally:
+    _DOT.reset(token)
 
 
 @contextlib.contextmanager
@@ -149,9 +162,9 @@ def stored(module_path: Tuple[str, ...], name: str) -> Optional[Stored]:
   return None if plan is None else plan.get(tuple(module_path) + (name,))
 
 
-def _store(codes: np.ndarray, grid: str):
+def _store(codes: np.ndarray, grid: str, packed: bool = True):
   lo, hi = int(codes.min(initial=0)), int(codes.max(initial=0))
-  for kind, bits in _PACKED.items():
+  for kind, bits in (_PACKED.items() if packed else ()):
     if -(1 << (bits - 1)) <= lo and hi < (1 << (bits - 1)):
       return pack(codes, bits), Stored(kind, codes.shape, grid)
   if -128 <= lo and hi <= 127:
@@ -161,8 +174,10 @@ def _store(codes: np.ndarray, grid: str):
   raise ValueError(f"codes in [{lo}, {hi}] need more than 16 bits")
 
 
-def prepare(variables) -> Tuple[Dict[str, Any], Dict[Tuple[str, ...], Stored]]:
+def prepare(variables, packed: bool = True
+            ) -> Tuple[Dict[str, Any], Dict[Tuple[str, ...], Stored]]:
   """(variables with each quantized tensor replaced by its stored codes, the plan).
+  `packed`: codes of at most 4 (2) bits two (four) a byte, else one byte each.
 
   Raises ValueError (one line) for a tree with no quantized tensor."""
   tensors = tree.quantized_tensors(variables)
@@ -170,7 +185,7 @@ def prepare(variables) -> Tuple[Dict[str, Any], Dict[Tuple[str, ...], Stored]]:
     raise ValueError("lqjax.integer_inference: the variables have no quantized tensor "
                      "(quantize the model with lqjax.quantize)")
   arrays, plan, sums = {}, {}, {}
-  for t, codes, value, how in stored_tensors(tensors):
+  for t, codes, value, how in stored_tensors(tensors, packed):
     arrays[t.path] = value
     plan[t.path[1:]] = how  # without the collection's name
     if t.path[-1] == "kernel":
@@ -181,12 +196,12 @@ def prepare(variables) -> Tuple[Dict[str, Any], Dict[Tuple[str, ...], Stored]]:
   return out, plan
 
 
-def stored_tensors(tensors):
+def stored_tensors(tensors, packed: bool = True):
   """(tensor, its int codes, the array held, its Stored) of each quantized tensor."""
   for t in tensors:
     codes, _ = quant.tensor_codes(t.p, t.log_scale, t.config)
     try:
-      value, how = _store(codes, t.config.grid)
+      value, how = _store(codes, t.config.grid, packed)
     except ValueError as e:
       raise ValueError(f"lqjax.integer_inference: {t.name}: {e}") from None
     yield t, codes, value, how
@@ -263,15 +278,20 @@ def checked(run, held, name: str = "lqjax.integer_inference"):
     return jitted(held, x)
 
   fn.variables = held
+  fn.run = run  # the program itself, for the ONNX export (lqjax.onnx_export.build_integer)
   return fn
 
 
 def takes_route(mod, x, icfg, how: Optional[Stored], log_w, min_rows: int) -> bool:
   """Whether a layer's call takes the integer route (see the module docstring)."""
   dense = isinstance(mod, _DENSE)
-  if not (dense or isinstance(mod, _CONV)) or icfg.bits > 8 or _rows(x) < min_rows:
+  if not (dense or isinstance(mod, _CONV)) or icfg.bits > 8:
     return False
   if how is None or how.kind == "int16" or how.grid != "midtread" or not _per_output(log_w):
+    return False
+  if _DOT.get() is not None:  # the ONNX export: dots only, at any batch
+    return dense and icfg.rounding == "round"
+  if _rows(x) < min_rows:
     return False
   return dense or _conv_route(mod, x, how.shape) is not None
 
@@ -281,12 +301,17 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
   ``s s_w acc + z s_w sum(W_q) + b`` (:func:`takes_route` said it applies)."""
   s_in = quant.scale_from_log(in_log_scale)
   s_w = quant.scale_from_log(log_w).reshape(-1)
-  q = inputs_lib.codes(x, in_log_scale, in_zero, icfg).astype(jnp.int8)
+  hook = _DOT.get()
   if isinstance(mod, _DENSE):
-    acc = lax.dot_general(q, codes_w, (((q.ndim - 1,), (0,)), ((), ())),
-                          preferred_element_type=jnp.int32)
+    if hook is not None:  # the ONNX export's integer product
+      acc = hook(x, in_log_scale, in_zero, icfg, codes_w)
+    else:
+      q = inputs_lib.codes(x, in_log_scale, in_zero, icfg).astype(jnp.int8)
+      acc = lax.dot_general(q, codes_w, (((q.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.int32)
     offset = in_zero * s_w * code_sum
   else:
+    q = inputs_lib.codes(x, in_log_scale, in_zero, icfg).astype(jnp.int8)
     conv = _conv_route(mod, x, codes_w.shape)
     acc = conv(q, codes_w, jnp.int32)
     if _padded(mod):  # taps on padding see 0, not z: count the ones that do not, with the
@@ -297,9 +322,8 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
       offset = in_zero * s_w * conv(ones, summed, jnp.float32)
     else:
       offset = in_zero * s_w * code_sum
-  y = acc.astype(jnp.float32) * (s_in * s_w) + offset
-  if bias is not None:
-    y = y + bias
+  shift = offset if bias is None else offset + bias  # constants, folded before the batch
+  y = acc.astype(jnp.float32) * (s_in * s_w) + shift
   return y.astype(getattr(mod, "dtype", None) or jnp.float32)
 
 

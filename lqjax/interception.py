@@ -71,18 +71,20 @@ def calibrate(model, *args, **kwargs):
   return nnx_quant.calibrate(model, *args, **kwargs)
 
 
-def integer_inference(model, variables=None, *, min_rows=None, **kwargs):
+def integer_inference(model, variables=None, *, min_rows=None, packed=True, **kwargs):
   """A jitted ``fn(x)``: `model` (quantized by :func:`lqjax.quantize`) run from its integer
   codes (:mod:`lqjax.integer`). Linen: ``integer_inference(model, variables, train=False)``,
   `kwargs` going to ``model.apply``; NNX: ``integer_inference(module)``, `kwargs` going to
   its call. ``min_rows``: dots with fewer rows take the float path (default
-  :data:`lqjax.integer.MIN_ROWS`). ``fn.variables`` are the arrays it holds on the device."""
+  :data:`lqjax.integer.MIN_ROWS`). ``packed=False`` holds codes of at most 4 bits one a byte
+  (no unpacking per call, twice or four times the bytes). ``fn.variables`` are the arrays
+  it holds on the device."""
   from lqjax import integer
   min_rows = integer.MIN_ROWS if min_rows is None else min_rows
   import flax.linen as nn
   if isinstance(model, nn.Module):
     from lqjax import linen_quant
-    return linen_quant.integer_inference(model, variables, min_rows, kwargs)
+    return linen_quant.integer_inference(model, variables, min_rows, kwargs, packed)
   try:
     from flax import nnx
   except ImportError:  # pragma: no cover
@@ -91,6 +93,6 @@ def integer_inference(model, variables=None, *, min_rows=None, **kwargs):
     if variables is not None:
       raise TypeError("lqjax.integer_inference(module) of an NNX module takes no variables")
     from lqjax import nnx_quant
-    return nnx_quant.integer_inference(model, min_rows, kwargs)
+    return nnx_quant.integer_inference(model, min_rows, kwargs, packed)
   raise TypeError("lqjax.integer_inference takes a Linen or NNX model made by lqjax.quantize "
                   f"(got {type(model).__name__})")

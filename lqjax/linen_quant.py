@@ -306,12 +306,12 @@ QuantConv = quantized(nn.Conv)
 QuantEmbed = quantized(nn.Embed)
 
 
-def integer_inference(model, variables, min_rows: int, apply_kwargs):
+def integer_inference(model, variables, min_rows: int, apply_kwargs, packed: bool = True):
   """Linen half of :func:`lqjax.integer_inference` (see :mod:`lqjax.integer`)."""
   if not isinstance(model, _QuantizedModel):
     raise TypeError("lqjax.integer_inference takes a Linen or NNX model made by "
                     f"lqjax.quantize (got {type(model).__name__})")
-  held, plan = integer.prepare(variables)
+  held, plan = integer.prepare(variables, packed)
 
   def run(held, x):
     with integer.route(plan, min_rows):

@@ -322,7 +322,7 @@ def quantize(model: nnx.Module, rules) -> nnx.Module:
   return model
 
 
-def integer_inference(model: nnx.Module, min_rows: int, kwargs):
+def integer_inference(model: nnx.Module, min_rows: int, kwargs, packed: bool = True):
   """NNX half of :func:`lqjax.integer_inference`: a copy of `model` holds the codes, each
   quantized layer its :class:`lqjax.integer.Stored` and :class:`CodeSum`."""
   model = nnx.clone(model)
@@ -336,7 +336,7 @@ def integer_inference(model: nnx.Module, min_rows: int, kwargs):
                        f"nnx.vmap (run by nnx.scan), which are not supported; run the model "
                        f"itself")
   layers = {}
-  for t, codes, value, how in integer.stored_tensors(tensors):
+  for t, codes, value, how in integer.stored_tensors(tensors, packed):
     layer = _child(model, t.path[:-1])
     getattr(layer, t.path[-1]).set_value(jnp.asarray(value))
     layers.setdefault(id(layer), (layer, {}))[1][t.path[-1]] = how

@@ -47,8 +47,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from lqjax import fileio, qconfig, quant, tree
+from lqjax import fileio, inputs as inputs_lib, integer, qconfig, quant, tree
 
 OPSET = 25  # INT2/UINT2 since 25, INT4/UINT4 since 21
 
@@ -233,9 +234,8 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
   """
   if weights not in ("int", "float"):
     raise ValueError(f"weights must be 'int' or 'float', got {weights!r}")
-  import onnx
-  from jax2onnx import to_onnx
   from onnx import helper, numpy_helper
+  _register_plugins()
 
   variables = jax.device_get(variables)
   qt = {t.path: t for t in tree.quantized_tensors(variables)}
@@ -247,19 +247,235 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
     if cfg.offset:  # s * (q + 1/2) = (s / 2) * (2q + 1): integer codes again, and exact
       codes, scale = 2 * codes.astype(np.int64) + 1, scale / np.float32(2)
     replaced[t.path] = (codes, scale, values)
-  leaves, treedef = tree.leaves(variables)
-  paths = [path for path, _ in leaves]
-  arrays = [np.asarray(replaced[path][2] if path in replaced else tree.leaf_array(leaf))
-            for path, leaf in leaves]
-
-  def rebuild(arrs):
-    return jax.tree_util.tree_unflatten(
-        treedef, [tree.with_array(leaf, a) for (_, leaf), a in zip(leaves, arrs)])
+  inputs, rebuild = _graph_inputs(variables, {p: r[2] for p, r in replaced.items()})
 
   def traced(x, *arrs):
-    with quant.passthrough():
+    with quant.passthrough(), inputs_lib.qdq_hook(_qdq):
       return fn(rebuild(arrs), x)
 
+  paths, arrays = [p for p, _ in inputs], [a for _, a in inputs]
+  names = ["input"] + ["w_" + "_".join(p) for p in paths]
+  model = _convert(traced, example_input, arrays, names, dynamic_batch, model_name)
+  inits, nodes = [], []
+  for name, path, arr in zip(names[1:], paths, arrays):
+    if path in replaced and weights == "int":
+      i, n = _dequant_nodes(helper, numpy_helper, name, replaced[path][0], replaced[path][1])
+      inits += i
+      nodes += n
+    else:  # (a log scale's initializer is unused once dequantized: pruned below)
+      inits.append(numpy_helper.from_array(arr, name))
+  return _finish(model, inits, nodes)
+
+
+def build_integer(int_fn, example_input, *, dynamic_batch: bool = True,
+                  model_name: str = "lqjax_integer_model"):
+  """Returns an ``onnx.ModelProto`` of an integer function
+  (``lqjax.integer_inference(model, variables, packed=False)``): its Dense/Linear layers with
+  quantized inputs as onnxruntime's integer product.
+
+  Each such layer is ``Sub(x, z)``, ``QuantizeLinear`` to uint8 codes with zero point
+  2^(b-1) (a ``Clip`` below 8 bits), ``MatMulInteger`` with the layer's int8 weight codes
+  (int32 sums, exact), then the epilogue ``s s_w acc + z s_w sum(W_q) + b`` in float, the
+  integer function's own. Convolutions take the float path: the fake-quantized input and the
+  kernel dequantized from its codes (onnxruntime's ConvInteger was slower than its float
+  Conv at every size measured, docs/PERFORMANCE.md). Codes that fit INT4/INT2 are stored so
+  and cast to int8 where the graph starts (onnxruntime folds the cast when it loads).
+  Inputs quantized with ``rounding="floor"`` take the float path (``QuantizeLinear``
+  rounds half to even).
+  """
+  run = getattr(int_fn, "run", None)
+  if run is None:
+    raise TypeError("build_integer takes the function of lqjax.integer_inference(...)")
+  from onnx import helper, numpy_helper
+  _register_plugins()
+  inputs, rebuild = _graph_inputs(jax.device_get(int_fn.variables), {})
+  for path, arr in inputs:
+    if arr.dtype == np.uint8:
+      raise ValueError("build_integer: the function holds packed codes; make it with "
+                       "lqjax.integer_inference(..., packed=False)")
+
+  def traced(x, *arrs):
+    with integer.dot_hook(_int_matmul), inputs_lib.qdq_hook(_qdq):
+      return run(rebuild(arrs), x)
+
+  names = ["input"] + ["w_" + "_".join(p) for p, _ in inputs]
+  model = _convert(traced, example_input, [a for _, a in inputs], names, dynamic_batch,
+                   model_name)
+  inits, nodes = [], []
+  for name, (_, arr) in zip(names[1:], inputs):
+    narrow = np.dtype(_int_dtype(arr)) if np.issubdtype(arr.dtype, np.integer) else arr.dtype
+    if narrow != arr.dtype:  # int8 codes that fit INT4 or INT2
+      inits.append(numpy_helper.from_array(arr.astype(narrow), name + "_codes"))
+      nodes.append(helper.make_node("Cast", [name + "_codes"], [name],
+                                    to=helper.np_dtype_to_tensor_dtype(arr.dtype)))
+    else:
+      inits.append(numpy_helper.from_array(arr, name))
+  return _finish(model, inits, nodes)
+
+
+def _graph_inputs(variables, values):
+  """([(path, array)] of the graph's inputs, ``rebuild(arrays)`` -> the tree): every array
+  leaf of `variables` (`values` replacing some) except the input quantizers' scales and
+  offsets, which stay constants of the trace so that :func:`_qdq` and :func:`_int_matmul`
+  can write them into the graph as QuantizeLinear's attributes."""
+  leaves, treedef = tree.leaves(variables)
+  fixed = {path for path, _ in leaves if tree.INPUT_QUANT in path}
+  inputs = [(path, np.asarray(values[path] if path in values else tree.leaf_array(leaf)))
+            for path, leaf in leaves if path not in fixed]
+
+  def rebuild(arrs):
+    it = iter(arrs)
+    vals = [np.asarray(tree.leaf_array(leaf)) if path in fixed else next(it)
+            for path, leaf in leaves]
+    return jax.tree_util.tree_unflatten(
+        treedef, [tree.with_array(leaf, a) for (_, leaf), a in zip(leaves, vals)])
+  return inputs, rebuild
+
+
+def _constant_scale(log_scale, zero):
+  """(s, z) as Python floats when both are constants of the trace, else None."""
+  with jax.ensure_compile_time_eval():
+    s = quant.scale_from_log(jnp.asarray(log_scale)).astype(np.float32)
+    z = jnp.asarray(zero, np.float32)
+  if isinstance(s, jax.core.Tracer) or isinstance(z, jax.core.Tracer) or np.size(s) != 1 \
+      or np.size(z) != 1:
+    return None
+  return float(np.asarray(s).reshape(())), float(np.asarray(z).reshape(()))
+
+
+def _qdq(x, log_scale, zero, cfg):
+  """An input quantizer as QuantizeLinear/DequantizeLinear (:data:`_QDQ`), or None (the float
+  ops) for ``rounding="floor"``, widths over 8 bits or a scale that is not a constant."""
+  sz = _constant_scale(log_scale, zero)
+  if sz is None or cfg.rounding != "round" or cfg.bits > 8:
+    return None
+  return _QDQ.bind(x, scale=sz[0], zero=sz[1], bits=int(cfg.bits))
+
+
+def _int_matmul(x, log_scale, zero, icfg, codes_w):
+  """The int32 product of `x`'s input codes and the weight codes, as one primitive that the
+  ONNX graph spells QuantizeLinear + MatMulInteger (:func:`build_integer`)."""
+  sz = _constant_scale(log_scale, zero)
+  if sz is None:
+    raise ExportError("build_integer: an input quantizer's scale is not a constant (layers "
+                      "stacked by nn.scan/nnx.scan are not supported)")
+  return _INT_MATMUL.bind(x, codes_w, scale=sz[0], zero=sz[1], bits=int(icfg.bits))
+
+
+def _int_matmul_reference(x, w, *, scale, zero, bits):
+  """What :data:`_INT_MATMUL` computes, in JAX (as lqjax.integer's own route)."""
+  qn, qp = quant.code_range(bits)
+  s, z = np.float32(scale), np.float32(zero)
+  q = jnp.clip(jnp.round((x - z) / s), qn, qp).astype(jnp.int8)
+  return lax.dot_general(q, w, (((q.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.int32)
+
+
+def _qdq_reference(x, *, scale, zero, bits):
+  """What :data:`_QDQ` computes, in JAX: s * clip(round((x - z) / s), qn, qp) + z."""
+  qn, qp = quant.code_range(bits)
+  s, z = np.float32(scale), np.float32(zero)
+  return jnp.clip(jnp.round((x - z) / s), qn, qp) * s + z
+
+
+def _primitive(name, reference, abstract):
+  from jax.extend.core import Primitive
+  from jax.interpreters import mlir
+  p = Primitive(name)
+  p.def_impl(reference)
+  p.def_abstract_eval(abstract)
+  mlir.register_lowering(p, mlir.lower_fun(reference, multiple_results=False))
+  return p
+
+
+_INT_MATMUL = _primitive("lqjax_int_matmul", _int_matmul_reference, lambda x, w, **_:
+                         jax.core.ShapedArray(tuple(x.shape[:-1]) + (w.shape[-1],), jnp.int32))
+_QDQ = _primitive("lqjax_qdq", _qdq_reference,
+                  lambda x, **_: jax.core.ShapedArray(x.shape, x.dtype))
+_PLUGINS = []
+
+
+def _register_plugins():
+  """Registers the jax2onnx lowerings of :data:`_INT_MATMUL` and :data:`_QDQ` (once)."""
+  if _PLUGINS:
+    return
+  import onnx_ir as ir
+  from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
+  from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
+
+  def codes(ctx, eqn, unsigned):
+    """(x's b-bit codes: int8, or uint8 with zero point 128; the scale, zero-point and z
+    initializers; a function that types a new value)."""
+    b = ctx.builder
+    x = ctx.get_value_for_var(eqn.invars[0], name_hint=ctx.fresh_name("lq_x"))
+    shape = tuple(eqn.invars[0].aval.shape)
+    qn, qp = quant.code_range(eqn.params["bits"])
+    mid, dtype = (128, np.uint8) if unsigned else (0, np.int8)
+    kind = ir.DataType.UINT8 if unsigned else ir.DataType.INT8
+    const = lambda hint, v: b.add_initializer_from_scalar(ctx.fresh_name(hint), v)
+
+    def typed(v, dt=ir.DataType.FLOAT, shp=shape):
+      v.type = ir.TensorType(dt)
+      _stamp_type_and_shape(v, shp)
+      _ensure_value_metadata(ctx, v)
+      return v
+
+    s, zp = const("lq_s", np.float32(eqn.params["scale"])), const("lq_zp", dtype(mid))
+    z = const("lq_z", np.float32(eqn.params["zero"]))
+    shifted = typed(b.Sub(x, z, _outputs=[ctx.fresh_name("lq_shift")]))
+    q = typed(b.QuantizeLinear(shifted, s, zp, _outputs=[ctx.fresh_name("lq_q")]), kind)
+    if eqn.params["bits"] < 8:
+      q = typed(b.Clip(q, const("lq_lo", dtype(mid + qn)), const("lq_hi", dtype(mid + qp)),
+                       _outputs=[ctx.fresh_name("lq_clip")]), kind)
+    return q, s, zp, z, typed
+
+  def bind(ctx, eqn, make):
+    out = ctx.get_value_for_var(eqn.outvars[0], name_hint=ctx.fresh_name("lq_out"))
+    name = out.name if getattr(out, "producer", lambda: None)() is None \
+        else ctx.fresh_name("lq_out")
+    ctx.bind_value_for_var(eqn.outvars[0], make(name))
+
+  @register_primitive(jaxpr_primitive=_INT_MATMUL.name, context="lqjax",
+                      component="int_matmul", since="0", testcases=[])
+  class IntMatmul(PrimitiveLeafPlugin):
+    def lower(self, ctx, eqn):
+      q, _, zp, _, typed = codes(ctx, eqn, unsigned=True)
+      w = ctx.get_value_for_var(eqn.invars[1], name_hint=ctx.fresh_name("lq_w"))
+      bind(ctx, eqn, lambda name: typed(ctx.builder.MatMulInteger(q, w, zp, _outputs=[name]),
+                                        ir.DataType.INT32, tuple(eqn.outvars[0].aval.shape)))
+
+  @register_primitive(jaxpr_primitive=_QDQ.name, context="lqjax", component="qdq",
+                      since="0", testcases=[])
+  class Qdq(PrimitiveLeafPlugin):
+    def lower(self, ctx, eqn):
+      b = ctx.builder
+      q, s, zp, z, typed = codes(ctx, eqn, unsigned=False)
+      d = typed(b.DequantizeLinear(q, s, zp, _outputs=[ctx.fresh_name("lq_dq")]))
+      bind(ctx, eqn, lambda name: typed(b.Add(d, z, _outputs=[name])))
+
+  _PLUGINS.extend([IntMatmul, Qdq])
+
+
+def _finish(model, inits, nodes):
+  """`model` with its weight inputs replaced by `inits` and `nodes`, pruned and checked."""
+  import onnx
+  g = model.graph
+  keep_inputs = [i for i in g.input if i.name == "input"]
+  del g.input[:]
+  g.input.extend(keep_inputs)
+  old_nodes = list(g.node)
+  del g.node[:]
+  g.node.extend(nodes + old_nodes)
+  g.initializer.extend(inits)
+  model = _without_unused(model)
+  onnx.checker.check_model(model)
+  return model
+
+
+def _convert(traced, example_input, arrays, names, dynamic_batch, model_name):
+  """jax2onnx's model of ``traced(x, *arrays)`` (inputs named `names`), traced to
+  primitives first and replayed (see the module docstring)."""
+  from jax2onnx import to_onnx
   x_shape = tuple(np.shape(example_input))
   x_dtype = getattr(example_input, "dtype", None) or np.asarray(example_input).dtype
   if dynamic_batch:
@@ -277,7 +493,6 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
     out = _replay(closed.jaxpr, closed.consts, *args)
     return out[0] if n_out == 1 else tuple(out)
 
-  names = ["input"] + ["w_" + "_".join(p) for p in paths]
   import logging
   ir_log = logging.getLogger("onnx_ir")
   level = ir_log.level
@@ -299,24 +514,6 @@ def build(fn: Callable[[Any, Any], Any], variables, example_input, *,
                       f"are in lqjax's constraints.txt") from e
   finally:
     ir_log.setLevel(level)
-  inits, nodes = [], []
-  for name, path, arr in zip(names[1:], paths, arrays):
-    if path in replaced and weights == "int":
-      i, n = _dequant_nodes(helper, numpy_helper, name, replaced[path][0], replaced[path][1])
-      inits += i
-      nodes += n
-    else:  # (a log scale's initializer is unused once dequantized: pruned below)
-      inits.append(numpy_helper.from_array(arr, name))
-  g = model.graph
-  keep_inputs = [i for i in g.input if i.name == "input"]
-  del g.input[:]
-  g.input.extend(keep_inputs)
-  old_nodes = list(g.node)
-  del g.node[:]
-  g.node.extend(nodes + old_nodes)
-  g.initializer.extend(inits)
-  model = _without_unused(model)
-  onnx.checker.check_model(model)
   return model
 
 
@@ -378,6 +575,15 @@ def run_onnx(path_or_bytes, x: np.ndarray, batch_size: int = 1000,
   integer-weight kernel whose float numerics differ (logits moved by ~0.1 on a
   trained LeNet-300-100, same argmax there). Pass ``"all"`` to measure that.
   """
+  sess = session(path_or_bytes, optimization)
+  name = sess.get_inputs()[0].name
+  return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0]
+                         for i in range(0, x.shape[0], batch_size)])
+
+
+def session(path_or_bytes, optimization: str = "basic"):
+  """An onnxruntime CPU session of a file or its bytes, with graph optimisations at
+  ``"none"``, ``"basic"`` or ``"all"`` (see :func:`run_onnx`), warnings off."""
   import onnxruntime as ort
   src = path_or_bytes if isinstance(path_or_bytes, (bytes, bytearray)) else str(path_or_bytes)
   so = ort.SessionOptions()
@@ -386,7 +592,4 @@ def run_onnx(path_or_bytes, x: np.ndarray, batch_size: int = 1000,
       "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
   so.log_severity_level = 3
-  sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-  name = sess.get_inputs()[0].name
-  return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0]
-                         for i in range(0, x.shape[0], batch_size)])
+  return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])

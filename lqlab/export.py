@@ -123,6 +123,23 @@ def integer_results(model, variables, meta, images: np.ndarray, ref: np.ndarray,
           "integer_device_bytes": lqjax.integer.device_bytes(fn.variables)}
 
 
+def onnx_integer_results(model, variables, meta, images: np.ndarray, ref: np.ndarray,
+                         labels: np.ndarray) -> dict:
+  """The integer function as ONNX (``lqjax.onnx_export.build_integer``: normalised images in,
+  Dense layers as MatMulInteger) run by onnxruntime on `images`, against the fake-quantized
+  logits `ref`: argmax agreement, the largest logit difference, its accuracy and bytes."""
+  import lqjax
+  from lqjax import onnx_export
+  norm = np.asarray(data.normalize(images, meta["mean"], meta["std"]), np.float32)
+  fn = lqjax.integer_inference(model, variables, packed=False, train=False)
+  blob = onnx_export.build_integer(fn, norm[:1]).SerializeToString()
+  got = onnx_export.run_onnx(blob, norm, optimization="all")
+  return {"onnx_integer_argmax_disagreements": int(np.sum(got.argmax(-1) != ref.argmax(-1))),
+          "onnx_integer_max_abs_logit_diff": float(np.max(np.abs(got - ref))),
+          "onnx_integer_test_accuracy": float(np.mean(got.argmax(-1) == labels)),
+          "onnx_integer_bytes": len(blob)}
+
+
 def onnx_bytes(model, variables, meta, image_shape, weights: str = "int") -> bytes:
   """The run's model as ONNX: uint8 NHWC images in (normalised in the graph), logits out;
   `weights` as in :func:`lqjax.onnx_export.build`."""

@@ -1,12 +1,14 @@
 """The integer path of finished runs, from their packed files, on the whole test split.
 
-  python scripts/integer_check.py RUN_DIR [RUN_DIR ...] [--data_dir DIR]
+  python scripts/integer_check.py RUN_DIR [RUN_DIR ...] [--data_dir DIR] [--onnx]
 
 For each run directory (``--workdir`` of a run with ``--act_bits``): reloads
 ``model.lqz``, runs the fake-quantized model and ``lqjax.integer_inference`` on the test
 split, and prints one JSON line: argmax agreement, the largest logit difference, both
 test accuracies, the bytes the integer function holds on the device and the file's.
 Training records the same fields for runs made with this version (lqlab.export).
+``--onnx`` adds the same for the integer function exported to ONNX and run by
+onnxruntime (``onnx_integer_*``; needs the export extra).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("runs", nargs="+", help="run directories holding model.lqz")
   ap.add_argument("--data_dir", default=None, help="dataset folder (default: $LQJAX_DATA_DIR)")
+  ap.add_argument("--onnx", action="store_true",
+                  help="also the integer function as ONNX in onnxruntime")
   args = ap.parse_args(argv)
   from lqjax import compress
   from lqlab import data, export
@@ -44,6 +48,8 @@ def main(argv=None) -> int:
     images, labels = np.asarray(ds.test.image), np.asarray(ds.test.label)
     ref = export.predict(model, variables, meta, images)
     res = export.integer_results(model, variables, meta, images, ref, labels)
+    if args.onnx:
+      res.update(export.onnx_integer_results(model, variables, meta, images, ref, labels))
     print(json.dumps({"run": str(run), "fake_quant_test_accuracy":
                       float(np.mean(ref.argmax(-1) == labels)),
                       **res, "packed_bytes": path.stat().st_size}))

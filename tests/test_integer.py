@@ -210,3 +210,40 @@ def test_stacked_layers_are_refused_in_one_line():
   with pytest.raises(ValueError, match="stacked by nnx.vmap") as e:
     lqjax.integer_inference(Run(stack))
   assert "\n" not in str(e.value)
+
+
+def _agrees(got, ref, tol):
+  """Within float rounding on at least 30 of 32 examples; elsewhere an input that lands on
+  a rounding tie (within float error) may take the neighbouring code in onnxruntime's
+  QuantizeLinear, which moves the logits by one step, never more."""
+  close = np.all(np.abs(got - ref) <= tol, axis=1)
+  assert close.sum() >= len(close) - 2, np.abs(got - ref).max()
+  assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (8, 4)])
+def test_onnx_of_the_integer_function_and_qdq_inputs(w_bits, a_bits):
+  """The integer function as ONNX: its Dense layers as QuantizeLinear + MatMulInteger, every
+  other quantized input as QuantizeLinear/DequantizeLinear; onnxruntime agrees with the
+  fake-quantized model within float rounding. The plain export gets the same QDQ pairs."""
+  pytest.importorskip("onnxruntime")
+  from lqjax import onnx_export
+  a = lqjax.QuantConfig(rule="lsq", bits=a_bits, rounding="round")
+  model = lqjax.quantize(Net(), lqjax.Rule(
+      ".*", lqjax.QuantConfig(rule="lsq", bits=w_bits, granularity="row"),
+      bias=lqjax.QuantConfig(rule="lsq", bits=8), inputs=a))
+  x = jax.random.normal(jax.random.key(0), (32, 12, 12, 3))
+  v = lqjax.calibrate(model, model.init(jax.random.key(1), x[:1]), x)
+  ref = np.asarray(model.apply(v, x))
+  tol = 2e-5 * float(np.max(np.abs(ref)))
+  graph = onnx_export.build_integer(lqjax.integer_inference(model, v, packed=False), x[:1])
+  ops = [n.op_type for n in graph.graph.node]
+  assert ops.count("MatMulInteger") == 2 and ops.count("QuantizeLinear") == 6
+  assert "Round" not in ops  # no input is quantized by float ops
+  _agrees(onnx_export.run_onnx(graph.SerializeToString(), np.asarray(x)), ref, tol)
+  plain = onnx_export.build(lambda v, x: model.apply(v, x), v, x[:1])
+  ops = [n.op_type for n in plain.graph.node]
+  assert ops.count("QuantizeLinear") == 6 and "Round" not in ops and "MatMulInteger" not in ops
+  _agrees(onnx_export.run_onnx(plain.SerializeToString(), np.asarray(x)), ref, tol)
+  with pytest.raises(ValueError, match="packed=False"):
+    onnx_export.build_integer(lqjax.integer_inference(model, v), x[:1])
