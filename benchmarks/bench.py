@@ -571,6 +571,19 @@ def add_output_flags(ap: argparse.ArgumentParser, out: str, tag: str) -> None:
                   "--readme (default docs/PERFORMANCE.md)")
 
 
+def parse_timing_args(argv, description: str, out: str, tag: str, render):
+  """(args, None) for a side-by-side benchmark's ``--windows`` and output flags, or
+  (args, exit status) when there is nothing more to measure: ``--from_json`` rendered, or
+  fewer than 3 windows refused in one line."""
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument("--windows", type=int, default=7)
+  add_output_flags(ap, out, tag)
+  args = ap.parse_args(argv)
+  if args.from_json:
+    return args, section_from_json(args, tag, render)
+  return args, (2 if check_windows(args.windows, 3) else None)
+
+
 def section_from_json(args, tag: str, render) -> int:
   """``--from_json``: renders that JSON into the `tag` section of --readme (default
   docs/PERFORMANCE.md); 2 with a one-line error for an unreadable JSON."""

@@ -18,7 +18,6 @@ recorded, and the largest logit difference between the two.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,8 +26,7 @@ import time
 import jax
 import numpy as np
 
-from bench import (add_output_flags, check_windows, machine_info, median_ratio,
-                   section_from_json, write_doc)
+from bench import (machine_info, median_ratio, parse_timing_args, write_doc)
 from lqjax import onnx_export
 from lqlab import data, export
 from lqlab.config import TrainConfig
@@ -84,14 +82,10 @@ def measure(model, bits, windows):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--windows", type=int, default=7)
-  add_output_flags(ap, "docs/bench_onnx.json", "bench-onnx")
-  args = ap.parse_args(argv)
-  if args.from_json:
-    return section_from_json(args, "bench-onnx", render)
-  if check_windows(args.windows, minimum=3):
-    return 2
+  args, status = parse_timing_args(argv, __doc__.splitlines()[0], "docs/bench_onnx.json",
+                                   "bench-onnx", render)
+  if status is not None:
+    return status
   import onnxruntime
   load = os.getloadavg()[0]
   rows = [r for m in MODELS for b in BITS for r in measure(m, b, args.windows)]

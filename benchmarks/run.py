@@ -10,6 +10,7 @@
   python benchmarks/run.py intdot  [args]   int8 against float32 dots and 3x3 convs (bench_intdot.py)
   python benchmarks/run.py onnx    [args]   onnxruntime: integer-weight graphs against float (bench_onnx.py)
   python benchmarks/run.py integer [args]   lqjax.integer_inference against float32 models (bench_integer.py)
+  python benchmarks/run.py ortint  [args]   onnxruntime's integer kernels against float (bench_ortint.py)
 
 Each subcommand passes its arguments to that script's ``main`` (``--help`` there).
 """
@@ -23,7 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 COMMANDS = {"step": "bench", "cost": "bench_cost", "ordering": "bench_ordering",
             "prefetch": "bench_prefetch", "reduce": "bench_reduce",
             "transformers": "bench_transformers", "fsdp": "bench_fsdp",
-            "intdot": "bench_intdot", "onnx": "bench_onnx", "integer": "bench_integer"}
+            "intdot": "bench_intdot", "onnx": "bench_onnx", "integer": "bench_integer",
+            "ortint": "bench_ortint"}
 
 
 def main(argv=None):

@@ -277,8 +277,8 @@ def build_integer(int_fn, example_input, *, dynamic_batch: bool = True,
   2^(b-1) (a ``Clip`` below 8 bits), ``MatMulInteger`` with the layer's int8 weight codes
   (int32 sums, exact), then the epilogue ``s s_w acc + z s_w sum(W_q) + b`` in float, the
   integer function's own. Convolutions take the float path: the fake-quantized input and the
-  kernel dequantized from its codes (onnxruntime's ConvInteger was slower than its float
-  Conv at every size measured, docs/PERFORMANCE.md). Codes that fit INT4/INT2 are stored so
+  kernel dequantized from its codes (onnxruntime's ConvInteger with int8 weights was 3x to
+  5x slower than its float Conv, docs/PERFORMANCE.md). Codes that fit INT4/INT2 are stored so
   and cast to int8 where the graph starts (onnxruntime folds the cast when it loads).
   Inputs quantized with ``rounding="floor"`` take the float path (``QuantizeLinear``
   rounds half to even).

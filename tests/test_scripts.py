@@ -933,6 +933,22 @@ def test_bench_onnx_float_twin_computes_the_quantized_model_and_renders(tmp_path
   assert "| lenet300 | 2 | 10 / 80 | all | 1 | 2.000 | 0.500 | 0.25 | 1.0e-06 |" in text
 
 
+def test_bench_ortint_one_node_graphs_are_exact_and_render():
+  pytest.importorskip("onnxruntime")
+  bo = _load("bench_ortint")
+  rng = np.random.default_rng(0)
+  x, w = bo._codes(rng, np.uint8, (3, 40)), bo._codes(rng, np.int8, (40, 7))
+  np.testing.assert_array_equal(bo._one_node("MatMulInteger", x, w)(x),
+                                x.astype(np.int64) @ w.astype(np.int64))
+  assert bo.main(["--windows", "2"]) == 2
+  rows = [{"op": "MatMulInteger", "shape": "1x2x3", "variant": "float32", "seconds": 2e-3,
+           "vs_float": 1.0, "exact": None},
+          {"op": "MatMulInteger", "shape": "1x2x3", "variant": "uint8xint8", "seconds": 1e-3,
+           "vs_float": 2.0, "exact": True}]
+  text = bo.render({"date": "d", "machine": "m", "jax": "j", "windows": 3, "rows": rows})
+  assert "| MatMulInteger | 1x2x3 | 2.000 | uint8xint8 | 2.00x | yes |" in text
+
+
 def test_report_quantized_inputs_table_and_targets():
   fp32 = [_row(f"fp32_s{i}", "base", 0.990, 1.0, scheme="float", rule=None) for i in range(2)]
   act = []
