@@ -141,10 +141,14 @@ def fake_quant(x, log_scale, zero_point, cfg: qconfig.QuantConfig):
 
 def codes(x, log_scale, zero_point, cfg: qconfig.QuantConfig):
   """The int32 codes of `x` (what :func:`fake_quant` multiplies by s)."""
-  qn, qp = quant.code_range(cfg.bits)
   s = quant.scale_from_log(log_scale).astype(x.dtype)
-  v = (x - jnp.asarray(zero_point, x.dtype)) / s
-  return jnp.clip(_codes(v, cfg.rounding), qn, qp).astype(jnp.int32)
+  return codes_at(x, s, jnp.asarray(zero_point, x.dtype), cfg.bits, cfg.rounding)
+
+
+def codes_at(x, s, z, bits: int, rounding: str = "round"):
+  """clip(round((x - z) / s), qn, qp) as int32, for a step `s` and offset `z` given."""
+  qn, qp = quant.code_range(bits)
+  return jnp.clip(_codes((x - z) / s, rounding), qn, qp).astype(jnp.int32)
 
 
 def init_params(x, cfg: qconfig.QuantConfig):

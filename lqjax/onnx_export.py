@@ -24,6 +24,12 @@ initializer:
 
 * any other array (biases left float, batch statistics): a float initializer.
 
+* an input quantizer (:mod:`lqjax.inputs`, rounding ``round``, at most 8 bits):
+  ``Sub(x, z)``, ``QuantizeLinear`` to int8 (a ``Clip`` below 8 bits),
+  ``DequantizeLinear``, ``Add(z)``; the float offset z of LSQ+ is not an integer zero
+  point, hence the Sub/Add. :func:`build_integer` exports the integer function instead,
+  its Dense layers as ``MatMulInteger``.
+
 No initializer is left that no node reads, and no node that no output needs.
 
 The weights enter the graph in the model's own layout; the layer's own
@@ -364,18 +370,15 @@ def _int_matmul(x, log_scale, zero, icfg, codes_w):
 
 def _int_matmul_reference(x, w, *, scale, zero, bits):
   """What :data:`_INT_MATMUL` computes, in JAX (as lqjax.integer's own route)."""
-  qn, qp = quant.code_range(bits)
-  s, z = np.float32(scale), np.float32(zero)
-  q = jnp.clip(jnp.round((x - z) / s), qn, qp).astype(jnp.int8)
+  q = inputs_lib.codes_at(x, np.float32(scale), np.float32(zero), bits).astype(jnp.int8)
   return lax.dot_general(q, w, (((q.ndim - 1,), (0,)), ((), ())),
                          preferred_element_type=jnp.int32)
 
 
 def _qdq_reference(x, *, scale, zero, bits):
   """What :data:`_QDQ` computes, in JAX: s * clip(round((x - z) / s), qn, qp) + z."""
-  qn, qp = quant.code_range(bits)
   s, z = np.float32(scale), np.float32(zero)
-  return jnp.clip(jnp.round((x - z) / s), qn, qp) * s + z
+  return inputs_lib.codes_at(x, s, z, bits).astype(x.dtype) * s + z
 
 
 def _primitive(name, reference, abstract):
