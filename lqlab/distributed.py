@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Optional
 
 import jax
@@ -209,9 +210,38 @@ HEARTBEAT_S = 20
 _DONE = threading.Event()
 
 
-def done():
-  """The run's work across processes is over: peers may now exit before this one does."""
+def done(timeout_s: float = HEARTBEAT_S):
+  """The run's work across processes is over (every process calls this after a barrier).
+
+  The processes then leave jax's coordination service in order: each other process
+  disconnects now, and process 0, which hosts the service, waits up to `timeout_s` for
+  them before it may exit. (With recoverable tasks the service does not hold its host back
+  for the others; a process whose disconnect finds the service gone is aborted by jax.)
+  """
   _DONE.set()
+  if jax.process_count() == 1:
+    return
+  if not is_main():
+    jax.distributed.shutdown()
+    return
+  client = _client()
+  if client is None:
+    return
+  n, deadline = jax.process_count(), time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    try:
+      if len(client.get_live_nodes(list(range(n)))) <= 1:
+        return
+    except Exception:  # the service already says no more: nothing to wait for
+      return
+    time.sleep(0.05)
+
+
+def _client():
+  """jax's coordination-service client of this process, if it can list live processes."""
+  from jax._src import distributed as jax_distributed
+  client = getattr(jax_distributed.global_state, "client", None)
+  return client if hasattr(client, "get_live_nodes") else None
 
 
 def _watch_peers(every_s: float = 2.0):
@@ -222,14 +252,11 @@ def _watch_peers(every_s: float = 2.0):
   service) would wait for ever: the coordination service's list of live processes, which
   drops a process after HEARTBEAT_S without heartbeats, says when to give up.
   """
-  from jax._src import distributed as jax_distributed
-  client = getattr(jax_distributed.global_state, "client", None)
-  n = jax.process_count()
-  if client is None or not hasattr(client, "get_live_nodes"):
+  client, n = _client(), jax.process_count()
+  if client is None:
     return
 
   def watch():
-    import time
     while True:
       time.sleep(every_s)
       if _DONE.is_set():

@@ -120,3 +120,32 @@ def test_a_missing_peer_ends_the_run_with_one_line(tiny_data, tmp_path):
   assert p.returncode == 1
   (line,) = _errors(err)
   assert "did not all join within 3 s" in line, err[-2000:]
+
+
+_LEAVE = """
+import sys, time
+from lqlab import distributed
+pid = int(sys.argv[2])
+distributed.init_processes(sys.argv[1], 2, pid, 60)
+distributed.barrier("work_over")
+if pid == 1:
+  time.sleep(2)  # the last process to finish, while process 0 has nothing left to do
+distributed.done()
+print("left", pid, flush=True)
+"""
+
+
+def test_process_zero_stays_until_its_peers_have_left(tmp_path):
+  """Process 0 hosts jax's coordination service: a peer that disconnects after process 0
+  has exited is aborted by jax (a C++ trace, exit -6). done() keeps process 0 up until the
+  others have disconnected, so a run whose last process finishes late still exits 0."""
+  address = f"localhost:{_port()}"
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  procs = [subprocess.Popen([sys.executable, "-c", _LEAVE, address, str(i)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  t0 = time.time()
+  outs = [p.communicate(timeout=120) for p in procs]
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"left {i}" in out, err[-3000:]
+  assert time.time() - t0 < distributed.HEARTBEAT_S + 60
