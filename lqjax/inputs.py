@@ -25,7 +25,10 @@ Backward (autodiff of the straight-through form; LSQ's and LSQ+'s gradients):
 * z: 0 inside, 1 outside;
 * both scaled by LSQ's ``1 / sqrt(N * qp)``, N the input's elements per example.
 
-Rules: ``lsq`` learns s and z; ``fixed`` keeps them where initialisation put them.
+Rules: ``lsq`` learns s and z; ``fixed`` keeps them where initialisation put them;
+``ratio`` carries the thesis's rule over: s grows by ``d log s = -tanh(lambda - r)`` where
+``r = B * ||dL/dQ(x)|| / ||x||`` (:func:`ratio_of`; B the batch) is below ``threshold``
+lambda (and shrinks above ``relax_threshold``, if set), z learns as under ``lsq``.
 One scale per tensor (``granularity="tensor"``, the only one an integer dot can take
 out of its sum over the inputs); bits 1..16 must be given.
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 
 import jax
@@ -52,7 +56,8 @@ from lqjax import qconfig, quant
 from lqjax.tree import INPUT_QUANT, SCALE_NAME, ZERO_NAME  # noqa: F401  (the names, here too)
 #: Shrink factors a of the initial range [a * min x, a * max x], tried on the first batch.
 SHRINKS = tuple(float(a) for a in np.linspace(1.0, 0.3, 15))  # ties keep the wider range
-INPUT_RULES = ("lsq", "fixed")
+INPUT_RULES = ("lsq", "fixed", "ratio")
+_RATIO_EPS = 1e-12
 
 _CALIBRATING = contextvars.ContextVar("lqjax_calibrating", default=False)
 _QDQ = contextvars.ContextVar("lqjax_input_qdq", default=None)
@@ -128,6 +133,11 @@ def fake_quant(x, log_scale, zero_point, cfg: qconfig.QuantConfig):
   z = jnp.asarray(zero_point)
   if cfg.rule == "fixed":
     s, z = jax.lax.stop_gradient(s), jax.lax.stop_gradient(z)
+  elif cfg.rule == "ratio":  # s's gradient is the rule's own; z's is LSQ+'s, scaled by g
+    thresholds = jnp.asarray([cfg.threshold, jnp.inf if cfg.relax_threshold is None
+                              else cfg.relax_threshold], x.dtype)
+    return _ratio_quant(x, s.astype(x.dtype), _grad_scaled(z, g).astype(x.dtype), thresholds,
+                        cfg.bits, cfg.rounding)
   else:
     s, z = _grad_scaled(s, g), _grad_scaled(z, g)
   s, z = s.astype(x.dtype), z.astype(x.dtype)
@@ -137,6 +147,45 @@ def fake_quant(x, log_scale, zero_point, cfg: qconfig.QuantConfig):
   inside = (raw >= qn) & (raw <= qp)
   q = jnp.where(inside, v + jax.lax.stop_gradient(hard - v), hard)
   return q * s + z
+
+
+def _qdq(x, s, z, bits, rounding):
+  qn, qp = quant.code_range(bits)
+  return jnp.clip(_codes((x - z) / s, rounding), qn, qp) * s + z
+
+
+def ratio_of(g, x):
+  """r of an input quantizer: ``B * ||dL/dQ(x)|| / ||x||`` over the batch (B = x.shape[0]).
+
+  The loss is a mean over the batch, so each example's gradient is B times its row of `g`:
+  r is the ratio of the per-example norms, and does not change with the batch size."""
+  batch = x.shape[0] if x.ndim > 1 else 1
+  return batch * jnp.sqrt(jnp.sum(jnp.square(g))) / (jnp.sqrt(jnp.sum(jnp.square(x)))
+                                                      + _RATIO_EPS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ratio_quant(x, s, z, thresholds, bits, rounding):
+  """Q(x) with the ratio rule's gradient for s (see :func:`fake_quant`)."""
+  return _qdq(x, s, z, bits, rounding)
+
+
+def _ratio_quant_fwd(x, s, z, thresholds, bits, rounding):
+  return _qdq(x, s, z, bits, rounding), (x, s, z, thresholds)
+
+
+def _ratio_quant_bwd(bits, rounding, res, g):
+  x, s, z, thresholds = res
+  qn, qp = quant.code_range(bits)
+  raw = _codes((x - z) / s, rounding)
+  inside = (raw >= qn) & (raw <= qp)
+  gz = jnp.sum(jnp.where(inside, 0.0, g))
+  growth, _ = quant.ratio_growth_of(ratio_of(g, x), thresholds[0], thresholds[1])
+  return (jnp.where(inside, g, 0.0), (-growth / s).astype(s.dtype), gz.astype(z.dtype),
+          jnp.zeros_like(thresholds))
+
+
+_ratio_quant.defvjp(_ratio_quant_fwd, _ratio_quant_bwd)
 
 
 def codes(x, log_scale, zero_point, cfg: qconfig.QuantConfig):

@@ -310,7 +310,11 @@ def ratio_growth(g, x, scale_shape, threshold, relax_threshold=jnp.inf, x_sq=Non
   """
   gn = jnp.sqrt(_grad_sq_sum(g, scale_shape))
   pn = jnp.sqrt(_reduce_to(jnp.square(x), scale_shape) if x_sq is None else x_sq)
-  r = gn / (pn + _RATIO_EPS)
+  return ratio_growth_of(gn / (pn + _RATIO_EPS), threshold, relax_threshold)
+
+
+def ratio_growth_of(r, threshold, relax_threshold=jnp.inf):
+  """(g_G, r) of :func:`ratio_growth` for ratios `r` already taken."""
   grow = jnp.where(r < threshold, jnp.tanh(threshold - r), 0.0)
   relax = jnp.where(r > relax_threshold, -jnp.tanh(r - relax_threshold), 0.0)
   return grow + relax, r

@@ -62,6 +62,10 @@ class TrainConfig:
       None, "quantize every quantized layer's input (activations) at b bits with a learned "
             "scale and offset (LSQ+; set from the first training batch by lqjax.calibrate)")
   act_first_bits: int = _field(8, "bits of the first layer's input (the image) under --act_bits")
+  act_rule: str = _field("lsq", "how the input quantizers learn their scales under --act_bits: "
+                                "lsq (LSQ+) | ratio (the ratio rule with r = B*||dL/da||/||a|| "
+                                "and lambda --act_threshold; the offset as under lsq)")
+  act_threshold: float = _field(0.2, "lambda of --act_rule=ratio")
   init_bits: int = _field(8, "initial bit budget of free-bit scales")
   lsq_weight: float = _field(1.0, "weight of the LSQ term in rule ratio_lsq")
   relax_threshold: Optional[float] = _field(
@@ -143,6 +147,10 @@ class TrainConfig:
       v = getattr(self, name)
       if v is not None and not 1 <= v <= 16:
         raise ValueError(f"{name} must be in 1..16, got {v}")
+    if self.act_rule not in ("lsq", "ratio"):
+      raise ValueError(f"act_rule must be lsq or ratio, got {self.act_rule!r}")
+    if not (math.isfinite(self.act_threshold) and self.act_threshold >= 0):
+      raise ValueError(f"act_threshold must be a finite number >= 0, got {self.act_threshold}")
     if self.act_bits is not None and self.float_model:
       raise ValueError("act_bits quantizes the inputs of quantized layers: not with --float")
     if self.edge_bits is not None and not 1 <= self.edge_bits <= 16:
@@ -203,7 +211,8 @@ class TrainConfig:
     """The recipe of the layers' inputs (`first`: the first layer's), or None."""
     if self.act_bits is None:
       return None
-    return qconfig.QuantConfig(rule="lsq", rounding="round",
+    return qconfig.QuantConfig(rule=self.act_rule, threshold=self.act_threshold,
+                               rounding="round",
                                bits=self.act_first_bits if first else self.act_bits)
 
   def bias_quant(self) -> Optional[qconfig.QuantConfig]:

@@ -1,6 +1,7 @@
 """Learned input (activation) quantizers: numerics and LSQ+ gradients against hand-derived
 references, invariants, the rules on Linen and NNX models, the file, and a real MNIST run."""
 
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,36 @@ def test_lsq_plus_gradients_against_hand_derivation():
   _, gls, gz = jax.grad(lambda x, ls, z: jnp.sum(w * inputs.fake_quant(x, ls, z, fixed)),
                         argnums=(0, 1, 2))(x, jnp.log(s), jnp.array(z))
   assert float(gls) == 0.0 and float(gz) == 0.0
+
+
+@pytest.mark.parametrize("threshold,relax", [(0.5, None), (0.005, None), (0.002, 0.005)])
+def test_ratio_rule_gradients_against_hand_derivation(threshold, relax):
+  """The ratio rule on an input: d log s = -tanh(lambda - r) for r = B ||dL/dQ|| / ||x|| below
+  lambda, 0 between lambda and lambda_hi, +tanh(r - lambda_hi) above; x and z as under LSQ+
+  (z's gradient scaled by 1/sqrt(N qp)); the forward pass is LSQ's."""
+  x = jnp.array([[-9.0, -0.3, 0.6, 1.1, 5.0], [0.2, -1.4, 2.2, 0.0, -0.7]])
+  s, z, bits = 0.5, 0.25, 3
+  cfg = lqjax.QuantConfig(rule="ratio", bits=bits, rounding="round", threshold=threshold,
+                          relax_threshold=relax)
+  w = jnp.array([[1.0, 2.0, -1.0, 0.5, 3.0], [0.1, -0.2, 0.3, 0.0, 0.4]]) * 0.01  # dL/dQ
+  loss = lambda x, ls, z, c: jnp.sum(w * inputs.fake_quant(x, ls, z, c))  # noqa: E731
+  gx, gls, gz = jax.grad(loss, argnums=(0, 1, 2))(x, jnp.log(s), jnp.array(z), cfg)
+  r = 2 * np.linalg.norm(w) / np.linalg.norm(x)  # B = 2 examples
+  assert 0.006 < r < 0.009, r  # the three cases: grow, still, and shrink
+  want = -math.tanh(threshold - r) if r < threshold else (
+      math.tanh(r - relax) if relax is not None and r > relax else 0.0)
+  np.testing.assert_allclose(gls, want, rtol=1e-5, atol=1e-7)
+  v = (np.asarray(x) - z) / s
+  inside = (np.round(v) >= -4) & (np.round(v) <= 3)
+  np.testing.assert_allclose(gx, np.asarray(w) * inside, atol=1e-7)
+  np.testing.assert_allclose(gz, np.sum(np.asarray(w) * ~inside) / math.sqrt(5 * 3), rtol=1e-5)
+  lsq = dataclasses.replace(cfg, rule="lsq")
+  np.testing.assert_array_equal(inputs.fake_quant(x, jnp.log(s), z, cfg),
+                                inputs.fake_quant(x, jnp.log(s), z, lsq))
+  # r does not change with the batch: the same examples twice give the same gradient
+  x2, w2 = jnp.concatenate([x, x]), jnp.concatenate([w, w]) / 2  # the mean over 4 examples
+  g2 = jax.grad(lambda ls: jnp.sum(w2 * inputs.fake_quant(x2, ls, z, cfg)))(jnp.log(s))
+  np.testing.assert_allclose(g2, gls, rtol=1e-5, atol=1e-7)
 
 
 @settings(max_examples=50, deadline=None)
@@ -204,7 +235,7 @@ def test_nnx_stack_gets_one_input_scale_per_layer():
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(rule="ratio", bits=8), "not available for activations"),
+    (dict(rule="ratio_lsq", bits=8), "not available for activations"),
     (dict(rule="lsq", bits=None), "need fixed bits"),
     (dict(rule="lsq", bits=8, granularity="row"), "granularity 'tensor'"),
 ])

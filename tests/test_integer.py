@@ -189,6 +189,24 @@ def test_nnx_module_runs_from_its_codes():
     lqjax.integer_inference(model, {})
 
 
+def test_nnx_integer_function_as_onnx():
+  """An NNX module's integer function exports like a Linen one: its two Linear layers as
+  MatMulInteger, onnxruntime within float rounding of the module."""
+  pytest.importorskip("onnxruntime")
+  from lqjax import onnx_export
+  model = lqjax.quantize(NnxNet(nnx.Rngs(0)), lqjax.Rule(
+      ".*", lqjax.QuantConfig(rule="lsq", bits=4, granularity="row"),
+      bias=lqjax.QuantConfig(rule="lsq", bits=8), inputs=A8))
+  x = jax.random.normal(jax.random.key(0), (32, 12, 12, 3))
+  lqjax.calibrate(model, x)
+  ref = np.asarray(model(x))
+  graph = onnx_export.build_integer(lqjax.integer_inference(model, packed=False), x[:1])
+  ops = [n.op_type for n in graph.graph.node]
+  assert ops.count("MatMulInteger") == 2 and "Round" not in ops
+  _agrees(onnx_export.run_onnx(graph.SerializeToString(), np.asarray(x)), ref,
+          2e-5 * float(np.max(np.abs(ref))))
+
+
 def test_stacked_layers_are_refused_in_one_line():
   @nnx.vmap(in_axes=0, out_axes=0)
   def make(key):

@@ -115,11 +115,17 @@ def _scale_stop(cfg) -> Optional[str]:
 
 def family(r) -> str:
   """The scheme a run belongs to, for tables and plot colours (", A<b>": its layers' inputs
-  quantized at b bits too)."""
+  quantized at b bits too; ", A<b> ratio": their scales learned by the ratio rule)."""
   act = r.get("config", {}).get("act_bits")
   if r.get("qwix_act") not in (None, "none"):
     return _weight_family(r) + f", A8 {r['qwix_act']}"
-  return _weight_family(r) + (f", A{act}" if act else "")
+  return _weight_family(r) + (f", A{act}{act_rule_mark(r)}" if act else "")
+
+
+def act_rule_mark(r) -> str:
+  """" ratio" for inputs learned by the ratio rule, "" for LSQ+ (a record without the field
+  ran with LSQ+, the only rule of its time)."""
+  return " ratio" if r.get("config", {}).get("act_rule", "lsq") == "ratio" else ""
 
 
 def _weight_family(r) -> str:

@@ -9,11 +9,12 @@ import statistics
 
 from lqlab.config import reproduce_flags
 from lqlab.results.plots import frontier_plot, image, pareto_plot
-from lqlab.results.records import (accounted_mark, by_schedule, command_today, convergence,
-                                   DATASET_NAMES, family, fp32_reference, group_by, mean_of,
-                                   mean_std, PUBLISHED, recipe_of, same_recipe, size_bytes,
-                                   size_ratio, SUMMARY_SKIP, TARGETS, THRESHOLD_SWEEPS,
-                                   train_time, TUNING_BARS, variant_of, variant_stats)
+from lqlab.results.records import (accounted_mark, act_rule_mark, by_schedule, command_today,
+                                   convergence, DATASET_NAMES, family, fp32_reference, group_by,
+                                   mean_of, mean_std, PUBLISHED, recipe_of, same_recipe,
+                                   size_bytes, size_ratio, SUMMARY_SKIP, TARGETS,
+                                   THRESHOLD_SWEEPS, train_time, TUNING_BARS, variant_of,
+                                   variant_stats)
 
 
 def sweep_section(name, rows, results_dir, plots_dir):
@@ -529,7 +530,8 @@ def activations_section(rows):
   out = ["## Quantized inputs (activations)", "",
          "Weights and every quantized layer's input quantized (`--act_bits`: a learned step "
          "and offset per input, LSQ+, set from the first training batch; the first layer's "
-         "input, the image, at `act_first_bits`); PTQ: min-max weights of the FP32 runs, "
+         "input, the image, at `act_first_bits`; A \"ratio\": the steps learned by the ratio "
+         "rule with r = B ||dL/da|| / ||a|| and lambda `--act_threshold`); PTQ: min-max weights of the FP32 runs, "
          "the inputs calibrated the same way; qwix: its QAT with int8 inputs at each call's "
          "absmax (dynamic). W: the weights' bits (free: the ratio rule's learned widths); A: "
          "the inputs' bits (first layer's). The targets are the issue's, for LSQ. Mean ± std over "
@@ -564,8 +566,9 @@ def activations_section(rows):
           f"{sum(r['integer_argmax_disagreements'] for r in checked)}, "
           f"{max(r['integer_max_abs_logit_diff'] for r in checked):.3f} ({len(checked)})")
       held = mean_std([r.get("integer_device_bytes") for r in checked], "{:.0f}") if checked else "-"
+      rule = act_rule_mark(vs[0]) and f"{act_rule_mark(vs[0])}, lambda {cfg['act_threshold']:g}"
       out.append(f"| {ds} / {model}, {epochs} | {sweep} / {var} | {w or 'free'} | "
-                 f"{a} ({first}) | {len(vs)} | "
+                 f"{a}{rule} ({first}) | {len(vs)} | "
                  f"{mean_std([r['test_accuracy'] for r in vs])} | {dist} | "
                  f"{mean_std([size_bytes(r) for r in vs], '{:.0f}')} | {target} | {integer} | "
                  f"{held} |")
