@@ -164,6 +164,10 @@ class LMConfig:
   # google/qwix's QAT of the float model (with --float): int<qwix_bits> weights, an absmax
   # scale per output channel, nothing learned and no packed file (a peer reference point)
   qwix_bits: Optional[int] = None
+  # the inputs of every quantized matrix (attention projections, MLP) at this width: a
+  # learned step and offset each (LSQ+), calibrated on a batch of training windows before
+  # the first step; the embeddings' inputs are token ids and stay as they are
+  act_bits: Optional[int] = None
   limit: Optional[int] = None
 
   def __post_init__(self):
@@ -199,6 +203,13 @@ class LMConfig:
         raise ValueError(f"qwix_bits must be one of {sorted(QWIX_TYPES)}, got {self.qwix_bits}")
       if not self.float_model:
         raise ValueError("qwix_bits quantizes the float model with qwix: pass --float too")
+    if self.act_bits is not None:
+      if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) \
+          or not 1 <= self.act_bits <= 16:
+        raise ValueError(f"act_bits must be a whole number in 1..16, got {self.act_bits!r}")
+      if self.float_model or self.ptq_from is not None:
+        raise ValueError("act_bits quantizes the inputs of the quantized matrices while they "
+                         "train: not with --float or --ptq_from")
     if self.ptq_from is not None and (self.rule != "fixed" or self.float_model):
       raise ValueError("ptq_from needs --rule=fixed and --bits (post-training quantization)")
     self.rules()  # validates the quantization settings
@@ -225,9 +236,11 @@ class LMConfig:
     if self.edge_bits is not None:
       rules.append(lqjax.Rule("wte|wpe", qconfig.QuantConfig(
           rule="lsq", bits=self.edge_bits, rounding="round", granularity="row")))
-    rules += [lqjax.Rule("blocks/attn/(query|key|value|out)", cfg),
+    act = None if self.act_bits is None else qconfig.QuantConfig(
+        rule="lsq", bits=self.act_bits, rounding="round")
+    rules += [lqjax.Rule("blocks/attn/(query|key|value|out)", cfg, inputs=act),
               lqjax.Rule("blocks/(fc|proj)" + ("" if self.edge_bits is not None else "|wte|wpe"),
-                         rest)]
+                         rest, inputs=act)]
     return rules
 
   @property
@@ -238,8 +251,9 @@ class LMConfig:
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
-    if d["qwix_bits"] is None:  # records from before the field read the same
-      del d["qwix_bits"]
+    for k in ("qwix_bits", "act_bits"):
+      if d[k] is None:  # records from before the field read the same
+        del d[k]
     if isinstance(d["granularity"], tuple):
       d["granularity"] = list(d["granularity"])
     return d
@@ -446,6 +460,10 @@ def ptq_weights(model, path: pathlib.Path, bits: int):
 
 
 def _train(cfg, workdir, text, model, progress, export, ocp):
+  if cfg.act_bits is not None:  # the input ranges from data (a resumed run restores them)
+    x, _ = sample_batch(jnp.asarray(text.train), jax.random.key(cfg.seed + 2), cfg.batch_size,
+                        cfg.context)
+    lqjax.calibrate(model, x)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(cfg)
   # the brake of the ratio rule; a size budget sets the scales itself (as in lqlab.train)
