@@ -261,3 +261,23 @@ def test_act_bits_lenet5_real_mnist(real_data_dir, tmp_path):
   assert res["config"]["act_bits"] == 4 and res["config"]["act_first_bits"] == 8
   assert res["test_accuracy"] >= 0.93, res["test_accuracy"]
   assert res["reload_identical_argmax"] and res["reload_max_abs_logit_diff"] == 0.0
+  # the scripts that read the run's file: its input quantizers, and the integer path
+  r = subprocess.run([sys.executable, "scripts/input_scales.py", str(wd)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  layers = json.loads(r.stdout)["inputs"]
+  assert sorted(layers) == ["conv1", "conv2", "fc1", "fc2"]
+  assert layers["conv1"]["bits"] == 8 and layers["fc1"]["bits"] == 4
+  for v in layers.values():  # the range is the grid's: 2^b - 1 steps wide
+    assert math.isclose(v["range"][1] - v["range"][0], v["step"] * (2 ** v["bits"] - 1),
+                        rel_tol=1e-6)
+  r = subprocess.run([sys.executable, "scripts/integer_check.py", str(wd)], cwd=ROOT,
+                     env=dict(os.environ, LQJAX_DATA_DIR=real_data_dir), capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  check = json.loads(r.stdout)
+  assert check["integer_argmax_disagreements"] <= 5, check  # of 10,000 test images
+  assert abs(check["fake_quant_test_accuracy"] - res["test_accuracy"]) <= 5e-4, check
+  missing = subprocess.run([sys.executable, "scripts/input_scales.py", str(tmp_path / "no")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
