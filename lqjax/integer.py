@@ -20,8 +20,11 @@ integer layer adds one float32 vector per output (the offset term below).
 
 **The compute**, chosen per layer when the function is traced:
 
-* ``nn.Dense`` with an input quantizer (a Rule's ``inputs``, at most 8 bits), int8 codes
-  or packed int4, and one weight scale per output or per tensor: the input's codes
+* ``nn.Dense``, and ``nn.DenseGeneral`` that sums over its input's trailing axes with no
+  batch axes (attention projections; NNX: ``Linear``, ``LinearGeneral``), with an input
+  quantizer (a Rule's ``inputs``, at most 8 bits), int8 codes or packed int4, and one
+  weight scale per output or per tensor (a DenseGeneral's kernel as one matrix, its
+  input axes by its output axes): the input's codes
   ``q = clip(round((x - z) / s))`` as int8, ``lax.dot_general`` int8 x int8 -> int32,
   and the epilogue ``s s_w acc + z s_w sum_in(W_q) + b``, which is the fake-quantized
   layer's value up to float rounding;
@@ -60,10 +63,12 @@ MIN_CONV_CHANNELS = 32
 #: 0.12x-0.57x float).
 MIN_ROWS = 16
 _DENSE = (nn.Dense,)
+_GENERAL = (nn.DenseGeneral,)
 _CONV = (nn.Conv,)
 try:  # NNX's layers take the same route
   from flax import nnx as _nnx
   _DENSE, _CONV = _DENSE + (_nnx.Linear,), _CONV + (_nnx.Conv,)
+  _GENERAL = _GENERAL + (_nnx.LinearGeneral,)
 except ImportError:  # pragma: no cover
   pass
 #: The collection that holds each integer layer's offset vector.
@@ -219,13 +224,31 @@ def device_bytes(variables) -> int:
 
 # ---------------------------------------------------------------- the integer layers
 
-def _rows(x) -> int:
-  return int(np.prod(x.shape[:-1]))
+def _rows(x, contracted: int = 1) -> int:
+  return int(np.prod(x.shape[:x.ndim - contracted]))
 
 
-def _per_output(log_scale) -> bool:
-  """Whether a kernel scale is one per output (or per tensor): it leaves the sum."""
-  return all(d == 1 for d in log_scale.shape[:-1])
+def _per_output(log_scale, contracted: int = 1) -> bool:
+  """Whether a kernel scale is one per output (or per tensor): constant over the
+  `contracted` leading (input) axes, so it leaves the sum."""
+  return all(d == 1 for d in log_scale.shape[:contracted])
+
+
+def contracted_axes(mod, x) -> Optional[int]:
+  """How many trailing axes of `x` a dense layer sums over (its kernel's leading axes): 1
+  for Dense/Linear; DenseGeneral/LinearGeneral's ``axis`` when those are the trailing
+  axes and it has no batch axes (an attention projection: (in) -> (heads, dim), or
+  (heads, dim) -> (out)); None for any other layer."""
+  if isinstance(mod, _DENSE):
+    return 1
+  if not isinstance(mod, _GENERAL) or getattr(mod, "batch_dims", ()) \
+      or getattr(mod, "batch_axis", None):
+    return None
+  axis = mod.axis if isinstance(mod.axis, (tuple, list)) else (mod.axis,)
+  n = len(axis)
+  if sorted(a % x.ndim for a in axis) != list(range(x.ndim - n, x.ndim)):
+    return None
+  return n
 
 
 def _bias(mod, params):
@@ -284,14 +307,16 @@ def checked(run, held, name: str = "lqjax.integer_inference"):
 
 def takes_route(mod, x, icfg, how: Optional[Stored], log_w, min_rows: int) -> bool:
   """Whether a layer's call takes the integer route (see the module docstring)."""
-  dense = isinstance(mod, _DENSE)
+  contracted = contracted_axes(mod, x)
+  dense = contracted is not None
   if not (dense or isinstance(mod, _CONV)) or icfg.bits > 8:
     return False
-  if how is None or how.kind == "int16" or how.grid != "midtread" or not _per_output(log_w):
+  if how is None or how.kind == "int16" or how.grid != "midtread" \
+      or not _per_output(log_w, contracted or log_w.ndim - 1):
     return False
   if _DOT.get() is not None:  # the ONNX export: dots only, at any batch
     return dense and icfg.rounding == "round"
-  if _rows(x) < min_rows:
+  if _rows(x, contracted or 1) < min_rows:
     return False
   return dense or _conv_route(mod, x, how.shape) is not None
 
@@ -302,7 +327,15 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
   s_in = quant.scale_from_log(in_log_scale)
   s_w = quant.scale_from_log(log_w).reshape(-1)
   hook = _DOT.get()
-  if isinstance(mod, _DENSE):
+  contracted = contracted_axes(mod, x)
+  out_shape = None
+  if contracted is not None:
+    if contracted > 1 or codes_w.ndim > 2:  # DenseGeneral: one (K, N) matrix of its kernel
+      out_shape = x.shape[:x.ndim - contracted] + codes_w.shape[contracted:]
+      codes_w = codes_w.reshape(int(np.prod(codes_w.shape[:contracted])), -1)
+      x = x.reshape(x.shape[:x.ndim - contracted] + (codes_w.shape[0],))
+      code_sum = jnp.sum(codes_w.astype(jnp.int32), axis=0).astype(jnp.float32)
+      bias = None if bias is None else bias.reshape(-1)
     if hook is not None:  # the ONNX export's integer product
       acc = hook(x, in_log_scale, in_zero, icfg, codes_w)
     else:
@@ -324,6 +357,8 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
       offset = in_zero * s_w * code_sum
   shift = offset if bias is None else offset + bias  # constants, folded before the batch
   y = acc.astype(jnp.float32) * (s_in * s_w) + shift
+  if out_shape is not None:
+    y = y.reshape(out_shape)
   return y.astype(getattr(mod, "dtype", None) or jnp.float32)
 
 

@@ -207,6 +207,59 @@ def test_nnx_integer_function_as_onnx():
           2e-5 * float(np.max(np.abs(ref))))
 
 
+class AttnNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x, x)
+    return nn.Dense(5, name="head")(x.mean(1))
+
+
+class NnxAttnNet(nnx.Module):
+  def __init__(self, rngs):
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False, rngs=rngs)
+    self.head = nnx.Linear(16, 5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head((x + self.attn(x)).mean(1))
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_attention_projections_take_the_integer_route(framework):
+  """DenseGeneral/LinearGeneral: q/k/v ((in) -> (heads, dim)) and out ((heads, dim) -> (out))
+  as int8 x int8 -> int32 dots with the kernel as one matrix, scales per output (row keeps
+  the heads axis); within float rounding of the fake-quantized model; the ONNX export of
+  the Linen function has a MatMulInteger for each."""
+  rule = lqjax.Rule(".*", lqjax.QuantConfig(rule="lsq", bits=4, granularity="row"), inputs=A8)
+  x = jax.random.normal(jax.random.key(0), (32, 6, 16))
+  if framework == "linen":
+    model = lqjax.quantize(AttnNet(), rule)
+    v = lqjax.calibrate(model, model.init(jax.random.key(1), x[:1]), x)
+    ref, fn = model.apply(v, x), lqjax.integer_inference(model, v, min_rows=1)
+    assert lqjax.tree.unbox(v["params"]["attn"]["query"]["kernel_quant"]["log_scale"]).shape \
+        == (1, 2, 8)
+  else:
+    model = lqjax.quantize(NnxAttnNet(nnx.Rngs(0)), rule)
+    lqjax.calibrate(model, x)
+    ref, fn = model(x), lqjax.integer_inference(model, min_rows=1)
+  tol = 2e-5 * float(jnp.max(jnp.abs(ref)))
+  np.testing.assert_allclose(fn(x), ref, atol=tol)
+  assert _ops(fn, x) == (5, 0)  # query, key, value, out, head
+  if framework == "linen" and _has_onnxruntime():
+    from lqjax import onnx_export
+    graph = onnx_export.build_integer(lqjax.integer_inference(model, v, packed=False), x[:1])
+    assert [n.op_type for n in graph.graph.node].count("MatMulInteger") == 5
+    _agrees(onnx_export.run_onnx(graph.SerializeToString(), np.asarray(x)), np.asarray(ref),
+            tol)
+
+
+def _has_onnxruntime() -> bool:
+  try:
+    import onnxruntime  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
 def test_stacked_layers_are_refused_in_one_line():
   @nnx.vmap(in_axes=0, out_axes=0)
   def make(key):
