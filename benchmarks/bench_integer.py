@@ -1,9 +1,10 @@
 """Integer inference from the packed codes against the float32 model, side by side in one run.
 
-  python benchmarks/run.py integer [--windows 7] [--models lenet300,lenet5,resnet20]
+  python benchmarks/run.py integer [--windows 7] [--models lenet300,lenet5,resnet20,vit]
                                    [--out docs/bench_integer.json] [--readme docs/PERFORMANCE.md]
 
-For each model (LeNet-300-100 and LeNet-5 on MNIST shapes, ResNet-20 on CIFAR-10 shapes)
+For each model (LeNet-300-100 and LeNet-5 on MNIST shapes, ResNet-20 and the ViT, whose
+attention projections and MLPs are all dots, on CIFAR-10 shapes)
 and each setting (W8A8, W4A8: LSQ weights per row at 8 or 4 bits, every quantized
 layer's input at 8 bits, its scale and offset calibrated on a random batch), three jitted
 functions of the normalised input, timed round-robin in one run:
@@ -45,7 +46,7 @@ from lqlab import data
 from lqlab.config import TrainConfig
 from lqlab.step import build_model
 
-MODELS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10"}
+MODELS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10", "vit": "cifar10"}
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}
 BATCHES = (256, 1)
 CALLS = {256: 3, 1: 30}
