@@ -20,6 +20,8 @@ OPTIMIZERS = ("adam", "sgd")
 # config without the field reads as this value, and reproducing a command that did not name
 # the field needs the flag today (reproduce_flags).
 LEGACY_VALUES = {"scale_every": 1}
+#: lambda of the ratio rule on inputs unless --act_threshold says otherwise.
+ACT_THRESHOLD = 0.2
 # The largest seed: jax.random.key takes int64, and the loop derives seed + 1 and seed + 2.
 MAX_SEED = 2 ** 63 - 3
 
@@ -65,7 +67,7 @@ class TrainConfig:
   act_rule: str = _field("lsq", "how the input quantizers learn their scales under --act_bits: "
                                 "lsq (LSQ+) | ratio (the ratio rule with r = B*||dL/da||/||a|| "
                                 "and lambda --act_threshold; the offset as under lsq)")
-  act_threshold: float = _field(0.2, "lambda of --act_rule=ratio")
+  act_threshold: float = _field(ACT_THRESHOLD, "lambda of --act_rule=ratio")
   init_bits: int = _field(8, "initial bit budget of free-bit scales")
   lsq_weight: float = _field(1.0, "weight of the LSQ term in rule ratio_lsq")
   relax_threshold: Optional[float] = _field(
@@ -151,6 +153,10 @@ class TrainConfig:
       raise ValueError(f"act_rule must be lsq or ratio, got {self.act_rule!r}")
     if not (math.isfinite(self.act_threshold) and self.act_threshold >= 0):
       raise ValueError(f"act_threshold must be a finite number >= 0, got {self.act_threshold}")
+    if self.act_bits is None and self.act_rule != "lsq":
+      raise ValueError(f"act_rule={self.act_rule} learns the inputs' steps: it needs --act_bits")
+    if self.act_rule != "ratio" and self.act_threshold != ACT_THRESHOLD:
+      raise ValueError("act_threshold is lambda of --act_rule=ratio; give that rule too")
     if self.act_bits is not None and self.float_model:
       raise ValueError("act_bits quantizes the inputs of quantized layers: not with --float")
     if self.edge_bits is not None and not 1 <= self.edge_bits <= 16:

@@ -396,6 +396,16 @@ def test_bad_grids_are_refused_before_a_checkpoint(tmp_path, flags, needle):
 
 
 @pytest.mark.parametrize("flags,needle", [
+    (["--act_rule=ratio"], "it needs --act_bits"),
+    (["--act_bits=8", "--act_rule=minmax"], "act_rule must be lsq or ratio"),
+    (["--act_bits=8", "--act_threshold=0.05"], "give that rule too"),
+    (["--act_bits=8", "--act_rule=ratio", "--act_threshold=nan"], "act_threshold must be"),
+])
+def test_bad_input_rules_are_refused_before_a_checkpoint(tmp_path, flags, needle):
+  _refused_before_a_checkpoint(tmp_path, ["--rule=lsq", "--bits=4", *flags], needle)
+
+
+@pytest.mark.parametrize("flags,needle", [
     (["--mesh=data:3"], "the axis sizes must multiply to 1"),
     (["--mesh=model:1"], "unknown axis 'model'"),
     (["--mesh=data:two"], "must be a positive integer"),
