@@ -4,8 +4,9 @@
 ``lqjax.integer_inference(module)`` (NNX) returns a jitted function of the input
 (``fn(x)``; the model's ``apply`` or call keyword arguments given once to
 ``integer_inference``). The variables may be ``lqjax.load``'s: the packed file's codes
-become the device arrays. Layers stacked by ``nn.scan``/``nnx.scan`` are refused (one
-line) when the function first runs.
+become the device arrays. NNX layers stacked by ``nnx.vmap`` and run by ``nnx.scan`` hold
+each layer's codes packed on their own, so that the scan slices one layer's; Linen's
+``nn.scan`` is refused (one line) when the function first runs.
 
 **On the device** every quantized tensor is its integer codes, never a float32 copy:
 
@@ -112,10 +113,10 @@ class Stored:
   def codes(self, value) -> jax.Array:
     held = (-(-int(np.prod(self.shape)) * _PACKED[self.kind] // 8),) if self.kind in _PACKED \
         else self.shape
-    if tuple(value.shape) != held:  # sliced by nn.scan / nnx.scan
-      raise ValueError(f"lqjax.integer_inference: codes held as {held} arrive as "
-                       f"{tuple(value.shape)}: layers stacked by nn.scan/nnx.scan are not "
-                       f"supported; run the model with lqjax.load's variables instead")
+    if tuple(value.shape) != held:  # a stack's codes not sliced one layer at a time
+      raise ValueError(f"lqjax.integer_inference: one layer's codes are held as {held}, but "
+                       f"{tuple(value.shape)} arrived: NNX layers stacked by nnx.vmap run "
+                       f"one layer a step (nnx.scan); Linen's nn.scan is not supported")
     if self.kind in _PACKED:
       return unpack(value, self.shape, _PACKED[self.kind])
     return value
@@ -167,15 +168,20 @@ def stored(module_path: Tuple[str, ...], name: str) -> Optional[Stored]:
   return None if plan is None else plan.get(tuple(module_path) + (name,))
 
 
-def _store(codes: np.ndarray, grid: str, packed: bool = True):
+def _store(codes: np.ndarray, grid: str, packed: bool = True, stacked: int = 0):
+  """(the array held, its Stored) of `codes`; the `stacked` leading axes (a stack of layers
+  run by a scan) are kept, each layer packed on its own, so that a scan's slice is one
+  layer's held codes."""
   lo, hi = int(codes.min(initial=0)), int(codes.max(initial=0))
+  lead, shape = codes.shape[:stacked], codes.shape[stacked:]
   for kind, bits in (_PACKED.items() if packed else ()):
     if -(1 << (bits - 1)) <= lo and hi < (1 << (bits - 1)):
-      return pack(codes, bits), Stored(kind, codes.shape, grid)
+      layers = [pack(c, bits) for c in codes.reshape((-1,) + shape)]
+      return np.stack(layers).reshape(lead + layers[0].shape), Stored(kind, shape, grid)
   if -128 <= lo and hi <= 127:
-    return codes.astype(np.int8), Stored("int8", codes.shape, grid)
+    return codes.astype(np.int8), Stored("int8", shape, grid)
   if -32768 <= lo and hi <= 32767:
-    return codes.astype(np.int16), Stored("int16", codes.shape, grid)
+    return codes.astype(np.int16), Stored("int16", shape, grid)
   raise ValueError(f"codes in [{lo}, {hi}] need more than 16 bits")
 
 
@@ -201,20 +207,23 @@ def prepare(variables, packed: bool = True
   return out, plan
 
 
-def stored_tensors(tensors, packed: bool = True):
-  """(tensor, its int codes, the array held, its Stored) of each quantized tensor."""
+def stored_tensors(tensors, packed: bool = True, stacked=lambda t: 0):
+  """(tensor, its int codes, the array held, its Stored) of each quantized tensor;
+  `stacked(t)`: how many leading axes of `t` stack layers (see :func:`_store`)."""
   for t in tensors:
     codes, _ = quant.tensor_codes(t.p, t.log_scale, t.config)
     try:
-      value, how = _store(codes, t.config.grid, packed)
+      value, how = _store(codes, t.config.grid, packed, stacked(t))
     except ValueError as e:
       raise ValueError(f"lqjax.integer_inference: {t.name}: {e}") from None
     yield t, codes, value, how
 
 
-def code_sum(codes) -> np.ndarray:
-  """sum_in W_q per output (the last axis) as float32."""
-  return codes.reshape(-1, codes.shape[-1]).sum(0).astype(np.float32)
+def code_sum(codes, stacked: int = 0) -> np.ndarray:
+  """sum_in W_q per output (the last axis) as float32, per layer of the `stacked` leading
+  axes."""
+  lead = codes.shape[:stacked]
+  return codes.reshape(lead + (-1, codes.shape[-1])).sum(stacked).astype(np.float32)
 
 
 def device_bytes(variables) -> int:
@@ -295,6 +304,10 @@ def checked(run, held, name: str = "lqjax.integer_inference"):
                            f"(lqjax.calibrate)") from None
         if isinstance(e, ValueError) and first.startswith(name):
           raise ValueError(first) from None
+        if "/scan(" in first:  # a Linen scope inside nn.scan
+          raise ValueError(f"{name}: Linen layers stacked by nn.scan are not supported; "
+                           f"write the stack as NNX layers (nnx.vmap, run by nnx.scan), "
+                           f"or run the fake-quantized model") from None
         raise ValueError(f"{name}: a batch of shape {key[0]} and dtype {key[1]} does not fit "
                          f"the model ({type(e).__name__}: {first[:200]})") from None
       seen.add(key)

@@ -330,18 +330,16 @@ def integer_inference(model: nnx.Module, min_rows: int, kwargs, packed: bool = T
   if not tensors:
     raise ValueError("lqjax.integer_inference: the model has no quantized tensor (quantize "
                      "it with lqjax.quantize)")
-  for t in tensors:
-    if layout(_child(model, t.path[:-1]), t.path[-1], t.p.ndim).stacked:
-      raise ValueError(f"lqjax.integer_inference: {t.name} belongs to layers stacked by "
-                       f"nnx.vmap (run by nnx.scan), which are not supported; run the model "
-                       f"itself")
+  def stacked(t):  # layers stacked by nnx.vmap: each keeps its own codes (nnx.scan slices)
+    return len(layout(_child(model, t.path[:-1]), t.path[-1], t.p.ndim).stacked)
+
   layers = {}
-  for t, codes, value, how in integer.stored_tensors(tensors, packed):
+  for t, codes, value, how in integer.stored_tensors(tensors, packed, stacked):
     layer = _child(model, t.path[:-1])
     getattr(layer, t.path[-1]).set_value(jnp.asarray(value))
     layers.setdefault(id(layer), (layer, {}))[1][t.path[-1]] = how
     if t.path[-1] == "kernel":
-      layer.kernel_code_sum = CodeSum(jnp.asarray(integer.code_sum(codes)))
+      layer.kernel_code_sum = CodeSum(jnp.asarray(integer.code_sum(codes, stacked(t))))
   for layer, stored in layers.values():
     layer._lqjax_stored = tuple(sorted(stored.items()))
   graphdef, state = nnx.split(model)

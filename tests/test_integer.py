@@ -260,7 +260,10 @@ def _has_onnxruntime() -> bool:
   return True
 
 
-def test_stacked_layers_are_refused_in_one_line():
+def test_nnx_stack_run_by_scan_takes_the_integer_route():
+  """Layers stacked by nnx.vmap and run by nnx.scan: each layer's codes are packed on
+  their own (the scan slices one layer's bytes) with one offset vector a layer; the scan's
+  body holds the int8 dot; the stack called whole (not by a scan) is refused in one line."""
   @nnx.vmap(in_axes=0, out_axes=0)
   def make(key):
     return nnx.Linear(6, 6, rngs=nnx.Rngs(key))
@@ -275,11 +278,42 @@ def test_stacked_layers_are_refused_in_one_line():
     def __call__(self, x):
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
       def body(x, layer):
-        return layer(x)
+        return nnx.relu(layer(x))
       return body(x, self.stack)
 
-  with pytest.raises(ValueError, match="stacked by nnx.vmap") as e:
-    lqjax.integer_inference(Run(stack))
+  model = Run(stack)
+  x = jax.random.normal(jax.random.key(1), (32, 6))
+  lqjax.calibrate(model, x)
+  ref = model(x)
+  fn = lqjax.integer_inference(model, min_rows=1)
+  np.testing.assert_allclose(fn(x), ref, atol=2e-5 * float(jnp.max(jnp.abs(ref))) + 1e-6)
+  assert _ops(fn, x) == (1, 0)
+  held = fn.variables["stack"]
+  assert held["kernel"].get_value().shape == (3, 18)  # 36 int4 codes a layer, 2 a byte
+  assert held["kernel_code_sum"].get_value().shape == (3, 6)
+  whole = lqjax.integer_inference(stack, min_rows=1)  # vmapped layers called as one
+  with pytest.raises(ValueError, match="lqjax.integer_inference: ") as e:
+    whole(jnp.ones((3, 32, 6)))
+  assert "\n" not in str(e.value)
+
+
+def test_linen_scan_is_refused_in_one_line():
+  class Body(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(nn.Dense(6, name="fc")(x)), None
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Body, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)(name="stack")(x, None)[0]
+
+  model = lqjax.quantize(Stack(), lqjax.Rule(".*", lqjax.QuantConfig(rule="lsq", bits=4)))
+  x = jnp.ones((4, 6))
+  fn = lqjax.integer_inference(model, model.init(jax.random.key(0), x))
+  with pytest.raises(ValueError, match="Linen layers stacked by nn.scan are not supported") as e:
+    fn(x)
   assert "\n" not in str(e.value)
 
 
