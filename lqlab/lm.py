@@ -594,6 +594,43 @@ def _finish(cfg, workdir, text, graphdef, params, rest, rows, meta, export):
   return res
 
 
+def config_of(workdir) -> LMConfig:
+  """The LMConfig a run directory was made with (its config.json)."""
+  d = files.read_json(pathlib.Path(workdir) / "config.json")
+  if isinstance(d.get("granularity"), list):
+    d["granularity"] = tuple(d["granularity"])
+  return LMConfig(**d)
+
+
+def integer_results(workdir, data_dir: Optional[str] = None, batch: int = 128) -> dict:
+  """``lqjax.integer_inference`` of a finished run's packed file against the
+  fake-quantized model, on every window of nanoGPT's validation split: the positions whose
+  argmax differs, the largest logit difference, both validation losses (nats/char) and
+  the bytes the integer function holds."""
+  cfg = config_of(workdir)
+  if cfg.act_bits is None:
+    raise ValueError(f"{workdir}: a run without --act_bits has no integer route")
+  text = load_text(data_dir)
+  model = build(cfg, len(text.vocab))
+  lqjax.load(pathlib.Path(workdir) / "model.lqz", target=model)
+  fn = lqjax.integer_inference(model)
+  fake = nnx.jit(lambda m, x: m(x))
+  x, y = windows(text.val, cfg.context)
+  differ, diff, loss_fake, loss_int = 0, 0.0, 0.0, 0.0
+  for i in range(0, len(x), batch):
+    xb, yb = jnp.asarray(x[i:i + batch]), jnp.asarray(y[i:i + batch])
+    ref, got = fake(model, xb), fn(xb)
+    differ += int(jnp.sum(jnp.argmax(ref, -1) != jnp.argmax(got, -1)))
+    diff = max(diff, float(jnp.max(jnp.abs(ref - got))))
+    loss_fake += float(optax.softmax_cross_entropy_with_integer_labels(ref, yb).sum())
+    loss_int += float(optax.softmax_cross_entropy_with_integer_labels(got, yb).sum())
+  n = int(y.size)
+  return {"positions": n, "integer_argmax_disagreements": differ,
+          "integer_max_abs_logit_diff": diff, "fake_quant_val_loss": loss_fake / n,
+          "integer_val_loss": loss_int / n,
+          "integer_device_bytes": lqjax.integer.device_bytes(fn.variables)}
+
+
 def count_weights(params) -> int:
   """The float model's parameter count: every array but the log scales."""
   from lqjax import tree

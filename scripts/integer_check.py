@@ -5,7 +5,9 @@
 For each run directory (``--workdir`` of a run with ``--act_bits``): reloads
 ``model.lqz``, runs the fake-quantized model and ``lqjax.integer_inference`` on the test
 split, and prints one JSON line: argmax agreement, the largest logit difference, both
-test accuracies, the bytes the integer function holds on the device and the file's.
+test accuracies, the bytes the integer function holds on the device and the file's. A
+Shakespeare GPT run (``experiments.shakespeare``) is checked on every window of the
+validation split instead: positions whose argmax differs, both validation losses.
 Training records the same fields for runs made with this version (lqlab.export).
 ``--onnx`` adds the same for the integer function exported to ONNX and run by
 onnxruntime (``onnx_integer_*``; needs the export extra).
@@ -35,10 +37,19 @@ def main(argv=None) -> int:
   from lqlab import data, export
   for run in args.runs:
     path = pathlib.Path(run) / "model.lqz"
+    if (pathlib.Path(run) / "config.json").exists() and _is_language_model(path):
+      from lqlab import lm
+      try:
+        res = lm.integer_results(run, args.data_dir)
+      except (OSError, ValueError, compress.CorruptFileError, data.DatasetNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+      print(json.dumps({"run": str(run), **res, "packed_bytes": path.stat().st_size}))
+      continue
     try:
       model, variables, meta = export.load(path)
     except (OSError, compress.CorruptFileError) as e:
-      print(f"error: {path}: {e}", file=sys.stderr)
+      print(f"error: {e if str(path) in str(e) else f'{path}: {e}'}", file=sys.stderr)
       return 2
     try:
       ds = data.load(meta["config"]["dataset"], args.data_dir)
@@ -54,6 +65,15 @@ def main(argv=None) -> int:
                       float(np.mean(ref.argmax(-1) == labels)),
                       **res, "packed_bytes": path.stat().st_size}))
   return 0
+
+
+def _is_language_model(path) -> bool:
+  from lqjax import compress
+  try:
+    header, _ = compress.read(path)
+  except (OSError, compress.CorruptFileError):
+    return False  # the image path says what is wrong with the file
+  return header.get("meta", {}).get("model") == "gpt"
 
 
 if __name__ == "__main__":
