@@ -4,7 +4,8 @@
                                    [--out docs/bench_integer.json] [--readme docs/PERFORMANCE.md]
 
 For each model (LeNet-300-100 and LeNet-5 on MNIST shapes, ResNet-20 and the ViT, whose
-attention projections and MLPs are all dots, on CIFAR-10 shapes)
+attention projections and MLPs are all dots, on CIFAR-10 shapes, and the Shakespeare GPT,
+NNX with its blocks run by nnx.scan, on windows of 64 characters: no ONNX rows)
 and each setting (W8A8, W4A8: LSQ weights per row at 8 or 4 bits, every quantized
 layer's input at 8 bits, its scale and offset calibrated on a random batch), three jitted
 functions of the normalised input, timed round-robin in one run:
@@ -46,21 +47,51 @@ from lqlab import data
 from lqlab.config import TrainConfig
 from lqlab.step import build_model
 
-MODELS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10", "vit": "cifar10"}
+MODELS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10", "vit": "cifar10",
+          "gpt": "tinyshakespeare"}
+#: The GPT's input: a batch of windows of this many characters from a 65-letter vocabulary.
+GPT_CONTEXT, GPT_VOCAB = 64, 65
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}
 BATCHES = (256, 1)
 CALLS = {256: 3, 1: 30}
 
 
+def batch_of(model_name: str, batch: int, seed: int) -> jax.Array:
+  """A random input batch: normalised images, or the GPT's character windows."""
+  rng = np.random.default_rng(seed)
+  if model_name == "gpt":
+    return jnp.asarray(rng.integers(0, GPT_VOCAB, (batch, GPT_CONTEXT)), jnp.int32)
+  return jnp.asarray(rng.standard_normal((batch,) + data.image_shape(MODELS[model_name])),
+                     jnp.float32)
+
+
+def gpt_functions(setting: str):
+  """:func:`functions` of the Shakespeare GPT (NNX, its blocks run by nnx.scan; no ONNX)."""
+  from flax import nnx
+  from lqlab import lm
+  w, a = SETTINGS[setting]
+  x = batch_of("gpt", 256, 0)
+  fp = lm.build(lm.LMConfig(float_model=True, context=GPT_CONTEXT), GPT_VOCAB)
+  q = lm.build(lm.LMConfig(rule="lsq", bits=w, act_bits=a, context=GPT_CONTEXT), GPT_VOCAB)
+  lqjax.calibrate(q, x)
+  int_fn = lqjax.integer_inference(q)
+  call = nnx.jit(lambda m, x: m(x))
+  diff = float(jnp.max(jnp.abs(int_fn(x) - call(q, x))))
+  fns = {"float32": (lambda x: call(fp, x), nnx.state(fp)),
+         "fake_quant": (lambda x: call(q, x), nnx.state(q)),
+         "integer": (int_fn, int_fn.variables)}
+  return fns, {}, compress.file_bytes(nnx.state(q, nnx.Param)), diff
+
+
 def functions(model_name: str, setting: str):
   """{variant: (jitted fn of x, variables it holds)}, the packed file's bytes, and the
   largest integer/fake-quant logit difference on a random batch."""
+  if model_name == "gpt":
+    return gpt_functions(setting)
   ds = MODELS[model_name]
-  shape = data.image_shape(ds)
   w, a = SETTINGS[setting]
   kw = dict(dataset=ds, model=model_name, granularity="row", rounding="round")
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((256,) + shape), jnp.float32)
+  x = batch_of(model_name, 256, 0)
   fp = build_model(TrainConfig(float_model=True, **kw), 10)
   fv = fp.init(jax.random.key(0), x[:1], train=False)
   q = build_model(TrainConfig(rule="lsq", bits=w, act_bits=a, act_first_bits=8, **kw), 10)
@@ -95,10 +126,9 @@ def functions(model_name: str, setting: str):
 
 def measure(model_name, setting, windows):
   fns, ort, packed, diff = functions(model_name, setting)
-  shape = data.image_shape(MODELS[model_name])
   rows = []
   for batch in BATCHES:
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((batch,) + shape), jnp.float32)
+    x = batch_of(model_name, batch, 1)
     cases = [(variant, fn, (x,)) for variant, (fn, _) in fns.items()]
     for r, (_, held) in zip(measure_side_by_side(cases, windows, CALLS[batch]), fns.values()):
       rows.append({"model": model_name, "setting": setting, "batch": batch, **r,
