@@ -199,8 +199,8 @@ def render(doc) -> str:
   if ort:
     lines += ["", "onnxruntime (CPU provider, all graph optimisations), in the same run: the "
               "float32 model's ONNX against `lqjax.onnx_export.build_integer` of the integer "
-              "function (Dense layers as QuantizeLinear + MatMulInteger, convolutions on the "
-              "float path):", "",
+              "function (Dense layers and attention projections as QuantizeLinear + "
+              "MatMulInteger, convolutions on the float path; the GPT has no ONNX rows):", "",
               "| model | setting | batch | ORT float32 ms | ORT integer | ONNX bytes: float32 "
               "/ integer | max logit diff (ORT integer vs JAX fake) |",
               "|---|---|---|---|---|---|---|"] + ort
