@@ -534,7 +534,10 @@ def activations_section(rows):
          "rule with r = B ||dL/da|| / ||a|| and lambda `--act_threshold`); PTQ: min-max weights of the FP32 runs, "
          "the inputs calibrated the same way; qwix: its QAT with int8 inputs at each call's "
          "absmax (dynamic). W: the weights' bits (free: the ratio rule's learned widths); A: "
-         "the inputs' bits (first layer's). The targets are the issue's, for LSQ. Mean ± std over "
+         "the inputs' bits (first layer's). The targets (" + ", ".join(
+             f"W{w}A{a} within {tol:g} points of FP32"
+             for (w, a), tol in ACTIVATION_TARGETS.items()) + ") are for LSQ weights. "
+         "Mean ± std over "
          "seeds; the distance is to the most accurate FP32 variant of the same model and "
          "schedule.", "",
          "Integer path: `lqjax.integer_inference` on the reloaded file against the "
