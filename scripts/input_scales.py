@@ -25,21 +25,12 @@ sys.path.insert(0, str(ROOT))
 def input_quantizers(state) -> dict:
   """``{layer path: (log_scale, zero_point)}`` of every input quantizer in a state tree."""
   from lqjax import tree
-  out = {}
-
-  def walk(node, path):
-    if not isinstance(node, dict):
-      return
-    iq = node.get(tree.INPUT_QUANT)
-    if isinstance(iq, dict):
-      out["/".join(path)] = (np.asarray(iq[tree.SCALE_NAME], np.float64),
-                             np.asarray(iq[tree.ZERO_NAME], np.float64))
-    for k, v in node.items():
-      if k != tree.INPUT_QUANT:
-        walk(v, path + [str(k)])
-
-  walk(state, [])
-  return out
+  found = {}
+  for path, (value, _) in tree.flat_leaves(state).items():
+    if len(path) >= 2 and path[-2] == tree.INPUT_QUANT:
+      found.setdefault("/".join(map(str, path[:-2])), {})[path[-1]] = np.asarray(value,
+                                                                                np.float64)
+  return {k: (v[tree.SCALE_NAME], v[tree.ZERO_NAME]) for k, v in found.items()}
 
 
 def bits_of(meta: dict) -> dict:
