@@ -569,6 +569,9 @@ def add_output_flags(ap: argparse.ArgumentParser, out: str, tag: str) -> None:
                   f"<!-- {tag}:begin/end --> section (docs/PERFORMANCE.md)")
   ap.add_argument("--from_json", default=None, help="measure nothing: render this JSON into "
                   "--readme (default docs/PERFORMANCE.md)")
+  ap.add_argument("--section", default=tag, help=f"the marker name of the section to "
+                  f"rewrite (default {tag}; another CPU's results go in a section of their "
+                  f"own, e.g. {tag}-amx, with --out naming their JSON)")
 
 
 def parse_timing_args(argv, description: str, out: str, tag: str, render):
@@ -580,7 +583,7 @@ def parse_timing_args(argv, description: str, out: str, tag: str, render):
   add_output_flags(ap, out, tag)
   args = ap.parse_args(argv)
   if args.from_json:
-    return args, section_from_json(args, tag, render)
+    return args, section_from_json(args, args.section, render)
   return args, (2 if check_windows(args.windows, 3) else None)
 
 

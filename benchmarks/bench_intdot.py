@@ -147,7 +147,7 @@ def main(argv=None):
   add_output_flags(ap, "docs/bench_intdot.json", "bench-intdot")
   args = ap.parse_args(argv)
   if args.from_json:
-    return section_from_json(args, "bench-intdot", render)
+    return section_from_json(args, args.section, render)
   if args.windows < 3 or args.reps < 1:
     print(f"error: --windows must be >= 3 (a median of ratios) and --reps >= 1, got "
           f"{args.windows} and {args.reps}", file=sys.stderr)
@@ -163,13 +163,15 @@ def main(argv=None):
          (bench_convs(args.windows, args.reps, rng) if "conv" in only else [])
   doc = dict(machine_info(), loadavg_1min_at_start=load, windows=args.windows,
              reps=args.reps, rows=rows)
-  return write_doc(args.out, doc, args.readme, "bench-intdot", render)
+  if args.section != "bench-intdot":  # another CPU's section: the command names its outputs
+    doc["output_args"] = f"--out {args.out} --section {args.section}"
+  return write_doc(args.out, doc, args.readme, args.section, render)
 
 
 def render(doc) -> str:
   """The Markdown table of an intdot benchmark JSON: one row per shape, one column per
   variant, each cell float time / variant time."""
-  lines = [measured_line(doc, "intdot", "each cell is float32 time / this variant's time "
+  lines = [measured_line(doc, " ".join(["intdot", doc.get("output_args", "")]).strip(), "each cell is float32 time / this variant's time "
                                        "(> 1: faster)"), ""]
   for op, variants in (("dot", ["int8", "dyn_i8", "w8_f32", "i4_i8"]),
                        ("conv3x3", ["int8", "patches_i8"])):

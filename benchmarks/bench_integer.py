@@ -159,7 +159,7 @@ def main(argv=None):
   add_output_flags(ap, "docs/bench_integer.json", "bench-integer")
   args = ap.parse_args(argv)
   if args.from_json:
-    return section_from_json(args, "bench-integer", render)
+    return section_from_json(args, args.section, render)
   models, settings = args.models.split(","), args.settings.split(",")
   for given, known, what in ((models, MODELS, "--models"), (settings, SETTINGS, "--settings")):
     bad = [g for g in given if g not in known]
@@ -172,12 +172,14 @@ def main(argv=None):
   load = os.getloadavg()[0]
   rows = [r for m in models for s in settings for r in measure(m, s, args.windows)]
   doc = dict(machine_info(), loadavg_1min_at_start=load, windows=args.windows, rows=rows)
-  return write_doc(args.out, doc, args.readme, "bench-integer", render)
+  if args.section != "bench-integer":  # another CPU's section: the command names its outputs
+    doc["output_args"] = f"--out {args.out} --section {args.section}"
+  return write_doc(args.out, doc, args.readme, args.section, render)
 
 
 def render(doc) -> str:
   """The Markdown table of an integer benchmark JSON."""
-  lines = [measured_line(doc, "integer", "float32 time / this variant's time (> 1: faster)"),
+  lines = [measured_line(doc, " ".join(["integer", doc.get("output_args", "")]).strip(), "float32 time / this variant's time (> 1: faster)"),
            "",
            "| model | setting | batch | float32 ms | fake_quant | integer | device bytes: "
            "float32 / integer | packed file bytes | max logit diff (integer vs fake) |",

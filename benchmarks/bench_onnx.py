@@ -91,7 +91,7 @@ def main(argv=None):
   rows = [r for m in MODELS for b in BITS for r in measure(m, b, args.windows)]
   doc = dict(machine_info(), onnxruntime=onnxruntime.__version__, loadavg_1min_at_start=load,
              windows=args.windows, rows=rows)
-  return write_doc(args.out, doc, args.readme, "bench-onnx", render)
+  return write_doc(args.out, doc, args.readme, args.section, render)
 
 
 def render(doc) -> str:

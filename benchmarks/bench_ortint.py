@@ -97,7 +97,7 @@ def main(argv=None):
   rows = measure(args.windows)
   doc = dict(machine_info(), onnxruntime=onnxruntime.__version__,
              loadavg_1min_at_start=load, windows=args.windows, rows=rows)
-  return write_doc(args.out, doc, args.readme, "bench-ortint", render)
+  return write_doc(args.out, doc, args.readme, args.section, render)
 
 
 def render(doc) -> str:

@@ -121,7 +121,7 @@ def main(argv=None):
   add_output_flags(ap, "docs/bench_transformers.json", "bench-transformers")
   args = ap.parse_args(argv)
   if args.from_json:
-    return section_from_json(args, "bench-transformers", render)
+    return section_from_json(args, args.section, render)
   if check_windows(args.windows, minimum=3):
     return 2
   models = args.models.split(",")
@@ -139,7 +139,7 @@ def main(argv=None):
           f"step {1e3 * r['step_s']:8.2f} ms  ratio {r['step_time_ratio']:.3f}"
           f"{' (derived)' if r.get('derived') else ''}", flush=True)
   doc = dict(machine_info(), loadavg_1min_at_start=load, rows=rows)
-  return write_doc(args.out, doc, args.readme, "bench-transformers", render)
+  return write_doc(args.out, doc, args.readme, args.section, render)
 
 
 def render(doc) -> str:

@@ -10,9 +10,9 @@ each layer's codes packed on their own, so that the scan slices one layer's; Lin
 
 **On the device** every quantized tensor is its integer codes, never a float32 copy:
 
-* codes in [-2, 1] are packed four to a byte, codes in [-8, 7] two to a byte (per-group
-  widths included: the widest group decides), and unpacked to int8 inside the jitted
-  function;
+* a kernel's codes in [-2, 1] are packed four to a byte, codes in [-8, 7] two to a byte
+  (per-group widths included: the widest group decides; in planes, :func:`pack`), and
+  unpacked to int8 inside the jitted function; vectors (biases) are a byte a code;
 * other codes that fit int8 are int8; wider codes (a learned width above 8 bits) are
   int16, dequantized inside the function (the wider path).
 

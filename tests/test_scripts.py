@@ -889,6 +889,16 @@ def test_bench_intdot_refuses_bad_flags_and_renders_its_json(tmp_path):
   assert "| 8x8 | 1 | 1.000 | 2.50x | - | - | 0.50x |" in text and "old" not in text
   assert "CPU flags: avx2" in text
   assert intdot.main(["--from_json", str(tmp_path / "none.json"), "--readme", str(md)]) == 2
+  # another CPU's results: their own section, and the line names the outputs that made them
+  md.write_text(text + "<!-- bench-intdot-amx:begin -->\n<!-- bench-intdot-amx:end -->\n")
+  doc["output_args"] = "--out docs/amx.json --section bench-intdot-amx"
+  js.write_text(json.dumps(doc))
+  assert intdot.main(["--from_json", str(js), "--readme", str(md),
+                      "--section", "bench-intdot-amx"]) == 0
+  amx = md.read_text().split("<!-- bench-intdot-amx:begin -->")[1]
+  assert "run.py intdot --out docs/amx.json --section bench-intdot-amx --readme" in amx
+  assert md.read_text().split("<!-- bench-intdot-amx:begin -->")[0] == text  # left alone
+  assert intdot.main(["--from_json", str(js), "--readme", str(md), "--section", "nope"]) == 2
 
 
 def test_codec_sizes_writes_the_three_forms_of_one_model(tmp_path):
