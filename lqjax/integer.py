@@ -22,7 +22,8 @@ integer layer adds one float32 vector per output (the offset term below).
 **The compute**, chosen per layer when the function is traced:
 
 * ``nn.Dense``, and ``nn.DenseGeneral`` that sums over its input's trailing axes with no
-  batch axes (attention projections; NNX: ``Linear``, ``LinearGeneral``), with an input
+  batch axes (attention projections; NNX: ``Linear``, ``LinearGeneral``), and ``Einsum``
+  whose equation is such a layer's (:func:`einsum_contracted`), with an input
   quantizer (a Rule's ``inputs``, at most 8 bits), int8 codes or packed int4, and one
   weight scale per output or per tensor (a DenseGeneral's kernel as one matrix, its
   input axes by its output axes): the input's codes
@@ -65,11 +66,12 @@ MIN_CONV_CHANNELS = 32
 MIN_ROWS = 16
 _DENSE = (nn.Dense,)
 _GENERAL = (nn.DenseGeneral,)
+_EINSUM = (nn.Einsum,)
 _CONV = (nn.Conv,)
 try:  # NNX's layers take the same route
   from flax import nnx as _nnx
   _DENSE, _CONV = _DENSE + (_nnx.Linear,), _CONV + (_nnx.Conv,)
-  _GENERAL = _GENERAL + (_nnx.LinearGeneral,)
+  _GENERAL, _EINSUM = _GENERAL + (_nnx.LinearGeneral,), _EINSUM + (_nnx.Einsum,)
 except ImportError:  # pragma: no cover
   pass
 #: The collection that holds each integer layer's offset vector.
@@ -255,12 +257,38 @@ def contracted_axes(mod, x) -> Optional[int]:
   (heads, dim) -> (out)); None for any other layer."""
   if isinstance(mod, _DENSE):
     return 1
+  if isinstance(mod, _EINSUM):
+    return einsum_contracted(getattr(mod, "einsum_str", None), x.ndim)
   if not isinstance(mod, _GENERAL) or getattr(mod, "batch_dims", ()) \
       or getattr(mod, "batch_axis", None):
     return None
   axis = mod.axis if isinstance(mod.axis, (tuple, list)) else (mod.axis,)
   n = len(axis)
   if sorted(a % x.ndim for a in axis) != list(range(x.ndim - n, x.ndim)):
+    return None
+  return n
+
+
+def einsum_contracted(einsum_str: Optional[str], ndim: int) -> Optional[int]:
+  """How many trailing axes of the input an Einsum layer's ``einsum_str`` sums over, when it
+  is a dense layer in disguise: ``"...d,dhk->...hk"`` or ``"btd,dk->btk"``, the kernel's
+  leading indices being the input's trailing ones in order, the output the input's other
+  indices followed by the kernel's others, and no index shared by all three (a batch
+  axis); None for any other equation, or one given only at call time."""
+  if not einsum_str:
+    return None
+  eq = einsum_str.replace(" ", "")
+  m = re.fullmatch(r"((?:\.\.\.)?[a-zA-Z]*),([a-zA-Z]+)->((?:\.\.\.)?[a-zA-Z]*)", eq)
+  if m is None:
+    return None
+  lhs, rhs, out = m.groups()
+  letters = lhs.replace("...", "")
+  if len(set(letters)) != len(letters) or len(set(rhs)) != len(rhs):
+    return None
+  n = len([c for c in rhs if c in letters])
+  if n == 0 or not lhs.endswith(rhs[:n]) or out != lhs[:len(lhs) - n] + rhs[n:]:
+    return None
+  if "..." not in lhs and len(lhs) != ndim:
     return None
   return n
 
@@ -343,10 +371,13 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
   """A Dense/Linear or Conv layer's output from the int8 codes of its input and weights:
   ``s s_w acc + z s_w sum(W_q) + b`` (:func:`takes_route` said it applies)."""
   s_in = quant.scale_from_log(in_log_scale)
-  s_w = quant.scale_from_log(log_w).reshape(-1)
   hook = _DOT.get()
   contracted = contracted_axes(mod, x)
   out_shape = None
+  s_w = quant.scale_from_log(log_w)
+  if contracted is not None:  # one scale per output element (an Einsum's may omit axes)
+    s_w = jnp.broadcast_to(s_w, (1,) * contracted + codes_w.shape[contracted:])
+  s_w = s_w.reshape(-1)
   if contracted is not None:
     if contracted > 1 or codes_w.ndim > 2:  # DenseGeneral: one (K, N) matrix of its kernel
       out_shape = x.shape[:x.ndim - contracted] + codes_w.shape[contracted:]

@@ -263,6 +263,66 @@ def test_attention_projections_take_the_integer_route(framework):
             tol)
 
 
+@pytest.mark.parametrize("eq,ndim,want", [
+    ("...d,dhk->...hk", 3, 1), ("...hk,hkd->...d", 4, 2), ("btd,dk->btk", 3, 1),
+    ("btd, dk -> btk", 3, 1), ("d,dk->k", 1, 1),
+    ("...hd,hdk->...hk", 4, None),   # h is a batch axis (in the input, kernel and output)
+    ("...dh,hdk->...k", 4, None),    # summed axes not in the input's trailing order
+    ("...d,dk->...kd", 3, None),     # the output is not the input's others then the kernel's
+    ("btd,dk->btk", 4, None),        # the equation does not fit the input
+    ("...d,dk,ke->...e", 3, None), ("...,k->...k", 2, None), (None, 3, None)])
+def test_einsum_equations_that_are_dense_layers(eq, ndim, want):
+  assert integer.einsum_contracted(eq, ndim) == want
+
+
+class EinsumNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):                                          # (B, T, 16)
+    q = nn.Einsum((16, 2, 8), "...d,dhk->...hk", name="q")(x)      # (B, T, 2, 8)
+    y = nn.Einsum((2, 8, 16), "...hk,hkd->...d", name="o")(q)      # (B, T, 16)
+    g = nn.Einsum((2, 8, 4), "...hd,hdk->...hk", name="g")(q)      # a batch axis: float
+    return nn.Einsum((16, 5), "btd,dk->btk", name="head")(y) + g.sum((-1, -2))[..., None]
+
+
+class NnxEinsumNet(nnx.Module):
+  def __init__(self, rngs):
+    self.q = nnx.Einsum("...d,dhk->...hk", (16, 2, 8), (2, 8), rngs=rngs)
+    self.o = nnx.Einsum("...hk,hkd->...d", (2, 8, 16), (16,), rngs=rngs)
+    self.g = nnx.Einsum("...hd,hdk->...hk", (2, 8, 4), None, rngs=rngs)
+    self.head = nnx.Einsum("btd,dk->btk", (16, 5), (5,), rngs=rngs)
+
+  def __call__(self, x):
+    q = self.q(x)
+    return self.head(self.o(q)) + self.g(q).sum((-1, -2))[..., None]
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_einsum_layers_that_are_dense_take_the_integer_route(framework):
+  """Einsum layers whose equation is a dense layer's (the kernel's leading indices are the
+  input's trailing ones) take the int8 dot with the kernel as one matrix; a scale that
+  omits an output axis (the Einsum default keeps the last one) is broadcast over it; an
+  equation with a batch axis stays on the float path; within float rounding."""
+  rule = lqjax.Rule(".*", lqjax.QuantConfig(rule="lsq", bits=4, granularity="row"), inputs=A8)
+  x = jax.random.normal(jax.random.key(0), (32, 6, 16))
+  if framework == "linen":
+    model = lqjax.quantize(EinsumNet(), rule)
+    v = lqjax.calibrate(model, model.init(jax.random.key(1), x[:1]), x)
+    ref, fn = model.apply(v, x), lqjax.integer_inference(model, v, min_rows=1)
+  else:
+    model = lqjax.quantize(NnxEinsumNet(nnx.Rngs(0)), rule)
+    lqjax.calibrate(model, x)
+    ref, fn = model(x), lqjax.integer_inference(model, min_rows=1)
+  tol = 2e-5 * float(jnp.max(jnp.abs(ref)))
+  np.testing.assert_allclose(fn(x), ref, atol=tol)
+  assert _ops(fn, x) == (3, 0)  # q, o, head; g's equation has a batch axis
+  if framework == "linen" and _has_onnxruntime():
+    from lqjax import onnx_export
+    graph = onnx_export.build_integer(lqjax.integer_inference(model, v, packed=False), x[:1])
+    assert [n.op_type for n in graph.graph.node].count("MatMulInteger") == 3
+    _agrees(onnx_export.run_onnx(graph.SerializeToString(), np.asarray(x)), np.asarray(ref),
+            tol)
+
+
 def _has_onnxruntime() -> bool:
   try:
     import onnxruntime  # noqa: F401
