@@ -1,11 +1,12 @@
 """Integer inference from the packed codes against the float32 model, side by side in one run.
 
-  python benchmarks/run.py integer [--windows 7] [--models lenet300,lenet5,resnet20,vit]
+  python benchmarks/run.py integer [--windows 7] [--models lenet300,lenet5,resnet20,vit,gpt,gpt_mlp]
                                    [--out docs/bench_integer.json] [--readme docs/PERFORMANCE.md]
 
 For each model (LeNet-300-100 and LeNet-5 on MNIST shapes, ResNet-20 and the ViT, whose
 attention projections and MLPs are all dots, on CIFAR-10 shapes, and the Shakespeare GPT,
-NNX with its blocks run by nnx.scan, on windows of 64 characters: no ONNX rows)
+NNX with its blocks run by nnx.scan, on windows of 64 characters, and its block's MLP
+alone, 128 -> 512 -> 128 on (batch, 64, 128) activations: no ONNX rows for these two)
 and each setting (W8A8, W4A8: LSQ weights per row at 8 or 4 bits, every quantized
 layer's input at 8 bits, its scale and offset calibrated on a random batch), three jitted
 functions of the normalised input, timed round-robin in one run:
@@ -48,7 +49,9 @@ from lqlab.config import TrainConfig
 from lqlab.step import build_model
 
 MODELS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "cifar10", "vit": "cifar10",
-          "gpt": "tinyshakespeare"}
+          "gpt": "tinyshakespeare", "gpt_mlp": "tinyshakespeare"}
+#: The GPT's MLP alone (``gpt_mlp``): its width and hidden width (lqlab.transformers.Block).
+GPT_WIDTH, GPT_HIDDEN = 128, 512
 #: The GPT's input: a batch of windows of this many characters from a 65-letter vocabulary.
 GPT_CONTEXT, GPT_VOCAB = 64, 65
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8)}
@@ -61,6 +64,8 @@ def batch_of(model_name: str, batch: int, seed: int) -> jax.Array:
   rng = np.random.default_rng(seed)
   if model_name == "gpt":
     return jnp.asarray(rng.integers(0, GPT_VOCAB, (batch, GPT_CONTEXT)), jnp.int32)
+  if model_name == "gpt_mlp":  # a block's normalised activations
+    return jnp.asarray(rng.standard_normal((batch, GPT_CONTEXT, GPT_WIDTH)), jnp.float32)
   return jnp.asarray(rng.standard_normal((batch,) + data.image_shape(MODELS[model_name])),
                      jnp.float32)
 
@@ -83,11 +88,42 @@ def gpt_functions(setting: str):
   return fns, {}, compress.file_bytes(nnx.state(q, nnx.Param)), diff
 
 
+def mlp_functions(setting: str):
+  """:func:`functions` of the GPT block's MLP alone (width 128 -> 512 -> 128, exact GELU,
+  no biases, as in lqlab.transformers.Block), NNX; no ONNX."""
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(GPT_WIDTH, GPT_HIDDEN, use_bias=False, rngs=rngs)
+      self.proj = nnx.Linear(GPT_HIDDEN, GPT_WIDTH, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.proj(nnx.gelu(self.fc(x), approximate=False))
+
+  w, a = SETTINGS[setting]
+  x = batch_of("gpt_mlp", 256, 0)
+  fp = MLP(nnx.Rngs(0))
+  q = lqjax.quantize(MLP(nnx.Rngs(0)), lqjax.Rule(
+      ".*", lqjax.QuantConfig(rule="lsq", bits=w, granularity="row"),
+      inputs=lqjax.QuantConfig(rule="lsq", bits=a, rounding="round")))
+  lqjax.calibrate(q, x)
+  int_fn = lqjax.integer_inference(q)
+  call = nnx.jit(lambda m, x: m(x))
+  diff = float(jnp.max(jnp.abs(int_fn(x) - call(q, x))))
+  fns = {"float32": (lambda x: call(fp, x), nnx.state(fp)),
+         "fake_quant": (lambda x: call(q, x), nnx.state(q)),
+         "integer": (int_fn, int_fn.variables)}
+  return fns, {}, compress.file_bytes(nnx.state(q, nnx.Param)), diff
+
+
 def functions(model_name: str, setting: str):
   """{variant: (jitted fn of x, variables it holds)}, the packed file's bytes, and the
   largest integer/fake-quant logit difference on a random batch."""
   if model_name == "gpt":
     return gpt_functions(setting)
+  if model_name == "gpt_mlp":
+    return mlp_functions(setting)
   ds = MODELS[model_name]
   w, a = SETTINGS[setting]
   kw = dict(dataset=ds, model=model_name, granularity="row", rounding="round")
@@ -172,8 +208,9 @@ def main(argv=None):
   load = os.getloadavg()[0]
   rows = [r for m in models for s in settings for r in measure(m, s, args.windows)]
   doc = dict(machine_info(), loadavg_1min_at_start=load, windows=args.windows, rows=rows)
-  if args.section != "bench-integer":  # another CPU's section: the command names its outputs
-    doc["output_args"] = f"--out {args.out} --section {args.section}"
+  if args.section != "bench-integer":  # another section: the command names what it measured
+    picked = "" if args.models == ",".join(MODELS) else f"--models {args.models} "
+    doc["output_args"] = f"{picked}--out {args.out} --section {args.section}"
   return write_doc(args.out, doc, args.readme, args.section, render)
 
 

@@ -981,3 +981,33 @@ def test_report_quantized_inputs_table_and_targets():
   assert "| acts_qwix / qwix_a8dyn_bits8 | 8 | 8 dynamic (8) | 1 | 0.9890 | -0.10 |" in text
   assert records.family(act[0]) == "LSQ, A8" and records.family(qwix) == "qwix QAT, A8 dynamic"
   assert sections.activations_section(fp32) == []
+
+
+def test_bench_integer_mlp_agrees_and_its_section_names_the_command(tmp_path):
+  """The GPT MLP's three functions: the integer one within float rounding of the
+  fake-quantized one (as the benchmark records it) and holding about an eighth of the
+  float32 bytes at W4; its table goes in the section named, and the line gives the
+  command with the models and outputs that made it."""
+  bi = _load("bench_integer")
+  fns, ort, packed, diff = bi.mlp_functions("W4A8")
+  assert ort == {} and set(fns) == {"float32", "fake_quant", "integer"}
+  x = bi.batch_of("gpt_mlp", 4, 1)
+  ref = fns["fake_quant"][0](x)
+  assert diff < 0.05 and float(jnp.max(jnp.abs(fns["integer"][0](x) - ref))) < 0.05
+  held = bi.integer.device_bytes(fns["integer"][1])
+  assert held < bi.integer.device_bytes(fns["float32"][1]) / 6 and held < 1.3 * packed
+  rows = [{"model": "gpt_mlp", "setting": "W4A8", "batch": 256, "variant": v, "seconds": 1e-3,
+           "vs_float": r, "device_bytes": 10, "packed_bytes": 8,
+           "max_abs_logit_diff_integer_vs_fake": 1e-3}
+          for v, r in (("float32", 1.0), ("fake_quant", 0.9), ("integer", 1.7))]
+  doc = {"date": "2026-12-05", "machine": "x", "jax": "0", "cpu_flags": ["amx_int8"],
+         "windows": 3, "rows": rows,
+         "output_args": "--models gpt_mlp --out o.json --section bench-integer-mlp"}
+  js, md = tmp_path / "b.json", tmp_path / "P.md"
+  js.write_text(json.dumps(doc))
+  md.write_text("<!-- bench-integer-mlp:begin -->\n<!-- bench-integer-mlp:end -->\n")
+  assert bi.main(["--from_json", str(js), "--readme", str(md),
+                  "--section", "bench-integer-mlp"]) == 0
+  text = md.read_text()
+  assert "run.py integer --models gpt_mlp --out o.json --section bench-integer-mlp" in text
+  assert "| gpt_mlp | W4A8 | 256 | 1.000 | 0.90x | 1.70x |" in text
