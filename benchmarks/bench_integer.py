@@ -70,14 +70,10 @@ def batch_of(model_name: str, batch: int, seed: int) -> jax.Array:
                      jnp.float32)
 
 
-def gpt_functions(setting: str):
-  """:func:`functions` of the Shakespeare GPT (NNX, its blocks run by nnx.scan; no ONNX)."""
+def nnx_functions(fp, q, x):
+  """:func:`functions` of an NNX float model `fp` and its quantized twin `q`, whose input
+  scales are calibrated on `x` (no ONNX)."""
   from flax import nnx
-  from lqlab import lm
-  w, a = SETTINGS[setting]
-  x = batch_of("gpt", 256, 0)
-  fp = lm.build(lm.LMConfig(float_model=True, context=GPT_CONTEXT), GPT_VOCAB)
-  q = lm.build(lm.LMConfig(rule="lsq", bits=w, act_bits=a, context=GPT_CONTEXT), GPT_VOCAB)
   lqjax.calibrate(q, x)
   int_fn = lqjax.integer_inference(q)
   call = nnx.jit(lambda m, x: m(x))
@@ -86,6 +82,16 @@ def gpt_functions(setting: str):
          "fake_quant": (lambda x: call(q, x), nnx.state(q)),
          "integer": (int_fn, int_fn.variables)}
   return fns, {}, compress.file_bytes(nnx.state(q, nnx.Param)), diff
+
+
+def gpt_functions(setting: str):
+  """:func:`functions` of the Shakespeare GPT (NNX, its blocks run by nnx.scan; no ONNX)."""
+  from lqlab import lm
+  w, a = SETTINGS[setting]
+  x = batch_of("gpt", 256, 0)
+  fp = lm.build(lm.LMConfig(float_model=True, context=GPT_CONTEXT), GPT_VOCAB)
+  q = lm.build(lm.LMConfig(rule="lsq", bits=w, act_bits=a, context=GPT_CONTEXT), GPT_VOCAB)
+  return nnx_functions(fp, q, x)
 
 
 def mlp_functions(setting: str):
@@ -107,14 +113,7 @@ def mlp_functions(setting: str):
   q = lqjax.quantize(MLP(nnx.Rngs(0)), lqjax.Rule(
       ".*", lqjax.QuantConfig(rule="lsq", bits=w, granularity="row"),
       inputs=lqjax.QuantConfig(rule="lsq", bits=a, rounding="round")))
-  lqjax.calibrate(q, x)
-  int_fn = lqjax.integer_inference(q)
-  call = nnx.jit(lambda m, x: m(x))
-  diff = float(jnp.max(jnp.abs(int_fn(x) - call(q, x))))
-  fns = {"float32": (lambda x: call(fp, x), nnx.state(fp)),
-         "fake_quant": (lambda x: call(q, x), nnx.state(q)),
-         "integer": (int_fn, int_fn.variables)}
-  return fns, {}, compress.file_bytes(nnx.state(q, nnx.Param)), diff
+  return nnx_functions(fp, q, x)
 
 
 def functions(model_name: str, setting: str):

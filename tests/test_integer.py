@@ -234,24 +234,31 @@ class NnxAttnNet(nnx.Module):
     return self.head((x + self.attn(x)).mean(1))
 
 
+def _w4a8(framework, linen_net, nnx_net, x):
+  """(model, Linen variables or None, its fake-quantized output on `x`, its integer function
+  at any batch) of `linen_net()` or `nnx_net(rngs)` with LSQ 4-bit rows and 8-bit inputs
+  calibrated on `x`."""
+  rule = lqjax.Rule(".*", lqjax.QuantConfig(rule="lsq", bits=4, granularity="row"), inputs=A8)
+  if framework == "linen":
+    model = lqjax.quantize(linen_net(), rule)
+    v = lqjax.calibrate(model, model.init(jax.random.key(1), x[:1]), x)
+    return model, v, model.apply(v, x), lqjax.integer_inference(model, v, min_rows=1)
+  model = lqjax.quantize(nnx_net(nnx.Rngs(0)), rule)
+  lqjax.calibrate(model, x)
+  return model, None, model(x), lqjax.integer_inference(model, min_rows=1)
+
+
 @pytest.mark.parametrize("framework", ["linen", "nnx"])
 def test_attention_projections_take_the_integer_route(framework):
   """DenseGeneral/LinearGeneral: q/k/v ((in) -> (heads, dim)) and out ((heads, dim) -> (out))
   as int8 x int8 -> int32 dots with the kernel as one matrix, scales per output (row keeps
   the heads axis); within float rounding of the fake-quantized model; the ONNX export of
   the Linen function has a MatMulInteger for each."""
-  rule = lqjax.Rule(".*", lqjax.QuantConfig(rule="lsq", bits=4, granularity="row"), inputs=A8)
   x = jax.random.normal(jax.random.key(0), (32, 6, 16))
+  model, v, ref, fn = _w4a8(framework, AttnNet, NnxAttnNet, x)
   if framework == "linen":
-    model = lqjax.quantize(AttnNet(), rule)
-    v = lqjax.calibrate(model, model.init(jax.random.key(1), x[:1]), x)
-    ref, fn = model.apply(v, x), lqjax.integer_inference(model, v, min_rows=1)
     assert lqjax.tree.unbox(v["params"]["attn"]["query"]["kernel_quant"]["log_scale"]).shape \
         == (1, 2, 8)
-  else:
-    model = lqjax.quantize(NnxAttnNet(nnx.Rngs(0)), rule)
-    lqjax.calibrate(model, x)
-    ref, fn = model(x), lqjax.integer_inference(model, min_rows=1)
   tol = 2e-5 * float(jnp.max(jnp.abs(ref)))
   np.testing.assert_allclose(fn(x), ref, atol=tol)
   assert _ops(fn, x) == (5, 0)  # query, key, value, out, head
@@ -302,16 +309,8 @@ def test_einsum_layers_that_are_dense_take_the_integer_route(framework):
   input's trailing ones) take the int8 dot with the kernel as one matrix; a scale that
   omits an output axis (the Einsum default keeps the last one) is broadcast over it; an
   equation with a batch axis stays on the float path; within float rounding."""
-  rule = lqjax.Rule(".*", lqjax.QuantConfig(rule="lsq", bits=4, granularity="row"), inputs=A8)
   x = jax.random.normal(jax.random.key(0), (32, 6, 16))
-  if framework == "linen":
-    model = lqjax.quantize(EinsumNet(), rule)
-    v = lqjax.calibrate(model, model.init(jax.random.key(1), x[:1]), x)
-    ref, fn = model.apply(v, x), lqjax.integer_inference(model, v, min_rows=1)
-  else:
-    model = lqjax.quantize(NnxEinsumNet(nnx.Rngs(0)), rule)
-    lqjax.calibrate(model, x)
-    ref, fn = model(x), lqjax.integer_inference(model, min_rows=1)
+  model, v, ref, fn = _w4a8(framework, EinsumNet, NnxEinsumNet, x)
   tol = 2e-5 * float(jnp.max(jnp.abs(ref)))
   np.testing.assert_allclose(fn(x), ref, atol=tol)
   assert _ops(fn, x) == (3, 0)  # q, o, head; g's equation has a batch axis
