@@ -85,8 +85,8 @@ def pack(codes, bits: int) -> np.ndarray:
   """Signed `bits`-bit codes (2 or 4) -> uint8, 8 / bits a byte, in planes: the flattened
   codes (the tail padded with zeros) are cut into 8 / bits contiguous runs, and byte j
   holds element j of run i in its bits [i b, (i + 1) b). Unpacking is then shifts and one
-  concatenation of contiguous runs, which XLA vectorises; fields interleaved within each
-  byte unpacked 2x-3x slower in front of an int8 dot (784x300 to 1024x1024, this CPU)."""
+  concatenation of contiguous runs, which XLA vectorises (fields interleaved within each
+  byte were a gather; ``benchmarks/bench_intdot.py``'s ``i4_i8`` times this unpacking)."""
   per = 8 // bits
   flat = np.asarray(codes, np.int64).reshape(-1)
   flat = np.concatenate([flat, np.zeros((-flat.size) % per, np.int64)])
@@ -176,9 +176,9 @@ def stored(module_path: Tuple[str, ...], name: str) -> Optional[Stored]:
 def _store(codes: np.ndarray, grid: str, packed: bool = True, stacked: int = 0):
   """(the array held, its Stored) of `codes`; the `stacked` leading axes (a stack of layers
   run by a scan) are kept, each layer packed on its own, so that a scan's slice is one
-  layer's held codes. Vectors (biases) are held a byte a code, never packed: unpacking
-  one inside the epilogue that reads it costs more than the layer's dot (about 0.3 ms
-  for LeNet-300-100 at batch 256, ``benchmarks/bench_integer.py``), and they are small."""
+  layer's held codes. Vectors (biases) are held a byte a code, never packed: a packed one
+  is unpacked element by element inside the epilogue that reads it, on every call, which
+  cost LeNet-300-100's integer function more than its dots; and they are small."""
   lo, hi = int(codes.min(initial=0)), int(codes.max(initial=0))
   lead, shape = codes.shape[:stacked], codes.shape[stacked:]
   for kind, bits in (_PACKED.items() if packed and len(shape) >= 2 else ()):
