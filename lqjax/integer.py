@@ -194,7 +194,8 @@ def _store(codes: np.ndarray, grid: str, packed: bool = True, stacked: int = 0):
 
 def prepare(variables, packed: bool = True
             ) -> Tuple[Dict[str, Any], Dict[Tuple[str, ...], Stored]]:
-  """(variables with each quantized tensor replaced by its stored codes, the plan).
+  """(variables with each quantized tensor replaced by its stored codes, on the device; the
+  plan).
   `packed`: codes of at most 4 (2) bits two (four) a byte, else one byte each.
 
   Raises ValueError (one line) for a tree with no quantized tensor."""
@@ -211,7 +212,8 @@ def prepare(variables, packed: bool = True
   out = dict(tree.replace_arrays(variables, arrays))
   from flax import traverse_util
   out[COLLECTION] = traverse_util.unflatten_dict({k + (_SUM,): v for k, v in sums.items()})
-  return out, plan
+  # on the device once: numpy leaves would be copied to it on every call
+  return jax.device_put(out), plan
 
 
 def stored_tensors(tensors, packed: bool = True, stacked=lambda t: 0):

@@ -78,6 +78,8 @@ def test_integer_route_agrees_with_fake_quant(bits, kind):
   got = fn(x)
   np.testing.assert_allclose(got, ref, atol=2e-5 * float(jnp.max(jnp.abs(ref))) + 1e-6)
   held = lqjax.tree.unbox(fn.variables["params"])
+  # on the device already: host arrays would be copied to it on every call
+  assert all(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(fn.variables))
   for name in ("c0", "c1", "c2", "c3", "fc1", "fc2"):  # integer codes only, packed below 8 bits
     k = held[name]["kernel"]
     assert k.dtype == (np.uint8 if bits < 8 else np.int8), (name, k.dtype)
