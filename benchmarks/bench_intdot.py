@@ -13,8 +13,11 @@ Dots (``lax.dot_general``), batch 256 and batch 1:
 * ``int8``: int8 x int8 -> int32;
 * ``dyn_i8``: float32 activations quantized per row inside jit (absmax / 127), the int8
   dot, and the rescale to float32;
+* ``dyn_i8_pad`` (batch 1): ``dyn_i8`` with the row padded to
+  ``lqjax.integer.PAD_ROWS`` rows for the dot (``lqjax.integer.padded_dot``), as the integer
+  path does;
 * ``w8_f32``: float32 activations times int8 weights converted to float32 inside jit
-  (the weight-only path);
+  (the weight-only path, and what a layer's float path computes);
 * ``i4_i8``: int4 weights packed two to a byte, unpacked to int8 inside jit, then the
   int8 dot.
 
@@ -57,11 +60,15 @@ def _int8_dot(x, w):
   return lax.dot_general(x, w, (((1,), (0,)), ((), ())), **_I32)
 
 
-def _dyn_i8(x, w, w_scale):
+def _dyn_i8(x, w, w_scale, dot=_int8_dot):
   """Per-row absmax int8 activations, the int8 dot, the float rescale."""
   a = jnp.maximum(jnp.max(jnp.abs(x), axis=1, keepdims=True), 1e-12) / 127.0
   q = jnp.clip(jnp.round(x / a), -127, 127).astype(jnp.int8)
-  return _int8_dot(q, w).astype(jnp.float32) * a * w_scale
+  return dot(q, w).astype(jnp.float32) * a * w_scale
+
+
+def _dyn_i8_pad(x, w, w_scale):
+  return _dyn_i8(x, w, w_scale, integer.padded_dot)
 
 
 def _i4_i8(x, packed):
@@ -106,9 +113,13 @@ def bench_dots(windows, reps, rng):
                                   x8.astype(np.int64) @ w4)
     cases = [("float32", jax.jit(jnp.dot), (x, w)),
              ("int8", jax.jit(_int8_dot), (jnp.asarray(x8), jnp.asarray(w8))),
-             ("dyn_i8", jax.jit(_dyn_i8), (x, jnp.asarray(w8), jnp.float32(0.01))),
-             ("w8_f32", jax.jit(lambda x, w: x @ w.astype(jnp.float32)), (x, jnp.asarray(w8))),
-             ("i4_i8", jax.jit(_i4_i8), (jnp.asarray(x8), jnp.asarray(integer.pack(w4, 4))))]
+             ("dyn_i8", jax.jit(_dyn_i8), (x, jnp.asarray(w8), jnp.float32(0.01)))]
+    if batch < integer.PAD_ROWS:  # the padded route, where the integer path takes it
+      np.testing.assert_array_equal(jax.jit(_dyn_i8_pad)(x, w8, 0.01),
+                                    jax.jit(_dyn_i8)(x, w8, 0.01))
+      cases.append(("dyn_i8_pad", jax.jit(_dyn_i8_pad), (x, jnp.asarray(w8), jnp.float32(0.01))))
+    cases += [("w8_f32", jax.jit(lambda x, w: x @ w.astype(jnp.float32)), (x, jnp.asarray(w8))),
+              ("i4_i8", jax.jit(_i4_i8), (jnp.asarray(x8), jnp.asarray(integer.pack(w4, 4))))]
     for r in measure_side_by_side(cases, windows, reps):
       rows.append({"op": "dot", "shape": name, "batch": batch, **r})
       _print(rows[-1])
@@ -173,7 +184,7 @@ def render(doc) -> str:
   variant, each cell float time / variant time."""
   lines = [measured_line(doc, " ".join(["intdot", doc.get("output_args", "")]).strip(), "each cell is float32 time / this variant's time "
                                        "(> 1: faster)"), ""]
-  for op, variants in (("dot", ["int8", "dyn_i8", "w8_f32", "i4_i8"]),
+  for op, variants in (("dot", ["int8", "dyn_i8", "dyn_i8_pad", "w8_f32", "i4_i8"]),
                        ("conv3x3", ["int8", "patches_i8"])):
     rows = [r for r in doc["rows"] if r["op"] == op]
     if not rows:

@@ -35,8 +35,9 @@ integer layer adds one float32 vector per output (the offset term below).
   channels: below that XLA:CPU's integer convolution was slower than float32's
   (``benchmarks/bench_intdot.py``);
 * rows (the input's elements over its last axis: a Dense layer's batch, a convolution's
-  batch times its positions) below ``min_rows``: XLA:CPU's integer matrix-vector
-  products were slower than float32's at batch 1, so such a call takes the float path;
+  batch times its positions) below ``min_rows`` take the float path (by default none do);
+  a dot with fewer than :data:`PAD_ROWS` rows (batch 1) is padded to that many, since
+  XLA:CPU's one-row integer product is a slow matrix-vector loop (:func:`padded_dot`);
 * every other quantized layer (and the cases above when they do not apply): the float
   path, the layer's own computation on the fake-quantized input and weights dequantized
   from the codes inside the function.
@@ -61,9 +62,13 @@ from lqjax import inputs as inputs_lib, quant, tree
 #: Input channels from which a convolution takes the integer route (bench_intdot: XLA:CPU's
 #: int8 3x3 convolution was 0.13x float at 16 channels, 1.55x at 32, 1.79x at 64).
 MIN_CONV_CHANNELS = 32
-#: Rows of a dot below which the float path is taken (bench_intdot: batch 1 int8 dots were
-#: 0.12x-0.57x float).
-MIN_ROWS = 16
+#: Rows of a dot below which the float path is taken (``integer_inference(min_rows=)``); by
+#: default none, since the float path converts the whole kernel to float on every call.
+MIN_ROWS = 1
+#: A dot with fewer rows is padded to this many: XLA:CPU lowers a one-row int8 product as a
+#: matrix-vector loop (a product whose output has rank <= 1), which was 0.1x-0.7x of
+#: float32's, and a few rows reach its matrix kernel (bench_intdot: ``dyn_i8_pad``).
+PAD_ROWS = 4
 _DENSE = (nn.Dense,)
 _GENERAL = (nn.DenseGeneral,)
 _EINSUM = (nn.Einsum,)
@@ -391,8 +396,7 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
       acc = hook(x, in_log_scale, in_zero, icfg, codes_w)
     else:
       q = inputs_lib.codes(x, in_log_scale, in_zero, icfg).astype(jnp.int8)
-      acc = lax.dot_general(q, codes_w, (((q.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.int32)
+      acc = padded_dot(q, codes_w)
     offset = in_zero * s_w * code_sum
   else:
     q = inputs_lib.codes(x, in_log_scale, in_zero, icfg).astype(jnp.int8)
@@ -411,6 +415,20 @@ def compute(mod, x, icfg, codes_w, log_w, in_log_scale, in_zero, code_sum, bias)
   if out_shape is not None:
     y = y.reshape(out_shape)
   return y.astype(getattr(mod, "dtype", None) or jnp.float32)
+
+
+def padded_dot(q, codes_w) -> jax.Array:
+  """``q @ codes_w`` as int8 x int8 -> int32 over `q`'s last axis, its rows (the other axes)
+  padded with zeros to :data:`PAD_ROWS` when there are fewer, and the padding dropped."""
+  rows = _rows(q)
+  if rows >= PAD_ROWS:
+    return lax.dot_general(q, codes_w, (((q.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.int32)
+  flat = jnp.pad(q.reshape(rows, q.shape[-1]), ((0, PAD_ROWS - rows), (0, 0)))
+  acc = lax.dot_general(flat, codes_w, (((1,), (0,)), ((), ())),
+                        preferred_element_type=jnp.int32)
+  acc = lax.optimization_barrier(acc)  # else XLA slices the operand, not the product
+  return acc[:rows].reshape(q.shape[:-1] + codes_w.shape[1:])
 
 
 def integer_layer(mod, x, icfg, min_rows: int):

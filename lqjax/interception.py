@@ -76,8 +76,9 @@ def integer_inference(model, variables=None, *, min_rows=None, packed=True, **kw
   codes (:mod:`lqjax.integer`). Linen: ``integer_inference(model, variables, train=False)``,
   `kwargs` going to ``model.apply``; NNX: ``integer_inference(module)``, `kwargs` going to
   its call. ``min_rows``: dots with fewer rows take the float path (default
-  :data:`lqjax.integer.MIN_ROWS`). ``packed=False`` holds codes of at most 4 bits one a byte
-  (no unpacking per call, twice or four times the bytes). ``fn.variables`` are the arrays
+  :data:`lqjax.integer.MIN_ROWS`, 1: none do; a batch-1 dot is padded to a few rows).
+  ``packed=False`` holds codes of at most 4 bits one a byte (no unpacking per call, twice or
+  four times the bytes). ``fn.variables`` are the arrays
   it holds on the device."""
   from lqjax import integer
   min_rows = integer.MIN_ROWS if min_rows is None else min_rows

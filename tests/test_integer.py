@@ -90,11 +90,20 @@ def test_integer_route_agrees_with_fake_quant(bits, kind):
   assert (dots, convs) == (2, 1)
 
 
-def test_small_batches_and_column_scales_take_the_float_path():
+def test_a_batch_of_one_pads_its_dots_and_column_scales_take_the_float_path():
   model, v, x = _model(4)
-  fn = lqjax.integer_inference(model, v)  # min_rows 16
+  fn = lqjax.integer_inference(model, v)  # min_rows 1: every dot takes the integer route
   np.testing.assert_allclose(fn(x[:1]), model.apply(v, x[:1]), atol=1e-4)
-  # the dots have 1 row: float path; the conv's rows are its 144 output positions
+  assert _ops(fn, x[:1]) == (2, 1)
+  # the one row padded to PAD_ROWS, the padding's products dropped
+  def dots(rows, n):
+    text = str(jax.make_jaxpr(fn)(x[:n]))
+    return len(re.findall(rf":i32\[{rows},\d+\] = dot_general", text))
+  assert dots(integer.PAD_ROWS, 1) == 2
+  assert dots(integer.PAD_ROWS + 1, integer.PAD_ROWS + 1) == 2  # enough rows: none added
+  # below min_rows the dots take the float path; the conv's rows are its 144 output positions
+  fn = lqjax.integer_inference(model, v, min_rows=16)
+  np.testing.assert_allclose(fn(x[:1]), model.apply(v, x[:1]), atol=1e-4)
   assert _ops(fn, x[:1]) == (0, 1)
   col = lqjax.Rule("fc1", lqjax.QuantConfig(rule="lsq", bits=4, granularity="column"),
                    inputs=A8)

@@ -886,7 +886,7 @@ def test_bench_intdot_refuses_bad_flags_and_renders_its_json(tmp_path):
   md.write_text("a\n<!-- bench-intdot:begin -->\nold\n<!-- bench-intdot:end -->\nz\n")
   assert intdot.main(["--from_json", str(js), "--readme", str(md)]) == 0
   text = md.read_text()
-  assert "| 8x8 | 1 | 1.000 | 2.50x | - | - | 0.50x |" in text and "old" not in text
+  assert "| 8x8 | 1 | 1.000 | 2.50x | - | - | - | 0.50x |" in text and "old" not in text
   assert "CPU flags: avx2" in text
   assert intdot.main(["--from_json", str(tmp_path / "none.json"), "--readme", str(md)]) == 2
   # another CPU's results: their own section, and the line names the outputs that made them
