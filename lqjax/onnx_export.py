@@ -287,7 +287,8 @@ def build_integer(int_fn, example_input, *, dynamic_batch: bool = True,
   5x slower than its float Conv, docs/PERFORMANCE.md). Codes that fit INT4/INT2 are stored so
   and cast to int8 where the graph starts (onnxruntime folds the cast when it loads).
   Inputs quantized with ``rounding="floor"`` take the float path (``QuantizeLinear``
-  rounds half to even).
+  rounds half to even). A stack run by ``nnx.scan`` is one ONNX ``Loop``, each layer's
+  input scale a tensor the loop slices.
   """
   run = getattr(int_fn, "run", None)
   if run is None:
@@ -360,17 +361,29 @@ def _qdq(x, log_scale, zero, cfg):
 
 def _int_matmul(x, log_scale, zero, icfg, codes_w):
   """The int32 product of `x`'s input codes and the weight codes, as one primitive that the
-  ONNX graph spells QuantizeLinear + MatMulInteger (:func:`build_integer`)."""
+  ONNX graph spells QuantizeLinear + MatMulInteger (:func:`build_integer`). A scale that is
+  not a constant of the trace (one layer's slice of a stack run by ``nnx.scan``) is an
+  operand, a tensor of the graph."""
   sz = _constant_scale(log_scale, zero)
-  if sz is None:
-    raise ExportError("build_integer: an input quantizer's scale is not a constant (layers "
-                      "stacked by nn.scan/nnx.scan are not supported)")
-  return _INT_MATMUL.bind(x, codes_w, scale=sz[0], zero=sz[1], bits=int(icfg.bits))
+  if sz is not None:
+    return _INT_MATMUL.bind(x, codes_w, scale=sz[0], zero=sz[1], bits=int(icfg.bits))
+  if np.size(log_scale) != 1 or np.size(zero) != 1:
+    raise ExportError("build_integer: an input quantizer with more than one scale has no "
+                      "MatMulInteger form (QuantizeLinear takes one scale per tensor here)")
+  s = quant.scale_from_log(jnp.asarray(log_scale)).astype(jnp.float32).reshape(())
+  z = jnp.asarray(zero, jnp.float32).reshape(())
+  return _INT_MATMUL_AT.bind(x, codes_w, s, z, bits=int(icfg.bits))
 
 
 def _int_matmul_reference(x, w, *, scale, zero, bits):
   """What :data:`_INT_MATMUL` computes, in JAX (as lqjax.integer's own route)."""
-  q = inputs_lib.codes_at(x, np.float32(scale), np.float32(zero), bits).astype(jnp.int8)
+  return _int_matmul_at_reference(x, w, np.float32(scale), np.float32(zero), bits=bits)
+
+
+def _int_matmul_at_reference(x, w, scale, zero, *, bits):
+  """What :data:`_INT_MATMUL_AT` computes: :data:`_INT_MATMUL` with the scale and offset as
+  operands."""
+  q = inputs_lib.codes_at(x, scale, zero, bits).astype(jnp.int8)
   return lax.dot_general(q, w, (((q.ndim - 1,), (0,)), ((), ())),
                          preferred_element_type=jnp.int32)
 
@@ -391,8 +404,13 @@ def _primitive(name, reference, abstract):
   return p
 
 
-_INT_MATMUL = _primitive("lqjax_int_matmul", _int_matmul_reference, lambda x, w, **_:
-                         jax.core.ShapedArray(tuple(x.shape[:-1]) + (w.shape[-1],), jnp.int32))
+def _int_matmul_abstract(x, w, *_, **__):
+  return jax.core.ShapedArray(tuple(x.shape[:-1]) + (w.shape[-1],), jnp.int32)
+
+
+_INT_MATMUL = _primitive("lqjax_int_matmul", _int_matmul_reference, _int_matmul_abstract)
+_INT_MATMUL_AT = _primitive("lqjax_int_matmul_at", _int_matmul_at_reference,
+                            _int_matmul_abstract)
 _QDQ = _primitive("lqjax_qdq", _qdq_reference,
                   lambda x, **_: jax.core.ShapedArray(x.shape, x.dtype))
 _PLUGINS = []
@@ -423,8 +441,13 @@ def _register_plugins():
       _ensure_value_metadata(ctx, v)
       return v
 
-    s, zp = const("lq_s", np.float32(eqn.params["scale"])), const("lq_zp", dtype(mid))
-    z = const("lq_z", np.float32(eqn.params["zero"]))
+    zp = const("lq_zp", dtype(mid))
+    if "scale" in eqn.params:  # constants: initializers
+      s = const("lq_s", np.float32(eqn.params["scale"]))
+      z = const("lq_z", np.float32(eqn.params["zero"]))
+    else:  # operands (a scanned layer's slice): values of the graph
+      s, z = (ctx.get_value_for_var(v, name_hint=ctx.fresh_name(h))
+              for v, h in zip(eqn.invars[2:4], ("lq_s", "lq_z")))
     shifted = typed(b.Sub(x, z, _outputs=[ctx.fresh_name("lq_shift")]))
     q = typed(b.QuantizeLinear(shifted, s, zp, _outputs=[ctx.fresh_name("lq_q")]), kind)
     if eqn.params["bits"] < 8:
@@ -447,6 +470,11 @@ def _register_plugins():
       bind(ctx, eqn, lambda name: typed(ctx.builder.MatMulInteger(q, w, zp, _outputs=[name]),
                                         ir.DataType.INT32, tuple(eqn.outvars[0].aval.shape)))
 
+  @register_primitive(jaxpr_primitive=_INT_MATMUL_AT.name, context="lqjax",
+                      component="int_matmul_at", since="0", testcases=[])
+  class IntMatmulAt(IntMatmul):
+    pass
+
   @register_primitive(jaxpr_primitive=_QDQ.name, context="lqjax", component="qdq",
                       since="0", testcases=[])
   class Qdq(PrimitiveLeafPlugin):
@@ -456,7 +484,7 @@ def _register_plugins():
       d = typed(b.DequantizeLinear(q, s, zp, _outputs=[ctx.fresh_name("lq_dq")]))
       bind(ctx, eqn, lambda name: typed(b.Add(d, z, _outputs=[name])))
 
-  _PLUGINS.extend([IntMatmul, Qdq])
+  _PLUGINS.extend([IntMatmul, IntMatmulAt, Qdq])
 
 
 def _finish(model, inits, nodes):

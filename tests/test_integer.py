@@ -341,10 +341,9 @@ def _has_onnxruntime() -> bool:
   return True
 
 
-def test_nnx_stack_run_by_scan_takes_the_integer_route():
-  """Layers stacked by nnx.vmap and run by nnx.scan: each layer's codes are packed on
-  their own (the scan slices one layer's bytes) with one offset vector a layer; the scan's
-  body holds the int8 dot; the stack called whole (not by a scan) is refused in one line."""
+def _scanned_stack():
+  """(three NNX Linear layers stacked by nnx.vmap, a module running them by nnx.scan, its
+  input), W4A8 and calibrated."""
   @nnx.vmap(in_axes=0, out_axes=0)
   def make(key):
     return nnx.Linear(6, 6, rngs=nnx.Rngs(key))
@@ -365,6 +364,14 @@ def test_nnx_stack_run_by_scan_takes_the_integer_route():
   model = Run(stack)
   x = jax.random.normal(jax.random.key(1), (32, 6))
   lqjax.calibrate(model, x)
+  return stack, model, x
+
+
+def test_nnx_stack_run_by_scan_takes_the_integer_route():
+  """Layers stacked by nnx.vmap and run by nnx.scan: each layer's codes are packed on
+  their own (the scan slices one layer's bytes) with one offset vector a layer; the scan's
+  body holds the int8 dot; the stack called whole (not by a scan) is refused in one line."""
+  stack, model, x = _scanned_stack()
   ref = model(x)
   fn = lqjax.integer_inference(model, min_rows=1)
   np.testing.assert_allclose(fn(x), ref, atol=2e-5 * float(jnp.max(jnp.abs(ref))) + 1e-6)
@@ -376,6 +383,30 @@ def test_nnx_stack_run_by_scan_takes_the_integer_route():
   with pytest.raises(ValueError, match="lqjax.integer_inference: ") as e:
     whole(jnp.ones((3, 32, 6)))
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not _has_onnxruntime(), reason="needs the export extra")
+def test_onnx_of_a_scanned_stack_takes_each_layers_scale_as_a_tensor():
+  """The integer function of a stack run by nnx.scan as ONNX: one Loop whose body quantizes
+  its input with that layer's scale (a tensor the loop slices, not a constant) and runs
+  MatMulInteger; onnxruntime within float rounding of the JAX integer function."""
+  from lqjax import onnx_export
+  _, model, x = _scanned_stack()
+  fn = lqjax.integer_inference(model, packed=False)
+  graph = onnx_export.build_integer(fn, x[:1])
+
+  def ops(g):
+    out = [n.op_type for n in g.node]
+    for n in g.node:
+      for a in n.attribute:
+        out += ops(a.g) if a.HasField("g") else []
+    return out
+  top, every = [n.op_type for n in graph.graph.node], ops(graph.graph)
+  assert "MatMulInteger" not in top and every.count("MatMulInteger") == 1  # in the body
+  assert top.count("Loop") + top.count("Scan") == 1
+  ref = np.asarray(fn(x))
+  _agrees(onnx_export.run_onnx(graph.SerializeToString(), np.asarray(x)), ref,
+          2e-5 * float(np.max(np.abs(ref))) + 1e-6)
 
 
 def test_linen_scan_is_refused_in_one_line():
