@@ -6,7 +6,7 @@
 For each model (LeNet-300-100 and LeNet-5 on MNIST shapes, ResNet-20 and the ViT, whose
 attention projections and MLPs are all dots, on CIFAR-10 shapes, and the Shakespeare GPT,
 NNX with its blocks run by nnx.scan, on windows of 64 characters, and its block's MLP
-alone, 128 -> 512 -> 128 on (batch, 64, 128) activations: no ONNX rows for these two)
+alone, 128 -> 512 -> 128 on (batch, 64, 128) activations)
 and each setting (W8A8, W4A8: LSQ weights per row at 8 or 4 bits, every quantized
 layer's input at 8 bits, its scale and offset calibrated on a random batch), three jitted
 functions of the normalised input, timed round-robin in one run:
@@ -22,7 +22,7 @@ second group:
 * ``ort_float32``: the float32 model exported to ONNX (the reference of the group);
 * ``ort_integer``: ``lqjax.onnx_export.build_integer`` of the integer function: Dense
   layers as QuantizeLinear + MatMulInteger (uint8 x int8 -> int32) and the epilogue,
-  convolutions on the float path.
+  convolutions on the float path (the GPT's scanned blocks as one ONNX Loop).
 
 At batch 256 (throughput) and batch 1 (latency); a ratio is the median over rounds of
 float32 time / variant time (> 1: faster). Also recorded: the bytes each function holds
@@ -70,9 +70,31 @@ def batch_of(model_name: str, batch: int, seed: int) -> jax.Array:
                      jnp.float32)
 
 
-def nnx_functions(fp, q, x):
+def ort_functions(float_blob, integer_blob, fake_out, x):
+  """{variant: (onnxruntime's fn of x, the ONNX bytes, the largest logit difference of the
+  integer graph against the fake-quantized model's `fake_out` on `x`)}."""
+  from lqjax import onnx_export
+  ort = {}
+  for variant, blob in (("ort_float32", float_blob), ("ort_integer", integer_blob)):
+    sess = onnx_export.session(blob, "all")
+    name = sess.get_inputs()[0].name
+    ort[variant] = (lambda x, sess=sess, name=name: sess.run(None, {name: np.asarray(x)})[0],
+                    len(blob))
+  ort_diff = float(np.max(np.abs(ort["ort_integer"][0](x) - np.asarray(fake_out))))
+  return {k: (fn, size, ort_diff) for k, (fn, size) in ort.items()}
+
+
+def _has_onnxruntime() -> bool:
+  try:
+    import onnxruntime  # noqa: F401
+  except ImportError:  # the export extra is not installed: no onnxruntime rows
+    return False
+  return True
+
+
+def nnx_functions(fp, q, x, onnx: bool = True):
   """:func:`functions` of an NNX float model `fp` and its quantized twin `q`, whose input
-  scales are calibrated on `x` (no ONNX)."""
+  scales are calibrated on `x`."""
   from flax import nnx
   lqjax.calibrate(q, x)
   int_fn = lqjax.integer_inference(q)
@@ -81,11 +103,19 @@ def nnx_functions(fp, q, x):
   fns = {"float32": (lambda x: call(fp, x), nnx.state(fp)),
          "fake_quant": (lambda x: call(q, x), nnx.state(q)),
          "integer": (int_fn, int_fn.variables)}
-  return fns, {}, compress.file_bytes(nnx.state(q, nnx.Param)), diff
+  packed = compress.file_bytes(nnx.state(q, nnx.Param))
+  if not (onnx and _has_onnxruntime()):
+    return fns, {}, packed, diff
+  from lqjax import onnx_export
+  graph, state = nnx.split(fp)
+  float_blob = onnx_export.to_bytes(lambda v, x: nnx.merge(graph, v)(x), state, x[:1])
+  integer_blob = onnx_export.build_integer(lqjax.integer_inference(q, packed=False),
+                                           x[:1]).SerializeToString()
+  return fns, ort_functions(float_blob, integer_blob, call(q, x), x), packed, diff
 
 
 def gpt_functions(setting: str):
-  """:func:`functions` of the Shakespeare GPT (NNX, its blocks run by nnx.scan; no ONNX)."""
+  """:func:`functions` of the Shakespeare GPT (NNX, its blocks run by nnx.scan)."""
   from lqlab import lm
   w, a = SETTINGS[setting]
   x = batch_of("gpt", 256, 0)
@@ -96,7 +126,7 @@ def gpt_functions(setting: str):
 
 def mlp_functions(setting: str):
   """:func:`functions` of the GPT block's MLP alone (width 128 -> 512 -> 128, exact GELU,
-  no biases, as in lqlab.transformers.Block), NNX; no ONNX."""
+  no biases, as in lqlab.transformers.Block), NNX."""
   from flax import nnx
 
   class MLP(nnx.Module):
@@ -138,25 +168,14 @@ def functions(model_name: str, setting: str):
   diff = float(jnp.max(jnp.abs(int_fn(x) - fake(qv, x))))
   fns = {"float32": (lambda x: flt(fv, x), fv), "fake_quant": (lambda x: fake(qv, x), qv),
          "integer": (int_fn, int_fn.variables)}
-  ort = {}
-  try:
-    import onnxruntime  # noqa: F401
-  except ImportError:  # the export extra is not installed: no onnxruntime rows
-    return fns, ort, compress.file_bytes(qv), diff
+  if not _has_onnxruntime():
+    return fns, {}, compress.file_bytes(qv), diff
   from lqjax import onnx_export
-  blobs = {"ort_float32": onnx_export.to_bytes(lambda v, x: fp.apply(v, x, train=False), fv,
-                                               x[:1]),
-           "ort_integer": onnx_export.build_integer(lqjax.integer_inference(
-               q, qv, packed=False, train=False), x[:1]).SerializeToString()}
-  for variant, blob in blobs.items():
-    sess = onnx_export.session(blob, "all")
-    name = sess.get_inputs()[0].name
-    ort[variant] = (lambda x, sess=sess, name=name: sess.run(None, {name: np.asarray(x)})[0],
-                    len(blob))
-  got = ort["ort_integer"][0](x)
-  ort_diff = float(np.max(np.abs(got - np.asarray(fake(qv, x)))))
-  ort = {k: (fn, size, ort_diff) for k, (fn, size) in ort.items()}
-  return fns, ort, compress.file_bytes(qv), diff
+  float_blob = onnx_export.to_bytes(lambda v, x: fp.apply(v, x, train=False), fv, x[:1])
+  integer_blob = onnx_export.build_integer(lqjax.integer_inference(
+      q, qv, packed=False, train=False), x[:1]).SerializeToString()
+  return fns, ort_functions(float_blob, integer_blob, fake(qv, x), x), \
+      compress.file_bytes(qv), diff
 
 
 def measure(model_name, setting, windows):
@@ -235,10 +254,13 @@ def render(doc) -> str:
                  f"{f['onnx_bytes']} / {i['onnx_bytes']} | "
                  f"{i['max_abs_logit_diff_ort_integer_vs_fake']:.1e} |")
   if ort:
+    missing = [m for m in dict.fromkeys(k[0] for k in keys)
+               if not any(r["model"] == m and r["variant"] == "ort_integer" for r in doc["rows"])]
     lines += ["", "onnxruntime (CPU provider, all graph optimisations), in the same run: the "
               "float32 model's ONNX against `lqjax.onnx_export.build_integer` of the integer "
               "function (Dense layers and attention projections as QuantizeLinear + "
-              "MatMulInteger, convolutions on the float path; the GPT has no ONNX rows):", "",
+              "MatMulInteger, convolutions on the float path" + (
+                  f"; no ONNX rows for {', '.join(missing)}" if missing else "") + "):", "",
               "| model | setting | batch | ORT float32 ms | ORT integer | ONNX bytes: float32 "
               "/ integer | max logit diff (ORT integer vs JAX fake) |",
               "|---|---|---|---|---|---|---|"] + ort
