@@ -602,11 +602,14 @@ def config_of(workdir) -> LMConfig:
   return LMConfig(**d)
 
 
-def integer_results(workdir, data_dir: Optional[str] = None, batch: int = 128) -> dict:
+def integer_results(workdir, data_dir: Optional[str] = None, batch: int = 128,
+                    onnx: bool = False) -> dict:
   """``lqjax.integer_inference`` of a finished run's packed file against the
   fake-quantized model, on every window of nanoGPT's validation split: the positions whose
   argmax differs, the largest logit difference, both validation losses (nats/char) and
-  the bytes the integer function holds."""
+  the bytes the integer function holds. `onnx`: the same for the integer function exported
+  by ``lqjax.onnx_export.build_integer`` (its blocks one ONNX Loop) and run by onnxruntime
+  (``onnx_integer_*``, and the graph's bytes)."""
   cfg = config_of(workdir)
   if cfg.act_bits is None:
     raise ValueError(f"{workdir}: a run without --act_bits has no integer route")
@@ -615,20 +618,35 @@ def integer_results(workdir, data_dir: Optional[str] = None, batch: int = 128) -
   lqjax.load(pathlib.Path(workdir) / "model.lqz", target=model)
   fn = lqjax.integer_inference(model)
   fake = nnx.jit(lambda m, x: m(x))
+  fns = {"integer": fn}
+  if onnx:
+    from lqjax import onnx_export
+    blob = onnx_export.build_integer(lqjax.integer_inference(model, packed=False),
+                                     jnp.zeros((1, cfg.context), jnp.int32)).SerializeToString()
+    sess = onnx_export.session(blob, "all")
+    name = sess.get_inputs()[0].name
+    fns["onnx_integer"] = lambda xb: jnp.asarray(sess.run(None, {name: np.asarray(xb)})[0])
   x, y = windows(text.val, cfg.context)
-  differ, diff, loss_fake, loss_int = 0, 0.0, 0.0, 0.0
+  differ, diff, loss = dict.fromkeys(fns, 0), dict.fromkeys(fns, 0.0), dict.fromkeys(fns, 0.0)
+  loss_fake = 0.0
   for i in range(0, len(x), batch):
     xb, yb = jnp.asarray(x[i:i + batch]), jnp.asarray(y[i:i + batch])
-    ref, got = fake(model, xb), fn(xb)
-    differ += int(jnp.sum(jnp.argmax(ref, -1) != jnp.argmax(got, -1)))
-    diff = max(diff, float(jnp.max(jnp.abs(ref - got))))
+    ref = fake(model, xb)
     loss_fake += float(optax.softmax_cross_entropy_with_integer_labels(ref, yb).sum())
-    loss_int += float(optax.softmax_cross_entropy_with_integer_labels(got, yb).sum())
+    for k, f in fns.items():
+      got = f(xb)
+      differ[k] += int(jnp.sum(jnp.argmax(ref, -1) != jnp.argmax(got, -1)))
+      diff[k] = max(diff[k], float(jnp.max(jnp.abs(ref - got))))
+      loss[k] += float(optax.softmax_cross_entropy_with_integer_labels(got, yb).sum())
   n = int(y.size)
-  return {"positions": n, "integer_argmax_disagreements": differ,
-          "integer_max_abs_logit_diff": diff, "fake_quant_val_loss": loss_fake / n,
-          "integer_val_loss": loss_int / n,
-          "integer_device_bytes": lqjax.integer.device_bytes(fn.variables)}
+  out = {"positions": n, "fake_quant_val_loss": loss_fake / n,
+         "integer_device_bytes": lqjax.integer.device_bytes(fn.variables)}
+  for k in fns:
+    out.update({f"{k}_argmax_disagreements": differ[k], f"{k}_max_abs_logit_diff": diff[k],
+                f"{k}_val_loss": loss[k] / n})
+  if onnx:
+    out["onnx_integer_bytes"] = len(blob)
+  return out
 
 
 def count_weights(params) -> int:

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     if (pathlib.Path(run) / "config.json").exists() and _is_language_model(path):
       from lqlab import lm
       try:
-        res = lm.integer_results(run, args.data_dir)
+        res = lm.integer_results(run, args.data_dir, onnx=args.onnx)
       except (OSError, ValueError, compress.CorruptFileError, data.DatasetNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

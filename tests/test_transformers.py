@@ -1,6 +1,7 @@
 """Transformers: block and per-head scales, row over every output axis, stacks quantized from
 outside, the GPT and ViT entry points on real data."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -402,14 +403,17 @@ def test_shakespeare_with_quantized_inputs(tmp_path):
   # the integer path of the file (the scanned blocks' dots in int8), on every validation
   # window: the same loss, and the argmax of at most 0.5% of the positions moved by a code
   # on a rounding tie (0.07% to 0.15% measured on the trained 4-layer GPTs)
+  # --onnx: the same for the integer function as ONNX (its blocks one Loop) in onnxruntime
+  onnx = importlib.util.find_spec("onnxruntime") is not None
   r = subprocess.run([sys.executable, "scripts/integer_check.py", str(wd),
-                      f"--data_dir={_text_dir()}"], cwd=ROOT, capture_output=True, text=True,
-                     timeout=600)
+                      f"--data_dir={_text_dir()}"] + ["--onnx"] * onnx, cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   check = json.loads(r.stdout)
   assert abs(check["fake_quant_val_loss"] - res["val_loss"]) < 1e-4, check
-  assert abs(check["integer_val_loss"] - check["fake_quant_val_loss"]) < 1e-3, check
-  assert check["integer_argmax_disagreements"] <= 0.005 * check["positions"], check
+  for k in ("integer", "onnx_integer")[:1 + onnx]:
+    assert abs(check[f"{k}_val_loss"] - check["fake_quant_val_loss"]) < 1e-3, check
+    assert check[f"{k}_argmax_disagreements"] <= 0.005 * check["positions"], check
 
 
 def test_ptq_loads_float_weights_with_minmax_scales(tmp_path):
