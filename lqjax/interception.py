@@ -78,8 +78,7 @@ def integer_inference(model, variables=None, *, min_rows=None, packed=True, **kw
   its call. ``min_rows``: dots with fewer rows take the float path (default
   :data:`lqjax.integer.MIN_ROWS`, 1: none do; a batch-1 dot is padded to a few rows).
   ``packed=False`` holds codes of at most 4 bits one a byte (no unpacking per call, twice or
-  four times the bytes). ``fn.variables`` are the arrays
-  it holds on the device."""
+  four times the bytes). ``fn.variables`` are the arrays it holds on the device."""
   from lqjax import integer
   min_rows = integer.MIN_ROWS if min_rows is None else min_rows
   import flax.linen as nn
