@@ -11,8 +11,16 @@ validation split, optimizer, schedule, seed and training loop as
 every Dense/Conv weight is fake-quantized in the forward pass to a symmetric
 b-bit grid with an absmax scale per output channel (qwix's default calibration),
 straight-through in the backward pass. Activations stay float, or with ``--qwix_act``
-are int8 too (``act_qtype``, ``dynamic``: each call's absmax; qwix's static scales need a
-``quant_stats`` collection that the training loop does not carry). Nothing about the scales is learned: that is the difference to lqjax.
+are int8 too (``act_qtype``):
+
+- ``dynamic``: each call's absmax;
+- ``static``: qwix's static range (``act_static_scale=True``), the running mean of the
+  absmax over every training step so far, used fixed in evaluation. qwix keeps it in a
+  ``quant_stats`` collection; this script's provider keeps the same statistic in
+  ``batch_stats``, the collection the training loop already carries (mutable while
+  training, read-only in evaluation), so nothing in the loop changes.
+
+Nothing about the scales is learned: that is the difference to lqjax.
 
 qwix writes no packed file, so the size reported is *accounted*, not measured:
 ``nominal_bytes`` = b bits per kernel weight + one float32 scale per output
@@ -32,7 +40,8 @@ from lqlab.step import build_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "mnist | fashion_mnist | cifar10 | imagenette")
-flags.DEFINE_string("qwix_act", "none", "activations: none | dynamic (int8, absmax per call)")
+flags.DEFINE_string("qwix_act", "none", "activations: none | dynamic (int8, absmax per call) "
+                    "| static (int8, the running mean of the absmax over training)")
 
 QTYPES = {8: "int8", 4: "int4", 2: "int2"}
 
@@ -47,6 +56,30 @@ def nominal_bytes(params, bits: int) -> int:
     else:
       total += leaf.size * 4
   return int(np.ceil(total))
+
+
+def static_provider(qwix, rules):
+  """A ``qwix.QtProvider`` whose static activation statistics live in ``batch_stats``.
+
+  qwix's provider averages each input's calibration (its absmax, meaned over the batch
+  axes) with ``averaging.SimpleMovingAverage`` in a ``quant_stats`` variable, updated
+  while that collection is mutable. Here the variable is in ``batch_stats`` and updated
+  while that collection is mutable (training steps, not initialisation or evaluation).
+  """
+  from qwix._src import averaging
+  from qwix._src.utils import flax_util
+
+  class StatsInBatchStats(qwix.QtProvider):
+    def _update_and_get_quant_stat(self, name, batch_axes, calibration):
+      module = flax_util.get_current_module()
+      calibration = {k: v.mean(axis=batch_axes, keepdims=True) for k, v in calibration.items()}
+      average = averaging.SimpleMovingAverage()
+      stat = module.scope.variable("batch_stats", name, lambda: average.init(calibration))
+      if not module.is_initializing() and module.is_mutable_collection("batch_stats"):
+        stat.value = average.update(stat.value, calibration)
+      return average.get_calibration(stat.value, calibration)
+
+  return StatsInBatchStats(rules)
 
 
 def run(argv):
@@ -78,13 +111,14 @@ def run(argv):
   workdir = pathlib.Path(FLAGS.workdir)
   if not workdir.parent.is_dir():
     common._fail(f"the parent of --workdir ({workdir.parent}) does not exist")
-  if FLAGS.qwix_act not in ("none", "dynamic"):
-    common._fail(f"unknown --qwix_act {FLAGS.qwix_act!r}; expected none or dynamic (qwix's "
-                 f"static scales live in a 'quant_stats' collection this loop does not carry)")
+  if FLAGS.qwix_act not in ("none", "dynamic", "static"):
+    common._fail(f"unknown --qwix_act {FLAGS.qwix_act!r}; expected none, dynamic or static")
   name = QTYPES[FLAGS.bits]
-  act = {} if FLAGS.qwix_act == "none" else dict(act_qtype=jnp.int8, act_static_scale=False)
-  model = qwix.quantize_model(build_model(cfg, 10), qwix.QtProvider(
-      [qwix.QtRule(module_path=".*", weight_qtype=getattr(jnp, name), **act)]))
+  act = {} if FLAGS.qwix_act == "none" else dict(
+      act_qtype=jnp.int8, act_static_scale=FLAGS.qwix_act == "static")
+  rules = [qwix.QtRule(module_path=".*", weight_qtype=getattr(jnp, name), **act)]
+  provider = static_provider(qwix, rules) if FLAGS.qwix_act == "static" else qwix.QtProvider(rules)
+  model = qwix.quantize_model(build_model(cfg, 10), provider)
 
   def qwix_results(_cfg, _model, state, _ds, results):
     """Merged into results.json by the training loop: qwix's scheme and accounted size."""

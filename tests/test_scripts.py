@@ -1,6 +1,7 @@
 """The sweep driver's expansion and the report generator, on a fabricated runs folder,
 and the shipped sweep configs against their entry points' flags."""
 
+import functools
 import importlib.util
 import json
 import pathlib
@@ -20,7 +21,9 @@ from lqlab.results import cli, plots, records, sections
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@functools.cache
 def _load(name):
+  """The script or benchmark `name` as a module, loaded once (its absl flags are global)."""
   folder = "benchmarks" if name.startswith("bench") else "scripts"
   if str(ROOT / folder) not in sys.path:  # the benchmarks import benchmarks/bench.py
     sys.path.insert(0, str(ROOT / folder))
@@ -129,6 +132,37 @@ def test_qwix_nominal_bytes_hand_value():
   assert qwix_ref.nominal_bytes(params, 4) == 12 + 16 + 16 + 45 + 20
 
 
+def test_qwix_static_range_is_the_running_mean_of_the_absmax_kept_in_batch_stats():
+  import flax.linen as nn
+  qwix = pytest.importorskip("qwix")
+  qwix_ref = _load("qwix_reference")
+
+  class Dense(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(3, use_bias=False)(x)  # qwix tells weights from inputs by shape
+
+  rule = qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8,
+                     act_static_scale=True)
+  model = qwix.quantize_model(Dense(), qwix_ref.static_provider(qwix, [rule]))
+  x1, x2 = jnp.array([[1.0, -2.0], [0.5, 0.25]]), jnp.array([[4.0, 0.0], [0.0, -1.0]])
+  v = model.init(jax.random.key(0), x1)
+  assert set(v) == {"params", "batch_stats"}  # nothing in a collection the loop drops
+  for x in (x1, x2):  # two training steps
+    _, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+    v = {**v, **new}
+  (stat,) = v["batch_stats"]["Dense_0"].values()
+  leaves = {k: float(np.asarray(a).ravel()[0]) for k, a in stat.items()}
+  # Per example absmax, meaned over the batch: x1 (2 + 0.5) / 2, x2 (4 + 1) / 2; summed.
+  assert leaves == {"count": 2.0, "sum_of_absmax": 3.75}
+  # Evaluation (not mutable) uses the mean 1.875 and leaves it alone; qwix's int8 grid
+  # is absmax / 128 with codes in [-128, 127]: 3 clips to 127 steps, 0.5 -> 34 steps.
+  v["params"] = {"Dense_0": {"kernel": jnp.eye(2, 3)}}
+  y = model.apply(v, jnp.array([[3.0, 0.5]]))
+  np.testing.assert_allclose(np.asarray(y), [[127 * 1.875 / 128, 34 * 1.875 / 128, 0]],
+                             rtol=1e-4)  # qwix rounds its scale slightly (1.5e-5)
+
+
 def test_qwix_reference_runs_on_tiny_data(tmp_path, tiny_data, cache):
   import subprocess
   import sys
@@ -141,10 +175,16 @@ def test_qwix_reference_runs_on_tiny_data(tmp_path, tiny_data, cache):
   res = json.loads((wd / "results.json").read_text())
   assert res["scheme"] == "qwix" and res["rule"] == "qwix_int8" and res["avg_bits"] == 8
   assert res["qwix_act"] == "dynamic"
+  r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=8", "--epochs=1",
+                      "--noprogress", "--qwix_act=static", f"--workdir={tmp_path}/s"],
+                     capture_output=True, text=True, env=env, cwd=ROOT)
+  assert r.returncode == 0, r.stderr
+  static = json.loads((tmp_path / "s" / "results.json").read_text())
+  assert static["qwix_act"] == "static" and 0 <= static["test_accuracy"] <= 1
   r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=8",
-                      "--qwix_act=static", f"--workdir={tmp_path}/s"], capture_output=True,
+                      "--qwix_act=stat", f"--workdir={tmp_path}/t"], capture_output=True,
                      text=True, env=env, cwd=ROOT)
-  assert r.returncode == 2 and r.stderr.count("\n") == 1 and "quant_stats" in r.stderr
+  assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--qwix_act 'stat'" in r.stderr
   assert res["fp32_bytes"] / 4.2 < res["nominal_bytes"] < res["fp32_bytes"] / 3.5
   r = subprocess.run([sys.executable, "-m", "scripts.qwix_reference", "--bits=3",
                       f"--workdir={tmp_path}/x"], capture_output=True, text=True, env=env, cwd=ROOT)

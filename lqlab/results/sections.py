@@ -533,7 +533,8 @@ def activations_section(rows):
          "input, the image, at `act_first_bits`; A \"ratio\": the steps learned by the ratio "
          "rule with r = B ||dL/da|| / ||a|| and lambda `--act_threshold`); PTQ: min-max weights of the FP32 runs, "
          "the inputs calibrated the same way; qwix: its QAT with int8 inputs at each call's "
-         "absmax (dynamic). W: the weights' bits (free: the ratio rule's learned widths); A: "
+         "absmax (dynamic) or at the running mean of the absmax over training, fixed in "
+         "evaluation (static). W: the weights' bits (free: the ratio rule's learned widths); A: "
          "the inputs' bits (first layer's). The targets (" + ", ".join(
              f"W{w}A{a} within {tol:g} points of FP32"
              for (w, a), tol in ACTIVATION_TARGETS.items()) + ") are for LSQ weights. "
@@ -553,7 +554,7 @@ def activations_section(rows):
     for (sweep, var), vs in variants.items():
       cfg = vs[0]["config"]
       acc = mean_of([r["test_accuracy"] for r in vs])
-      if vs[0].get("qwix_act") not in (None, "none"):  # qwix: int8 inputs, absmax per call
+      if vs[0].get("qwix_act") not in (None, "none"):  # qwix: int8 inputs, dynamic or static
         w, a, first = vs[0]["avg_bits"], f"8 {vs[0]['qwix_act']}", "8"
       else:
         w, a, first = cfg.get("bits"), cfg["act_bits"], cfg.get("act_first_bits", 8)
