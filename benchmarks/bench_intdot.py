@@ -25,7 +25,9 @@ Dots (``lax.dot_general``), batch 256 and batch 1:
 
 * ``int8``: ``lax.conv_general_dilated`` on int8 inputs with an int32 result;
 * ``patches_i8``: the nine shifted int8 slices concatenated (B, H, W, 9C) and one
-  int8 x int8 -> int32 dot with the (9C, C) kernel.
+  int8 x int8 -> int32 dot with the (9C, C) kernel;
+* ``int8_pad32``: below 32 channels, the input and the kernel's input axis padded with
+  zero channels to 32, then the int8 convolution (the same result).
 
 The JSON records the machine, the CPU's flags (``lscpu``: avx512_vnni, amx_int8, ...)
 and the versions: XLA:CPU's integer kernels differ between CPUs.
@@ -97,6 +99,13 @@ def conv_patches_i8(x, w):
   return out.reshape(b, h, wd, -1)
 
 
+def conv_int8_pad32(x, w):
+  """The int8 convolution with zero input channels added up to 32."""
+  extra = 32 - x.shape[-1]
+  return conv_int8(jnp.pad(x, ((0, 0),) * 3 + ((0, extra),)),
+                   jnp.pad(w, ((0, 0), (0, 0), (0, extra), (0, 0))))
+
+
 def bench_dots(windows, reps, rng):
   rows = []
   for name, batch, k, n in DOTS:
@@ -139,6 +148,9 @@ def bench_convs(windows, reps, rng):
     cases = [("float32", jax.jit(conv_f32), (jnp.asarray(xf), jnp.asarray(wf))),
              ("int8", jax.jit(conv_int8), (x8j, w8j)),
              ("patches_i8", jax.jit(conv_patches_i8), (x8j, w8j))]
+    if c < 32:
+      np.testing.assert_array_equal(np.asarray(jax.jit(conv_int8_pad32)(x8j, w8j)), want)
+      cases.append(("int8_pad32", jax.jit(conv_int8_pad32), (x8j, w8j)))
     for r in measure_side_by_side(cases, windows, reps):
       rows.append({"op": "conv3x3", "shape": f"32x32, {c}->{c}", "batch": batch, **r})
       _print(rows[-1])
@@ -185,7 +197,7 @@ def render(doc) -> str:
   lines = [measured_line(doc, " ".join(["intdot", doc.get("output_args", "")]).strip(), "each cell is float32 time / this variant's time "
                                        "(> 1: faster)"), ""]
   for op, variants in (("dot", ["int8", "dyn_i8", "dyn_i8_pad", "w8_f32", "i4_i8"]),
-                       ("conv3x3", ["int8", "patches_i8"])):
+                       ("conv3x3", ["int8", "patches_i8", "int8_pad32"])):
     rows = [r for r in doc["rows"] if r["op"] == op]
     if not rows:
       continue

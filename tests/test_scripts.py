@@ -911,6 +911,7 @@ def test_bench_intdot_int4_dot_is_exact_and_the_patch_conv_is_the_conv(d):
       want += np.einsum("bhwc,co->bhwo", xp[:, i:i + 5, j:j + 4], w[i, j].astype(np.int64))
   np.testing.assert_array_equal(np.asarray(intdot.conv_patches_i8(x, w)), want)
   np.testing.assert_array_equal(np.asarray(intdot.conv_int8(x, w)), want)
+  np.testing.assert_array_equal(np.asarray(intdot.conv_int8_pad32(x, w)), want)
 
 
 def test_bench_intdot_refuses_bad_flags_and_renders_its_json(tmp_path):
