@@ -41,13 +41,17 @@ def frontier_plot(name, variants, plots_dir, title, filename, span: float = 0.03
   shown = [p for p in pts if p[2] >= floor]
   off = sorted((p for p in pts if p[2] < floor), key=lambda p: p[2])
   fig, ax = plt.subplots(figsize=(9, 4.2))
-  for fam in sorted({p[0] for p in shown}):
+  fams = sorted({p[0] for p in shown})
+  # more schemes than the default ten colours: twenty, and a second marker, so none repeat
+  colors = plt.get_cmap("tab10" if len(fams) <= 10 else "tab20").colors
+  for i, fam in enumerate(fams):
     ps = sorted((p for p in shown if p[0] == fam), key=lambda p: p[1])
     # the scheme's frontier (no variant of it both smaller and more accurate) as its line,
     # its other variants as faint dots of the same colour
     front = [p for p in ps if not any(q[1] > p[1] and q[2] > p[2] for q in ps)]
     line = ax.errorbar([p[1] for p in front], [p[2] for p in front],
-                       yerr=[p[3] for p in front], fmt="-o", ms=4, lw=1.2, capsize=2, label=fam)
+                       yerr=[p[3] for p in front], fmt="-" + "os"[i % 2 if len(fams) > 10 else 0],
+                       ms=4, lw=1.2, capsize=2, label=fam, color=colors[i % len(colors)])
     rest = [p for p in ps if p not in front]
     if rest:
       ax.plot([p[1] for p in rest], [p[2] for p in rest], "o", ms=3, alpha=0.35,
