@@ -58,7 +58,7 @@ def nominal_bytes(params, bits: int) -> int:
   return int(np.ceil(total))
 
 
-def static_provider(qwix, rules):
+def static_provider(rules):
   """A ``qwix.QtProvider`` whose static activation statistics live in ``batch_stats``.
 
   qwix's provider averages each input's calibration (its absmax, meaned over the batch
@@ -66,6 +66,7 @@ def static_provider(qwix, rules):
   while that collection is mutable. Here the variable is in ``batch_stats`` and updated
   while that collection is mutable (training steps, not initialisation or evaluation).
   """
+  import qwix
   from qwix._src import averaging
   from qwix._src.utils import flax_util
 
@@ -117,7 +118,7 @@ def run(argv):
   act = {} if FLAGS.qwix_act == "none" else dict(
       act_qtype=jnp.int8, act_static_scale=FLAGS.qwix_act == "static")
   rules = [qwix.QtRule(module_path=".*", weight_qtype=getattr(jnp, name), **act)]
-  provider = static_provider(qwix, rules) if FLAGS.qwix_act == "static" else qwix.QtProvider(rules)
+  provider = static_provider(rules) if FLAGS.qwix_act == "static" else qwix.QtProvider(rules)
   model = qwix.quantize_model(build_model(cfg, 10), provider)
 
   def qwix_results(_cfg, _model, state, _ds, results):

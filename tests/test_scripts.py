@@ -144,7 +144,7 @@ def test_qwix_static_range_is_the_running_mean_of_the_absmax_kept_in_batch_stats
 
   rule = qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8,
                      act_static_scale=True)
-  model = qwix.quantize_model(Dense(), qwix_ref.static_provider(qwix, [rule]))
+  model = qwix.quantize_model(Dense(), qwix_ref.static_provider([rule]))
   x1, x2 = jnp.array([[1.0, -2.0], [0.5, 0.25]]), jnp.array([[4.0, 0.0], [0.0, -1.0]])
   v = model.init(jax.random.key(0), x1)
   assert set(v) == {"params", "batch_stats"}  # nothing in a collection the loop drops
