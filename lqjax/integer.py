@@ -60,8 +60,9 @@ from jax import lax
 from lqjax import inputs as inputs_lib, quant, tree
 
 #: Input channels from which a convolution takes the integer route (bench_intdot: XLA:CPU's
-#: int8 3x3 convolution was 0.13x float at 16 channels, 1.55x at 32, 1.79x at 64 on the AMD
-#: EPYC, 0.14x, 3.5x and 3.4x on the AMX Xeon; 16 channels padded with zeros to 32, 0.74x).
+#: int8 3x3 convolution was 0.13x float at 16 channels, 1.8x at 32, 1.6x at 64 on the AMD
+#: EPYC, 0.14x, 3.5x and 3.4x on the AMX Xeon; 16 channels padded with zeros to 32, 0.55x
+#: and 0.74x).
 MIN_CONV_CHANNELS = 32
 #: Rows of a dot below which the float path is taken (``integer_inference(min_rows=)``); by
 #: default none, since the float path converts the whole kernel to float on every call.
